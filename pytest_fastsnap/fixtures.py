@@ -1,0 +1,192 @@
+"""Fixtures: configuration, probe, per-test directories, QEMU machines, snapshots.
+
+One factory owns every QEMU a test starts; its teardown stops them in reverse
+order (destination before source), attaches their logs to a failure report
+and removes the test's directory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_fastsnap import workdirs
+from pytest_fastsnap.config import FastsnapConfig
+from pytest_fastsnap.plugin_state import (
+    ACCEL_KEY,
+    CONFIG_KEY,
+    MACHINES_KEY,
+    PHASE_REPORTS_KEY,
+    PROBE_DST_KEY,
+    PROBE_KEY,
+    SESSION_DIR_KEY,
+)
+from pytest_fastsnap.qemu.machine import QemuMachine
+from pytest_fastsnap.qemu.migration import SavedSnapshot, load_snapshot, save_snapshot
+from pytest_fastsnap.qemu.probe import QemuProbe
+
+
+@pytest.fixture(scope="session")
+def fastsnap_config(pytestconfig: pytest.Config) -> FastsnapConfig:
+    """The resolved plugin options; skips the test when --fastsnap is off."""
+    config = pytestconfig.stash[CONFIG_KEY]
+    if not config.enabled:
+        pytest.skip("boots QEMU: pass --fastsnap (or set FASTSNAP=1) to run it")
+    return config
+
+
+@pytest.fixture(scope="session")
+def qemu_probe(fastsnap_config: FastsnapConfig, pytestconfig: pytest.Config) -> QemuProbe:
+    """What the QEMU binary under test can do (version, capabilities, fast load)."""
+    return pytestconfig.stash[PROBE_KEY]
+
+
+@pytest.fixture(scope="session")
+def qemu_probe_dst(fastsnap_config: FastsnapConfig, pytestconfig: pytest.Config) -> QemuProbe:
+    """The probe of the destination binary (--qemu-binary-dst, else the same binary)."""
+    return pytestconfig.stash[PROBE_DST_KEY]
+
+
+@pytest.fixture(scope="session")
+def fastsnap_accel(fastsnap_config: FastsnapConfig, pytestconfig: pytest.Config) -> str:
+    """The accelerator every guest uses (see the report header for why)."""
+    return pytestconfig.stash[ACCEL_KEY][0]
+
+
+@pytest.fixture
+def fastsnap_workdir(request: pytest.FixtureRequest, fastsnap_config: FastsnapConfig
+                     ) -> Iterator[Path]:
+    """A short private directory for this test; kept only for failed tests with
+    --fastsnap-keep-artifacts, removed otherwise."""
+    base = request.config.stash[SESSION_DIR_KEY]
+    directory = workdirs.test_dir(base, request.node.nodeid)
+    yield directory
+    reports = request.node.stash.get(PHASE_REPORTS_KEY, {})
+    failed = any(rep.failed for rep in reports.values())
+    if failed and fastsnap_config.keep_artifacts:
+        kept = workdirs.keep(directory, fastsnap_config.artifacts_dir.resolve(),
+                             request.node.nodeid)
+        request.node.user_properties.append(("fastsnap_artifacts", str(kept)))
+    else:
+        workdirs.remove(directory)
+
+
+class VmFactory:
+    """Starts QEMU machines for one test and stops them all afterwards."""
+
+    def __init__(self, config: FastsnapConfig, accel: str, workdir: Path,
+                 probe: QemuProbe, probe_dst: QemuProbe,
+                 registry: list[QemuMachine]) -> None:
+        self.config = config
+        self.accel = accel
+        self.workdir = workdir
+        self.probe = probe
+        self.probe_dst = probe_dst
+        self.machines = registry
+        self._names: set[str] = set()
+
+    def _name(self, wanted: str) -> str:
+        name, n = wanted, 1
+        while name in self._names:
+            n += 1
+            name = f"{wanted}{n}"
+        self._names.add(name)
+        return name
+
+    def __call__(self, *, name: str = "src", machine: str = "q35", mem: str | None = None,
+                 extra_args: Sequence[str] = (), incoming: str | None = None,
+                 paused: bool = False, role: str = "src", launch: bool = True) -> QemuMachine:
+        """A new QEMU; ``role="dst"`` uses the destination binary."""
+        binary = self.probe_dst.binary if role == "dst" else self.probe.binary
+        vm = QemuMachine(binary, self.workdir, name=self._name(name), machine=machine,
+                         accel=self.accel, mem=mem or self.config.mem, extra_args=extra_args,
+                         incoming=incoming, paused=paused)
+        self.machines.append(vm)
+        if launch:
+            vm.launch()
+        return vm
+
+    def destination(self, source: QemuMachine | SavedSnapshot, *, name: str = "dst",
+                    incoming: str = "defer", paused: bool = True,
+                    extra_args: Sequence[str] = ()) -> QemuMachine:
+        """A destination QEMU with the same guest definition as *source*."""
+        args = list(source.device_args)
+        binary = self.probe_dst.binary
+        vm = QemuMachine(binary, self.workdir, name=self._name(name), machine="none",
+                         accel=self.accel, extra_args=(), incoming=incoming, paused=paused)
+        vm.device_args = [*args, *extra_args]
+        self.machines.append(vm)
+        vm.launch()
+        return vm
+
+    def shutdown_all(self) -> None:
+        for vm in reversed(self.machines):
+            vm.shutdown()
+
+
+@pytest.fixture
+def vm_factory(request: pytest.FixtureRequest, fastsnap_config: FastsnapConfig,
+               fastsnap_accel: str, fastsnap_workdir: Path, qemu_probe: QemuProbe,
+               qemu_probe_dst: QemuProbe) -> Iterator[VmFactory]:
+    """Factory of QEMU machines: ``vm_factory(machine=..., mem=..., extra_args=...)``."""
+    registry: list[QemuMachine] = request.node.stash.setdefault(MACHINES_KEY, [])
+    factory = VmFactory(fastsnap_config, fastsnap_accel, fastsnap_workdir, qemu_probe,
+                        qemu_probe_dst, registry)
+    try:
+        yield factory
+    finally:
+        factory.shutdown_all()
+
+
+@dataclass
+class SnapshotFactory:
+    """Saves mapped-ram snapshots of running machines into the test directory."""
+
+    workdir: Path
+    counter: int = 0
+
+    def save(self, vm: QemuMachine, *, offset: int = 0,
+             capabilities: Mapping[str, bool] | None = None,
+             parameters: Mapping[str, Any] | None = None, live: bool = False,
+             prefix_bytes: bytes = b"", timeout: float = 120.0) -> SavedSnapshot:
+        """Save *vm* (stopped unless *live*); ``prefix_bytes`` fills the file
+        before ``offset`` (QEMU keeps bytes before the offset)."""
+        self.counter += 1
+        path = self.workdir / f"snap{self.counter}.img"
+        if offset:
+            with open(path, "wb") as f:
+                f.write(prefix_bytes[:offset].ljust(offset, b"\xa5"))
+        return save_snapshot(vm, path, offset=offset, capabilities=capabilities,
+                             parameters=parameters, live=live, timeout=timeout)
+
+    __call__ = save
+
+
+@pytest.fixture
+def snapshot_factory(fastsnap_workdir: Path) -> SnapshotFactory:
+    """``snapshot_factory(vm, offset=..., capabilities=..., live=...)`` -> SavedSnapshot."""
+    return SnapshotFactory(fastsnap_workdir)
+
+
+@pytest.fixture
+def firmware_vm(vm_factory: VmFactory) -> QemuMachine:
+    """A q35 guest idling in firmware, the cheapest guest with real RAM blocks."""
+    return vm_factory(name="src")
+
+
+@pytest.fixture
+def restore_precopy(vm_factory: VmFactory):  # type: ignore[no-untyped-def]
+    """``restore_precopy(snapshot)`` -> destination QEMU fully loaded (stock full load)."""
+    def restore(snapshot: SavedSnapshot, **kwargs: Any) -> QemuMachine:
+        dst = vm_factory.destination(snapshot)
+        load_snapshot(dst, snapshot.path, offset=snapshot.offset,
+                      capabilities={k: v for k, v in snapshot.capabilities.items()
+                                    if k != "mapped-ram"} | kwargs.pop("capabilities", {}),
+                      **kwargs)
+        return dst
+    return restore
+

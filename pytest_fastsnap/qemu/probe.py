@@ -1,0 +1,206 @@
+"""Probe a QEMU binary: version, accelerator, migration capabilities, fast load.
+
+Results are cached on disk per binary (path, size, mtime) under a file lock, so
+xdist workers and repeated runs probe once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from filelock import FileLock
+
+from pytest_fastsnap.qemu.machine import QemuError, QemuMachine
+from pytest_fastsnap.qemu.qmp import QMPCommandError
+from pytest_fastsnap.qemu.uffd import probe_userfaultfd
+
+PROBE_FORMAT = 3
+POSTCOPY_CONFLICT = "Mapped-ram migration is incompatible with postcopy"
+
+
+class ProbeError(Exception):
+    """The binary under test is missing or unusable; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class QemuProbe:
+    binary: str
+    version: tuple[int, int, int]
+    version_text: str
+    capabilities: tuple[str, ...]
+    parameters: tuple[str, ...]
+    kvm_usable: bool
+    kvm_reason: str
+    nested: bool
+    uffd_usable: bool
+    uffd_reason: str
+    fast_load: bool
+    fast_load_reason: str
+    machines: tuple[str, ...]
+
+    @property
+    def version_str(self) -> str:
+        return ".".join(map(str, self.version))
+
+    @property
+    def mapped_ram(self) -> bool:
+        return "mapped-ram" in self.capabilities
+
+    def has_feature(self, name: str) -> bool:
+        """A capability name, a migration parameter, or a derived feature."""
+        derived = {"fast-snapshot-load": self.fast_load, "kvm": self.kvm_usable,
+                   "userfaultfd": self.uffd_usable}
+        if name in derived:
+            return derived[name]
+        return name in self.capabilities or name in self.parameters or name in self.machines
+
+    def choose_accel(self, requested: str) -> tuple[str, str]:
+        """Resolve auto|kvm|tcg to the accelerator used, with the reason."""
+        if requested == "tcg":
+            return "tcg", "requested"
+        if requested == "kvm":
+            if not self.kvm_usable:
+                raise ProbeError(f"--fastsnap-accel=kvm but KVM is not usable: {self.kvm_reason}")
+            return "kvm", "requested"
+        if not self.kvm_usable:
+            return "tcg", f"KVM not usable ({self.kvm_reason})"
+        if self.nested:
+            return "tcg", ("KVM is nested (CPU 'hypervisor' flag): first touches of guest "
+                           "memory cost milliseconds there, TCG is faster for test guests")
+        return "kvm", "KVM usable on bare metal"
+
+
+def resolve_binary(binary: str) -> str:
+    """Absolute path of *binary* (a name on PATH or a path), or ProbeError."""
+    found = shutil.which(binary)
+    if found is None:
+        raise ProbeError(f"QEMU binary not found: {binary!r} (install qemu-system-x86 >= 9.0, "
+                         "or pass --qemu-binary=PATH / set QEMU_BINARY)")
+    return os.path.abspath(found)
+
+
+def _version(binary: str) -> tuple[tuple[int, int, int], str]:
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30,
+                         check=False).stdout
+    m = re.search(r"version (\d+)\.(\d+)\.(\d+)", out)
+    if not m:
+        raise ProbeError(f"{binary} --version printed no QEMU version: {out[:200]!r}")
+    return (int(m[1]), int(m[2]), int(m[3])), out.splitlines()[0].strip()
+
+
+def _machines(binary: str) -> tuple[str, ...]:
+    out = subprocess.run([binary, "-machine", "help"], capture_output=True, text=True,
+                         timeout=30, check=False).stdout
+    return tuple(sorted(line.split()[0] for line in out.splitlines()[1:] if line.strip()))
+
+
+def _nested() -> bool:
+    try:
+        return " hypervisor" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def _kvm(binary: str, workdir: Path) -> tuple[bool, str]:
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False, "/dev/kvm missing or not accessible"
+    vm = QemuMachine(binary, workdir, name="probe-kvm", accel="kvm", machine="q35", mem="16M",
+                     paused=True)
+    try:
+        vm.launch()
+        kvm = vm.qmp("query-kvm")
+        if kvm.get("enabled"):
+            return True, "query-kvm: enabled"
+        return False, f"query-kvm says {kvm}"
+    except QemuError as err:
+        return False, f"QEMU fails to start with -accel kvm: {str(err).splitlines()[0]}"
+    finally:
+        vm.shutdown()
+
+
+def _migration_facts(binary: str, workdir: Path) -> tuple[tuple[str, ...], tuple[str, ...],
+                                                          bool, str]:
+    """Capabilities, parameters and fast-load support from an incoming QEMU.
+
+    The postcopy host check runs in the incoming state, so probe there, and
+    set mapped-ram and postcopy-ram in one call (reference §12).
+    """
+    vm = QemuMachine(binary, workdir, name="probe-migration", machine="q35", mem="16M",
+                     incoming="defer", paused=True)
+    try:
+        vm.launch()
+        caps = tuple(sorted(c["capability"] for c in vm.qmp("query-migrate-capabilities")))
+        params = tuple(sorted(vm.qmp("query-migrate-parameters")))
+        if "mapped-ram" not in caps:
+            return caps, params, False, "binary has no mapped-ram capability (QEMU < 9.0)"
+        try:
+            vm.qmp("migrate-set-capabilities", capabilities=[
+                {"capability": "mapped-ram", "state": True},
+                {"capability": "postcopy-ram", "state": True}])
+        except QMPCommandError as err:
+            if err.desc == POSTCOPY_CONFLICT:
+                return caps, params, False, f"refused: {err.desc!r} (predates fast snapshot load)"
+            if err.desc.startswith("Postcopy is not supported"):
+                return caps, params, False, f"host cannot do postcopy: {err.desc}"
+            raise ProbeError(f"unexpected answer to mapped-ram + postcopy-ram: {err.desc}") \
+                from None
+        return caps, params, True, "postcopy-ram + mapped-ram accepted on an incoming QEMU"
+    finally:
+        vm.shutdown()
+
+
+def probe(binary: str, cache_dir: Path | None = None) -> QemuProbe:
+    """Probe *binary* (cached by path, size, mtime and probe format)."""
+    path = resolve_binary(binary)
+    st = os.stat(path)
+    cache_dir = cache_dir or default_cache_dir()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = f"{PROBE_FORMAT}-{path}-{st.st_size}-{st.st_mtime_ns}-{os.access('/dev/kvm', os.W_OK)}"
+    cache = cache_dir / f"probe-{abs(hash_text(key)):x}.json"
+    with FileLock(str(cache) + ".lock"):
+        if cache.exists():
+            data = json.loads(cache.read_text())
+            if data.get("key") == key:
+                return _from_json(data["probe"])
+        result = _probe_now(path)
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": key, "probe": asdict(result)}))
+        os.replace(tmp, cache)
+        return result
+
+
+def _probe_now(path: str) -> QemuProbe:
+    version, text = _version(path)
+    with tempfile.TemporaryDirectory(prefix="fastsnap-probe-") as tmp:
+        kvm_ok, kvm_reason = _kvm(path, Path(tmp))
+        caps, params, fast, fast_reason = _migration_facts(path, Path(tmp))
+    uffd = probe_userfaultfd()
+    return QemuProbe(binary=path, version=version, version_text=text, capabilities=caps,
+                     parameters=params, kvm_usable=kvm_ok, kvm_reason=kvm_reason,
+                     nested=_nested(), uffd_usable=uffd.usable, uffd_reason=uffd.how,
+                     fast_load=fast, fast_load_reason=fast_reason, machines=_machines(path))
+
+
+def _from_json(data: dict[str, object]) -> QemuProbe:
+    fields = dict(data)
+    for name in ("version", "capabilities", "parameters", "machines"):
+        fields[name] = tuple(fields[name])  # type: ignore[arg-type]
+    return QemuProbe(**fields)  # type: ignore[arg-type]
+
+
+def hash_text(text: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base) / "pytest-fastsnap"

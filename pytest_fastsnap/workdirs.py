@@ -1,0 +1,49 @@
+"""Per-session and per-test working directories, short enough for unix sockets.
+
+Everything a test creates (snapshots, logs, sockets) lives in its own
+directory, removed when the test ends, or moved to the artifacts directory
+when it failed and --fastsnap-keep-artifacts is on.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+SUN_PATH_MAX = 107
+
+
+def session_dir(worker: str) -> Path:
+    """A short private directory for this session (or xdist worker)."""
+    return Path(tempfile.mkdtemp(prefix=f"fastsnap-{worker}-", dir="/tmp"))
+
+
+def test_dir(base: Path, nodeid: str) -> Path:
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid.split("::")[-1])[:40]
+    return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=base))
+
+
+def socket_path(directory: Path, name: str) -> Path:
+    """A unix socket path in *directory*, checked against the sun_path limit."""
+    path = directory / name
+    if len(os.fsencode(path)) > SUN_PATH_MAX:
+        raise ValueError(f"unix socket path {path} is {len(os.fsencode(path))} bytes, over the "
+                         f"{SUN_PATH_MAX}-byte sun_path limit; use a shorter directory")
+    return path
+
+
+def keep(directory: Path, artifacts_root: Path, nodeid: str) -> Path:
+    """Move *directory* into *artifacts_root* under a name derived from *nodeid*."""
+    artifacts_root.mkdir(parents=True, exist_ok=True)
+    target = artifacts_root / re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid)[:150]
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.move(str(directory), str(target))
+    return target.resolve()
+
+
+def remove(directory: Path) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
