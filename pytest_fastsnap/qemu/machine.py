@@ -6,7 +6,6 @@ QMP and the console are socketpairs passed by fd, so there is no socket path
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -139,8 +138,7 @@ class QemuMachine:
             self.console.close()
         if self._qmp is not None:
             if self.is_running():
-                with contextlib.suppress(Exception):
-                    self._qmp.cmd("quit", timeout=min(timeout, 5.0))
+                self._qmp.quit(timeout=min(timeout, 5.0))
             self._qmp.close()
             self._qmp = None
         status = None

@@ -9,6 +9,7 @@ event, so nothing emitted between two calls is lost.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import logging
 import socket
@@ -31,12 +32,41 @@ def _event_loop() -> asyncio.AbstractEventLoop:
     with _loop_lock:
         if _loop is None or _loop.is_closed():
             loop = asyncio.new_event_loop()
+            loop.set_exception_handler(_quiet_disconnects)
             thread = threading.Thread(
                 target=loop.run_forever, name="fastsnap-qmp-loop", daemon=True
             )
             thread.start()
             _loop = loop
         return _loop
+
+
+_BENIGN = (EOFError, ConnectionResetError, BrokenPipeError)
+
+
+def _quiet_disconnects(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """QEMU closing the monitor after `quit` (or dying on purpose in a test) makes
+    qemu.qmp's background tasks end in EOF/reset errors nobody awaits: not news."""
+    if isinstance(context.get("exception"), _BENIGN):
+        return
+    loop.default_exception_handler(context)
+
+
+def _stop_loop() -> None:
+    if _loop is not None and _loop.is_running():
+        async def _cancel_all() -> None:
+            me = asyncio.current_task()
+            tasks = [t for t in asyncio.all_tasks() if t is not me]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(_cancel_all(), _loop).result(5)
+        _loop.call_soon_threadsafe(_loop.stop)
+
+
+atexit.register(_stop_loop)
 
 
 def run_sync(coro: Coroutine[Any, Any, T], timeout: float) -> T:
@@ -160,6 +190,21 @@ class QMPConnection:
                     raise QMPConnectionError(f"{self.name}: QEMU exited while waiting "
                                              f"for {name}")
                 self._cond.wait(min(left, 0.2))
+
+    def quit(self, timeout: float) -> None:
+        """Send `quit` and disconnect in one step, so the EOF that follows is
+        consumed by our own disconnect rather than reported as unretrieved."""
+        async def _quit() -> None:
+            with contextlib.suppress(QMPError, EOFError, ConnectionError, OSError):
+                await self._client.execute("quit")
+            if self._pump is not None:
+                self._pump.cancel()
+            with contextlib.suppress(QMPError, EOFError, ConnectionError, OSError):
+                await self._client.disconnect()
+
+        self.transcript.append(f"{_stamp()} -> quit")
+        with contextlib.suppress(TimeoutError, RuntimeError):
+            run_sync(_quit(), timeout)
 
     def close(self) -> None:
         """Disconnect cleanly; a connection QEMU already dropped is fine."""
