@@ -62,7 +62,7 @@ def apply_markers(item: pytest.Item, probe: QemuProbe) -> None:
         if defect_applies(mark, probe):
             item.add_marker(pytest.mark.xfail(
                 strict=True, reason=f"QEMU defect on {probe.version_str}: "
-                f"{mark.kwargs['reason']} (fixed in {mark.kwargs.get('fixed_in', '?')})"))
+                f"{mark.kwargs['reason']} (fix: {mark.kwargs.get('fixed_in', '?')})"))
 
 
 def defect_applies(mark: pytest.Mark, probe: QemuProbe) -> bool:

@@ -160,7 +160,7 @@ class _Summary:
         if self.defects:
             tr.section("fastsnap: known QEMU defects reproduced")
             for d in sorted(self.defects, key=lambda d: d["test"]):
-                tr.line(f"QEMU {d['version']}: {d['reason']} (fixed in {d['fixed_in']}) "
+                tr.line(f"QEMU {d['version']}: {d['reason']} (fix: {d['fixed_in']}) "
                         f"[{d['test']}]")
 
 

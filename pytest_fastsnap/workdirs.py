@@ -16,9 +16,28 @@ from pathlib import Path
 SUN_PATH_MAX = 107
 
 
+SESSION_ROOT = Path("/tmp")
+
+
 def session_dir(worker: str) -> Path:
-    """A short private directory for this session (or xdist worker)."""
-    return Path(tempfile.mkdtemp(prefix=f"fastsnap-{worker}-", dir="/tmp"))
+    """A short private directory for this session (or xdist worker).
+
+    Its name carries our pid, so a later session can sweep directories whose
+    pytest was SIGKILLed and never ran its cleanup.
+    """
+    sweep_stale()
+    return Path(tempfile.mkdtemp(prefix=f"fastsnap-{worker}-{os.getpid()}-", dir=SESSION_ROOT))
+
+
+def sweep_stale() -> list[Path]:
+    """Remove session directories of pytest processes that no longer exist."""
+    removed = []
+    for path in SESSION_ROOT.glob("fastsnap-*-*-*"):
+        m = re.fullmatch(r"fastsnap-.+-(\d+)-[^-]+", path.name)
+        if m and not Path(f"/proc/{m[1]}").exists():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def test_dir(base: Path, nodeid: str) -> Path:

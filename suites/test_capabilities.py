@@ -128,7 +128,7 @@ def test_fast_load_refuses_multifd(vm_factory: VmFactory) -> None:
                                           ("tls-creds", "tls0")])
 @pytest.mark.parametrize("order", ["capabilities first", "parameter first"])
 @pytest.mark.qemu_defect(
-    affected=">=9.0", fixed_in="not fixed as of QEMU master 2026-08",
+    affected=">=9.0", fixed_in="none known as of QEMU master 2026-08",
     reason="migrate-set-parameters checks the mapped-ram multifd rule against the current "
            "parameters, not the ones being set, so compression/TLS slip in and later "
            "parameter changes are refused instead")
@@ -206,7 +206,7 @@ def test_compression_never_reaches_a_file(vm_factory: VmFactory,
 
 
 @pytest.mark.qemu_defect(
-    affected=">=9.0", fixed_in="not fixed as of QEMU master 2026-08",
+    affected=">=9.0", fixed_in="none known as of QEMU master 2026-08",
     reason="once multifd-compression slipped in beside mapped-ram, setting it back to "
            "'none' is refused by the same stale check; only turning mapped-ram off recovers")
 def test_slipped_in_compression_can_be_undone(vm_factory: VmFactory) -> None:

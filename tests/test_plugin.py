@@ -123,7 +123,7 @@ class TestWithQemu:
         result.assert_outcomes(xfailed=1, failed=1, passed=1)
         result.stdout.fnmatch_lines(["*XPASS(strict)*demo defect*",
                                      "*known QEMU defects reproduced*",
-                                     "QEMU *: demo defect (fixed in never)*"])
+                                     "QEMU *: demo defect (fix: never)*"])
 
     def test_failure_report_has_qemu_sections(self, pytester: pytest.Pytester) -> None:
         pytester.makepyfile(
@@ -206,6 +206,14 @@ class TestWithQemu:
         while _qemu_pids(marker) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert _qemu_pids(marker) == []
+        # A SIGKILLed pytest cannot remove its session directory; the next
+        # session sweeps it (its pid is in the name).
+        stale = list(Path("/tmp").glob(f"fastsnap-main-{proc.pid}-*"))
+        assert (stale != []) == (sig == signal.SIGKILL)
+        from pytest_fastsnap.workdirs import sweep_stale
+
+        assert set(stale) <= set(sweep_stale())
+        assert not any(p.exists() for p in stale)
 
     def test_xdist_two_workers(self, pytester: pytest.Pytester) -> None:
         pytester.makepyfile(
