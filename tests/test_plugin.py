@@ -206,14 +206,15 @@ class TestWithQemu:
         while _qemu_pids(marker) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert _qemu_pids(marker) == []
-        # A SIGKILLed pytest cannot remove its session directory; the next
-        # session sweeps it (its pid is in the name).
-        stale = list(Path("/tmp").glob(f"fastsnap-main-{proc.pid}-*"))
-        assert (stale != []) == (sig == signal.SIGKILL)
+        # Ctrl-C removes the session directory.  A SIGKILLed pytest cannot; the
+        # next session (maybe a concurrent one, under xdist) sweeps it, since
+        # its pid is in the name and that pid is gone.
+        if sig == signal.SIGINT:
+            assert list(Path("/tmp").glob(f"fastsnap-main-{proc.pid}-*")) == []
         from pytest_fastsnap.workdirs import sweep_stale
 
-        assert set(stale) <= set(sweep_stale())
-        assert not any(p.exists() for p in stale)
+        sweep_stale()
+        assert list(Path("/tmp").glob(f"fastsnap-main-{proc.pid}-*")) == []
 
     def test_xdist_two_workers(self, pytester: pytest.Pytester) -> None:
         pytester.makepyfile(
