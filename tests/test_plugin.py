@@ -216,6 +216,25 @@ class TestWithQemu:
         sweep_stale()
         assert list(Path("/tmp").glob(f"fastsnap-main-{proc.pid}-*")) == []
 
+    def test_destination_binary(self, pytester: pytest.Pytester, tmp_path: Path) -> None:
+        """--qemu-binary-dst makes every destination that binary (cross-version runs)."""
+        import shutil
+
+        dst = tmp_path / "qemu-dst"
+        dst.symlink_to(shutil.which("qemu-system-x86_64"))  # type: ignore[arg-type]
+        pytester.makepyfile(
+            f"""
+            def test_dst(vm_factory, snapshot_factory, restore_precopy):
+                src = vm_factory()
+                snap = snapshot_factory(src)
+                dst = restore_precopy(snap)
+                assert dst.binary == {str(dst)!r} != src.binary
+                assert dst.status() == "paused"
+            """)
+        result = pytester.runpytest_subprocess(FASTSNAP, f"--qemu-binary-dst={dst}")
+        result.assert_outcomes(passed=1)
+        result.stdout.fnmatch_lines([f"fastsnap: destination QEMU {dst} (*"])
+
     def test_xdist_two_workers(self, pytester: pytest.Pytester) -> None:
         pytester.makepyfile(
             """
