@@ -1,0 +1,1010 @@
+/* Bridge front-end: postcopy migration *source* fed from a mapped-ram file.
+ *
+ * Wire sequence (reference/postcopy-protocol.md §9, proven on QEMU 10.0.2 in
+ * reference/measured-on-these-machines.md):
+ *   header + regenerated configuration (no capabilities subsection),
+ *   OPEN_RETURN_PATH, PING 1, POSTCOPY_ADVISE, early_setup sections verbatim,
+ *   `ram` START block list (no MappedRamHeaders), one single-page
+ *   POSTCOPY_RAM_DISCARD (required on 10.0, else the destination takes the
+ *   precopy path after LISTEN and deadlocks), PACKAGED {LISTEN, device
+ *   state verbatim, RUN}, then PART `ram` sections: requested pages first,
+ *   the rest eagerly, each page exactly once; END, EOF; wait for SHUT.
+ *
+ * Threads: the main thread is the only writer of the socket; a return-path
+ * reader thread parses destination messages and queues page requests.  The
+ * sender checks the queue (one atomic load) between pages of the eager
+ * stream, so a request waits behind at most one eager read chunk plus what
+ * is already in the socket buffer, never behind a whole bulk transfer.
+ * Every section is built under out_lock, so records never interleave even
+ * if another thread starts sending.
+ */
+#define _GNU_SOURCE
+#include "bridge.h"
+
+#include "bridge_snap.h"
+
+#include <errno.h>
+#include <getopt.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#define OUT_CAP (1u << 20)
+#define FLUSH_AT (128u << 10)      /* eager bytes buffered before a send */
+#define CHUNK_PAGES 32u            /* pages per eager pread */
+#define SECTION_PAGES 256u         /* pages per PART section */
+#define LAT_MAX_SAMPLES (1u << 20)
+#define HIST_BUCKETS 32
+
+enum { RAM_ZERO = 0x02, RAM_MEM_SIZE = 0x04, RAM_PAGE = 0x08, RAM_EOS = 0x10,
+       RAM_CONTINUE = 0x20 };
+enum { CMD_OPEN_RP = 1, CMD_PING = 2, CMD_ADVISE = 3, CMD_LISTEN = 4, CMD_RUN = 5,
+       CMD_DISCARD = 6, CMD_PACKAGED = 7 };
+enum { RP_SHUT = 1, RP_PONG = 2, RP_REQ_PAGES_ID = 3, RP_REQ_PAGES = 4 };
+
+struct rp_req {
+    uint32_t block;
+    uint64_t start;
+    uint32_t len;
+    double t;           /* seconds since start, when read off the socket */
+};
+
+struct bridge {
+    struct br_snap snap;
+    const char *path;
+    uint64_t offset;
+    const char *to;
+    int sock;
+    int zero_all;
+    double io_timeout, shut_timeout, connect_timeout;
+    struct timespec t_start;
+
+    /* Output: only whole sections are built and sent under out_lock. */
+    pthread_mutex_t out_lock;
+    uint8_t *out;
+    size_t out_len;
+    uint8_t *stage;
+    int in_section;
+    long last_block;    /* block of the previous record in this section, -1 none */
+    uint32_t section_pages;
+
+    /* Return path. */
+    pthread_t rp_thread;
+    int rp_started;
+    pthread_mutex_t rp_lock;
+    pthread_cond_t rp_cond;
+    struct rp_req *q;
+    size_t q_head, q_len, q_cap;
+    atomic_uint q_pending;
+    atomic_int rp_state;        /* 0 open, 1 SHUT received, 2 closed/error */
+    uint32_t shut_value;
+    int shut_received;
+    char rp_err[256];
+    uint32_t pongs;
+    uint64_t rp_bad_requests;
+
+    /* Statistics. */
+    double t_connected, t_run_sent, t_first_request, t_all_sent, t_shut, t_eager0, t_eager1;
+    uint64_t bytes_sent, file_bytes_read;
+    uint64_t pages_data, pages_zero, pages_on_request, pages_eager;
+    uint64_t requests, requests_served, requests_duplicate;
+    double *lat;                /* microseconds, request read -> page sent */
+    size_t lat_len;
+    uint64_t hist[HIST_BUCKETS];/* log2 microsecond buckets */
+    double lat_max;
+
+    const char *err_name;
+    char err[512];
+};
+
+static double now_s(const struct bridge *b)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)(t.tv_sec - b->t_start.tv_sec) + (double)(t.tv_nsec - b->t_start.tv_nsec) / 1e9;
+}
+
+static int fail(struct bridge *b, const char *name, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static int fail(struct bridge *b, const char *name, const char *fmt, ...)
+{
+    if (b->err_name)    /* keep the first, root-cause error */
+        return -1;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(b->err, sizeof(b->err), fmt, ap);
+    va_end(ap);
+    b->err_name = name;
+    return -1;
+}
+
+static void put_be16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)(v >> 8); p[1] = (uint8_t)v; }
+
+static void put_be32(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)(v >> 24); p[1] = (uint8_t)(v >> 16); p[2] = (uint8_t)(v >> 8); p[3] = (uint8_t)v;
+}
+
+static void put_be64(uint8_t *p, uint64_t v)
+{
+    put_be32(p, (uint32_t)(v >> 32));
+    put_be32(p + 4, (uint32_t)v);
+}
+
+static uint16_t get_be16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+
+static uint32_t get_be32(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+static uint64_t get_be64(const uint8_t *p) { return (uint64_t)get_be32(p) << 32 | get_be32(p + 4); }
+
+/* ---- return path ------------------------------------------------------- */
+
+static int recv_all(int fd, uint8_t *buf, size_t n)
+{
+    size_t done = 0;
+    while (done < n) {
+        ssize_t r = recv(fd, buf + done, n - done, 0);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            return r == 0 ? 0 : -1;
+        done += (size_t)r;
+    }
+    return 1;
+}
+
+static void rp_close(struct bridge *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static void rp_close(struct bridge *b, const char *fmt, ...)
+{
+    pthread_mutex_lock(&b->rp_lock);
+    if (atomic_load(&b->rp_state) == 0 && fmt) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(b->rp_err, sizeof(b->rp_err), fmt, ap);
+        va_end(ap);
+    }
+    if (atomic_load(&b->rp_state) == 0)
+        atomic_store(&b->rp_state, 2);
+    pthread_cond_broadcast(&b->rp_cond);
+    pthread_mutex_unlock(&b->rp_lock);
+    atomic_fetch_add(&b->q_pending, 1);  /* wake the sender's check */
+}
+
+static void rp_queue(struct bridge *b, uint32_t block, uint64_t start, uint32_t len)
+{
+    pthread_mutex_lock(&b->rp_lock);
+    if (b->q_len == b->q_cap) {
+        size_t cap = b->q_cap ? b->q_cap * 2 : 256;
+        struct rp_req *q = malloc(cap * sizeof(*q));
+        if (!q) {
+            pthread_mutex_unlock(&b->rp_lock);
+            return;     /* dropped: the page still arrives with the eager stream */
+        }
+        for (size_t i = 0; i < b->q_len; i++)
+            q[i] = b->q[(b->q_head + i) % b->q_cap];
+        free(b->q);
+        b->q = q;
+        b->q_cap = cap;
+        b->q_head = 0;
+    }
+    b->q[(b->q_head + b->q_len) % b->q_cap] =
+        (struct rp_req){.block = block, .start = start, .len = len, .t = now_s(b)};
+    b->q_len++;
+    b->requests++;
+    if (b->t_first_request == 0)
+        b->t_first_request = now_s(b);
+    pthread_mutex_unlock(&b->rp_lock);
+    atomic_fetch_add_explicit(&b->q_pending, 1, memory_order_release);
+}
+
+static void *rp_main(void *arg)
+{
+    struct bridge *b = arg;
+    long cur_block = -1;
+    uint8_t hdr[4], payload[512];
+    for (;;) {
+        int r = recv_all(b->sock, hdr, 4);
+        if (r <= 0) {
+            rp_close(b, "return path closed by the destination%s%s",
+                     r < 0 ? ": " : "", r < 0 ? strerror(errno) : "");
+            return NULL;
+        }
+        uint16_t type = get_be16(hdr), len = get_be16(hdr + 2);
+        if (len > sizeof(payload)) {
+            rp_close(b, "return-path message type %u with length %u (> 512)", type, len);
+            return NULL;
+        }
+        if (recv_all(b->sock, payload, len) <= 0) {
+            rp_close(b, "return path closed inside a message (type %u)", type);
+            return NULL;
+        }
+        switch (type) {
+        case RP_SHUT:
+            if (len != 4) {
+                rp_close(b, "SHUT with length %u", len);
+                return NULL;
+            }
+            pthread_mutex_lock(&b->rp_lock);
+            b->shut_received = 1;
+            b->shut_value = get_be32(payload);
+            b->t_shut = now_s(b);
+            atomic_store(&b->rp_state, 1);
+            pthread_cond_broadcast(&b->rp_cond);
+            pthread_mutex_unlock(&b->rp_lock);
+            atomic_fetch_add(&b->q_pending, 1);
+            return NULL;
+        case RP_PONG:
+            pthread_mutex_lock(&b->rp_lock);
+            b->pongs++;
+            pthread_mutex_unlock(&b->rp_lock);
+            break;
+        case RP_REQ_PAGES_ID:
+        case RP_REQ_PAGES: {
+            if ((type == RP_REQ_PAGES && len != 12) || (type == RP_REQ_PAGES_ID && len < 14)) {
+                rp_close(b, "page request with bad length %u", len);
+                return NULL;
+            }
+            uint64_t start = get_be64(payload);
+            uint32_t rlen = get_be32(payload + 8);
+            if (type == RP_REQ_PAGES_ID) {
+                uint8_t n = payload[12];
+                if ((size_t)13 + n != len) {
+                    rp_close(b, "REQ_PAGES_ID with bad id length");
+                    return NULL;
+                }
+                cur_block = -1;
+                for (size_t i = 0; i < b->snap.nblocks; i++)
+                    if (b->snap.blocks[i].idlen == n &&
+                        memcmp(b->snap.blocks[i].id, payload + 13, n) == 0)
+                        cur_block = (long)i;
+            }
+            const struct br_block *blk = cur_block >= 0 ? &b->snap.blocks[cur_block] : NULL;
+            if (!blk || rlen == 0 || start % b->snap.tps || start >= blk->length ||
+                rlen > blk->length - start) {
+                pthread_mutex_lock(&b->rp_lock);
+                b->rp_bad_requests++;
+                pthread_mutex_unlock(&b->rp_lock);
+                break;  /* the eager stream still supplies every page */
+            }
+            rp_queue(b, (uint32_t)cur_block, start, rlen);
+            break;
+        }
+        default:
+            break;      /* RESUME_ACK, SWITCHOVER_ACK...: not expected, harmless */
+        }
+    }
+}
+
+/* ---- output ------------------------------------------------------------- */
+
+static int send_bytes(struct bridge *b, const uint8_t *p, size_t n)
+{
+    while (n) {
+        ssize_t r = send(b->sock, p, n, MSG_NOSIGNAL);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                return fail(b, "destination-stalled", "destination stopped reading for "
+                            "%.0f s (postcopy paused or hung?)", b->io_timeout);
+            if (errno == EPIPE || errno == ECONNRESET)
+                return fail(b, "destination-gone", "destination closed the migration "
+                            "connection (%s)%s%s", strerror(errno),
+                            b->rp_err[0] ? "; " : "", b->rp_err);
+            return fail(b, "send-failed", "send: %s", strerror(errno));
+        }
+        p += r;
+        n -= (size_t)r;
+        b->bytes_sent += (uint64_t)r;
+    }
+    return 0;
+}
+
+static int flush(struct bridge *b)
+{
+    int r = send_bytes(b, b->out, b->out_len);
+    b->out_len = 0;
+    return r;
+}
+
+/* Reserve n bytes of output, flushing first if needed. */
+static uint8_t *reserve(struct bridge *b, size_t n)
+{
+    if (b->out_len + n > OUT_CAP && flush(b) < 0)
+        return NULL;
+    uint8_t *p = b->out + b->out_len;
+    b->out_len += n;
+    return p;
+}
+
+static int emit(struct bridge *b, const void *data, size_t n)
+{
+    uint8_t *p = reserve(b, n);
+    if (!p)
+        return -1;
+    memcpy(p, data, n);
+    return 0;
+}
+
+static int emit_cmd(struct bridge *b, uint16_t cmd, const uint8_t *payload, uint16_t len)
+{
+    uint8_t h[5] = {0x08};
+    put_be16(h + 1, cmd);
+    put_be16(h + 3, len);
+    if (emit(b, h, 5) < 0)
+        return -1;
+    return len ? emit(b, payload, len) : 0;
+}
+
+static int section_begin(struct bridge *b)
+{
+    uint8_t h[5] = {0x02};
+    put_be32(h + 1, b->snap.ram_sid);
+    pthread_mutex_lock(&b->out_lock);
+    b->in_section = 1;
+    b->last_block = -1;
+    b->section_pages = 0;
+    return emit(b, h, 5);
+}
+
+static int section_end_typed(struct bridge *b, uint8_t type)
+{
+    uint8_t t[13 + 5];
+    size_t n = 0;
+    if (type == 0x03) {     /* a fresh END section */
+        t[0] = 0x03;
+        put_be32(t + 1, b->snap.ram_sid);
+        n = 5;
+    }
+    put_be64(t + n, RAM_EOS);
+    t[n + 8] = 0x7e;
+    put_be32(t + n + 9, b->snap.ram_sid);
+    int r = emit(b, t, n + 13);
+    if (type != 0x03) {
+        b->in_section = 0;
+        pthread_mutex_unlock(&b->out_lock);
+    }
+    return r;
+}
+
+static int section_end(struct bridge *b) { return section_end_typed(b, 0x02); }
+
+/* One page record; data NULL means a ZERO record. */
+static int emit_page(struct bridge *b, uint32_t bi, uint64_t page, const uint8_t *data)
+{
+    const struct br_block *blk = &b->snap.blocks[bi];
+    if (!b->in_section && section_begin(b) < 0)
+        return -1;
+    int cont = b->last_block == (long)bi;
+    size_t n = 8 + (cont ? 0 : 1u + blk->idlen) + (data ? b->snap.tps : 1);
+    uint8_t *p = reserve(b, n);
+    if (!p)
+        return -1;
+    uint64_t v = page * b->snap.tps | (data ? RAM_PAGE : RAM_ZERO) | (cont ? RAM_CONTINUE : 0);
+    put_be64(p, v);
+    p += 8;
+    if (!cont) {
+        *p++ = blk->idlen;
+        memcpy(p, blk->id, blk->idlen);
+        p += blk->idlen;
+    }
+    if (data)
+        memcpy(p, data, b->snap.tps);
+    else
+        *p = 0;
+    b->last_block = (long)bi;
+    b->section_pages++;
+    if (data)
+        b->pages_data++;
+    else
+        b->pages_zero++;
+    return 0;
+}
+
+static int read_pages(struct bridge *b, const struct br_block *blk, uint64_t page, uint64_t n)
+{
+    size_t want = (size_t)(n * b->snap.tps), done = 0;
+    uint64_t off = blk->pages_offset + page * b->snap.tps;
+    while (done < want) {
+        ssize_t r = pread(b->snap.fd, b->stage + done, want - done, (off_t)(off + done));
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            return fail(b, "io-error", "reading block %s page %llu at %#llx: %s", blk->id,
+                        (unsigned long long)page, (unsigned long long)(off + done),
+                        strerror(errno));
+        if (r == 0)
+            return fail(b, "file-short", "snapshot file is short: block %s page %llu at "
+                        "offset %#llx: got %zu of %zu bytes (file truncated while serving?)",
+                        blk->id, (unsigned long long)(page + done / b->snap.tps),
+                        (unsigned long long)(off + done), done, want);
+        done += (size_t)r;
+    }
+    b->file_bytes_read += want;
+    return 0;
+}
+
+static void record_latency(struct bridge *b, double t_req)
+{
+    double us = (now_s(b) - t_req) * 1e6;
+    if (us < 0)
+        us = 0;
+    if (b->lat_len < LAT_MAX_SAMPLES)
+        b->lat[b->lat_len++] = us;
+    int bucket = us < 1 ? 0 : (int)log2(us) + 1;
+    if (bucket >= HIST_BUCKETS)
+        bucket = HIST_BUCKETS - 1;
+    b->hist[bucket]++;
+    if (us > b->lat_max)
+        b->lat_max = us;
+}
+
+static int check_rp(struct bridge *b)
+{
+    int st = atomic_load(&b->rp_state);
+    if (st == 1 && b->shut_value != 0)
+        return fail(b, "destination-failed", "destination reported a failed migration "
+                    "(SHUT %u); see the destination's log", b->shut_value);
+    if (st == 2)
+        return fail(b, "destination-gone", "%s", b->rp_err[0] ? b->rp_err
+                    : "return path closed by the destination");
+    return 0;
+}
+
+/* Serve every queued request; then flush so the pages leave at once. */
+static int serve_requests(struct bridge *b)
+{
+    if (atomic_exchange_explicit(&b->q_pending, 0, memory_order_acquire) == 0)
+        return 0;
+    if (check_rp(b) < 0)
+        return -1;
+    struct rp_req done[64];
+    size_t ndone = 0;
+    int sent_any = 0;
+    for (;;) {
+        pthread_mutex_lock(&b->rp_lock);
+        if (b->q_len == 0) {
+            pthread_mutex_unlock(&b->rp_lock);
+            break;
+        }
+        struct rp_req rq = b->q[b->q_head];
+        b->q_head = (b->q_head + 1) % b->q_cap;
+        b->q_len--;
+        pthread_mutex_unlock(&b->rp_lock);
+        struct br_block *blk = &b->snap.blocks[rq.block];
+        uint64_t first = rq.start / b->snap.tps, n = (rq.len + b->snap.tps - 1) / b->snap.tps;
+        int served = 0;
+        for (uint64_t p = first; p < first + n; p++) {
+            if (br_bit_claim(blk->sent, p))
+                continue;
+            const uint8_t *data = NULL;
+            if (br_bit_test(blk->file_bitmap, p)) {
+                if (read_pages(b, blk, p, 1) < 0)
+                    return -1;
+                data = b->stage;
+            }
+            if (emit_page(b, rq.block, p, data) < 0)
+                return -1;
+            b->pages_on_request++;
+            served = 1;
+        }
+        if (served) {
+            b->requests_served++;
+            sent_any = 1;
+            if (ndone == sizeof(done) / sizeof(done[0])) {
+                if (flush(b) < 0)
+                    return -1;
+                for (size_t i = 0; i < ndone; i++)
+                    record_latency(b, done[i].t);
+                ndone = 0;
+            }
+            done[ndone++] = rq;
+        } else {
+            b->requests_duplicate++;
+        }
+    }
+    if (sent_any) {
+        if (flush(b) < 0)
+            return -1;
+        for (size_t i = 0; i < ndone; i++)
+            record_latency(b, done[i].t);
+    }
+    return 0;
+}
+
+/* ---- phases ---------------------------------------------------------------- */
+
+static int send_preamble(struct bridge *b)
+{
+    const struct br_snap *s = &b->snap;
+    uint8_t h[13] = {0x51, 0x45, 0x56, 0x4d, 0, 0, 0, 3, 0x07};
+    put_be32(h + 9, s->machine_len);
+    if (emit(b, h, 13) < 0 || emit(b, s->machine, s->machine_len) < 0 ||
+        emit(b, s->cfg_keep, s->cfg_keep_len) < 0)
+        return -1;
+    if (emit_cmd(b, CMD_OPEN_RP, NULL, 0) < 0 || flush(b) < 0)
+        return -1;
+    return 0;
+}
+
+static int send_setup(struct bridge *b)
+{
+    const struct br_snap *s = &b->snap;
+    uint8_t p[16];
+    put_be32(p, 1);
+    if (emit_cmd(b, CMD_PING, p, 4) < 0)
+        return -1;
+    put_be64(p, s->tps);        /* page-size summary: OR of 4 KiB blocks */
+    put_be64(p + 8, s->tps);
+    if (emit_cmd(b, CMD_ADVISE, p, 16) < 0)
+        return -1;
+    /* early_setup FULL sections, verbatim */
+    for (uint64_t done = 0; done < s->early_len;) {
+        size_t n = s->early_len - done > CHUNK_PAGES * s->tps ? CHUNK_PAGES * s->tps
+                                                               : (size_t)(s->early_len - done);
+        ssize_t r = pread(s->fd, b->stage, n, (off_t)(s->early_off + done));
+        if (r <= 0)
+            return fail(b, "file-short", "reading early-setup sections: %s",
+                        r < 0 ? strerror(errno) : "file ended");
+        if (emit(b, b->stage, (size_t)r) < 0)
+            return -1;
+        done += (uint64_t)r;
+    }
+    /* `ram` START: block list without MappedRamHeaders */
+    uint8_t st[17 + 8] = {0x01};
+    put_be32(st + 1, s->ram_sid);
+    memcpy(st + 5, "\x03ram", 4);
+    put_be32(st + 9, 0);
+    put_be32(st + 13, 4);
+    put_be64(st + 17, s->ram_total | RAM_MEM_SIZE);
+    if (emit(b, st, sizeof st) < 0)
+        return -1;
+    for (size_t i = 0; i < s->nblocks; i++) {
+        const struct br_block *blk = &s->blocks[i];
+        uint8_t l[8];
+        put_be64(l, blk->length);
+        if (emit(b, &blk->idlen, 1) < 0 || emit(b, blk->id, blk->idlen) < 0 || emit(b, l, 8) < 0)
+            return -1;
+    }
+    uint8_t eos[13];
+    put_be64(eos, RAM_EOS);
+    eos[8] = 0x7e;
+    put_be32(eos + 9, s->ram_sid);
+    if (emit(b, eos, 13) < 0)
+        return -1;
+    /* One single-page discard of the first block (see the file comment). */
+    const struct br_block *b0 = &s->blocks[0];
+    uint8_t d[3 + 255 + 16];
+    size_t dn = 0;
+    d[dn++] = 0;
+    d[dn++] = b0->idlen;
+    memcpy(d + dn, b0->id, b0->idlen);
+    dn += b0->idlen;
+    d[dn++] = 0;
+    put_be64(d + dn, 0);
+    put_be64(d + dn + 8, s->tps);
+    dn += 16;
+    if (emit_cmd(b, CMD_DISCARD, d, (uint16_t)dn) < 0 || flush(b) < 0)
+        return -1;
+    return 0;
+}
+
+static int send_package(struct bridge *b)
+{
+    const struct br_snap *s = &b->snap;
+    uint64_t n = s->dev_len + 10;
+    if (n > UINT32_MAX)
+        return fail(b, "device-state-too-large", "device state of %llu bytes",
+                    (unsigned long long)s->dev_len);
+    uint8_t p[4];
+    put_be32(p, (uint32_t)n);
+    if (emit_cmd(b, CMD_PACKAGED, p, 4) < 0 || emit_cmd(b, CMD_LISTEN, NULL, 0) < 0)
+        return -1;
+    for (uint64_t done = 0; done < s->dev_len;) {
+        size_t want = s->dev_len - done > OUT_CAP / 2 ? OUT_CAP / 2 : (size_t)(s->dev_len - done);
+        uint8_t *dst = reserve(b, want);
+        if (!dst)
+            return -1;
+        size_t got = 0;
+        while (got < want) {
+            ssize_t r = pread(s->fd, dst + got, want - got, (off_t)(s->dev_off + done + got));
+            if (r < 0 && errno == EINTR)
+                continue;
+            if (r <= 0)
+                return fail(b, "file-short", "reading device state at %#llx: %s",
+                            (unsigned long long)(s->dev_off + done + got),
+                            r < 0 ? strerror(errno) : "file ended");
+            got += (size_t)r;
+        }
+        done += want;
+    }
+    if (emit_cmd(b, CMD_RUN, NULL, 0) < 0 || flush(b) < 0)
+        return -1;
+    b->t_run_sent = now_s(b);
+    return 0;
+}
+
+static int send_pages(struct bridge *b)
+{
+    const struct br_snap *s = &b->snap;
+    b->t_eager0 = now_s(b);
+    for (uint32_t bi = 0; bi < s->nblocks; bi++) {
+        struct br_block *blk = &s->blocks[bi];
+        uint64_t p = 0;
+        while (p < blk->npages) {
+            if (atomic_load_explicit(&b->q_pending, memory_order_relaxed) && serve_requests(b) < 0)
+                return -1;
+            /* Skip whole words with nothing left to send. */
+            if ((p & 63) == 0 && p + 64 <= blk->npages) {
+                uint64_t todo = ~atomic_load_explicit(&blk->sent[p >> 6], memory_order_relaxed);
+                if (!b->zero_all)
+                    todo &= blk->file_bitmap[p >> 6];
+                if (!todo) {
+                    p += 64;
+                    continue;
+                }
+            }
+            if (br_bit_sent(blk->sent, p)) {
+                p++;
+                continue;
+            }
+            if (!br_bit_test(blk->file_bitmap, p)) {
+                if (b->zero_all && !br_bit_claim(blk->sent, p)) {
+                    if (emit_page(b, bi, p, NULL) < 0)
+                        return -1;
+                    b->pages_eager++;
+                }
+                p++;
+            } else {
+                uint64_t k = 1;
+                while (p + k < blk->npages && k < CHUNK_PAGES &&
+                       br_bit_test(blk->file_bitmap, p + k) &&
+                       !br_bit_sent(blk->sent, p + k))
+                    k++;
+                if (read_pages(b, blk, p, k) < 0)
+                    return -1;
+                for (uint64_t j = 0; j < k; j++) {
+                    if (br_bit_claim(blk->sent, p + j))
+                        continue;
+                    if (emit_page(b, bi, p + j, b->stage + j * s->tps) < 0)
+                        return -1;
+                    b->pages_eager++;
+                }
+                p += k;
+            }
+            if (b->in_section && b->section_pages >= SECTION_PAGES && section_end(b) < 0)
+                return -1;
+            if (b->out_len >= FLUSH_AT) {
+                if (flush(b) < 0 || check_rp(b) < 0)
+                    return -1;
+            }
+        }
+    }
+    if (b->in_section && section_end(b) < 0)
+        return -1;
+    if (flush(b) < 0)
+        return -1;
+    b->t_eager1 = now_s(b);
+    return 0;
+}
+
+static int send_end(struct bridge *b)
+{
+    /* Requests that raced the end of the eager stream (clear-bit pages). */
+    if (serve_requests(b) < 0)
+        return -1;
+    if (b->in_section && section_end(b) < 0)
+        return -1;
+    pthread_mutex_lock(&b->out_lock);
+    int r = section_end_typed(b, 0x03);
+    uint8_t eof = 0x00;
+    if (r == 0)
+        r = emit(b, &eof, 1);
+    if (r == 0)
+        r = flush(b);
+    pthread_mutex_unlock(&b->out_lock);
+    if (r < 0)
+        return -1;
+    b->t_all_sent = now_s(b);
+    return 0;
+}
+
+static int wait_shut(struct bridge *b)
+{
+    struct timespec dl;
+    clock_gettime(CLOCK_REALTIME, &dl);
+    double whole = floor(b->shut_timeout);
+    dl.tv_sec += (time_t)whole;
+    dl.tv_nsec += (long)((b->shut_timeout - whole) * 1e9);
+    if (dl.tv_nsec >= 1000000000L) {
+        dl.tv_sec++;
+        dl.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&b->rp_lock);
+    int rc = 0;
+    while (atomic_load(&b->rp_state) == 0 && rc == 0)
+        rc = pthread_cond_timedwait(&b->rp_cond, &b->rp_lock, &dl);
+    pthread_mutex_unlock(&b->rp_lock);
+    if (atomic_load(&b->rp_state) == 0)
+        return fail(b, "shut-timeout", "no SHUT from the destination within %.1f s after EOF",
+                    b->shut_timeout);
+    return check_rp(b);
+}
+
+/* ---- connection --------------------------------------------------------- */
+
+static int connect_to(struct bridge *b)
+{
+    if (strncmp(b->to, "fd:", 3) == 0) {
+        char *end;
+        long fd = strtol(b->to + 3, &end, 10);
+        if (*end || fd < 0 || fd > 65535)
+            return fail(b, "bad-argument", "bad --to %s", b->to);
+        b->sock = (int)fd;
+    } else if (strncmp(b->to, "unix:", 5) == 0) {
+        struct sockaddr_un sa = {.sun_family = AF_UNIX};
+        if (strlen(b->to + 5) >= sizeof(sa.sun_path))
+            return fail(b, "bad-argument", "socket path longer than %zu bytes: %s",
+                        sizeof(sa.sun_path) - 1, b->to + 5);
+        strcpy(sa.sun_path, b->to + 5);
+        double deadline = now_s(b) + b->connect_timeout;
+        for (;;) {
+            b->sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+            if (b->sock < 0)
+                return fail(b, "socket-failed", "socket: %s", strerror(errno));
+            if (connect(b->sock, (struct sockaddr *)&sa, sizeof sa) == 0)
+                break;
+            int e = errno;
+            close(b->sock);
+            b->sock = -1;
+            if ((e != ENOENT && e != ECONNREFUSED) || now_s(b) > deadline)
+                return fail(b, "connect-failed", "connect %s: %s", b->to + 5, strerror(e));
+            struct timespec ts = {0, 10 * 1000 * 1000};
+            nanosleep(&ts, NULL);
+        }
+    } else {
+        return fail(b, "bad-argument", "--to must be unix:PATH or fd:N, got %s", b->to);
+    }
+    struct timeval tv = {.tv_sec = (time_t)b->io_timeout,
+                         .tv_usec = (suseconds_t)((b->io_timeout - floor(b->io_timeout)) * 1e6)};
+    if (setsockopt(b->sock, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) < 0)
+        return fail(b, "socket-failed", "--to %s is not a socket: %s", b->to, strerror(errno));
+    b->t_connected = now_s(b);
+    return 0;
+}
+
+/* ---- statistics --------------------------------------------------------- */
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static double pct(const double *v, size_t n, double q)
+{
+    if (n == 0)
+        return 0;
+    size_t i = (size_t)ceil(q * (double)n) - (q > 0 ? 1 : 0);
+    return v[i >= n ? n - 1 : i];
+}
+
+static void json_str(FILE *f, const char *s)
+{
+    fputc('"', f);
+    for (; s && *s; s++) {
+        unsigned char c = (unsigned char)*s;
+        if (c == '"' || c == '\\')
+            fprintf(f, "\\%c", c);
+        else if (c < 0x20)
+            fprintf(f, "\\u%04x", c);
+        else
+            fputc(c, f);
+    }
+    fputc('"', f);
+}
+
+static void write_stats(struct bridge *b, FILE *f, int rc)
+{
+    qsort(b->lat, b->lat_len, sizeof(double), cmp_double);
+    uint64_t ram = 0, set = 0;
+    for (size_t i = 0; i < b->snap.nblocks; i++) {
+        ram += b->snap.blocks[i].length;
+        set += b->snap.blocks[i].set_pages;
+    }
+    double eager_s = b->t_eager1 > b->t_eager0 ? b->t_eager1 - b->t_eager0 : 0;
+    double eager_bytes = (double)b->pages_eager * b->snap.tps;
+    fprintf(f, "{\"ok\": %s, \"exit_code\": %d, \"error_name\": ", rc == 0 ? "true" : "false", rc);
+    if (b->err_name)
+        json_str(f, b->err_name);
+    else
+        fputs("null", f);
+    fputs(", \"error\": ", f);
+    if (b->err_name)
+        json_str(f, b->err);
+    else
+        fputs("null", f);
+    fputs(", \"machine\": ", f);
+    json_str(f, b->snap.machine);
+    fprintf(f, ", \"blocks\": %zu, \"ram_bytes\": %llu, \"file_pages_set\": %llu, "
+            "\"zero_pages\": \"%s\", \"shut\": ", b->snap.nblocks, (unsigned long long)ram,
+            (unsigned long long)set, b->zero_all ? "all" : "requested");
+    if (b->shut_received)
+        fprintf(f, "%u", b->shut_value);
+    else
+        fputs("null", f);
+    fprintf(f, ", \"time_connected_s\": %.6f, \"time_to_run_sent_s\": %.6f, "
+            "\"time_first_request_s\": %.6f, \"time_to_all_sent_s\": %.6f, "
+            "\"time_to_shut_s\": %.6f, \"eager_seconds\": %.6f, "
+            "\"eager_throughput_mib_s\": %.1f, \"bytes_sent\": %llu, \"file_bytes_read\": %llu, "
+            "\"pages_data\": %llu, \"pages_zero\": %llu, \"pages_on_request\": %llu, "
+            "\"pages_eager\": %llu, \"requests\": %llu, \"requests_served\": %llu, "
+            "\"requests_duplicate\": %llu, \"requests_invalid\": %llu, \"pongs\": %u, ",
+            b->t_connected, b->t_run_sent, b->t_first_request, b->t_all_sent, b->t_shut,
+            eager_s, eager_s > 0 ? eager_bytes / eager_s / (1 << 20) : 0.0,
+            (unsigned long long)b->bytes_sent, (unsigned long long)b->file_bytes_read,
+            (unsigned long long)b->pages_data, (unsigned long long)b->pages_zero,
+            (unsigned long long)b->pages_on_request, (unsigned long long)b->pages_eager,
+            (unsigned long long)b->requests, (unsigned long long)b->requests_served,
+            (unsigned long long)b->requests_duplicate, (unsigned long long)b->rp_bad_requests,
+            b->pongs);
+    fprintf(f, "\"latency_us\": {\"count\": %zu, \"p50\": %.1f, \"p90\": %.1f, \"p99\": %.1f, "
+            "\"max\": %.1f, \"histogram_log2\": [", b->lat_len, pct(b->lat, b->lat_len, 0.5),
+            pct(b->lat, b->lat_len, 0.9), pct(b->lat, b->lat_len, 0.99), b->lat_max);
+    int last = 0;
+    for (int i = 0; i < HIST_BUCKETS; i++)
+        if (b->hist[i])
+            last = i;
+    for (int i = 0; i <= last; i++)
+        fprintf(f, "%s%llu", i ? ", " : "", (unsigned long long)b->hist[i]);
+    fputs("]}}\n", f);
+}
+
+/* ---- entry point -------------------------------------------------------- */
+
+static void usage(FILE *f)
+{
+    fputs("usage: fastsnap-loader serve FILE [--offset N] --to unix:PATH|fd:N [--json]\n"
+          "       [--stats-file F] [--zero-pages requested|all] [--io-timeout S]\n"
+          "       [--shut-timeout S] [--connect-timeout S]\n", f);
+}
+
+static int run(struct bridge *b)
+{
+    if (br_snap_open(&b->snap, b->path, b->offset) < 0) {
+        fail(b, b->snap.err_name, "%s: %s", b->path, b->snap.err);
+        return 2;
+    }
+    if (connect_to(b) < 0)
+        return 1;
+    if (send_preamble(b) < 0)
+        return 1;
+    if (pthread_create(&b->rp_thread, NULL, rp_main, b) != 0) {
+        fail(b, "thread-failed", "cannot start the return-path thread");
+        return 1;
+    }
+    b->rp_started = 1;
+    if (send_setup(b) < 0 || send_package(b) < 0 || send_pages(b) < 0 || send_end(b) < 0 ||
+        wait_shut(b) < 0)
+        return 1;
+    return 0;
+}
+
+int bridge_main(int argc, char **argv)
+{
+    struct bridge *b = calloc(1, sizeof(*b));
+    if (!b) {
+        fputs("fastsnap-loader serve: out of memory\n", stderr);
+        return 1;
+    }
+    clock_gettime(CLOCK_MONOTONIC, &b->t_start);
+    b->sock = -1;
+    b->snap.fd = -1;
+    b->io_timeout = 60;
+    b->shut_timeout = 30;
+    b->connect_timeout = 10;
+    const char *stats_file = NULL;
+    int json = 0;
+    static const struct option opts[] = {
+        {"offset", required_argument, NULL, 'o'}, {"to", required_argument, NULL, 't'},
+        {"json", no_argument, NULL, 'j'}, {"stats-file", required_argument, NULL, 's'},
+        {"zero-pages", required_argument, NULL, 'z'},
+        {"io-timeout", required_argument, NULL, 'i'},
+        {"shut-timeout", required_argument, NULL, 'S'},
+        {"connect-timeout", required_argument, NULL, 'c'},
+        {"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
+    optind = 1;
+    int c;
+    char *end;
+    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        switch (c) {
+        case 'o':
+            b->offset = strtoull(optarg, &end, 0);
+            if (*end) {
+                fprintf(stderr, "fastsnap-loader serve: bad --offset %s\n", optarg);
+                free(b);
+                return 2;
+            }
+            break;
+        case 't': b->to = optarg; break;
+        case 'j': json = 1; break;
+        case 's': stats_file = optarg; break;
+        case 'z':
+            if (strcmp(optarg, "all") && strcmp(optarg, "requested")) {
+                fprintf(stderr, "fastsnap-loader serve: --zero-pages requested|all\n");
+                free(b);
+                return 2;
+            }
+            b->zero_all = strcmp(optarg, "all") == 0;
+            break;
+        case 'i': b->io_timeout = strtod(optarg, NULL); break;
+        case 'S': b->shut_timeout = strtod(optarg, NULL); break;
+        case 'c': b->connect_timeout = strtod(optarg, NULL); break;
+        case 'h': usage(stdout); free(b); return 0;
+        default: usage(stderr); free(b); return 2;
+        }
+    }
+    if (optind != argc - 1 || !b->to || b->io_timeout <= 0 || b->shut_timeout <= 0) {
+        usage(stderr);
+        free(b);
+        return 2;
+    }
+    b->path = argv[optind];
+    pthread_mutex_init(&b->out_lock, NULL);
+    pthread_mutex_init(&b->rp_lock, NULL);
+    pthread_cond_init(&b->rp_cond, NULL);
+    b->out = malloc(OUT_CAP);
+    b->stage = malloc((size_t)CHUNK_PAGES * 65536);
+    b->lat = malloc(LAT_MAX_SAMPLES * sizeof(double));
+    int rc;
+    if (!b->out || !b->stage || !b->lat) {
+        fail(b, "oom", "out of memory");
+        rc = 1;
+    } else {
+        rc = run(b);
+    }
+    if (b->sock >= 0)
+        shutdown(b->sock, SHUT_RDWR);    /* unblocks the return-path reader */
+    if (b->rp_started)
+        pthread_join(b->rp_thread, NULL);
+    if (rc != 0)
+        fprintf(stderr, "fastsnap-loader serve: %s: %s\n", b->err_name ? b->err_name : "error",
+                b->err);
+    if (json)
+        write_stats(b, stdout, rc);
+    if (stats_file) {
+        FILE *f = fopen(stats_file, "w");
+        if (f) {
+            write_stats(b, f, rc);
+            fclose(f);
+        } else {
+            fprintf(stderr, "fastsnap-loader serve: %s: %s\n", stats_file, strerror(errno));
+        }
+    }
+    if (b->sock >= 0 && strncmp(b->to, "fd:", 3) != 0)
+        close(b->sock);
+    br_snap_close(&b->snap);
+    free(b->out);
+    free(b->stage);
+    free(b->lat);
+    free(b->q);
+    pthread_mutex_destroy(&b->out_lock);
+    pthread_mutex_destroy(&b->rp_lock);
+    pthread_cond_destroy(&b->rp_cond);
+    free(b);
+    return rc;
+}

@@ -1,0 +1,75 @@
+/* What the bridge needs from a mapped-ram snapshot: the configuration to
+ * regenerate, the early-setup and device-state byte ranges to replay
+ * verbatim, and per RAM block its id, length, file bitmap and page region.
+ *
+ * Framing-only parse (no vmstate knowledge), every field bounds-checked
+ * against the file size before use; allocations are bounded by the file
+ * size.  Kept separate from the core parser (format.c) so the bridge could
+ * be built and tested before it landed; see bridge_snap.c.
+ */
+#ifndef FASTSNAP_BRIDGE_SNAP_H
+#define FASTSNAP_BRIDGE_SNAP_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define BR_MAX_BLOCKS 1024
+
+struct br_block {
+    char id[256];
+    uint8_t idlen;
+    uint64_t length;        /* used_length, bytes */
+    uint64_t npages;        /* length / tps */
+    uint64_t bitmap_offset; /* absolute file offsets */
+    uint64_t pages_offset;
+    uint64_t *file_bitmap;  /* host-order unsigned longs, as in the file */
+    _Atomic uint64_t *sent; /* pages already put on the wire */
+    uint64_t set_pages;     /* bits set in file_bitmap */
+};
+
+struct br_snap {
+    int fd;
+    uint64_t file_size;
+    uint64_t base;          /* stream start (file:...,offset=N) */
+    char machine[256];
+    uint32_t machine_len;
+    uint32_t tps;
+    /* Raw bytes of the configuration subsections worth keeping
+     * (target-page-bits, uuid); capabilities are dropped. */
+    uint8_t cfg_keep[64];
+    size_t cfg_keep_len;
+    int has_capabilities_mapped_ram;
+    uint64_t early_off, early_len;  /* early_setup FULL sections */
+    uint32_t ram_sid;
+    uint64_t ram_total;
+    size_t nblocks;
+    struct br_block *blocks;
+    uint64_t dev_off, dev_len;      /* device-state run, without EOF */
+    int has_vmdesc;
+    const char *err_name;           /* stable error name on failure */
+    char err[512];
+};
+
+/* 0 on success; -1 with snap->err_name/err set. */
+int br_snap_open(struct br_snap *snap, const char *path, uint64_t offset);
+void br_snap_close(struct br_snap *snap);
+
+static inline int br_bit_test(const uint64_t *map, uint64_t i)
+{
+    return (int)((map[i >> 6] >> (i & 63)) & 1u);
+}
+
+static inline int br_bit_sent(_Atomic uint64_t *map, uint64_t i)
+{
+    return (int)((atomic_load_explicit(&map[i >> 6], memory_order_relaxed) >> (i & 63)) & 1u);
+}
+
+/* Atomic test-and-set: returns the previous value of the bit. */
+static inline int br_bit_claim(_Atomic uint64_t *map, uint64_t i)
+{
+    uint64_t mask = UINT64_C(1) << (i & 63);
+    return (atomic_fetch_or_explicit(&map[i >> 6], mask, memory_order_acq_rel) & mask) != 0;
+}
+
+#endif
