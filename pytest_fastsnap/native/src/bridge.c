@@ -95,6 +95,7 @@ struct bridge {
     /* Statistics. */
     double t_connected, t_run_sent, t_first_request, t_all_sent, t_shut, t_eager0, t_eager1;
     uint64_t bytes_sent, file_bytes_read;
+    double send_seconds, read_seconds;  /* time blocked in send() / pread() */
     uint64_t pages_data, pages_zero, pages_on_request, pages_eager;
     uint64_t requests, requests_served, requests_duplicate;
     double *lat;                /* microseconds, request read -> page sent */
@@ -291,7 +292,7 @@ static void *rp_main(void *arg)
 
 /* ---- output ------------------------------------------------------------- */
 
-static int send_bytes(struct bridge *b, const uint8_t *p, size_t n)
+static int send_loop(struct bridge *b, const uint8_t *p, size_t n)
 {
     while (n) {
         ssize_t r = send(b->sock, p, n, MSG_NOSIGNAL);
@@ -312,6 +313,14 @@ static int send_bytes(struct bridge *b, const uint8_t *p, size_t n)
         b->bytes_sent += (uint64_t)r;
     }
     return 0;
+}
+
+static int send_bytes(struct bridge *b, const uint8_t *p, size_t n)
+{
+    double t = now_s(b);
+    int rc = send_loop(b, p, n);
+    b->send_seconds += now_s(b) - t;
+    return rc;
 }
 
 static int flush(struct bridge *b)
@@ -419,6 +428,7 @@ static int read_pages(struct bridge *b, const struct br_block *blk, uint64_t pag
 {
     size_t want = (size_t)(n * b->snap.tps), done = 0;
     uint64_t off = blk->pages_offset + page * b->snap.tps;
+    double t = now_s(b);
     while (done < want) {
         ssize_t r = pread(b->snap.fd, b->stage + done, want - done, (off_t)(off + done));
         if (r < 0 && errno == EINTR)
@@ -435,6 +445,7 @@ static int read_pages(struct bridge *b, const struct br_block *blk, uint64_t pag
         done += (size_t)r;
     }
     b->file_bytes_read += want;
+    b->read_seconds += now_s(b) - t;
     return 0;
 }
 
@@ -853,7 +864,8 @@ static void write_stats(struct bridge *b, FILE *f, int rc)
             "\"eager_throughput_mib_s\": %.1f, \"bytes_sent\": %llu, \"file_bytes_read\": %llu, "
             "\"pages_data\": %llu, \"pages_zero\": %llu, \"pages_on_request\": %llu, "
             "\"pages_eager\": %llu, \"requests\": %llu, \"requests_served\": %llu, "
-            "\"requests_duplicate\": %llu, \"requests_invalid\": %llu, \"pongs\": %u, ",
+            "\"requests_duplicate\": %llu, \"requests_invalid\": %llu, \"pongs\": %u, "
+            "\"send_blocked_s\": %.6f, \"read_s\": %.6f, ",
             b->t_connected, b->t_run_sent, b->t_first_request, b->t_all_sent, b->t_shut,
             eager_s, eager_s > 0 ? eager_bytes / eager_s / (1 << 20) : 0.0,
             (unsigned long long)b->bytes_sent, (unsigned long long)b->file_bytes_read,
@@ -861,7 +873,7 @@ static void write_stats(struct bridge *b, FILE *f, int rc)
             (unsigned long long)b->pages_on_request, (unsigned long long)b->pages_eager,
             (unsigned long long)b->requests, (unsigned long long)b->requests_served,
             (unsigned long long)b->requests_duplicate, (unsigned long long)b->rp_bad_requests,
-            b->pongs);
+            b->pongs, b->send_seconds, b->read_seconds);
     fprintf(f, "\"latency_us\": {\"count\": %zu, \"p50\": %.1f, \"p90\": %.1f, \"p99\": %.1f, "
             "\"max\": %.1f, \"histogram_log2\": [", b->lat_len, pct(b->lat, b->lat_len, 0.5),
             pct(b->lat, b->lat_len, 0.9), pct(b->lat, b->lat_len, 0.99), b->lat_max);

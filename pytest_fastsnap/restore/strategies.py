@@ -1,0 +1,344 @@
+"""Restore strategies: bring a mapped-ram snapshot back as a running guest.
+
+    guest = restore("loader-bridge", snap_path, device_args, vm_factory, offset=0)
+    guest.time_to_running          # s from migrate-incoming to the guest running
+    guest.wait_loaded()            # s until every page is in; collects loader stats
+    guest.close()                  # loader and QEMU gone, socket dir removed
+
+Strategies:
+
+- ``qemu-precopy``: stock full load (``-incoming defer`` + mapped-ram +
+  ``migrate-incoming file:``), then ``cont``.
+- ``qemu-fast``: QEMU's own fast snapshot load (mapped-ram + postcopy-ram on
+  the destination); only where the binary accepts the pair, otherwise
+  :class:`RestoreUnsupported` with QEMU's own reason.
+- ``loader-bridge``: the native loader is the *source* of a postcopy
+  migration into a stock destination (``postcopy-ram``, ``migrate-incoming
+  unix:``); the guest runs as soon as the device state is in and RAM follows
+  on demand and eagerly.
+
+Times are taken from QMP event timestamps (``events`` capability), so they
+do not include our polling.  ``time_to_running`` for a destination restored
+``paused`` is the time until it could be continued.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Protocol
+
+from pytest_fastsnap.qemu import process
+from pytest_fastsnap.qemu.machine import QemuMachine, QMPCommandError
+from pytest_fastsnap.qemu.migration import file_uri, set_capabilities
+from pytest_fastsnap.workdirs import SUN_PATH_MAX
+
+STRATEGIES = ("qemu-precopy", "qemu-fast", "loader-bridge")
+
+
+class RestoreFailed(Exception):
+    """A restore did not produce a running, fully loaded guest."""
+
+
+class RestoreUnsupported(RestoreFailed):
+    """This QEMU (or host) cannot do the strategy; ``reason`` is QEMU's text."""
+
+    def __init__(self, strategy: str, reason: str) -> None:
+        self.strategy = strategy
+        self.reason = reason
+        super().__init__(f"{strategy} not supported here: {reason}")
+
+
+class DestinationFactory(Protocol):
+    """Launch a QEMU with *device_args* plus ``-incoming defer`` (and ``-S``
+    when *paused*); return it running its QMP loop."""
+
+    def __call__(self, device_args: Sequence[str], *, paused: bool) -> QemuMachine: ...
+
+
+def machine_factory(binary: str | Path, workdir: Path, *, name: str = "dst",
+                    qmp_timeout: float = 60.0) -> DestinationFactory:
+    """A :class:`DestinationFactory` outside pytest (CLI, benchmarks)."""
+    def make(device_args: Sequence[str], *, paused: bool) -> QemuMachine:
+        vm = QemuMachine(binary, workdir, name=name, machine="none", incoming="defer",
+                         paused=paused, qmp_timeout=qmp_timeout)
+        vm.device_args = list(device_args)  # verbatim: the guest definition
+        return vm.launch()
+    return make
+
+
+def _as_factory(vm_factory: Any) -> DestinationFactory:
+    """Accept the ``vm_factory`` fixture (has ``destination``) or a plain callable."""
+    if hasattr(vm_factory, "destination"):
+        def make(device_args: Sequence[str], *, paused: bool) -> QemuMachine:
+            vm: QemuMachine = vm_factory.destination(
+                SimpleNamespace(device_args=tuple(device_args)), paused=paused)
+            return vm
+        return make
+    factory: DestinationFactory = vm_factory
+    return factory
+
+
+def loader_binary() -> Path:
+    """The native loader: ``$FASTSNAP_LOADER`` if set, else the cached build."""
+    override = os.environ.get("FASTSNAP_LOADER")
+    if override:
+        return Path(override)
+    from pytest_fastsnap.native.loader import loader_path
+
+    return loader_path()
+
+
+def _event_time(event: dict[str, Any]) -> float:
+    ts = event.get("timestamp", {})
+    return float(ts.get("seconds", 0)) + float(ts.get("microseconds", 0)) / 1e6
+
+
+@dataclass
+class RestoredGuest:
+    """A destination QEMU brought back from a snapshot (maybe still loading)."""
+
+    strategy: str
+    vm: QemuMachine
+    t0_wall: float                      # time.time() just before migrate-incoming
+    event_mark: int
+    paused: bool
+    launch_seconds: float               # QEMU start-up, before t0
+    time_to_running: float | None = None
+    time_to_loaded: float | None = None
+    loader: subprocess.Popen[bytes] | None = None
+    loader_spawned_at: float = 0.0      # s after t0
+    loader_stats: dict[str, Any] = field(default_factory=dict)
+    loader_stderr: str = ""
+    sock_dir: Path | None = None
+    out_dir: Path | None = None
+
+    # -- waiting ----------------------------------------------------------------
+
+    def _event(self, name: str, status: set[str] | None = None) -> dict[str, Any] | None:
+        for ev in self.vm.qmp_connection.events_since(self.event_mark):
+            if ev.get("event") != name:
+                continue
+            if status is None or ev.get("data", {}).get("status") in status:
+                return ev
+        return None
+
+    def _failure(self, what: str) -> RestoreFailed:
+        parts = [f"{self.strategy}: {what}"]
+        if self.loader is not None:
+            rc = self.loader.poll()
+            if rc is not None:
+                parts.append(f"loader exit code {rc}: {self._loader_stderr().strip()}")
+        if self.vm.is_running():
+            with contextlib.suppress(Exception):
+                info = self.vm.qmp("query-migrate", timeout=5)
+                parts.append(f"destination migration status {info.get('status')!r}"
+                             + (f": {info['error-desc']}" if info.get("error-desc") else ""))
+        else:
+            parts.append(f"destination exited ({self.vm.exitcode})")
+        parts.append("destination log tail:\n" + self.vm.log_tail(15))
+        return RestoreFailed("; ".join(parts))
+
+    def _loader_stderr(self) -> str:
+        if self.out_dir is not None:
+            with contextlib.suppress(OSError):
+                self.loader_stderr = (self.out_dir / "loader.err").read_text(errors="replace")
+        return self.loader_stderr
+
+    def _wait_for(self, ready: Callable[[], dict[str, Any] | None], what: str,
+                  timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            ev = ready()
+            if ev is not None:
+                return ev
+            failed = self._event("MIGRATION", {"failed", "cancelled"})
+            if failed is not None:
+                raise self._failure(f"migration {failed['data']['status']} while waiting "
+                                    f"for {what}")
+            if not self.vm.is_running():
+                raise self._failure(f"destination died while waiting for {what}")
+            if self.loader is not None and self.loader.poll() not in (None, 0):
+                raise self._failure(f"loader failed while waiting for {what}")
+            if time.monotonic() > deadline:
+                raise self._failure(f"no {what} within {timeout:.0f}s")
+            time.sleep(0.002)
+
+    def wait_running(self, timeout: float = 60.0) -> float:
+        """Wait until the guest runs (or, restored paused, could be continued);
+        return seconds after t0.  A snapshot saved stopped comes back paused
+        from a QEMU load, so those strategies `cont` it; the bridge's RUN
+        starts it by itself (unless the destination has ``-S``)."""
+        if self.strategy == "qemu-precopy":
+            ev = self._wait_for(lambda: self._event("MIGRATION", {"completed"}),
+                                "load completion", timeout)
+            self.time_to_loaded = max(0.0, _event_time(ev) - self.t0_wall)
+        elif self.strategy == "qemu-fast" or self.paused:
+            ev = self._wait_for(
+                lambda: self._event("MIGRATION", {"postcopy-active", "completed"}),
+                "postcopy-active", timeout)
+        if not self.paused:
+            if self.strategy != "loader-bridge" and self._event("RESUME") is None:
+                with contextlib.suppress(QMPCommandError):
+                    if self.vm.status() != "running":
+                        self.vm.qmp("cont")
+            ev = self._wait_for(lambda: self._event("RESUME"), "the guest running", timeout)
+        self.time_to_running = max(0.0, _event_time(ev) - self.t0_wall)
+        return self.time_to_running
+
+    def wait_loaded(self, timeout: float = 300.0) -> float:
+        """Wait until every page is loaded; seconds after t0.  For the bridge,
+        also wait for the loader and keep its statistics in ``loader_stats``."""
+        if self.time_to_loaded is not None and self.loader is None:
+            return self.time_to_loaded
+        if self.loader is not None:
+            try:
+                rc = self.loader.wait(timeout)
+            except subprocess.TimeoutExpired:
+                raise self._failure(f"loader still serving after {timeout:.0f}s") from None
+            process.forget(self.loader)
+            self._read_loader_stats()
+            if rc != 0:
+                raise self._failure(f"loader exited with {rc}")
+        ev = self._wait_for(lambda: self._event("MIGRATION", {"completed"}),
+                            "migration completed", timeout)
+        self.time_to_loaded = max(0.0, _event_time(ev) - self.t0_wall)
+        return self.time_to_loaded
+
+    def _read_loader_stats(self) -> None:
+        if self.out_dir is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            self.loader_stats = json.loads((self.out_dir / "loader.json").read_text())
+        self._loader_stderr()
+
+    @property
+    def loader_all_sent(self) -> float | None:
+        """Seconds after t0 when the loader had put the last page on the wire."""
+        t = self.loader_stats.get("time_to_all_sent_s")
+        return None if not t else self.loader_spawned_at + float(t)
+
+    def summary(self) -> dict[str, Any]:
+        return {"strategy": self.strategy, "launch_s": self.launch_seconds,
+                "time_to_running_s": self.time_to_running,
+                "time_to_loaded_s": self.time_to_loaded,
+                "loader_spawned_at_s": self.loader_spawned_at if self.loader else None,
+                "loader": self.loader_stats or None}
+
+    # -- cleanup ----------------------------------------------------------------
+
+    def kill_loader(self) -> int | None:
+        if self.loader is None:
+            return None
+        rc = process.kill(self.loader)
+        self._read_loader_stats()
+        return rc
+
+    def close(self, kill: bool = False) -> None:
+        """Stop the loader and QEMU and remove the socket directory.  A
+        destination left in postcopy (paused or still loading) ignores
+        ``quit``, so it is SIGKILLed."""
+        self.kill_loader()
+        in_postcopy = False
+        if not kill and self.vm.is_running():
+            with contextlib.suppress(Exception):
+                status = self.vm.qmp("query-migrate", timeout=3).get("status", "")
+                in_postcopy = status.startswith("postcopy")
+        if kill or in_postcopy:
+            self.vm.kill()
+        else:
+            self.vm.shutdown()
+        if self.sock_dir is not None:
+            shutil.rmtree(self.sock_dir, ignore_errors=True)
+            self.sock_dir = None
+
+    def __enter__(self) -> RestoredGuest:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _socket_dir() -> tuple[Path, Path]:
+    """A short private directory under /tmp for the migration socket."""
+    sock_dir = Path(tempfile.mkdtemp(prefix="fsb-", dir="/tmp"))
+    sock = sock_dir / "m.sock"
+    if len(os.fsencode(sock)) > SUN_PATH_MAX:  # pragma: no cover - /tmp is short
+        raise RestoreFailed(f"socket path {sock} over the {SUN_PATH_MAX}-byte limit")
+    return sock_dir, sock
+
+
+def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str],
+            vm_factory: Any, offset: int = 0, *, paused: bool = False,
+            wait: bool = True, timeout: float = 120.0,
+            loader_args: Sequence[str] = ()) -> RestoredGuest:
+    """Restore *snapshot_path* with *strategy* into a new destination QEMU.
+
+    *vm_factory* is the ``vm_factory`` fixture or a :class:`DestinationFactory`.
+    With *wait* (default) returns once the guest runs (see
+    :meth:`RestoredGuest.wait_running`); the bridge's loader keeps serving
+    and :meth:`RestoredGuest.wait_loaded` waits for it.  On any failure the
+    destination and loader are killed before the exception propagates.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown restore strategy {strategy!r}; one of {STRATEGIES}")
+    path = Path(snapshot_path).resolve()
+    t_launch = time.monotonic()
+    vm = _as_factory(vm_factory)(device_args, paused=paused)
+    guest = RestoredGuest(strategy=strategy, vm=vm, t0_wall=0.0, event_mark=0, paused=paused,
+                          launch_seconds=time.monotonic() - t_launch)
+    try:
+        _start(guest, path, offset, loader_args)
+        if wait:
+            guest.wait_running(timeout)
+    except BaseException:
+        guest.close(kill=True)
+        raise
+    return guest
+
+
+def _caps(guest: RestoredGuest, caps: dict[str, bool]) -> None:
+    try:
+        set_capabilities(guest.vm, caps)
+    except QMPCommandError as err:
+        raise RestoreUnsupported(guest.strategy, err.desc) from None
+
+
+def _incoming(guest: RestoredGuest, uri: str) -> None:
+    guest.event_mark = guest.vm.qmp_connection.event_mark()
+    guest.t0_wall = time.time()
+    try:
+        guest.vm.qmp("migrate-incoming", uri=uri)
+    except QMPCommandError as err:
+        raise RestoreFailed(f"{guest.strategy}: migrate-incoming {uri}: {err.desc}") from None
+
+
+def _start(guest: RestoredGuest, path: Path, offset: int, loader_args: Sequence[str]) -> None:
+    if guest.strategy == "qemu-precopy":
+        _caps(guest, {"mapped-ram": True, "events": True})
+        _incoming(guest, file_uri(path, offset))
+    elif guest.strategy == "qemu-fast":
+        _caps(guest, {"mapped-ram": True, "postcopy-ram": True, "events": True})
+        _incoming(guest, file_uri(path, offset))
+    else:
+        _caps(guest, {"postcopy-ram": True, "events": True})
+        guest.sock_dir, sock = _socket_dir()
+        guest.out_dir = guest.sock_dir
+        binary = loader_binary()
+        _incoming(guest, f"unix:{sock}")
+        args = [str(binary), "serve", str(path), "--offset", str(offset),
+                "--to", f"unix:{sock}", "--json",
+                "--stats-file", str(guest.out_dir / "loader.json"), *loader_args]
+        with open(guest.out_dir / "loader.out", "wb") as out, \
+                open(guest.out_dir / "loader.err", "wb") as err:
+            guest.loader = process.spawn(args, stdout=out.fileno(), stderr=err.fileno())
+        guest.loader_spawned_at = time.time() - guest.t0_wall
