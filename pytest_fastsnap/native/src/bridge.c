@@ -66,6 +66,7 @@ struct bridge {
     int sock;
     int zero_all;
     double io_timeout, shut_timeout, connect_timeout;
+    double max_bandwidth;       /* eager stream cap, bytes/s; 0 = none */
     struct timespec t_start;
 
     /* Output: only whole sections are built and sent under out_lock. */
@@ -649,6 +650,27 @@ static int send_package(struct bridge *b)
     return 0;
 }
 
+/* Hold the eager stream to --max-bandwidth, serving requests while waiting. */
+static int throttle(struct bridge *b)
+{
+    while (b->max_bandwidth > 0) {
+        double due = b->t_eager0 + (double)b->pages_eager * b->snap.tps / b->max_bandwidth;
+        double wait = due - now_s(b);
+        if (wait <= 0)
+            return 0;
+        if (atomic_load_explicit(&b->q_pending, memory_order_relaxed)) {
+            if (serve_requests(b) < 0)
+                return -1;
+            continue;
+        }
+        if (b->out_len && flush(b) < 0)
+            return -1;
+        struct timespec ts = {0, (long)((wait < 0.002 ? wait : 0.002) * 1e9)};
+        nanosleep(&ts, NULL);
+    }
+    return 0;
+}
+
 static int send_pages(struct bridge *b)
 {
     const struct br_snap *s = &b->snap;
@@ -658,6 +680,8 @@ static int send_pages(struct bridge *b)
         uint64_t p = 0;
         while (p < blk->npages) {
             if (atomic_load_explicit(&b->q_pending, memory_order_relaxed) && serve_requests(b) < 0)
+                return -1;
+            if (throttle(b) < 0)
                 return -1;
             /* Skip whole words with nothing left to send. */
             if ((p & 63) == 0 && p + 64 <= blk->npages) {
@@ -892,7 +916,7 @@ static void usage(FILE *f)
 {
     fputs("usage: fastsnap-loader serve FILE [--offset N] --to unix:PATH|fd:N [--json]\n"
           "       [--stats-file F] [--zero-pages requested|all] [--io-timeout S]\n"
-          "       [--shut-timeout S] [--connect-timeout S]\n", f);
+          "       [--shut-timeout S] [--connect-timeout S] [--max-bandwidth MIB_S]\n", f);
 }
 
 static int run(struct bridge *b)
@@ -938,6 +962,7 @@ int bridge_main(int argc, char **argv)
         {"io-timeout", required_argument, NULL, 'i'},
         {"shut-timeout", required_argument, NULL, 'S'},
         {"connect-timeout", required_argument, NULL, 'c'},
+        {"max-bandwidth", required_argument, NULL, 'b'},
         {"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
     optind = 1;
     int c;
@@ -966,6 +991,7 @@ int bridge_main(int argc, char **argv)
         case 'i': b->io_timeout = strtod(optarg, NULL); break;
         case 'S': b->shut_timeout = strtod(optarg, NULL); break;
         case 'c': b->connect_timeout = strtod(optarg, NULL); break;
+        case 'b': b->max_bandwidth = strtod(optarg, NULL) * (1 << 20); break;
         case 'h': usage(stdout); free(b); return 0;
         default: usage(stderr); free(b); return 2;
         }
