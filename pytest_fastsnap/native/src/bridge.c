@@ -34,6 +34,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -393,18 +394,19 @@ static int section_end_typed(struct bridge *b, uint8_t type)
 
 static int section_end(struct bridge *b) { return section_end_typed(b, 0x02); }
 
-/* One page record; data NULL means a ZERO record. */
-static int emit_page(struct bridge *b, uint32_t bi, uint64_t page, const uint8_t *data)
+/* Header of one page record; returns where its TPS data bytes go (PAGE),
+ * or a non-NULL pointer past the written 00 byte (ZERO); NULL on error. */
+static uint8_t *emit_record(struct bridge *b, uint32_t bi, uint64_t page, int is_data)
 {
     const struct br_block *blk = &b->snap.blocks[bi];
     if (!b->in_section && section_begin(b) < 0)
-        return -1;
+        return NULL;
     int cont = b->last_block == (long)bi;
-    size_t n = 8 + (cont ? 0 : 1u + blk->idlen) + (data ? b->snap.tps : 1);
+    size_t n = 8 + (cont ? 0 : 1u + blk->idlen) + (is_data ? b->snap.tps : 1);
     uint8_t *p = reserve(b, n);
     if (!p)
-        return -1;
-    uint64_t v = page * b->snap.tps | (data ? RAM_PAGE : RAM_ZERO) | (cont ? RAM_CONTINUE : 0);
+        return NULL;
+    uint64_t v = page * b->snap.tps | (is_data ? RAM_PAGE : RAM_ZERO) | (cont ? RAM_CONTINUE : 0);
     put_be64(p, v);
     p += 8;
     if (!cont) {
@@ -412,16 +414,79 @@ static int emit_page(struct bridge *b, uint32_t bi, uint64_t page, const uint8_t
         memcpy(p, blk->id, blk->idlen);
         p += blk->idlen;
     }
-    if (data)
-        memcpy(p, data, b->snap.tps);
-    else
+    if (!is_data)
         *p = 0;
     b->last_block = (long)bi;
     b->section_pages++;
-    if (data)
+    if (is_data)
         b->pages_data++;
     else
         b->pages_zero++;
+    return p;
+}
+
+/* One page record; data NULL means a ZERO record. */
+static int emit_page(struct bridge *b, uint32_t bi, uint64_t page, const uint8_t *data)
+{
+    uint8_t *slot = emit_record(b, bi, page, data != NULL);
+    if (!slot)
+        return -1;
+    if (data)
+        memcpy(slot, data, b->snap.tps);
+    return 0;
+}
+
+static int short_file(struct bridge *b, const struct br_block *blk, uint64_t page, uint64_t off,
+                      size_t done, size_t want)
+{
+    return fail(b, "file-short", "snapshot file is short: block %s page %llu at offset %#llx: "
+                "got %zu of %zu bytes (file truncated while serving?)", blk->id,
+                (unsigned long long)(page + done / b->snap.tps),
+                (unsigned long long)(off + done), done, want);
+}
+
+/* Eager run of n consecutive data pages: headers into the output buffer and
+ * the page data read straight into their slots with one preadv (one copy). */
+static int emit_run(struct bridge *b, uint32_t bi, uint64_t page, uint64_t n)
+{
+    const struct br_block *blk = &b->snap.blocks[bi];
+    size_t need = 5 + (size_t)n * (8 + 256 + b->snap.tps);
+    if (b->out_len + need > OUT_CAP && flush(b) < 0)
+        return -1;
+    struct iovec iov[CHUNK_PAGES];
+    for (uint64_t j = 0; j < n; j++) {
+        uint8_t *slot = emit_record(b, bi, page + j, 1);
+        if (!slot)
+            return -1;
+        iov[j] = (struct iovec){.iov_base = slot, .iov_len = b->snap.tps};
+    }
+    size_t want = (size_t)n * b->snap.tps, done = 0;
+    uint64_t off = blk->pages_offset + page * b->snap.tps;
+    double t = now_s(b);
+    int first = 0;
+    while (done < want) {
+        ssize_t r = preadv(b->snap.fd, iov + first, (int)n - first, (off_t)(off + done));
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            return fail(b, "io-error", "reading block %s page %llu: %s", blk->id,
+                        (unsigned long long)page, strerror(errno));
+        if (r == 0)
+            return short_file(b, blk, page, off, done, want);
+        done += (size_t)r;
+        while (r > 0) {     /* advance over what was read */
+            if ((size_t)r >= iov[first].iov_len) {
+                r -= (ssize_t)iov[first].iov_len;
+                first++;
+            } else {
+                iov[first].iov_base = (uint8_t *)iov[first].iov_base + r;
+                iov[first].iov_len -= (size_t)r;
+                r = 0;
+            }
+        }
+    }
+    b->file_bytes_read += want;
+    b->read_seconds += now_s(b) - t;
     return 0;
 }
 
@@ -439,10 +504,7 @@ static int read_pages(struct bridge *b, const struct br_block *blk, uint64_t pag
                         (unsigned long long)page, (unsigned long long)(off + done),
                         strerror(errno));
         if (r == 0)
-            return fail(b, "file-short", "snapshot file is short: block %s page %llu at "
-                        "offset %#llx: got %zu of %zu bytes (file truncated while serving?)",
-                        blk->id, (unsigned long long)(page + done / b->snap.tps),
-                        (unsigned long long)(off + done), done, want);
+            return short_file(b, blk, page, off, done, want);
         done += (size_t)r;
     }
     b->file_bytes_read += want;
@@ -710,15 +772,12 @@ static int send_pages(struct bridge *b)
                        br_bit_test(blk->file_bitmap, p + k) &&
                        !br_bit_sent(blk->sent, p + k))
                     k++;
-                if (read_pages(b, blk, p, k) < 0)
+                /* Only this thread claims pages, so the run is still unsent. */
+                for (uint64_t j = 0; j < k; j++)
+                    br_bit_claim(blk->sent, p + j);
+                if (emit_run(b, bi, p, k) < 0)
                     return -1;
-                for (uint64_t j = 0; j < k; j++) {
-                    if (br_bit_claim(blk->sent, p + j))
-                        continue;
-                    if (emit_page(b, bi, p + j, b->stage + j * s->tps) < 0)
-                        return -1;
-                    b->pages_eager++;
-                }
+                b->pages_eager += k;
                 p += k;
             }
             if (b->in_section && b->section_pages >= SECTION_PAGES && section_end(b) < 0)
