@@ -1023,6 +1023,12 @@ int bridge_main(int argc, char **argv)
         {"connect-timeout", required_argument, NULL, 'c'},
         {"max-bandwidth", required_argument, NULL, 'b'},
         {"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
+    /* Called as bridge_main(argc - 1, argv + 1) ("serve" in argv[0]); also
+     * accept the whole command line ("fastsnap-loader serve ..."). */
+    if (argc > 1 && strcmp(argv[1], "serve") == 0 && strcmp(argv[0], "serve") != 0) {
+        argc--;
+        argv++;
+    }
     optind = 1;
     int c;
     char *end;

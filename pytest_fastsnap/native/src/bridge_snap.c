@@ -161,26 +161,31 @@ static const uint8_t ram_tail[12] = {3, 'r', 'a', 'm', 0, 0, 0, 0, 0, 0, 0, 4};
 
 static int find_ram_start(struct br_snap *s, uint64_t pos, uint64_t *start)
 {
+    /* Usually right here; early_setup sections (virtio-mem) are small, so
+     * look in a 64 KiB window first and only then up to EARLY_SEARCH_MAX. */
     uint64_t avail = s->file_size - pos;
-    size_t n = avail < EARLY_SEARCH_MAX ? (size_t)avail : EARLY_SEARCH_MAX;
-    uint8_t *buf = malloc(n ? n : 1);
-    if (!buf)
-        return fail(s, "oom", "out of memory");
-    if (rd(s, pos, buf, n, "early sections") < 0) {
-        free(buf);
-        return -1;
-    }
-    for (size_t i = 0; i + 17 <= n; i++) {
-        if (buf[i] == 0x01 && memcmp(buf + i + 5, ram_tail, sizeof ram_tail) == 0) {
-            *start = pos + i;
-            s->ram_sid = be32(buf + i + 1);
+    for (size_t window = 64u << 10;; window = EARLY_SEARCH_MAX) {
+        size_t n = avail < window ? (size_t)avail : window;
+        uint8_t *buf = malloc(n ? n : 1);
+        if (!buf)
+            return fail(s, "oom", "out of memory");
+        if (rd(s, pos, buf, n, "early sections") < 0) {
             free(buf);
-            return 0;
+            return -1;
         }
+        for (size_t i = 0; i + 17 <= n; i++) {
+            if (buf[i] == 0x01 && memcmp(buf + i + 5, ram_tail, sizeof ram_tail) == 0) {
+                *start = pos + i;
+                s->ram_sid = be32(buf + i + 1);
+                free(buf);
+                return 0;
+            }
+        }
+        free(buf);
+        if (n < window || window == EARLY_SEARCH_MAX)
+            return fail(s, "no-ram-section", "no `ram` START section (version 4) within %zu "
+                        "bytes of the configuration", n);
     }
-    free(buf);
-    return fail(s, "no-ram-section", "no `ram` START section (version 4) within %zu bytes "
-                "of the configuration", n);
 }
 
 static int parse_ram(struct br_snap *s, uint64_t *pos)
