@@ -253,3 +253,34 @@ def test_invalid_snapshot_refused(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr
     assert json.loads(proc.stdout)["error_name"] == "bad-machine-name"
     assert "fastsnap-loader serve:" in proc.stderr
+
+
+def test_idle_guest_zero_pages_on_request(vm_factory: VmFactory,
+                                          snapshot_factory: SnapshotFactory,
+                                          guests: list[RestoredGuest]) -> None:
+    """A mostly-zero guest: the eager stream is over in a few ms, long before
+    the destination has loaded the device state.  EOF must wait for that
+    (PONG of the PING before RUN), or a device faulting on a zero page after
+    EOF deadlocks the destination.  Regression: this hung until SHUT timeout."""
+    src = vm_factory(name="src", mem="1G")
+    src.wait_status("running")
+    snap = snapshot_factory(src)
+    want = digests(src, [(0, 2 * MiB)])
+    src.shutdown()
+    for paused in (False, True, False, True):
+        g = bridge_snap(snap, vm_factory, guests, paused=paused,
+                        loader_args=("--shut-timeout", "5"))
+        g.wait_loaded(timeout=20)
+        assert g.loader_stats["pages_zero"] <= g.loader_stats["pages_on_request"]
+        assert g.loader_stats["time_device_state_loaded_s"] <= g.loader_stats["time_to_all_sent_s"]
+        if paused:  # a running guest's BIOS timer tick moves on
+            assert digests(g.vm, [(0, 2 * MiB)]) == want
+        g.close(kill=True)
+
+
+def bridge_snap(snap: SavedSnapshot, vm_factory: VmFactory, guests: list[RestoredGuest], *,
+                paused: bool = False, loader_args: tuple[str, ...] = ()) -> RestoredGuest:
+    g = restore("loader-bridge", snap.path, snap.device_args, vm_factory, offset=snap.offset,
+                paused=paused, loader_args=loader_args)
+    guests.append(g)
+    return g

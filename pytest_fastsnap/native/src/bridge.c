@@ -7,8 +7,9 @@
  *   `ram` START block list (no MappedRamHeaders), one single-page
  *   POSTCOPY_RAM_DISCARD (required on 10.0, else the destination takes the
  *   precopy path after LISTEN and deadlocks), PACKAGED {LISTEN, device
- *   state verbatim, RUN}, then PART `ram` sections: requested pages first,
- *   the rest eagerly, each page exactly once; END, EOF; wait for SHUT.
+ *   state verbatim, PING 3, RUN}, then PART `ram` sections: requested pages
+ *   first, the rest eagerly, each page exactly once; then, once PONG 3 says
+ *   the device state is loaded, END and EOF; wait for SHUT.
  *
  * Threads: the main thread is the only writer of the socket; a return-path
  * reader thread parses destination messages and queues page requests.  The
@@ -50,6 +51,10 @@ enum { RAM_ZERO = 0x02, RAM_MEM_SIZE = 0x04, RAM_PAGE = 0x08, RAM_EOS = 0x10,
        RAM_CONTINUE = 0x20 };
 enum { CMD_OPEN_RP = 1, CMD_PING = 2, CMD_ADVISE = 3, CMD_LISTEN = 4, CMD_RUN = 5,
        CMD_DISCARD = 6, CMD_PACKAGED = 7 };
+/* PING value placed in the package just before RUN: its PONG means the
+ * destination's main thread has loaded all device state. */
+#define PING_PACKAGE_LOADED 3u
+
 enum { RP_SHUT = 1, RP_PONG = 2, RP_REQ_PAGES_ID = 3, RP_REQ_PAGES = 4 };
 
 struct rp_req {
@@ -92,9 +97,11 @@ struct bridge {
     int shut_received;
     char rp_err[256];
     uint32_t pongs;
+    int package_loaded;         /* PONG for the PING just before RUN arrived */
     uint64_t rp_bad_requests;
 
     /* Statistics. */
+    double t_package_loaded;
     double t_connected, t_run_sent, t_first_request, t_all_sent, t_shut, t_eager0, t_eager1;
     uint64_t bytes_sent, file_bytes_read;
     double send_seconds, read_seconds;  /* time blocked in send() / pread() */
@@ -210,6 +217,7 @@ static void rp_queue(struct bridge *b, uint32_t block, uint64_t start, uint32_t 
     b->requests++;
     if (b->t_first_request == 0)
         b->t_first_request = now_s(b);
+    pthread_cond_broadcast(&b->rp_cond);
     pthread_mutex_unlock(&b->rp_lock);
     atomic_fetch_add_explicit(&b->q_pending, 1, memory_order_release);
 }
@@ -253,6 +261,11 @@ static void *rp_main(void *arg)
         case RP_PONG:
             pthread_mutex_lock(&b->rp_lock);
             b->pongs++;
+            if (len == 4 && get_be32(payload) == PING_PACKAGE_LOADED) {
+                b->package_loaded = 1;
+                b->t_package_loaded = now_s(b);
+            }
+            pthread_cond_broadcast(&b->rp_cond);
             pthread_mutex_unlock(&b->rp_lock);
             break;
         case RP_REQ_PAGES_ID:
@@ -680,7 +693,7 @@ static int send_setup(struct bridge *b)
 static int send_package(struct bridge *b)
 {
     const struct br_snap *s = &b->snap;
-    uint64_t n = s->dev_len + 10;
+    uint64_t n = s->dev_len + 10 + 9;   /* LISTEN, RUN; PING */
     if (n > UINT32_MAX)
         return fail(b, "device-state-too-large", "device state of %llu bytes",
                     (unsigned long long)s->dev_len);
@@ -706,7 +719,8 @@ static int send_package(struct bridge *b)
         }
         done += want;
     }
-    if (emit_cmd(b, CMD_RUN, NULL, 0) < 0 || flush(b) < 0)
+    put_be32(p, PING_PACKAGE_LOADED);
+    if (emit_cmd(b, CMD_PING, p, 4) < 0 || emit_cmd(b, CMD_RUN, NULL, 0) < 0 || flush(b) < 0)
         return -1;
     b->t_run_sent = now_s(b);
     return 0;
@@ -796,10 +810,49 @@ static int send_pages(struct bridge *b)
     return 0;
 }
 
+static void deadline_in(struct timespec *dl, double seconds)
+{
+    clock_gettime(CLOCK_REALTIME, dl);
+    double whole = floor(seconds);
+    dl->tv_sec += (time_t)whole;
+    dl->tv_nsec += (long)((seconds - whole) * 1e9);
+    if (dl->tv_nsec >= 1000000000L) {
+        dl->tv_sec++;
+        dl->tv_nsec -= 1000000000L;
+    }
+}
+
+/* EOF must not overtake the device-state load: after EOF the destination's
+ * listen thread stops reading pages and waits for the main thread, so a
+ * device that faults on a page not yet sent (a clear-bit page, with
+ * --zero-pages requested) would deadlock it.  Serve requests until the
+ * PONG of the PING placed just before RUN says the package is loaded. */
+static int wait_package_loaded(struct bridge *b)
+{
+    struct timespec dl;
+    deadline_in(&dl, b->io_timeout);
+    for (;;) {
+        if (serve_requests(b) < 0)
+            return -1;
+        pthread_mutex_lock(&b->rp_lock);
+        int rc = 0;
+        while (!b->package_loaded && atomic_load(&b->rp_state) == 0 && b->q_len == 0 && rc == 0)
+            rc = pthread_cond_timedwait(&b->rp_cond, &b->rp_lock, &dl);
+        int loaded = b->package_loaded, queued = b->q_len != 0;
+        pthread_mutex_unlock(&b->rp_lock);
+        if (loaded)
+            return serve_requests(b);
+        if (check_rp(b) < 0)
+            return -1;
+        if (rc != 0 && !queued)
+            return fail(b, "device-load-timeout", "destination did not finish loading the "
+                        "device state within %.0f s", b->io_timeout);
+    }
+}
+
 static int send_end(struct bridge *b)
 {
-    /* Requests that raced the end of the eager stream (clear-bit pages). */
-    if (serve_requests(b) < 0)
+    if (wait_package_loaded(b) < 0)
         return -1;
     if (b->in_section && section_end(b) < 0)
         return -1;
@@ -820,14 +873,7 @@ static int send_end(struct bridge *b)
 static int wait_shut(struct bridge *b)
 {
     struct timespec dl;
-    clock_gettime(CLOCK_REALTIME, &dl);
-    double whole = floor(b->shut_timeout);
-    dl.tv_sec += (time_t)whole;
-    dl.tv_nsec += (long)((b->shut_timeout - whole) * 1e9);
-    if (dl.tv_nsec >= 1000000000L) {
-        dl.tv_sec++;
-        dl.tv_nsec -= 1000000000L;
-    }
+    deadline_in(&dl, b->shut_timeout);
     pthread_mutex_lock(&b->rp_lock);
     int rc = 0;
     while (atomic_load(&b->rp_state) == 0 && rc == 0)
@@ -942,14 +988,16 @@ static void write_stats(struct bridge *b, FILE *f, int rc)
     else
         fputs("null", f);
     fprintf(f, ", \"time_connected_s\": %.6f, \"time_to_run_sent_s\": %.6f, "
-            "\"time_first_request_s\": %.6f, \"time_to_all_sent_s\": %.6f, "
+            "\"time_first_request_s\": %.6f, \"time_device_state_loaded_s\": %.6f, "
+            "\"time_to_all_sent_s\": %.6f, "
             "\"time_to_shut_s\": %.6f, \"eager_seconds\": %.6f, "
             "\"eager_throughput_mib_s\": %.1f, \"bytes_sent\": %llu, \"file_bytes_read\": %llu, "
             "\"pages_data\": %llu, \"pages_zero\": %llu, \"pages_on_request\": %llu, "
             "\"pages_eager\": %llu, \"requests\": %llu, \"requests_served\": %llu, "
             "\"requests_duplicate\": %llu, \"requests_invalid\": %llu, \"pongs\": %u, "
             "\"send_blocked_s\": %.6f, \"read_s\": %.6f, ",
-            b->t_connected, b->t_run_sent, b->t_first_request, b->t_all_sent, b->t_shut,
+            b->t_connected, b->t_run_sent, b->t_first_request, b->t_package_loaded,
+            b->t_all_sent, b->t_shut,
             eager_s, eager_s > 0 ? eager_bytes / eager_s / (1 << 20) : 0.0,
             (unsigned long long)b->bytes_sent, (unsigned long long)b->file_bytes_read,
             (unsigned long long)b->pages_data, (unsigned long long)b->pages_zero,
