@@ -133,3 +133,25 @@ def test_cpio_newc_lists_with_gnu_cpio(tmp_path: Path) -> None:
                              capture_output=True, check=True).stdout.decode()
     assert "bin/x" in listing and "dev/console" in listing
     assert listing.splitlines()[-1].startswith("crw-------")
+
+
+def test_one_torn_page_at_the_edge_is_accepted() -> None:
+    params = TinyParams(seed=8, size=256 * PAGE_SIZE, mode="dirty", dirty_stride=4)
+    dirty = [p for p in range(params.first_pfn, params.first_pfn + params.pages)
+             if page_is_dirty(params, p)]
+    gens = {p: 3 if i < 4 else 2 for i, p in enumerate(dirty)}
+    data = bytearray(_dirty_image(params, gens))
+
+    def tear(pfn: int) -> None:
+        # the guest got half-way through writing generation 3 (header still 2)
+        new = page_content(params, pfn, 3)
+        offset = (pfn - params.first_pfn) * PAGE_SIZE
+        data[offset + 16:offset + 2048] = new[16:2048]
+
+    tear(dirty[4])
+    assert check_range(params, bytes(data), params.start) is None
+    bad = check_range(params, bytes(data), params.start, allow_torn=False)
+    assert bad is not None and (bad.pfn, bad.why) == (dirty[4], "content")
+    tear(dirty[6])      # a second torn page, away from the edge
+    bad = check_range(params, bytes(data), params.start)
+    assert bad is not None and (bad.pfn, bad.why) == (dirty[6], "content")

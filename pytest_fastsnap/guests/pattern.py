@@ -147,18 +147,26 @@ class BadPage:
                 + (f"; {self.detail}" if self.detail else ""))
 
 
-def check_range(params: PatternParams, data: bytes, start: int) -> BadPage | None:
+def check_range(params: PatternParams, data: bytes, start: int,
+                allow_torn: bool = True) -> BadPage | None:
     """Verify guest memory *data* read from guest-physical *start*.
 
     Every zero page must be zero; every other page must equal the pattern at
     the generation stored in it; pages outside the dirty set must be at
     generation 0; the dirty set must show the one-edge shape p..p, p-1..p-1.
-    Returns the first bad page or None.
+
+    A dirty guest stopped (or saved live) in the middle of rewriting a page
+    leaves that one page *torn*: the guest writes the header word last, so it
+    still says p-1 while each other word holds generation p-1 or p.  With
+    *allow_torn* exactly one such page is accepted, and only where the guest
+    can be writing: at the edge (the first page after the p run, or the first
+    dirty page).  Returns the first bad page or None.
     """
     _check_aligned(start, len(data))
     first = start // PAGE_SIZE
     top: int | None = None      # generation of the first dirty page
     edge_seen = False
+    torn_seen = False
     view = memoryview(data)
     for index in range(len(data) // PAGE_SIZE):
         pfn = first + index
@@ -169,9 +177,14 @@ def check_range(params: PatternParams, data: bytes, start: int) -> BadPage | Non
             continue
         gen = page_generation(page)
         want_page = _pattern_page(params.seed, pfn, gen)
+        dirty = page_is_dirty(params, pfn)
         if page != want_page:
-            return BadPage(pfn, "content", gen, _first_diff(page, want_page))
-        if not page_is_dirty(params, pfn):
+            at_edge = top is None or (not edge_seen and gen == top - 1)
+            if not (dirty and allow_torn and not torn_seen and at_edge
+                    and _is_torn(page, want_page, _pattern_page(params.seed, pfn, gen + 1))):
+                return BadPage(pfn, "content", gen, _first_diff(page, want_page))
+            torn_seen = True
+        if not dirty:
             if gen != 0:
                 return BadPage(pfn, "gen", gen, "not in the dirty set, so generation 0")
             continue
@@ -185,6 +198,12 @@ def check_range(params: PatternParams, data: bytes, start: int) -> BadPage | Non
             return BadPage(pfn, "gen", gen,
                            f"dirty set must read {top}..{top} then {top - 1}..{top - 1}")
     return None
+
+
+def _is_torn(page: bytes | memoryview, old: bytes, new: bytes) -> bool:
+    """Every word after the header is either the old or the new generation's."""
+    got = bytes(page)
+    return all(got[i:i + 8] in (old[i:i + 8], new[i:i + 8]) for i in range(8, PAGE_SIZE, 8))
 
 
 def dirty_generations(params: PatternParams, data: bytes, start: int) -> dict[int, int]:
