@@ -21,6 +21,7 @@ from pytest_fastsnap.qemu.migration import SavedSnapshot
 from pytest_fastsnap.restore import RestoredGuest, RestoreFailed, restore
 from pytest_fastsnap.restore.fill import fill_guest_ram
 from pytest_fastsnap.restore.strategies import loader_binary
+from pytest_fastsnap.snapshot.format import parse
 
 MiB = 1 << 20
 CHUNK = 16 * MiB
@@ -184,12 +185,8 @@ def digests_from(fs: FilledSnapshot, rng: tuple[int, int]) -> dict[str, str]:
 
 
 def _block_info(path: Path, block: str) -> int:
-    """pages_offset of *block* (through the loader's own parser would be
-    nicer; the bridge reports it only in errors, so parse minimally here)."""
-    data = path.read_bytes()[:1 << 20]
-    i = data.index(bytes([len(block)]) + block.encode())
-    hdr = data[i + 1 + len(block):]
-    return int.from_bytes(hdr[8 + 4 + 8 + 8:8 + 4 + 8 + 8 + 8], "big")
+    """pages_offset of *block*, from the Python reader."""
+    return parse(path).block(block).pages_range.start
 
 
 def test_loader_killed_mid_restore(vm_factory: VmFactory, snapshot_factory: SnapshotFactory,
@@ -284,3 +281,33 @@ def bridge_snap(snap: SavedSnapshot, vm_factory: VmFactory, guests: list[Restore
                 paused=paused, loader_args=loader_args)
     guests.append(g)
     return g
+
+
+@pytest.mark.parametrize("offset", [0, 0x10000])
+def test_describe_matches_python_reader(vm_factory: VmFactory,
+                                        snapshot_factory: SnapshotFactory, offset: int) -> None:
+    """The bridge's own framing parse and the Python reader agree on every
+    range the bridge serves: device state, early setup, blocks, bitmaps."""
+    src = vm_factory(name="src", mem="64M")
+    src.wait_status("running")
+    snap = snapshot_factory(src, offset=offset)
+    src.shutdown()
+    proc = subprocess.run([str(loader_binary()), "serve", str(snap.path), "--offset",
+                           str(offset), "--describe"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    ref = parse(snap.path, offset)
+    assert ref.ok, ref.problems
+    assert ref.device_state is not None and ref.early_setup is not None
+    assert got["machine"] == ref.machine
+    assert got["ram_section_id"] == ref.ram_section_id
+    assert got["device_state"] == [ref.device_state.start, ref.device_state.end]
+    assert got["eof_offset"] == ref.eof_offset
+    assert got["early_setup"] == [ref.early_setup.start, ref.early_setup.end]
+    assert [b["id"] for b in got["blocks"]] == [b.name for b in ref.blocks]
+    for mine, theirs in zip(got["blocks"], ref.blocks, strict=True):
+        assert mine["length"] == theirs.used_length.value
+        assert mine["pages_offset"] == theirs.pages_range.start
+        assert mine["bitmap_offset"] == theirs.bitmap_range.start
+        bits = int.from_bytes(theirs.read_bitmap(snap.path), "little")
+        assert mine["pages_set"] == (bits & ((1 << theirs.num_pages) - 1)).bit_count()

@@ -42,6 +42,7 @@ from pytest_fastsnap.restore.strategies import (
     machine_factory,
     restore,
 )
+from pytest_fastsnap.snapshot.format import parse
 
 MiB = 1 << 20
 DEFAULT_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
@@ -54,12 +55,9 @@ def parse_size(text: str) -> int:
 
 
 def _pc_ram_region(path: Path) -> tuple[int, int]:
-    """(pages_offset, used_length) of pc.ram, read from the RAM START header."""
-    head = path.open("rb").read(1 << 20)
-    i = head.index(b"\x06pc.ram") + 7
-    length = int.from_bytes(head[i:i + 8], "big")
-    pages_offset = int.from_bytes(head[i + 8 + 4 + 8 + 8:i + 8 + 4 + 8 + 8 + 8], "big")
-    return pages_offset, length
+    """(pages_offset, used_length) of pc.ram, from the Python reader."""
+    pages = parse(path).block("pc.ram").pages_range
+    return pages.start, pages.size
 
 
 def sequential_read_mib_s(path: Path, offset: int, length: int, chunk: int = MiB) -> float:

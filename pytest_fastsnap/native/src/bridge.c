@@ -71,6 +71,7 @@ struct bridge {
     const char *to;
     int sock;
     int zero_all;
+    int describe_only;
     double io_timeout, shut_timeout, connect_timeout;
     double max_bandwidth;       /* eager stream cap, bytes/s; 0 = none */
     struct timespec t_start;
@@ -1023,7 +1024,33 @@ static void usage(FILE *f)
 {
     fputs("usage: fastsnap-loader serve FILE [--offset N] --to unix:PATH|fd:N [--json]\n"
           "       [--stats-file F] [--zero-pages requested|all] [--io-timeout S]\n"
-          "       [--shut-timeout S] [--connect-timeout S] [--max-bandwidth MIB_S]\n", f);
+          "       [--shut-timeout S] [--connect-timeout S] [--max-bandwidth MIB_S]\n"
+          "   or: fastsnap-loader serve FILE [--offset N] --describe\n", f);
+}
+
+/* --describe: what the bridge would serve, for cross-checks against the
+ * Python reader (byte ranges are absolute file offsets). */
+static void describe(const struct br_snap *s, FILE *f)
+{
+    fputs("{\"machine\": ", f);
+    json_str(f, s->machine);
+    fprintf(f, ", \"target_page_size\": %u, \"ram_section_id\": %u, \"ram_total\": %llu, "
+            "\"early_setup\": [%llu, %llu], \"device_state\": [%llu, %llu], "
+            "\"eof_offset\": %llu, \"vmdesc\": %s, \"blocks\": [", s->tps, s->ram_sid,
+            (unsigned long long)s->ram_total, (unsigned long long)s->early_off,
+            (unsigned long long)(s->early_off + s->early_len), (unsigned long long)s->dev_off,
+            (unsigned long long)(s->dev_off + s->dev_len),
+            (unsigned long long)(s->dev_off + s->dev_len), s->has_vmdesc ? "true" : "false");
+    for (size_t i = 0; i < s->nblocks; i++) {
+        const struct br_block *blk = &s->blocks[i];
+        fprintf(f, "%s{\"id\": ", i ? ", " : "");
+        json_str(f, blk->id);
+        fprintf(f, ", \"length\": %llu, \"bitmap_offset\": %llu, \"pages_offset\": %llu, "
+                "\"pages_set\": %llu}", (unsigned long long)blk->length,
+                (unsigned long long)blk->bitmap_offset, (unsigned long long)blk->pages_offset,
+                (unsigned long long)blk->set_pages);
+    }
+    fputs("]}\n", f);
 }
 
 static int run(struct bridge *b)
@@ -1031,6 +1058,10 @@ static int run(struct bridge *b)
     if (br_snap_open(&b->snap, b->path, b->offset) < 0) {
         fail(b, b->snap.err_name, "%s: %s", b->path, b->snap.err);
         return 2;
+    }
+    if (b->describe_only) {
+        describe(&b->snap, stdout);
+        return 0;
     }
     if (connect_to(b) < 0)
         return 1;
@@ -1070,6 +1101,7 @@ int bridge_main(int argc, char **argv)
         {"shut-timeout", required_argument, NULL, 'S'},
         {"connect-timeout", required_argument, NULL, 'c'},
         {"max-bandwidth", required_argument, NULL, 'b'},
+        {"describe", no_argument, NULL, 'd'},
         {"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
     /* Called as bridge_main(argc - 1, argv + 1) ("serve" in argv[0]); also
      * accept the whole command line ("fastsnap-loader serve ..."). */
@@ -1092,6 +1124,7 @@ int bridge_main(int argc, char **argv)
             break;
         case 't': b->to = optarg; break;
         case 'j': json = 1; break;
+        case 'd': b->describe_only = 1; break;
         case 's': stats_file = optarg; break;
         case 'z':
             if (strcmp(optarg, "all") && strcmp(optarg, "requested")) {
@@ -1109,7 +1142,8 @@ int bridge_main(int argc, char **argv)
         default: usage(stderr); free(b); return 2;
         }
     }
-    if (optind != argc - 1 || !b->to || b->io_timeout <= 0 || b->shut_timeout <= 0) {
+    if (optind != argc - 1 || (!b->to && !b->describe_only) || b->io_timeout <= 0 ||
+        b->shut_timeout <= 0) {
         usage(stderr);
         free(b);
         return 2;
@@ -1135,7 +1169,7 @@ int bridge_main(int argc, char **argv)
     if (rc != 0)
         fprintf(stderr, "fastsnap-loader serve: %s: %s\n", b->err_name ? b->err_name : "error",
                 b->err);
-    if (json)
+    if (json && !(b->describe_only && rc == 0))
         write_stats(b, stdout, rc);
     if (stats_file) {
         FILE *f = fopen(stats_file, "w");
@@ -1146,7 +1180,7 @@ int bridge_main(int argc, char **argv)
             fprintf(stderr, "fastsnap-loader serve: %s: %s\n", stats_file, strerror(errno));
         }
     }
-    if (b->sock >= 0 && strncmp(b->to, "fd:", 3) != 0)
+    if (b->sock >= 0 && b->to && strncmp(b->to, "fd:", 3) != 0)
         close(b->sock);
     br_snap_close(&b->snap);
     free(b->out);

@@ -7,6 +7,7 @@
  *                   [--json] [--stats-file F] [--zero-pages requested|all]
  *                   [--io-timeout S] [--shut-timeout S] [--connect-timeout S]
  *                   [--max-bandwidth MIB_S]
+ *   fastsnap-loader serve FILE [--offset N] --describe   (parse only, JSON)
  *
  * --zero-pages: clear-bit (zero) pages are sent only when requested by
  * default: ADVISE discards all guest RAM, so a page never placed reads as
