@@ -16,6 +16,9 @@ import pytest
 
 from pytest_fastsnap import workdirs
 from pytest_fastsnap.config import FastsnapConfig
+from pytest_fastsnap.guests import linux, tiny
+from pytest_fastsnap.guests.linux import LinuxGuest, linux_args, linux_image
+from pytest_fastsnap.guests.tiny import TinyGuest, TinyParams, tiny_args, tiny_kernel
 from pytest_fastsnap.plugin_state import (
     ACCEL_KEY,
     CONFIG_KEY,
@@ -99,11 +102,16 @@ class VmFactory:
 
     def __call__(self, *, name: str = "src", machine: str = "q35", mem: str | None = None,
                  extra_args: Sequence[str] = (), incoming: str | None = None,
-                 paused: bool = False, role: str = "src", launch: bool = True) -> QemuMachine:
-        """A new QEMU; ``role="dst"`` uses the destination binary."""
+                 paused: bool = False, role: str = "src", launch: bool = True,
+                 accel: str | None = None) -> QemuMachine:
+        """A new QEMU; ``role="dst"`` uses the destination binary; ``accel``
+        overrides the session's accelerator for this machine."""
         binary = self.probe_dst.binary if role == "dst" else self.probe.binary
+        if accel == "kvm" and not self.probe.kvm_usable:
+            pytest.skip(f"KVM not usable: {self.probe.kvm_reason}")
         vm = QemuMachine(binary, self.workdir, name=self._name(name), machine=machine,
-                         accel=self.accel, mem=mem or self.config.mem, extra_args=extra_args,
+                         accel=accel or self.accel, mem=mem or self.config.mem,
+                         extra_args=extra_args,
                          incoming=incoming, paused=paused)
         self.machines.append(vm)
         if launch:
@@ -140,6 +148,69 @@ def vm_factory(request: pytest.FixtureRequest, fastsnap_config: FastsnapConfig,
         yield factory
     finally:
         factory.shutdown_all()
+
+
+@dataclass
+class Guest:
+    """A running test guest: its QEMU, and the agent that talks to it."""
+
+    kind: str
+    vm: QemuMachine
+    agent: TinyGuest | LinuxGuest
+    params: TinyParams | None = None
+
+    def self_check(self) -> tuple[bool, int | None]:
+        """The guest's own verdict on its memory: (ok, first bad page)."""
+        if isinstance(self.agent, TinyGuest):
+            return self.agent.self_check()
+        return self.agent.check()
+
+
+class GuestFactory:
+    """Boots the project's test guests (images built once, shared by workers)."""
+
+    def __init__(self, vm_factory: VmFactory) -> None:
+        self.vm_factory = vm_factory
+
+    def __call__(self, kind: str = "tiny", *, mem: str | None = None, mode: str = "static",
+                 seed: int = 1, size: int | None = None, zero_ratio: float = 0.25,
+                 machine: str | None = None, accel: str | None = None,
+                 name: str = "src", ready_timeout: float = 180.0) -> Guest:
+        if kind == "tiny":
+            kwargs: dict[str, Any] = {"seed": seed, "mode": mode, "zero_ratio": zero_ratio}
+            if size is not None:
+                kwargs["size"] = size
+            params = TinyParams(**kwargs)
+            vm = self.vm_factory(name=name, machine=machine or tiny.RECOMMENDED_MACHINE,
+                                 mem=mem or params.min_mem(), accel=accel,
+                                 extra_args=tiny_args(tiny_kernel(), params))
+            agent: TinyGuest | LinuxGuest = TinyGuest(vm, params)
+            agent.wait_ready(ready_timeout)
+            return Guest("tiny", vm, agent, params)
+        if kind == "linux":
+            kernel, initrd = linux_image()
+            mem_mib = int((size or (32 << 20)) >> 20)
+            vm = self.vm_factory(name=name, machine=machine or linux.RECOMMENDED_MACHINE,
+                                 mem=mem or "256M", accel=accel,
+                                 extra_args=linux_args(kernel, initrd, mem_mib=mem_mib,
+                                                       seed=seed))
+            agent = LinuxGuest(vm)
+            agent.wait_ready(ready_timeout)
+            return Guest("linux", vm, agent)
+        raise ValueError(f"unknown guest kind {kind!r}: use 'tiny' or 'linux'")
+
+
+@pytest.fixture
+def guest_factory(vm_factory: VmFactory) -> GuestFactory:
+    """``guest_factory(kind="tiny"|"linux", mem=, mode="static"|"dirty", seed=,
+    size=, machine=, accel=)`` -> a running :class:`Guest`, ready."""
+    return GuestFactory(vm_factory)
+
+
+@pytest.fixture
+def guest(guest_factory: GuestFactory) -> Guest:
+    """The default guest: the tiny pattern guest, static, ready."""
+    return guest_factory("tiny")
 
 
 @dataclass
