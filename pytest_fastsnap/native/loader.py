@@ -9,6 +9,7 @@ name that is renamed into place, so a crash never leaves half a binary.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -99,7 +100,8 @@ def loader_path(variant: str = "release") -> Path:
         cmd = compile_command(variant, cc, Path(tmp))
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if result.returncode != 0:
-            os.unlink(tmp)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
             hint = ""
             if "linux/userfaultfd.h" in result.stderr:
                 hint = " (missing kernel headers: apt-get install linux-libc-dev)"
