@@ -99,7 +99,7 @@ HDR_VERSION = 1
 HEADER_SIZE = 28
 ALIGN = 0x100000
 DEFAULT_PAGE_BITS = 12
-MAX_BLOCKS = 4096
+MAX_BLOCKS = 1024
 MAX_CAPABILITIES = 64
 MAX_MACHINE_NAME = 256
 SEARCH_WINDOW = 16 << 20  # early-setup bytes searched for RAM START
@@ -566,8 +566,13 @@ class _Parser:
             self.out["ram"] = RamStart(**base, blocks=tuple(blocks), eos=None, footer=None)
             summed += blk.used_length.value
             cur = blk.next_offset
+            if cur <= blk.offset:
+                self.fail("BLOCK_LENGTH", f"block {blk.name!r} at {blk.offset:#x} sends the "
+                          f"stream back to {cur:#x}", blk.header.pages_offset.offset)
             is_eos = self.is_eos(cur, sid.value)
             plausible = not is_eos and self.plausible_block(cur)
+            if not is_eos and not plausible:
+                self.need_entry(cur)
             if is_eos:
                 if summed != total:
                     self.fail("TOTAL", f"blocks sum to {summed:#x} but MEM_SIZE total is "
@@ -579,8 +584,9 @@ class _Parser:
                               f"already sum to {summed:#x} >= total {total:#x}", mem.offset,
                               fatal=False)
                 continue
-            if summed == total:
-                self.fail("FOOTER", "no EOS after the block list", cur)
+            eos_flag = self.peek(cur, 8)
+            if summed == total and eos_flag == RAM_EOS.to_bytes(8, "big"):
+                break  # EOS present, its footer is checked below
             self.fail("BLOCK_LENGTH", f"block {blk.name!r} used_length "
                       f"{blk.used_length.value:#x} ends at {cur:#x}, where neither a "
                       "block nor the EOS follows", blk.used_length.offset)
@@ -655,6 +661,18 @@ class _Parser:
             self.fail("TRUNCATED", f"block {name} pages [{po:#x}, {pages.end:#x}) run past EOF "
                       f"({self.size:#x})", max(po, 0))
         return blk
+
+    def need_entry(self, pos: int) -> None:
+        """TRUNCATED if the file ends before a block entry (or the EOS) at *pos* could."""
+        n = self.peek(pos, 1)
+        if n is None:
+            self.fail("TRUNCATED", f"file ends at {self.size:#x} where a block entry or the "
+                      "EOS should start", pos)
+            return
+        need = 1 + n[0] + 8 + (8 if self.ignore_shared else 0) + HEADER_SIZE
+        if pos + min(need, 13) > self.size or (pos + need > self.size and n[0] > 0):
+            self.fail("TRUNCATED", f"file ends at {self.size:#x} inside the block entry at "
+                      f"{pos:#x}", pos)
 
     def is_eos(self, pos: int, sid: int) -> bool:
         data = self.peek(pos, 13)
