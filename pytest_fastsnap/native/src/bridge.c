@@ -318,10 +318,15 @@ static int send_loop(struct bridge *b, const uint8_t *p, size_t n)
             if (errno == EAGAIN || errno == EWOULDBLOCK)
                 return fail(b, "destination-stalled", "destination stopped reading for "
                             "%.0f s (postcopy paused or hung?)", b->io_timeout);
-            if (errno == EPIPE || errno == ECONNRESET)
+            if (errno == EPIPE || errno == ECONNRESET) {
+                char why[sizeof(b->rp_err)];
+                int e = errno;
+                pthread_mutex_lock(&b->rp_lock);
+                memcpy(why, b->rp_err, sizeof(why));
+                pthread_mutex_unlock(&b->rp_lock);
                 return fail(b, "destination-gone", "destination closed the migration "
-                            "connection (%s)%s%s", strerror(errno),
-                            b->rp_err[0] ? "; " : "", b->rp_err);
+                            "connection (%s)%s%s", strerror(e), why[0] ? "; " : "", why);
+            }
             return fail(b, "send-failed", "send: %s", strerror(errno));
         }
         p += r;
@@ -1187,6 +1192,8 @@ int bridge_main(int argc, char **argv)
     free(b->stage);
     free(b->lat);
     free(b->q);
+    if (b->in_section)      /* a failure left a section open */
+        pthread_mutex_unlock(&b->out_lock);
     pthread_mutex_destroy(&b->out_lock);
     pthread_mutex_destroy(&b->rp_lock);
     pthread_cond_destroy(&b->rp_cond);
