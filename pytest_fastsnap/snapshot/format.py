@@ -566,6 +566,8 @@ class _Parser:
             self.out["ram"] = RamStart(**base, blocks=tuple(blocks), eos=None, footer=None)
             summed += blk.used_length.value
             cur = blk.next_offset
+            if cur > self.size:
+                raise _Stop  # reported as TRUNCATED by block()
             if cur <= blk.offset:
                 self.fail("BLOCK_LENGTH", f"block {blk.name!r} at {blk.offset:#x} sends the "
                           f"stream back to {cur:#x}", blk.header.pages_offset.offset)
@@ -659,7 +661,7 @@ class _Parser:
                       f"end, 1 MiB) = {want:#x}", hdr.pages_offset.offset, fatal=False)
         if pages.end > self.size:
             self.fail("TRUNCATED", f"block {name} pages [{po:#x}, {pages.end:#x}) run past EOF "
-                      f"({self.size:#x})", max(po, 0))
+                      f"({self.size:#x})", max(po, 0), fatal=False)
         return blk
 
     def need_entry(self, pos: int) -> None:

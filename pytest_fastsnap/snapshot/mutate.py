@@ -359,6 +359,14 @@ def all_header_mutations(snapshot: Snapshot) -> Iterator[Mutation]:
     """
     if not snapshot.ok:
         raise ValueError(f"{snapshot.path} is not a valid snapshot: {snapshot.problems}")
+    seen: set[str] = set()
+    for mutation in _standard_mutations(snapshot):
+        if mutation.name not in seen:  # e.g. "before the bitmap" may also be 0
+            seen.add(mutation.name)
+            yield mutation
+
+
+def _standard_mutations(snapshot: Snapshot) -> Iterator[Mutation]:
     src, so, size = snapshot.path, snapshot.stream_offset, snapshot.file_size
     ps = snapshot.page_size
     blocks = [b for b in snapshot.blocks if not b.ignored]

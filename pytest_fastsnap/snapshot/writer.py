@@ -52,6 +52,7 @@ __all__ = [
     "FilePages",
     "SnapshotSpec",
     "block_spec",
+    "device_section",
     "spec_from_snapshot",
     "write_snapshot",
     "write_spec",
@@ -60,6 +61,7 @@ __all__ = [
 PART = "PART"
 SWITCHOVER_START: tuple[int, bytes] = (CMD_SWITCHOVER_START, b"")
 MAX_COPY_IN_MEMORY = 256 << 20
+DEFAULT_VMDESC = b'{"page_size": 4096, "devices": []}'
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,7 @@ class SnapshotSpec:
     ram_section_id: int = 1
     total: int | None = None  # None: sum of used_length
     records: Sequence[str | tuple[int, bytes]] = (PART, SWITCHOVER_START)
-    vmdesc: bytes | None = b'{"page_size": 4096, "devices": []}'
+    vmdesc: bytes | None = DEFAULT_VMDESC  # None: no VM description (suppress-vmdesc)
     stream_version: int = STREAM_VERSION
 
     @property
@@ -191,6 +193,14 @@ def _configuration(spec: SnapshotSpec) -> bytes:
     return bytes(out)
 
 
+def device_section(section_id: int, idstr: str, payload: bytes, instance_id: int = 0,
+                   version_id: int = 1) -> bytes:
+    """One FULL device section with its footer (opaque *payload*), for synthetic files."""
+    return b"\x04" + struct.pack(">I", section_id) + _str8(idstr) \
+        + struct.pack(">II", instance_id, version_id) + payload \
+        + b"\x7e" + struct.pack(">I", section_id)
+
+
 def write_spec(path: str | os.PathLike[str], spec: SnapshotSpec) -> Path:
     """Write *spec* to *path* (created; truncated to ``spec.offset`` first, like QEMU)."""
     path = Path(path)
@@ -262,21 +272,22 @@ def write_spec(path: str | os.PathLike[str], spec: SnapshotSpec) -> Path:
 
 def write_snapshot(path: str | os.PathLike[str], machine: str,
                    blocks: Sequence[BlockSpec | tuple[Any, ...]], device_state: bytes = b"",
-                   offset: int = 0, *, vmdesc: Mapping[str, Any] | bytes | None = None,
+                   offset: int = 0, *,
+                   vmdesc: Mapping[str, Any] | bytes | None = DEFAULT_VMDESC,
                    zero_pages_as_data: bool = False, **options: Any) -> Path:
     """Write a valid mapped-ram file (see :class:`SnapshotSpec` for *options*).
 
     *blocks*: ``BlockSpec``, ``(id, content_bytes)`` or ``(id, used_length,
     {page_index: page_bytes})``.  *vmdesc*: a JSON-able dict, raw bytes, or
-    None for a small default description."""
+    None for no VM description (as with ``suppress-vmdesc``)."""
     ps = 1 << (options.get("target_page_bits") or 12)
     specs = [block_spec(b, ps, zero_pages_as_data) for b in blocks]
     spec = SnapshotSpec(machine=machine, blocks=specs, device_state=device_state,
                         offset=offset, **options)
     if isinstance(vmdesc, Mapping):
         spec = replace(spec, vmdesc=json.dumps(vmdesc).encode())
-    elif vmdesc is not None:
-        spec = replace(spec, vmdesc=bytes(vmdesc))
+    else:
+        spec = replace(spec, vmdesc=None if vmdesc is None else bytes(vmdesc))
     return write_spec(path, spec)
 
 
