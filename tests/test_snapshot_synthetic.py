@@ -339,3 +339,15 @@ def test_format_error_is_stable() -> None:
     import pytest_fastsnap.snapshot.format as fmt
     for name in ERROR_NAMES:
         assert name in (fmt.__doc__ or ""), f"{name} not documented"
+
+
+def test_summary_is_json(snap: Snapshot) -> None:
+    import json
+
+    from pytest_fastsnap.snapshot.summary import to_dict
+    info = json.loads(json.dumps(to_dict(snap, bitmaps=True, digests=True)))
+    assert [b["id"] for b in info["blocks"]] == [n for n, _ in BLOCKS]
+    ram = info["blocks"][0]
+    assert ram["pages_set"] == 7 and ram["sha256"] == hashlib.sha256(RAM).hexdigest()
+    assert ram["bitmap_offset"] == ram["header_offset"] + HEADER_SIZE
+    assert info["problems"] == [] and info["eof_offset"] == snap.eof_offset

@@ -769,7 +769,7 @@ class _Parser:
             raw = window[body.start - window_start:]
             try:
                 data = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as err:
+            except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
                 data = None
                 self.fail("VMDESC", f"VM description is not JSON: {err}", body.start,
                           fatal=False)
@@ -778,7 +778,8 @@ class _Parser:
             eof = size - 1
             ends_with_footer = size - 5 >= dev_start and window[-5:-4] == bytes([VM_FOOTER])
             good = eof >= dev_start and window[-1:] == b"\x00" and not ends_with_footer and (
-                eof == dev_start or window[eof - 5 - window_start] == VM_FOOTER)
+                eof == dev_start
+                or (eof - 5 >= window_start and window[eof - 5 - window_start] == VM_FOOTER))
             if not good:
                 cut = window.rfind(b"\x00\x06")
                 what = "inside the VM description" if cut >= 0 and \
