@@ -114,13 +114,18 @@ def wait_migration_state(g: RestoredGuest, states: set[str], timeout: float = 15
     raise AssertionError(f"destination migration status {status!r}, wanted {states}")
 
 
-@pytest.mark.parametrize("zero_pages", ["requested", "all"])
+@pytest.mark.parametrize("zero_pages, transport", [("requested", "unix"), ("all", "unix"),
+                                                  ("requested", "fd")])
 def test_memory_identical(vm_factory: VmFactory, snapshot_factory: SnapshotFactory,
-                          guests: list[RestoredGuest], zero_pages: str) -> None:
+                          guests: list[RestoredGuest], zero_pages: str, transport: str) -> None:
     """Restored paused (-S), every byte of RAM and every register equals the
-    source before the save."""
+    source before the save (zero pages on request or all sent; the loader
+    connecting itself or handed a connected fd)."""
     fs = make_snapshot(vm_factory, snapshot_factory, 128)
-    g = bridge(fs, vm_factory, guests, paused=True, loader_args=("--zero-pages", zero_pages))
+    g = restore("loader-bridge", fs.snap.path, fs.snap.device_args, vm_factory,
+                offset=fs.snap.offset, paused=True, loader_args=("--zero-pages", zero_pages),
+                transport=transport)
+    guests.append(g)
     g.wait_loaded()
     stats = g.loader_stats
     assert stats["ok"] and stats["shut"] == 0

@@ -28,6 +28,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -280,24 +281,28 @@ def _socket_dir() -> tuple[Path, Path]:
 def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str],
             vm_factory: Any, offset: int = 0, *, paused: bool = False,
             wait: bool = True, timeout: float = 120.0,
-            loader_args: Sequence[str] = ()) -> RestoredGuest:
+            loader_args: Sequence[str] = (), transport: str = "unix") -> RestoredGuest:
     """Restore *snapshot_path* with *strategy* into a new destination QEMU.
 
     *vm_factory* is the ``vm_factory`` fixture or a :class:`DestinationFactory`.
     With *wait* (default) returns once the guest runs (see
     :meth:`RestoredGuest.wait_running`); the bridge's loader keeps serving
-    and :meth:`RestoredGuest.wait_loaded` waits for it.  On any failure the
+    and :meth:`RestoredGuest.wait_loaded` waits for it.  *transport* (bridge
+    only): ``unix`` lets the loader connect to the socket itself, ``fd``
+    connects here and hands the loader the connected descriptor (``fd:N``).  On any failure the
     destination and loader are killed before the exception propagates.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown restore strategy {strategy!r}; one of {STRATEGIES}")
+    if transport not in ("unix", "fd"):
+        raise ValueError(f"transport must be 'unix' or 'fd', not {transport!r}")
     path = Path(snapshot_path).resolve()
     t_launch = time.monotonic()
     vm = _as_factory(vm_factory)(device_args, paused=paused)
     guest = RestoredGuest(strategy=strategy, vm=vm, t0_wall=0.0, event_mark=0, paused=paused,
                           launch_seconds=time.monotonic() - t_launch)
     try:
-        _start(guest, path, offset, loader_args)
+        _start(guest, path, offset, loader_args, transport)
         if wait:
             guest.wait_running(timeout)
     except BaseException:
@@ -322,7 +327,8 @@ def _incoming(guest: RestoredGuest, uri: str) -> None:
         raise RestoreFailed(f"{guest.strategy}: migrate-incoming {uri}: {err.desc}") from None
 
 
-def _start(guest: RestoredGuest, path: Path, offset: int, loader_args: Sequence[str]) -> None:
+def _start(guest: RestoredGuest, path: Path, offset: int, loader_args: Sequence[str],
+           transport: str) -> None:
     if guest.strategy == "qemu-precopy":
         _caps(guest, {"mapped-ram": True, "events": True})
         _incoming(guest, file_uri(path, offset))
@@ -335,10 +341,21 @@ def _start(guest: RestoredGuest, path: Path, offset: int, loader_args: Sequence[
         guest.out_dir = guest.sock_dir
         binary = loader_binary()
         _incoming(guest, f"unix:{sock}")
-        args = [str(binary), "serve", str(path), "--offset", str(offset),
-                "--to", f"unix:{sock}", "--json",
+        conn = None
+        to = f"unix:{sock}"
+        if transport == "fd":
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            conn.connect(str(sock))
+            to = f"fd:{conn.fileno()}"
+        args = [str(binary), "serve", str(path), "--offset", str(offset), "--to", to, "--json",
                 "--stats-file", str(guest.out_dir / "loader.json"), *loader_args]
-        with open(guest.out_dir / "loader.out", "wb") as out, \
-                open(guest.out_dir / "loader.err", "wb") as err:
-            guest.loader = process.spawn(args, stdout=out.fileno(), stderr=err.fileno())
+        try:
+            with open(guest.out_dir / "loader.out", "wb") as out, \
+                    open(guest.out_dir / "loader.err", "wb") as err:
+                guest.loader = process.spawn(
+                    args, stdout=out.fileno(), stderr=err.fileno(),
+                    pass_fds=(conn.fileno(),) if conn is not None else ())
+        finally:
+            if conn is not None:
+                conn.close()    # the loader holds its own copy
         guest.loader_spawned_at = time.time() - guest.t0_wall

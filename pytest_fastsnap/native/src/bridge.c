@@ -74,6 +74,7 @@ struct bridge {
     int describe_only;
     double io_timeout, shut_timeout, connect_timeout;
     double max_bandwidth;       /* eager stream cap, bytes/s; 0 = none */
+    int sndbuf;                 /* SO_SNDBUF, 0 = kernel default */
     struct timespec t_start;
 
     /* Output: only whole sections are built and sent under out_lock. */
@@ -929,6 +930,9 @@ static int connect_to(struct bridge *b)
                          .tv_usec = (suseconds_t)((b->io_timeout - floor(b->io_timeout)) * 1e6)};
     if (setsockopt(b->sock, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) < 0)
         return fail(b, "socket-failed", "--to %s is not a socket: %s", b->to, strerror(errno));
+    if (b->sndbuf > 0 && setsockopt(b->sock, SOL_SOCKET, SO_SNDBUF, &b->sndbuf,
+                                    sizeof b->sndbuf) < 0)
+        return fail(b, "socket-failed", "SO_SNDBUF %d: %s", b->sndbuf, strerror(errno));
     b->t_connected = now_s(b);
     return 0;
 }
@@ -1030,6 +1034,7 @@ static void usage(FILE *f)
     fputs("usage: fastsnap-loader serve FILE [--offset N] --to unix:PATH|fd:N [--json]\n"
           "       [--stats-file F] [--zero-pages requested|all] [--io-timeout S]\n"
           "       [--shut-timeout S] [--connect-timeout S] [--max-bandwidth MIB_S]\n"
+          "       [--sndbuf BYTES]\n"
           "   or: fastsnap-loader serve FILE [--offset N] --describe\n", f);
 }
 
@@ -1107,6 +1112,7 @@ int bridge_main(int argc, char **argv)
         {"connect-timeout", required_argument, NULL, 'c'},
         {"max-bandwidth", required_argument, NULL, 'b'},
         {"describe", no_argument, NULL, 'd'},
+        {"sndbuf", required_argument, NULL, 'B'},
         {"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
     /* Called as bridge_main(argc - 1, argv + 1) ("serve" in argv[0]); also
      * accept the whole command line ("fastsnap-loader serve ..."). */
@@ -1130,6 +1136,7 @@ int bridge_main(int argc, char **argv)
         case 't': b->to = optarg; break;
         case 'j': json = 1; break;
         case 'd': b->describe_only = 1; break;
+        case 'B': b->sndbuf = atoi(optarg); break;
         case 's': stats_file = optarg; break;
         case 'z':
             if (strcmp(optarg, "all") && strcmp(optarg, "requested")) {
