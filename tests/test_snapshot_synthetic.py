@@ -55,12 +55,12 @@ DEVICES = device_section(2, "timer", bytes(range(256)) * 16) \
 BLOCKS = [("pc.ram", RAM), ("pc.bios", BIOS), ("/rom@etc/acpi/rsdp", _content(1, {0}, 3))]
 
 
-def _write(path: Path, offset: int = 0, **kw: object) -> Snapshot:
+def _write(path: Path, offset: int = 0, blocks: list[tuple[str, bytes]] | None = None
+           ) -> Snapshot:
     if offset:
         path.write_bytes(b"\xa5" * offset)
-    write_snapshot(path, "pc-q35-10.0", kw.pop("blocks", BLOCKS),  # type: ignore[arg-type]
-                   kw.pop("device_state", DEVICES), offset,  # type: ignore[arg-type]
-                   vmdesc={"page_size": PS, "devices": [{"name": "timer"}]}, **kw)
+    write_snapshot(path, "pc-q35-10.0", BLOCKS if blocks is None else blocks, DEVICES, offset,
+                   vmdesc={"page_size": PS, "devices": [{"name": "timer"}]})
     return parse(path, offset)
 
 

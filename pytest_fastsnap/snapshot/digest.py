@@ -38,7 +38,8 @@ def _zeros(n: int) -> Iterator[memoryview]:
         n -= step
 
 
-def iter_file_range(fd: int, offset: int, size: int, chunk: int = CHUNK) -> Iterator[bytes]:
+def iter_file_range(fd: int, offset: int, size: int, chunk: int = CHUNK
+                    ) -> Iterator[bytes | memoryview]:
     """Bytes ``[offset, offset+size)`` of *fd* in chunks; holes and bytes past EOF
     come out as zeros without being read."""
     end = offset + size

@@ -21,7 +21,8 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
+from dataclasses import field as dc_field
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,8 @@ class Mutation:
     new: Any
     expected_error: str | None
     block: str | None = None
-    _apply: Callable[[Path], Mutation] | None = field(default=None, compare=False, repr=False)
+    _apply: Callable[[Path], Mutation] | None = dc_field(default=None, compare=False,
+                                                          repr=False)
 
     def __str__(self) -> str:
         return self.name

@@ -254,7 +254,9 @@ def write_spec(path: str | os.PathLike[str], spec: SnapshotSpec) -> Path:
         stream += struct.pack(">Q", RAM_EOS) + footer
         eos_record = struct.pack(">Q", RAM_EOS) + footer
         for rec in spec.records:
-            if rec == PART:
+            if isinstance(rec, str):
+                if rec != PART:
+                    raise ValueError(f"unknown record {rec!r} (PART or (cmd, data))")
                 stream += b"\x02" + struct.pack(">I", sid) + eos_record
             else:
                 cmd, data = rec
