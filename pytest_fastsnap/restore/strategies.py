@@ -90,10 +90,7 @@ def _as_factory(vm_factory: Any) -> DestinationFactory:
 
 
 def loader_binary() -> Path:
-    """The native loader: ``$FASTSNAP_LOADER`` if set, else the cached build."""
-    override = os.environ.get("FASTSNAP_LOADER")
-    if override:
-        return Path(override)
+    """The native loader (``$FASTSNAP_LOADER`` if set, else the cached build)."""
     from pytest_fastsnap.native.loader import loader_path
 
     return loader_path()
