@@ -122,11 +122,17 @@ class VmFactory:
                     incoming: str = "defer", paused: bool = True,
                     extra_args: Sequence[str] = ()) -> QemuMachine:
         """A destination QEMU with the same guest definition as *source*."""
-        args = list(source.device_args)
+        return self.destination_from_args([*source.device_args, *extra_args], name=name,
+                                          incoming=incoming, paused=paused)
+
+    def destination_from_args(self, device_args: Sequence[str], *, name: str = "dst",
+                              incoming: str = "defer", paused: bool = True) -> QemuMachine:
+        """A destination QEMU (destination binary) for the given guest definition."""
+        args = list(device_args)
         binary = self.probe_dst.binary
         vm = QemuMachine(binary, self.workdir, name=self._name(name), machine="none",
                          accel=self.accel, extra_args=(), incoming=incoming, paused=paused)
-        vm.device_args = [*args, *extra_args]
+        vm.device_args = args
         self.machines.append(vm)
         vm.launch()
         return vm
