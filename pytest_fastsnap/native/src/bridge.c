@@ -471,6 +471,9 @@ static int emit_run(struct bridge *b, uint32_t bi, uint64_t page, uint64_t n)
 {
     const struct br_block *blk = &b->snap.blocks[bi];
     size_t need = 5 + (size_t)n * (8 + 256 + b->snap.tps);
+    if (need > OUT_CAP || n > CHUNK_PAGES)
+        return fail(b, "internal", "eager run of %llu pages does not fit the output buffer",
+                    (unsigned long long)n);
     if (b->out_len + need > OUT_CAP && flush(b) < 0)
         return -1;
     struct iovec iov[CHUNK_PAGES];
@@ -758,6 +761,11 @@ static int send_pages(struct bridge *b)
 {
     const struct br_snap *s = &b->snap;
     b->t_eager0 = now_s(b);
+    /* A run's records must fit the output buffer at once (emit_run reads
+     * into slots that a flush would invalidate): matters for 64 KiB TPS. */
+    uint64_t max_run = (OUT_CAP - 5) / (8 + 256 + s->tps);
+    if (max_run > CHUNK_PAGES)
+        max_run = CHUNK_PAGES;
     for (uint32_t bi = 0; bi < s->nblocks; bi++) {
         struct br_block *blk = &s->blocks[bi];
         uint64_t p = 0;
@@ -789,7 +797,7 @@ static int send_pages(struct bridge *b)
                 p++;
             } else {
                 uint64_t k = 1;
-                while (p + k < blk->npages && k < CHUNK_PAGES &&
+                while (p + k < blk->npages && k < max_run &&
                        br_bit_test(blk->file_bitmap, p + k) &&
                        !br_bit_sent(blk->sent, p + k))
                     k++;
