@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_probe)
     p = sub.add_parser("restore", help="run a guest from a snapshot, RAM loaded lazily")
     p.add_argument("snapshot")
-    p.add_argument("--qemu-binary", default=os.environ.get("QEMU_BINARY", "qemu-system-x86_64"))
+    p.add_argument("--qemu-binary", default=os.environ.get("QEMU_BINARY"),
+                   help="default: the binary recorded in SNAPSHOT.json")
     p.add_argument("--strategy", default="loader-bridge",
                    choices=("loader-bridge", "qemu-precopy", "qemu-fast"))
     p.add_argument("--keep-running", action="store_true",

@@ -31,6 +31,7 @@ from pytest_fastsnap.plugin_state import (
 from pytest_fastsnap.qemu.machine import QemuMachine
 from pytest_fastsnap.qemu.migration import SavedSnapshot, load_snapshot, save_snapshot
 from pytest_fastsnap.qemu.probe import QemuProbe
+from pytest_fastsnap.restore.manifest import write_manifest
 
 
 @pytest.fixture(scope="session")
@@ -237,8 +238,10 @@ class SnapshotFactory:
         if offset:
             with open(path, "wb") as f:
                 f.write(prefix_bytes[:offset].ljust(offset, b"\xa5"))
-        return save_snapshot(vm, path, offset=offset, capabilities=capabilities,
-                             parameters=parameters, live=live, timeout=timeout)
+        saved = save_snapshot(vm, path, offset=offset, capabilities=capabilities,
+                              parameters=parameters, live=live, timeout=timeout)
+        write_manifest(path, vm, offset=offset)  # so `fastsnap restore` can use it
+        return saved
 
     __call__ = save
 
