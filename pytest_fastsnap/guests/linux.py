@@ -116,10 +116,24 @@ def kernel_package() -> str:
                           f"and check `apt-cache depends {meta}`")
 
 
+def _apt_update() -> None:
+    """Refresh apt's lists (a fresh machine may have none) when we may."""
+    if os.geteuid() == 0:
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, check=False)
+
+
 def _download(tmp: Path) -> tuple[Path, str]:
-    package = kernel_package()
+    try:
+        package = kernel_package()
+    except LinuxImageError:
+        _apt_update()
+        package = kernel_package()
     proc = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True,
                           text=True, check=False)
+    if proc.returncode != 0:
+        _apt_update()
+        proc = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True,
+                              text=True, check=False)
     debs = sorted(tmp.glob(f"{package}_*.deb"))
     if proc.returncode != 0 or not debs:
         raise LinuxImageError(
