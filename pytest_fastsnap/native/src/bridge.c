@@ -1075,7 +1075,7 @@ static int run(struct bridge *b)
 {
     if (br_snap_open(&b->snap, b->path, b->offset) < 0) {
         fail(b, b->snap.err_name, "%s: %s", b->path, b->snap.err);
-        return 2;
+        return b->snap.internal ? 1 : 2;
     }
     if (b->describe_only) {
         describe(&b->snap, stdout);

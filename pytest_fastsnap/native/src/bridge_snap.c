@@ -1,15 +1,20 @@
-/* Framing-only parse of a mapped-ram snapshot for the bridge.
+/* What the bridge needs from a mapped-ram snapshot, on top of the strict
+ * parser (mr_format.c): mr_parse() validates the whole framing and gives
+ * the RAM section id, the block list with every offset, and the device-state
+ * byte range [dev_start, eof).  Here the bridge adds what only it needs:
  *
- * Layout (reference/mapped-ram-format.md): header + configuration record,
- * optional early_setup FULL sections, the `ram` START with one
- * MappedRamHeader per block (the stream jumps over each page region), empty
- * PART/END `ram` sections and SWITCHOVER_START, then the device-state FULL
- * sections up to EOF, then an optional VMDESCRIPTION.  The device state is
- * cut out as an opaque run: from the end of the RAM END footer to the EOF
- * byte found with the backward anchor `7e be32 00 06 be32 len`.
+ * - the configuration subsections worth replaying (target-page-bits, uuid;
+ *   capabilities are dropped: a postcopy destination refuses mapped-ram),
+ *   and where the configuration ends, so early_setup sections
+ *   [config end, RAM START) can be replayed verbatim;
+ * - each block's file bitmap in memory, and a sent bitmap.
+ *
+ * Files a postcopy destination cannot take (x-ignore-shared) are refused.
  */
 #define _GNU_SOURCE
 #include "bridge_snap.h"
+
+#include "mr_format.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -20,8 +25,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#define EARLY_SEARCH_MAX (16u << 20)   /* early_setup sections are small */
-#define TAIL_MAX (256u << 20)          /* device state + vmdesc */
 
 static int fail(struct br_snap *s, const char *name, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
@@ -39,11 +42,6 @@ static int fail(struct br_snap *s, const char *name, const char *fmt, ...)
 static uint32_t be32(const uint8_t *p)
 {
     return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
-}
-
-static uint64_t be64(const uint8_t *p)
-{
-    return (uint64_t)be32(p) << 32 | be32(p + 4);
 }
 
 /* Read exactly n bytes at off or fail with a precise message. */
@@ -157,181 +155,31 @@ static int parse_config(struct br_snap *s, uint64_t *pos)
     return 0;
 }
 
-static const uint8_t ram_tail[12] = {3, 'r', 'a', 'm', 0, 0, 0, 0, 0, 0, 0, 4};
-
-static int find_ram_start(struct br_snap *s, uint64_t pos, uint64_t *start)
+static int load_block(struct br_snap *s, const mr_block *mb, struct br_block *blk)
 {
-    /* Usually right here; early_setup sections (virtio-mem) are small, so
-     * look in a 64 KiB window first and only then up to EARLY_SEARCH_MAX. */
-    uint64_t avail = s->file_size - pos;
-    for (size_t window = 64u << 10;; window = EARLY_SEARCH_MAX) {
-        size_t n = avail < window ? (size_t)avail : window;
-        uint8_t *buf = malloc(n ? n : 1);
-        if (!buf)
-            return fail(s, "oom", "out of memory");
-        if (rd(s, pos, buf, n, "early sections") < 0) {
-            free(buf);
-            return -1;
-        }
-        for (size_t i = 0; i + 17 <= n; i++) {
-            if (buf[i] == 0x01 && memcmp(buf + i + 5, ram_tail, sizeof ram_tail) == 0) {
-                *start = pos + i;
-                s->ram_sid = be32(buf + i + 1);
-                free(buf);
-                return 0;
-            }
-        }
-        free(buf);
-        if (n < window || window == EARLY_SEARCH_MAX)
-            return fail(s, "no-ram-section", "no `ram` START section (version 4) within %zu "
-                        "bytes of the configuration", n);
-    }
-}
-
-static int parse_ram(struct br_snap *s, uint64_t *pos)
-{
-    uint8_t b[8];
-    if (s->ram_sid == 0)
-        return fail(s, "bad-section-id", "`ram` section id 0");
-    *pos += 17;
-    if (rd(s, *pos, b, 8, "RAM total") < 0)
-        return -1;
-    uint64_t v = be64(b);
-    if ((v & (s->tps - 1)) != 0x4)
-        return fail(s, "bad-ram-start", "RAM START flags %#llx, expected MEM_SIZE",
-                    (unsigned long long)(v & (s->tps - 1)));
-    s->ram_total = v & ~(uint64_t)(s->tps - 1);
-    *pos += 8;
-    s->blocks = calloc(BR_MAX_BLOCKS, sizeof(*s->blocks));
-    if (!s->blocks)
+    size_t idlen = strlen(mb->id);
+    if (idlen == 0 || idlen > 255)
+        return fail(s, "bad-block-id", "block id of length %zu", idlen);
+    memcpy(blk->id, mb->id, idlen + 1);
+    blk->idlen = (uint8_t)idlen;
+    blk->length = mb->used_length;
+    blk->npages = mb->num_pages;
+    blk->bitmap_offset = mb->bitmap_offset;
+    blk->pages_offset = mb->pages_offset;
+    uint64_t words = (blk->npages + 63) / 64;
+    if (mb->page_size != s->tps || blk->npages != blk->length / s->tps ||
+        words * 8 != mb->bitmap_size)
+        return fail(s, "internal", "block %s: parser geometry disagrees", blk->id);
+    blk->file_bitmap = calloc(words ? words : 1, 8);
+    blk->sent = calloc(words ? words : 1, sizeof(*blk->sent));
+    if (!blk->file_bitmap || !blk->sent)
         return fail(s, "oom", "out of memory");
-    uint64_t sum = 0;
-    while (sum < s->ram_total) {
-        if (s->nblocks == BR_MAX_BLOCKS)
-            return fail(s, "too-many-blocks", "more than %d RAM blocks", BR_MAX_BLOCKS);
-        struct br_block *blk = &s->blocks[s->nblocks];
-        uint8_t hdr[8 + 28];
-        if (rd(s, *pos, &blk->idlen, 1, "block id") < 0 ||
-            rd(s, *pos + 1, blk->id, blk->idlen, "block id") < 0)
-            return -1;
-        if (blk->idlen == 0)
-            return fail(s, "bad-block-id", "empty block id at %#llx", (unsigned long long)*pos);
-        blk->id[blk->idlen] = 0;
-        if (rd(s, *pos + 1 + blk->idlen, hdr, sizeof hdr, "block header") < 0)
-            return -1;
-        blk->length = be64(hdr);
-        uint32_t version = be32(hdr + 8);
-        uint64_t page_size = be64(hdr + 12);
-        blk->bitmap_offset = be64(hdr + 20);
-        blk->pages_offset = be64(hdr + 28);
-        if (version != 1)
-            return fail(s, "bad-header-version", "block %s: MappedRamHeader version %u",
-                        blk->id, version);
-        if (page_size != s->tps)
-            return fail(s, "bad-page-size", "block %s: page_size %llu, target page size %u",
-                        blk->id, (unsigned long long)page_size, s->tps);
-        if (blk->length == 0 || blk->length % s->tps || blk->length > s->ram_total - sum)
-            return fail(s, "bad-block-length", "block %s: length %#llx", blk->id,
-                        (unsigned long long)blk->length);
-        blk->npages = blk->length / s->tps;
-        uint64_t words = (blk->npages + 63) / 64;
-        if (blk->pages_offset % s->tps ||
-            blk->pages_offset > s->file_size || blk->length > s->file_size - blk->pages_offset)
-            return fail(s, "bad-pages-offset", "block %s: pages_offset %#llx", blk->id,
-                        (unsigned long long)blk->pages_offset);
-        if (blk->bitmap_offset > s->file_size || words * 8 > s->file_size - blk->bitmap_offset)
-            return fail(s, "bad-bitmap-offset", "block %s: bitmap_offset %#llx", blk->id,
-                        (unsigned long long)blk->bitmap_offset);
-        blk->file_bitmap = calloc(words, 8);
-        blk->sent = calloc(words, sizeof(*blk->sent));
-        if (!blk->file_bitmap || !blk->sent)
-            return fail(s, "oom", "out of memory");
-        if (rd(s, blk->bitmap_offset, blk->file_bitmap, words * 8, "bitmap") < 0)
-            return -1;
-        if (blk->npages % 64)   /* bits past the end mean nothing */
-            blk->file_bitmap[words - 1] &= (UINT64_C(1) << (blk->npages % 64)) - 1;
-        for (uint64_t w = 0; w < words; w++)
-            blk->set_pages += (uint64_t)__builtin_popcountll(blk->file_bitmap[w]);
-        for (size_t j = 0; j < s->nblocks; j++)
-            if (strcmp(s->blocks[j].id, blk->id) == 0)
-                return fail(s, "duplicate-block", "block %s listed twice", blk->id);
-        sum += blk->length;
-        s->nblocks++;
-        *pos = blk->pages_offset + blk->length;
-    }
-    uint8_t tail[13];
-    if (rd(s, *pos, tail, sizeof tail, "RAM START end") < 0)
+    if (rd(s, blk->bitmap_offset, blk->file_bitmap, words * 8, "bitmap") < 0)
         return -1;
-    if (be64(tail) != 0x10 || tail[8] != 0x7e || be32(tail + 9) != s->ram_sid)
-        return fail(s, "bad-ram-start", "RAM START does not end in EOS and footer at %#llx",
-                    (unsigned long long)*pos);
-    *pos += 13;
-    /* Empty PART/END `ram` sections and SWITCHOVER_START up to the RAM END. */
-    for (;;) {
-        uint8_t r[18];
-        if (rd(s, *pos, r, 5, "RAM record") < 0)
-            return -1;
-        if (r[0] == 0x08 && r[1] == 0 && r[2] == 0x0b && r[3] == 0 && r[4] == 0) {
-            *pos += 5;
-            continue;
-        }
-        if ((r[0] == 0x02 || r[0] == 0x03) && be32(r + 1) == s->ram_sid) {
-            if (rd(s, *pos, r, 18, "RAM record") < 0)
-                return -1;
-            if (be64(r + 5) != 0x10 || r[13] != 0x7e || be32(r + 14) != s->ram_sid)
-                return fail(s, "unexpected-ram-payload", "`ram` %s section at %#llx carries "
-                            "data (only EOS expected in a mapped-ram file)",
-                            r[0] == 2 ? "PART" : "END", (unsigned long long)*pos);
-            *pos += 18;
-            if (r[0] == 0x03)
-                return 0;
-            continue;
-        }
-        return fail(s, "unsupported-section", "record %#x (section %u) at %#llx before the "
-                    "`ram` END: another iterative handler (dirty-bitmap, VFIO?) is not "
-                    "supported", r[0], be32(r + 1), (unsigned long long)*pos);
-    }
-}
-
-static int find_device_state(struct br_snap *s, uint64_t pos)
-{
-    uint64_t avail = s->file_size - pos;
-    if (avail > TAIL_MAX)
-        return fail(s, "tail-too-large", "%llu bytes after the RAM section (limit %u)",
-                    (unsigned long long)avail, TAIL_MAX);
-    size_t n = (size_t)avail;
-    uint8_t *buf = malloc(n ? n : 1);
-    if (!buf)
-        return fail(s, "oom", "out of memory");
-    if (rd(s, pos, buf, n, "device state") < 0) {
-        free(buf);
-        return -1;
-    }
-    int found = 0;
-    for (size_t i = n >= 11 ? n - 11 : 0; n >= 11; i--) {
-        if (buf[i] == 0x7e && buf[i + 5] == 0x00 && buf[i + 6] == 0x06 &&
-            be32(buf + i + 7) == n - (i + 11)) {
-            s->dev_len = i + 5;
-            s->has_vmdesc = 1;
-            found = 1;
-            break;
-        }
-        if (i == 0)
-            break;
-    }
-    if (!found && n >= 6 && buf[n - 1] == 0x00 && buf[n - 6] == 0x7e) {
-        s->dev_len = n - 1;
-        found = 1;
-    }
-    if (!found && n == 1 && buf[0] == 0x00) {
-        s->dev_len = 0;
-        found = 1;
-    }
-    free(buf);
-    if (!found)
-        return fail(s, "no-eof", "cannot locate the EOF after the device state "
-                    "(file truncated or trailing bytes?)");
-    s->dev_off = pos;
+    if (blk->npages % 64)   /* bits past the end mean nothing */
+        blk->file_bitmap[words - 1] &= (UINT64_C(1) << (blk->npages % 64)) - 1;
+    for (uint64_t w = 0; w < words; w++)
+        blk->set_pages += (uint64_t)__builtin_popcountll(blk->file_bitmap[w]);
     return 0;
 }
 
@@ -341,23 +189,59 @@ int br_snap_open(struct br_snap *s, const char *path, uint64_t offset)
     s->fd = open(path, O_RDONLY | O_CLOEXEC);
     if (s->fd < 0)
         return fail(s, "open-failed", "%s: %s", path, strerror(errno));
-    struct stat st;
-    if (fstat(s->fd, &st) < 0)
-        return fail(s, "io-error", "%s: %s", path, strerror(errno));
-    s->file_size = (uint64_t)st.st_size;
+    mr_snapshot ms;
+    mr_error me;
+    int rc = mr_parse(s->fd, offset, NULL, &ms, &me);
+    if (rc != MR_OK) {
+        s->internal = rc == MR_INTERNAL;
+        snprintf(s->err_name_buf, sizeof(s->err_name_buf), "%s", me.name);
+        s->err_name = s->err_name_buf;
+        snprintf(s->err, sizeof(s->err), "%s", me.msg);
+        return -1;
+    }
+    int r = -1;
+    s->file_size = ms.file_size;
     s->base = offset;
-    if (offset > s->file_size)
-        return fail(s, "bad-offset", "offset %llu past the end of %s",
-                    (unsigned long long)offset, path);
-    uint64_t pos = offset, ram_start = 0;
-    if (parse_config(s, &pos) < 0 || find_ram_start(s, pos, &ram_start) < 0)
-        return -1;
+    s->tps = (uint32_t)ms.page_size;
+    s->ram_sid = ms.ram_sid;
+    s->ram_total = ms.total;
+    s->dev_off = ms.dev_start;
+    s->dev_len = ms.eof_offset - ms.dev_start;
+    s->has_vmdesc = ms.has_vmdesc;
+    uint64_t pos = offset;
+    if (ms.ignore_shared) {
+        fail(s, "unsupported-capability", "x-ignore-shared snapshots cannot be served: "
+             "postcopy is not compatible with ignore-shared");
+        goto out;
+    }
+    if (ms.nblocks == 0 || ms.nblocks > BR_MAX_BLOCKS || ms.ram_sid == 0) {
+        fail(s, "unsupported-snapshot", "%zu RAM blocks, RAM section id %u", ms.nblocks,
+             ms.ram_sid);
+        goto out;
+    }
+    if (parse_config(s, &pos) < 0)
+        goto out;
+    if (pos > ms.ram_start || strcmp(s->machine, ms.machine) != 0) {
+        fail(s, "internal", "configuration end %#llx past RAM START %#llx",
+             (unsigned long long)pos, (unsigned long long)ms.ram_start);
+        goto out;
+    }
     s->early_off = pos;
-    s->early_len = ram_start - pos;
-    pos = ram_start;
-    if (parse_ram(s, &pos) < 0 || find_device_state(s, pos) < 0)
-        return -1;
-    return 0;
+    s->early_len = ms.ram_start - pos;
+    s->blocks = calloc(ms.nblocks, sizeof(*s->blocks));
+    if (!s->blocks) {
+        fail(s, "oom", "out of memory");
+        goto out;
+    }
+    for (size_t i = 0; i < ms.nblocks; i++) {
+        s->nblocks = i + 1;     /* so br_snap_close frees a half-loaded block */
+        if (load_block(s, &ms.blocks[i], &s->blocks[i]) < 0)
+            goto out;
+    }
+    r = 0;
+out:
+    mr_snapshot_free(&ms);
+    return r;
 }
 
 void br_snap_close(struct br_snap *s)
@@ -366,13 +250,8 @@ void br_snap_close(struct br_snap *s)
         free(s->blocks[i].file_bitmap);
         free(s->blocks[i].sent);
     }
-    /* Blocks being filled when a parse failed. */
-    if (s->blocks && s->nblocks < BR_MAX_BLOCKS) {
-        free(s->blocks[s->nblocks].file_bitmap);
-        free(s->blocks[s->nblocks].sent);
-    }
     free(s->blocks);
-    if (s->fd > 0)
+    if (s->fd >= 0)
         close(s->fd);
     s->blocks = NULL;
     s->nblocks = 0;

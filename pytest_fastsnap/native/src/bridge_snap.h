@@ -2,10 +2,9 @@
  * regenerate, the early-setup and device-state byte ranges to replay
  * verbatim, and per RAM block its id, length, file bitmap and page region.
  *
- * Framing-only parse (no vmstate knowledge), every field bounds-checked
- * against the file size before use; allocations are bounded by the file
- * size.  Kept separate from the core parser (format.c) so the bridge could
- * be built and tested before it landed; see bridge_snap.c.
+ * The strict parser (mr_format.c) validates the file; bridge_snap.c adds
+ * the bridge's extras (configuration bytes to replay, early-setup range,
+ * bitmaps in memory).  Allocations are bounded by the file size.
  */
 #ifndef FASTSNAP_BRIDGE_SNAP_H
 #define FASTSNAP_BRIDGE_SNAP_H
@@ -48,7 +47,9 @@ struct br_snap {
     uint64_t dev_off, dev_len;      /* device-state run, without EOF */
     int has_vmdesc;
     const char *err_name;           /* stable error name on failure */
+    char err_name_buf[24];
     char err[512];
+    int internal;                   /* failure was not the file's fault */
 };
 
 /* 0 on success; -1 with snap->err_name/err set. */
