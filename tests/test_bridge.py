@@ -129,6 +129,7 @@ def test_memory_identical(vm_factory: VmFactory, snapshot_factory: SnapshotFacto
     g.wait_loaded()
     stats = g.loader_stats
     assert stats["ok"] and stats["shut"] == 0
+    assert stats["double_sends"] == 0
     assert stats["pages_data"] == stats["file_pages_set"]
     if zero_pages == "all":
         assert stats["pages_data"] + stats["pages_zero"] == stats["ram_bytes"] // 4096
@@ -172,6 +173,7 @@ def test_requests_served_first(vm_factory: VmFactory, snapshot_factory: Snapshot
     g.wait_loaded()
     stats = g.loader_stats
     assert stats["pages_on_request"] >= 1024 - 8, stats
+    assert stats["double_sends"] == 0
     assert stats["requests_served"] >= 1
     assert stats["latency_us"]["count"] == stats["requests_served"]
     assert stats["pages_on_request"] + stats["pages_eager"] >= stats["file_pages_set"]

@@ -109,6 +109,7 @@ struct bridge {
     double send_seconds, read_seconds;  /* time blocked in send() / pread() */
     uint64_t pages_data, pages_zero, pages_on_request, pages_eager;
     uint64_t requests, requests_served, requests_duplicate;
+    uint64_t double_sends;
     double *lat;                /* microseconds, request read -> page sent */
     size_t lat_len;
     uint64_t hist[HIST_BUCKETS];/* log2 microsecond buckets */
@@ -438,6 +439,8 @@ static uint8_t *emit_record(struct bridge *b, uint32_t bi, uint64_t page, int is
         *p = 0;
     b->last_block = (long)bi;
     b->section_pages++;
+    if (mr_core_mark_loaded(blk->core, page))
+        b->double_sends++;      /* must stay 0: QEMU would hit EEXIST */
     if (is_data)
         b->pages_data++;
     else
@@ -1013,7 +1016,7 @@ static void write_stats(struct bridge *b, FILE *f, int rc)
             "\"pages_data\": %llu, \"pages_zero\": %llu, \"pages_on_request\": %llu, "
             "\"pages_eager\": %llu, \"requests\": %llu, \"requests_served\": %llu, "
             "\"requests_duplicate\": %llu, \"requests_invalid\": %llu, \"pongs\": %u, "
-            "\"send_blocked_s\": %.6f, \"read_s\": %.6f, ",
+            "\"send_blocked_s\": %.6f, \"read_s\": %.6f, \"double_sends\": %llu, ",
             b->t_connected, b->t_run_sent, b->t_first_request, b->t_package_loaded,
             b->t_all_sent, b->t_shut,
             eager_s, eager_s > 0 ? eager_bytes / eager_s / (1 << 20) : 0.0,
@@ -1022,7 +1025,7 @@ static void write_stats(struct bridge *b, FILE *f, int rc)
             (unsigned long long)b->pages_on_request, (unsigned long long)b->pages_eager,
             (unsigned long long)b->requests, (unsigned long long)b->requests_served,
             (unsigned long long)b->requests_duplicate, (unsigned long long)b->rp_bad_requests,
-            b->pongs, b->send_seconds, b->read_seconds);
+            b->pongs, b->send_seconds, b->read_seconds, (unsigned long long)b->double_sends);
     fprintf(f, "\"latency_us\": {\"count\": %zu, \"p50\": %.1f, \"p90\": %.1f, \"p99\": %.1f, "
             "\"max\": %.1f, \"histogram_log2\": [", b->lat_len, pct(b->lat, b->lat_len, 0.5),
             pct(b->lat, b->lat_len, 0.9), pct(b->lat, b->lat_len, 0.99), b->lat_max);

@@ -155,8 +155,9 @@ static int parse_config(struct br_snap *s, uint64_t *pos)
     return 0;
 }
 
-static int load_block(struct br_snap *s, const mr_block *mb, struct br_block *blk)
+static int load_block(struct br_snap *s, mr_core_block *core, struct br_block *blk)
 {
+    const mr_block *mb = core->meta;
     size_t idlen = strlen(mb->id);
     if (idlen == 0 || idlen > 255)
         return fail(s, "bad-block-id", "block id of length %zu", idlen);
@@ -166,19 +167,13 @@ static int load_block(struct br_snap *s, const mr_block *mb, struct br_block *bl
     blk->npages = mb->num_pages;
     blk->bitmap_offset = mb->bitmap_offset;
     blk->pages_offset = mb->pages_offset;
-    uint64_t words = (blk->npages + 63) / 64;
     if (mb->page_size != s->tps || blk->npages != blk->length / s->tps ||
-        words * 8 != mb->bitmap_size)
+        core->num_pages != blk->npages)
         return fail(s, "internal", "block %s: parser geometry disagrees", blk->id);
-    blk->file_bitmap = calloc(words ? words : 1, 8);
-    blk->sent = calloc(words ? words : 1, sizeof(*blk->sent));
-    if (!blk->file_bitmap || !blk->sent)
-        return fail(s, "oom", "out of memory");
-    if (rd(s, blk->bitmap_offset, blk->file_bitmap, words * 8, "bitmap") < 0)
-        return -1;
-    if (blk->npages % 64)   /* bits past the end mean nothing */
-        blk->file_bitmap[words - 1] &= (UINT64_C(1) << (blk->npages % 64)) - 1;
-    for (uint64_t w = 0; w < words; w++)
+    blk->core = core;
+    blk->file_bitmap = core->file_bits;
+    blk->sent = core->claimed;
+    for (uint64_t w = 0; w < core->nwords; w++)
         blk->set_pages += (uint64_t)__builtin_popcountll(blk->file_bitmap[w]);
     return 0;
 }
@@ -189,9 +184,9 @@ int br_snap_open(struct br_snap *s, const char *path, uint64_t offset)
     s->fd = open(path, O_RDONLY | O_CLOEXEC);
     if (s->fd < 0)
         return fail(s, "open-failed", "%s: %s", path, strerror(errno));
-    mr_snapshot ms;
+    mr_snapshot *ms = &s->ms;
     mr_error me;
-    int rc = mr_parse(s->fd, offset, NULL, &ms, &me);
+    int rc = mr_parse(s->fd, offset, NULL, ms, &me);
     if (rc != MR_OK) {
         s->internal = rc == MR_INTERNAL;
         snprintf(s->err_name_buf, sizeof(s->err_name_buf), "%s", me.name);
@@ -199,60 +194,52 @@ int br_snap_open(struct br_snap *s, const char *path, uint64_t offset)
         snprintf(s->err, sizeof(s->err), "%s", me.msg);
         return -1;
     }
-    int r = -1;
-    s->file_size = ms.file_size;
+    s->file_size = ms->file_size;
     s->base = offset;
-    s->tps = (uint32_t)ms.page_size;
-    s->ram_sid = ms.ram_sid;
-    s->ram_total = ms.total;
-    s->dev_off = ms.dev_start;
-    s->dev_len = ms.eof_offset - ms.dev_start;
-    s->has_vmdesc = ms.has_vmdesc;
+    s->tps = (uint32_t)ms->page_size;
+    s->ram_sid = ms->ram_sid;
+    s->ram_total = ms->total;
+    s->dev_off = ms->dev_start;
+    s->dev_len = ms->eof_offset - ms->dev_start;
+    s->has_vmdesc = ms->has_vmdesc;
     uint64_t pos = offset;
-    if (ms.ignore_shared) {
-        fail(s, "unsupported-capability", "x-ignore-shared snapshots cannot be served: "
-             "postcopy is not compatible with ignore-shared");
-        goto out;
-    }
-    if (ms.nblocks == 0 || ms.nblocks > BR_MAX_BLOCKS || ms.ram_sid == 0) {
-        fail(s, "unsupported-snapshot", "%zu RAM blocks, RAM section id %u", ms.nblocks,
-             ms.ram_sid);
-        goto out;
-    }
+    if (ms->ignore_shared)
+        return fail(s, "unsupported-capability", "x-ignore-shared snapshots cannot be "
+                    "served: postcopy is not compatible with ignore-shared");
+    if (ms->nblocks == 0 || ms->nblocks > BR_MAX_BLOCKS || ms->ram_sid == 0)
+        return fail(s, "unsupported-snapshot", "%zu RAM blocks, RAM section id %u",
+                    ms->nblocks, ms->ram_sid);
     if (parse_config(s, &pos) < 0)
-        goto out;
-    if (pos > ms.ram_start || strcmp(s->machine, ms.machine) != 0) {
-        fail(s, "internal", "configuration end %#llx past RAM START %#llx",
-             (unsigned long long)pos, (unsigned long long)ms.ram_start);
-        goto out;
-    }
+        return -1;
+    if (pos > ms->ram_start || strcmp(s->machine, ms->machine) != 0)
+        return fail(s, "internal", "configuration end %#llx past RAM START %#llx",
+                    (unsigned long long)pos, (unsigned long long)ms->ram_start);
     s->early_off = pos;
-    s->early_len = ms.ram_start - pos;
-    s->blocks = calloc(ms.nblocks, sizeof(*s->blocks));
-    if (!s->blocks) {
-        fail(s, "oom", "out of memory");
-        goto out;
+    s->early_len = ms->ram_start - pos;
+    s->core = calloc(ms->nblocks, sizeof(*s->core));
+    s->blocks = calloc(ms->nblocks, sizeof(*s->blocks));
+    if (!s->core || !s->blocks)
+        return fail(s, "oom", "out of memory");
+    if (mr_core_init(s->fd, ms, s->core) < 0)
+        return fail(s, "io-error", "reading bitmaps: %s", strerror(errno));
+    for (size_t i = 0; i < ms->nblocks; i++) {
+        if (load_block(s, &s->core[i], &s->blocks[i]) < 0)
+            return -1;
+        s->nblocks = i + 1;
     }
-    for (size_t i = 0; i < ms.nblocks; i++) {
-        s->nblocks = i + 1;     /* so br_snap_close frees a half-loaded block */
-        if (load_block(s, &ms.blocks[i], &s->blocks[i]) < 0)
-            goto out;
-    }
-    r = 0;
-out:
-    mr_snapshot_free(&ms);
-    return r;
+    return 0;
 }
 
 void br_snap_close(struct br_snap *s)
 {
-    for (size_t i = 0; i < s->nblocks; i++) {
-        free(s->blocks[i].file_bitmap);
-        free(s->blocks[i].sent);
-    }
+    if (s->core)
+        mr_core_free(s->core, s->ms.nblocks);
+    free(s->core);
     free(s->blocks);
+    mr_snapshot_free(&s->ms);   /* safe on a zeroed or failed parse */
     if (s->fd >= 0)
         close(s->fd);
+    s->core = NULL;
     s->blocks = NULL;
     s->nblocks = 0;
     s->fd = -1;

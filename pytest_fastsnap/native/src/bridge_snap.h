@@ -13,6 +13,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "mr_core.h"
+#include "mr_format.h"
+
 #define BR_MAX_BLOCKS 1024
 
 struct br_block {
@@ -22,8 +25,9 @@ struct br_block {
     uint64_t npages;        /* length / tps */
     uint64_t bitmap_offset; /* absolute file offsets */
     uint64_t pages_offset;
-    uint64_t *file_bitmap;  /* host-order unsigned longs, as in the file */
-    _Atomic uint64_t *sent; /* pages already put on the wire */
+    uint64_t *file_bitmap;  /* = core->file_bits: page i has data in the file */
+    _Atomic uint64_t *sent; /* = core->claimed: page i is (being) put on the wire */
+    mr_core_block *core;    /* the loader core's per-block page state */
     uint64_t set_pages;     /* bits set in file_bitmap */
 };
 
@@ -50,6 +54,8 @@ struct br_snap {
     char err_name_buf[24];
     char err[512];
     int internal;                   /* failure was not the file's fault */
+    mr_snapshot ms;                 /* strict parse, kept for core->meta */
+    mr_core_block *core;            /* ms.nblocks entries */
 };
 
 /* 0 on success; -1 with snap->err_name/err set. */
