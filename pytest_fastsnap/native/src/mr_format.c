@@ -1,0 +1,629 @@
+/* Strict mapped-ram parser: see mr_format.h.  Rules and their order follow
+ * pytest_fastsnap/snapshot/format.py (the independent Python reader), so the
+ * two agree on every file; README.md lists the error names. */
+#define _GNU_SOURCE
+#include "mr_format.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define MAGIC 0x5145564Du
+#define STREAM_VERSION 3u
+#define VM_EOF 0x00
+#define VM_START 0x01
+#define VM_PART 0x02
+#define VM_END 0x03
+#define VM_FULL 0x04
+#define VM_SUBSECTION 0x05
+#define VM_VMDESC 0x06
+#define VM_CONFIGURATION 0x07
+#define VM_COMMAND 0x08
+#define VM_FOOTER 0x7E
+#define CMD_SWITCHOVER_START 0x0B
+#define RAM_MEM_SIZE 0x04u
+#define RAM_EOS 0x10u
+#define RAM_SECTION_VERSION 4u
+#define HDR_VERSION 1u
+#define MAX_CAPABILITIES 64u
+#define MAX_MACHINE_NAME 256u
+#define SEARCH_WINDOW (16ull << 20)
+#define VMDESC_MAX (64ull << 20)
+
+typedef struct pctx {
+    int fd;
+    uint64_t size;
+    jmp_buf jb;
+    mr_error *err;
+    int status;
+    const mr_limits *limits;
+    mr_snapshot *snap;
+    unsigned char *window;  /* freed by mr_parse */
+} pctx;
+
+static uint64_t sadd(uint64_t a, uint64_t b)
+{
+    return a > UINT64_MAX - b ? UINT64_MAX : a + b;
+}
+
+static uint64_t roundup_align(uint64_t v)
+{
+    uint64_t r = sadd(v, MR_ALIGN - 1);
+    return r == UINT64_MAX ? UINT64_MAX : r - r % MR_ALIGN;
+}
+
+static void failv(pctx *c, int status, const char *name, const char *fmt, va_list ap)
+{
+    snprintf(c->err->name, sizeof c->err->name, "%s", name);
+    vsnprintf(c->err->msg, sizeof c->err->msg, fmt, ap);
+    c->status = status;
+    longjmp(c->jb, 1);
+}
+
+__attribute__((format(printf, 3, 4), noreturn))
+static void fail(pctx *c, const char *name, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    failv(c, MR_INVALID, name, fmt, ap);
+    va_end(ap);
+    abort();
+}
+
+__attribute__((format(printf, 2, 3), noreturn))
+static void internal(pctx *c, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    failv(c, MR_INTERNAL, "E_INTERNAL", fmt, ap);
+    va_end(ap);
+    abort();
+}
+
+/* Exactly n bytes at offset or 0 (no error). */
+static int peek(pctx *c, uint64_t off, size_t n, void *buf)
+{
+    if (off > c->size || n > c->size - off)
+        return 0;
+    size_t got = 0;
+    while (got < n) {
+        ssize_t r = pread(c->fd, (char *)buf + got, n - got, (off_t)(off + got));
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            internal(c, "pread at %#" PRIx64 ": %s", off + got, strerror(errno));
+        if (r == 0)
+            return 0;
+        got += (size_t)r;
+    }
+    return 1;
+}
+
+static void rd(pctx *c, uint64_t off, size_t n, void *buf, const char *what)
+{
+    if (off > c->size || n > c->size - off)
+        fail(c, "E_TRUNCATED", "%s needs bytes [%#" PRIx64 ", %#" PRIx64 ") but the file "
+             "ends at %#" PRIx64, what, off, sadd(off, n), c->size);
+    if (!peek(c, off, n, buf))
+        fail(c, "E_TRUNCATED", "%s: short read at %#" PRIx64, what, off);
+}
+
+static uint64_t be(const unsigned char *p, size_t n)
+{
+    uint64_t v = 0;
+    for (size_t i = 0; i < n; i++)
+        v = v << 8 | p[i];
+    return v;
+}
+
+static uint64_t uint_at(pctx *c, uint64_t off, size_t n, const char *what)
+{
+    unsigned char b[8];
+    rd(c, off, n, b, what);
+    return be(b, n);
+}
+
+/* str8 at off into out (NUL-terminated, 256 bytes); returns the offset after it. */
+static uint64_t str8(pctx *c, uint64_t off, char *out, const char *what)
+{
+    unsigned n = (unsigned)uint_at(c, off, 1, what);
+    rd(c, off + 1, n, out, what);
+    out[n] = 0;
+    return off + 1 + n;
+}
+
+/* Printable copy of a block id for messages. */
+static const char *pid(const char *id, char *buf, size_t len)
+{
+    size_t j = 0;
+    for (size_t i = 0; id[i] && j + 5 < len; i++) {
+        unsigned char ch = (unsigned char)id[i];
+        if (ch >= 0x20 && ch < 0x7f && ch != '"' && ch != '\\')
+            buf[j++] = (char)ch;
+        else
+            j += (size_t)snprintf(buf + j, len - j, "\\x%02x", ch);
+    }
+    buf[j] = 0;
+    return buf;
+}
+
+static uint64_t configuration(pctx *c, uint64_t pos)
+{
+    mr_snapshot *s = c->snap;
+    unsigned kind = (unsigned)uint_at(c, pos, 1, "configuration record");
+    if (kind != VM_CONFIGURATION)
+        fail(c, "E_CONFIG", "configuration record missing at %#" PRIx64 ": byte %#04x != 0x07",
+             pos, kind);
+    uint64_t len = uint_at(c, pos + 1, 4, "machine name length");
+    if (len == 0 || len > MAX_MACHINE_NAME)
+        fail(c, "E_CONFIG", "configuration: machine name length %" PRIu64 " not in 1..%u",
+             len, MAX_MACHINE_NAME);
+    rd(c, pos + 5, (size_t)len, s->machine, "machine name");
+    s->machine[len] = 0;
+    uint64_t cur = pos + 5 + len;
+    int have_mapped_ram = 0, have_bits = 0;
+    unsigned bits = 12;
+    while (uint_at(c, cur, 1, "configuration subsection") == VM_SUBSECTION) {
+        char name[256];
+        uint64_t vid_at = str8(c, cur + 1, name, "subsection name");
+        uint_at(c, vid_at, 4, "subsection version");
+        uint64_t body = vid_at + 4, end;
+        if (strcmp(name, "configuration/target-page-bits") == 0) {
+            uint64_t v = uint_at(c, body, 4, "target-page-bits");
+            if (v < 9 || v > 16)
+                fail(c, "E_CONFIG", "configuration/target-page-bits %" PRIu64 " not in 9..16", v);
+            bits = (unsigned)v;
+            have_bits = 1;
+            end = body + 4;
+        } else if (strcmp(name, "configuration/capabilities") == 0) {
+            uint64_t n = uint_at(c, body, 4, "capability count");
+            if (n > MAX_CAPABILITIES)
+                fail(c, "E_CONFIG", "configuration/capabilities count %" PRIu64 " > %u", n,
+                     MAX_CAPABILITIES);
+            end = body + 4;
+            for (uint64_t i = 0; i < n; i++) {
+                char cap[256];
+                end = str8(c, end, cap, "capability name");
+                if (strcmp(cap, "mapped-ram") == 0)
+                    have_mapped_ram = 1;
+                if (strcmp(cap, "x-ignore-shared") == 0)
+                    s->ignore_shared = 1;
+            }
+        } else if (strcmp(name, "configuration/uuid") == 0) {
+            unsigned char uuid[16];
+            rd(c, body, 16, uuid, "uuid");
+            end = body + 16;
+        } else {
+            char p[256 * 4 + 8];
+            fail(c, "E_CONFIG", "unknown configuration subsection \"%s\" at %#" PRIx64,
+                 pid(name, p, sizeof p), cur);
+        }
+        cur = end;
+    }
+    if (have_bits)
+        s->page_size = 1ull << bits;
+    if (!have_mapped_ram)
+        fail(c, "E_CONFIG", "configuration/capabilities does not list mapped-ram");
+    return cur;
+}
+
+static uint64_t find_ram_start(pctx *c, uint64_t pos)
+{
+    unsigned char b[9];
+    if (peek(c, pos, 9, b) && b[0] == VM_START && memcmp(b + 5, "\x03ram", 4) == 0)
+        return pos;
+    uint64_t n = c->size - pos;
+    if (n > SEARCH_WINDOW)
+        n = SEARCH_WINDOW;
+    if (n >= 9) {
+        c->window = malloc((size_t)n);
+        if (!c->window)
+            internal(c, "out of memory (%" PRIu64 " bytes)", n);
+        if (peek(c, pos, (size_t)n, c->window)) {
+            unsigned char *w = c->window;
+            for (uint64_t at = 5; at + 4 <= n; at++) {
+                if (w[at] == 3 && w[at + 1] == 'r' && w[at + 2] == 'a' && w[at + 3] == 'm' &&
+                    w[at - 5] == VM_START) {
+                    free(c->window);
+                    c->window = NULL;
+                    return pos + at - 5;
+                }
+            }
+        }
+        free(c->window);
+        c->window = NULL;
+    }
+    fail(c, "E_RAM_SECTION", "no RAM START record (01 sid 03 'ram') after the configuration "
+         "at %#" PRIx64, pos);
+}
+
+static int is_eos(pctx *c, uint64_t pos, uint32_t sid)
+{
+    unsigned char b[13];
+    return peek(c, pos, 13, b) && be(b, 8) == RAM_EOS && b[8] == VM_FOOTER && be(b + 9, 4) == sid;
+}
+
+static int plausible_block(pctx *c, uint64_t pos)
+{
+    unsigned char n, raw[MR_HEADER_SIZE];
+    if (!peek(c, pos, 1, &n))
+        return 0;
+    uint64_t hdr = pos + 1 + n + 8 + (c->snap->ignore_shared ? 8 : 0);
+    if (!peek(c, hdr, MR_HEADER_SIZE, raw))
+        return 0;
+    uint64_t version = be(raw, 4), ps = be(raw + 4, 8), bo = be(raw + 12, 8),
+             po = be(raw + 20, 8);
+    int score = (version == HDR_VERSION) + (ps == c->snap->page_size) +
+                (bo == hdr + MR_HEADER_SIZE) + (po % MR_ALIGN == 0 && po > hdr);
+    return score >= 2;
+}
+
+static void need_entry(pctx *c, uint64_t pos)
+{
+    unsigned char n;
+    if (!peek(c, pos, 1, &n))
+        fail(c, "E_TRUNCATED", "file ends at %#" PRIx64 " where a block entry or the EOS "
+             "should start", c->size);
+    uint64_t need = 1u + n + 8u + (c->snap->ignore_shared ? 8u : 0u) + MR_HEADER_SIZE;
+    if (pos + (need < 13 ? need : 13) > c->size || (pos + need > c->size && n > 0))
+        fail(c, "E_TRUNCATED", "file ends at %#" PRIx64 " inside the block entry at %#" PRIx64,
+             c->size, pos);
+}
+
+static int ranges_overlap(uint64_t a0, uint64_t a1, uint64_t b0, uint64_t b1)
+{
+    return a1 > a0 && b1 > b0 && a0 < b1 && b0 < a1;
+}
+
+static int overlaps_earlier(pctx *c, size_t index, uint64_t s, uint64_t e)
+{
+    for (size_t i = 0; i < index; i++) {
+        const mr_block *b = &c->snap->blocks[i];
+        if (b->ignored)
+            continue;
+        if (ranges_overlap(s, e, b->bitmap_offset, sadd(b->bitmap_offset, b->bitmap_size)) ||
+            ranges_overlap(s, e, b->pages_offset, sadd(b->pages_offset, b->used_length)))
+            return 1;
+    }
+    return 0;
+}
+
+static void block(pctx *c, size_t index, uint64_t pos)
+{
+    mr_snapshot *s = c->snap;
+    mr_block *b = &s->blocks[index];
+    char p[256 * 4 + 8];
+    memset(b, 0, sizeof *b);
+    b->entry_offset = pos;
+    uint64_t cur = str8(c, pos, b->id, "block id");
+    const char *name = pid(b->id, p, sizeof p);
+    if (!b->id[0])
+        fail(c, "E_BLOCK_ID", "block %zu at %#" PRIx64 ": id is empty", index, pos);
+    for (size_t i = 0; i < index; i++)
+        if (strcmp(s->blocks[i].id, b->id) == 0)
+            fail(c, "E_BLOCK_ID", "block %zu \"%s\": duplicate id (also block %zu)", index,
+                 name, i);
+    b->used_length = uint_at(c, cur, 8, "block used_length");
+    if (b->used_length == 0 || b->used_length % s->page_size)
+        fail(c, "E_BLOCK_LENGTH", "block \"%s\" used_length %#" PRIx64 " is 0 or not a "
+             "multiple of %" PRIu64, name, b->used_length, s->page_size);
+    if (c->limits)
+        for (size_t i = 0; i < c->limits->count; i++)
+            if (strcmp(c->limits->item[i].id, b->id) == 0 &&
+                b->used_length > c->limits->item[i].max_length)
+                fail(c, "E_MAX_LENGTH", "block \"%s\" used_length %#" PRIx64 " exceeds "
+                     "max_length %#" PRIx64, name, b->used_length, c->limits->item[i].max_length);
+    cur += 8;
+    if (s->ignore_shared) {
+        b->gpa = uint_at(c, cur, 8, "block GPA");
+        cur += 8;
+    }
+    unsigned char h[MR_HEADER_SIZE];
+    char what[300];
+    snprintf(what, sizeof what, "MappedRamHeader of block \"%s\"", name);
+    rd(c, cur, MR_HEADER_SIZE, h, what);
+    b->hdr_offset = cur;
+    b->hdr_version = (uint32_t)be(h, 4);
+    b->page_size = be(h + 4, 8);
+    b->bitmap_offset = be(h + 12, 8);
+    b->pages_offset = be(h + 20, 8);
+    uint64_t hend = cur + MR_HEADER_SIZE;
+    if (b->hdr_version != HDR_VERSION)
+        fail(c, "E_HDR_VERSION", "block \"%s\" header version %" PRIu32 " != 1", name,
+             b->hdr_version);
+    if (b->page_size != s->page_size)
+        fail(c, "E_PAGE_SIZE", "block \"%s\" header page_size %" PRIu64 " != %" PRIu64, name,
+             b->page_size, s->page_size);
+    b->num_pages = b->used_length / s->page_size;
+    b->bitmap_size = mr_bitmap_size(b->num_pages);
+    uint64_t bo = b->bitmap_offset, po = b->pages_offset;
+    if (s->ignore_shared && bo == 0 && po == 0) {
+        b->ignored = 1;
+        return;
+    }
+    uint64_t bend = sadd(bo, b->bitmap_size);
+    if (bo >= c->size)
+        fail(c, "E_BITMAP_OFFSET", "block \"%s\" bitmap_offset %#" PRIx64 " at/after EOF (%#"
+             PRIx64 ")", name, bo, c->size);
+    else if (bend > c->size)
+        fail(c, "E_TRUNCATED", "block \"%s\" bitmap [%#" PRIx64 ", %#" PRIx64 ") runs past EOF "
+             "(%#" PRIx64 ")", name, bo, bend, c->size);
+    else if (overlaps_earlier(c, index, bo, bend))
+        fail(c, "E_OVERLAP", "block \"%s\" bitmap [%#" PRIx64 ", %#" PRIx64 ") overlaps an "
+             "earlier block's region", name, bo, bend);
+    else if (bo != hend)
+        fail(c, "E_BITMAP_OFFSET", "block \"%s\" bitmap_offset %#" PRIx64 " is not right after "
+             "its header (%#" PRIx64 ")", name, bo, hend);
+    uint64_t pend = sadd(po, b->used_length);
+    uint64_t want = roundup_align(sadd(hend, b->bitmap_size));
+    if (po % MR_ALIGN)
+        fail(c, "E_PAGES_ALIGN", "block \"%s\" pages_offset %#" PRIx64 " is not 1 MiB aligned",
+             name, po);
+    else if (po >= c->size)
+        fail(c, "E_PAGES_OFFSET", "block \"%s\" pages_offset %#" PRIx64 " at/after EOF (%#"
+             PRIx64 ")", name, po, c->size);
+    else if (po < sadd(hend, b->bitmap_size) || overlaps_earlier(c, index, po, pend))
+        fail(c, "E_OVERLAP", "block \"%s\" pages [%#" PRIx64 ", %#" PRIx64 ") overlap its "
+             "header/bitmap or an earlier block", name, po, pend);
+    else if (po != want)
+        fail(c, "E_PAGES_OFFSET", "block \"%s\" pages_offset %#" PRIx64 " != roundup(bitmap "
+             "end, 1 MiB) = %#" PRIx64, name, po, want);
+    if (pend > c->size)
+        fail(c, "E_TRUNCATED", "block \"%s\" pages [%#" PRIx64 ", %#" PRIx64 ") run past EOF "
+             "(%#" PRIx64 ")", name, po, pend, c->size);
+}
+
+static uint64_t footer(pctx *c, uint64_t pos, uint32_t sid, const char *what)
+{
+    char w[64];
+    snprintf(w, sizeof w, "%s footer", what);
+    unsigned mark = (unsigned)uint_at(c, pos, 1, w);
+    uint64_t fsid = uint_at(c, pos + 1, 4, w);
+    if (mark != VM_FOOTER || fsid != sid)
+        fail(c, "E_FOOTER", "%s: expected footer 7e %#x at %#" PRIx64 ", got %#04x %#" PRIx64,
+             what, sid, pos, mark, fsid);
+    return pos + 5;
+}
+
+static uint64_t ram_start(pctx *c, uint64_t pos)
+{
+    mr_snapshot *s = c->snap;
+    char idstr[256];
+    s->ram_start = pos;
+    s->ram_sid = (uint32_t)uint_at(c, pos + 1, 4, "RAM section id");
+    uint64_t cur = str8(c, pos + 5, idstr, "RAM section idstr");
+    uint64_t instance = uint_at(c, cur, 4, "RAM instance id");
+    uint64_t version = uint_at(c, cur + 4, 4, "RAM section version");
+    if (instance != 0)
+        fail(c, "E_RAM_SECTION", "RAM START instance id %" PRIu64 " != 0", instance);
+    if (version != RAM_SECTION_VERSION)
+        fail(c, "E_RAM_SECTION", "RAM START section version %" PRIu64 " != 4", version);
+    uint64_t mem_at = cur + 8;
+    uint64_t mem = uint_at(c, mem_at, 8, "MEM_SIZE");
+    uint64_t flags = mem & (s->page_size - 1), total = mem & ~(s->page_size - 1);
+    s->total = total;
+    if (flags != RAM_MEM_SIZE)
+        fail(c, "E_RAM_SECTION", "RAM START first record flags %#" PRIx64 " are not MEM_SIZE "
+             "(0x4)", flags);
+    if (total == 0)
+        fail(c, "E_TOTAL", "RAM START MEM_SIZE total is 0");
+    /* The caller limits block count; the array grows geometrically. */
+    size_t cap = 0;
+    uint64_t summed = 0;
+    cur = mem_at + 8;
+    for (;;) {
+        if (s->nblocks >= MR_MAX_BLOCKS)
+            fail(c, "E_RAM_SECTION", "more than %u blocks", MR_MAX_BLOCKS);
+        if (s->nblocks == cap) {
+            size_t ncap = cap ? cap * 2 : 8;
+            mr_block *nb = realloc(s->blocks, ncap * sizeof *nb);
+            if (!nb)
+                internal(c, "out of memory");
+            s->blocks = nb;
+            cap = ncap;
+        }
+        size_t index = s->nblocks;
+        block(c, index, cur);
+        s->nblocks++;
+        mr_block *b = &s->blocks[index];
+        char p[256 * 4 + 8];
+        summed = sadd(summed, b->used_length);
+        uint64_t next = b->ignored ? b->hdr_offset + MR_HEADER_SIZE
+                                   : sadd(b->pages_offset, b->used_length);
+        if (next > c->size)
+            fail(c, "E_TRUNCATED", "block \"%s\" region ends past EOF", pid(b->id, p, sizeof p));
+        if (next <= b->entry_offset)
+            fail(c, "E_BLOCK_LENGTH", "block \"%s\" at %#" PRIx64 " sends the stream back to %#"
+                 PRIx64, pid(b->id, p, sizeof p), b->entry_offset, next);
+        cur = next;
+        int eos = is_eos(c, cur, s->ram_sid);
+        int plausible = !eos && plausible_block(c, cur);
+        if (!eos && !plausible)
+            need_entry(c, cur);
+        if (eos) {
+            if (summed != total)
+                fail(c, "E_TOTAL", "RAM START blocks sum to %#" PRIx64 " but MEM_SIZE total is %#"
+                     PRIx64, summed, total);
+            break;
+        }
+        if (plausible) {
+            if (summed >= total)
+                fail(c, "E_TOTAL", "another block follows at %#" PRIx64 " but the blocks already"
+                     " sum to %#" PRIx64 " >= MEM_SIZE total %#" PRIx64, cur, summed, total);
+            continue;
+        }
+        unsigned char f[8];
+        if (summed == total && peek(c, cur, 8, f) && be(f, 8) == RAM_EOS)
+            break;
+        fail(c, "E_BLOCK_LENGTH", "block \"%s\" used_length %#" PRIx64 " ends at %#" PRIx64
+             ", where neither a block nor the EOS follows", pid(b->id, p, sizeof p),
+             b->used_length, cur);
+    }
+    uint_at(c, cur, 8, "RAM START EOS");
+    return footer(c, cur + 8, s->ram_sid, "RAM START");
+}
+
+static uint64_t ram_records(pctx *c, uint64_t pos)
+{
+    uint32_t sid = c->snap->ram_sid;
+    for (;;) {
+        unsigned kind = (unsigned)uint_at(c, pos, 1, "record type");
+        if (kind == VM_PART || kind == VM_END) {
+            const char *label = kind == VM_PART ? "RAM PART" : "RAM END";
+            uint64_t rsid = uint_at(c, pos + 1, 4, "record section id");
+            if (rsid != sid)
+                fail(c, "E_RECORD", "record %#04x at %#" PRIx64 " for section %" PRIu64 " (only "
+                     "the RAM section %u is allowed before RAM END)", kind, pos, rsid, sid);
+            uint64_t flags = uint_at(c, pos + 5, 8, "RAM record flags");
+            if (flags != RAM_EOS)
+                fail(c, "E_RECORD", "%s at %#" PRIx64 ": flags %#" PRIx64 " (only EOS is allowed"
+                     " in a mapped-ram stream)", label, pos, flags);
+            pos = footer(c, pos + 13, sid, label);
+            if (kind == VM_END)
+                return pos;
+        } else if (kind == VM_COMMAND) {
+            uint64_t cmd = uint_at(c, pos + 1, 2, "command");
+            uint64_t len = uint_at(c, pos + 3, 2, "command length");
+            if (cmd != CMD_SWITCHOVER_START || len != 0)
+                fail(c, "E_RECORD", "command %#" PRIx64 " length %" PRIu64 " at %#" PRIx64
+                     " (only SWITCHOVER_START 08 000b 0000 is allowed before RAM END)",
+                     cmd, len, pos);
+            pos += 5;
+        } else {
+            fail(c, "E_RECORD", "unexpected record type %#04x at %#" PRIx64 " before RAM END",
+                 kind, pos);
+        }
+    }
+}
+
+static void tail(pctx *c, uint64_t dev_start)
+{
+    mr_snapshot *s = c->snap;
+    uint64_t size = c->size;
+    uint64_t ws = dev_start;
+    if (size > VMDESC_MAX && size - VMDESC_MAX > ws)
+        ws = size - VMDESC_MAX;
+    uint64_t wlen = size > ws ? size - ws : 0;
+    c->window = malloc(wlen ? (size_t)wlen : 1);
+    if (!c->window)
+        internal(c, "out of memory (%" PRIu64 " bytes)", wlen);
+    unsigned char *w = c->window;
+    if (wlen && !peek(c, ws, (size_t)wlen, w))
+        wlen = 0;
+    int found = 0;
+    uint64_t fpos = 0;
+    uint64_t at = wlen;
+    for (int tries = 0; tries < 4096; tries++) {
+        unsigned char *hit = memrchr(w, VM_VMDESC, (size_t)at);
+        if (!hit)
+            break;
+        at = (uint64_t)(hit - w);
+        if (at + 5 > wlen)
+            continue;
+        uint64_t len = be(w + at + 1, 4);
+        if (ws + at + 5 + len == size && at + 5 < wlen && w[at + 5] == '{') {
+            found = 1;
+            fpos = ws + at;
+            break;
+        }
+    }
+    uint64_t eof;
+    if (found) {
+        if (fpos < 1 || fpos - 1 < dev_start)
+            fail(c, "E_EOF", "VM description at %#" PRIx64 " without an EOF byte before it", fpos);
+        eof = fpos - 1;
+        unsigned eb = (unsigned)uint_at(c, eof, 1, "EOF");
+        if (eb != VM_EOF)
+            fail(c, "E_EOF", "byte %#" PRIx64 " before the VM description is %#04x, not EOF (00)",
+                 eof, eb);
+        s->has_vmdesc = 1;
+        s->vmdesc_offset = fpos;
+        s->vmdesc_len = size - fpos - 5;
+    } else {
+        int good = 0;
+        if (size >= 1 && size - 1 >= dev_start && wlen >= 1) {
+            eof = size - 1;
+            int ends_with_footer = size >= 5 && size - 5 >= dev_start && wlen >= 5 &&
+                                   w[wlen - 5] == VM_FOOTER;
+            good = w[wlen - 1] == 0 && !ends_with_footer &&
+                   (eof == dev_start || (eof >= 5 && eof - 5 >= ws && w[eof - 5 - ws] == VM_FOOTER));
+        }
+        if (!good) {
+            int in_vmdesc = 0;
+            for (uint64_t i = wlen; i >= 2 && !in_vmdesc; i--)
+                if (w[i - 2] == 0 && w[i - 1] == VM_VMDESC) {
+                    in_vmdesc = i + 4 < wlen && w[i + 4] == '{';
+                    break;
+                }
+            fail(c, "E_TRUNCATED", "the file ends %s (size %#" PRIx64 ")",
+                 in_vmdesc ? "inside the VM description" : "without the EOF byte", size);
+        }
+        eof = size - 1;
+    }
+    s->dev_start = dev_start;
+    s->eof_offset = eof;
+    if (eof > dev_start) {
+        if (uint_at(c, dev_start, 1, "device state") != VM_FULL)
+            fail(c, "E_RECORD", "device state at %#" PRIx64 " does not start with a FULL section "
+                 "(04)", dev_start);
+        if (eof < 5 || eof - 5 < dev_start || uint_at(c, eof - 5, 1, "footer") != VM_FOOTER)
+            fail(c, "E_FOOTER", "device state [%#" PRIx64 ", %#" PRIx64 ") does not end with a "
+                 "section footer", dev_start, eof);
+    }
+}
+
+int mr_parse(int fd, uint64_t stream_offset, const mr_limits *limits, mr_snapshot *out,
+             mr_error *err)
+{
+    pctx c;
+    memset(&c, 0, sizeof c);
+    memset(out, 0, sizeof *out);
+    memset(err, 0, sizeof *err);
+    c.fd = fd;
+    c.err = err;
+    c.limits = limits;
+    c.snap = out;
+    out->page_size = 4096;
+    out->stream_offset = stream_offset;
+    if (setjmp(c.jb)) {
+        free(c.window);
+        mr_snapshot_free(out);
+        return c.status;
+    }
+    struct stat st;
+    if (fstat(fd, &st) < 0)
+        internal(&c, "fstat: %s", strerror(errno));
+    c.size = out->file_size = (uint64_t)st.st_size;
+    uint64_t s = stream_offset;
+    if (s > c.size)
+        fail(&c, "E_TRUNCATED", "stream offset %#" PRIx64 " beyond the file (%#" PRIx64 ")", s,
+             c.size);
+    uint64_t magic = uint_at(&c, s, 4, "stream magic");
+    if (magic != MAGIC)
+        fail(&c, "E_MAGIC", "stream header at %#" PRIx64 ": magic %#010" PRIx64 " != 0x5145564d "
+             "(QEVM)", s, magic);
+    uint64_t version = uint_at(&c, s + 4, 4, "stream version");
+    if (version != STREAM_VERSION)
+        fail(&c, "E_VERSION", "stream header: version %" PRIu64 " != 3%s", version,
+             version == 2 ? " (v2 is obsolete)" : "");
+    uint64_t pos = configuration(&c, s + 8);
+    pos = find_ram_start(&c, pos);
+    pos = ram_start(&c, pos);
+    pos = ram_records(&c, pos);
+    tail(&c, pos);
+    free(c.window);
+    return MR_OK;
+}
+
+void mr_snapshot_free(mr_snapshot *snap)
+{
+    free(snap->blocks);
+    snap->blocks = NULL;
+    snap->nblocks = 0;
+}

@@ -1,0 +1,870 @@
+/* Local lazy restore through userfaultfd: a fault thread, an eager thread,
+ * access-driver threads; pages claimed through mr_core so each is placed
+ * exactly once.  All state lives in one lctx per load. */
+#define _GNU_SOURCE
+#include "mr_local.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <linux/userfaultfd.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "mr_core.h"
+#include "mr_sha256.h"
+
+#ifndef USERFAULTFD_IOC_NEW
+#define USERFAULTFD_IOC_NEW _IO(0xAA, 0x00)
+#endif
+
+#define PAGE 4096ull
+#define RUN_PAGES 256u
+#define HIST_BUCKETS 32
+
+typedef struct lctx {
+    int fd;
+    int uffd;
+    const mr_snapshot *snap;
+    const mr_load_opts *opts;
+    mr_core_block *blocks;
+    size_t nblocks;
+    uint64_t total_pages;
+    _Atomic int pending_faults;
+    _Atomic int stop;
+    _Atomic int failed;
+    char errmsg[256];
+    /* stats */
+    _Atomic uint64_t bytes_read, pages_copied, pages_zero, double_loads, pages_loaded;
+    _Atomic uint64_t eager_pages, eager_ns, wakes;
+    /* fault thread only (read after join) */
+    uint64_t faults;
+    uint64_t *lat_ns;
+    size_t lat_n, lat_cap;
+    uint64_t hist[HIST_BUCKETS];
+} lctx;
+
+typedef struct access_arg {
+    lctx *c;
+    unsigned index;
+    mr_access pattern;
+    const uint64_t *order;   /* random: global page numbers */
+    uint64_t order_n;
+    uint64_t sink;
+} access_arg;
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void set_fail(lctx *c, const char *fmt, ...)
+{
+    int expected = 0;
+    if (atomic_compare_exchange_strong(&c->failed, &expected, 1)) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(c->errmsg, sizeof c->errmsg, fmt, ap);
+        va_end(ap);
+    }
+    atomic_store(&c->stop, 1);
+}
+
+int mr_uffd_open(void)
+{
+    int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+    if (dev >= 0) {
+        int fd = ioctl(dev, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
+        close(dev);
+        if (fd >= 0)
+            return fd;
+    }
+    return (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+}
+
+static int uffd_setup(int *out, char *err, size_t errlen)
+{
+    int fd = mr_uffd_open();
+    if (fd < 0) {
+        snprintf(err, errlen, "userfaultfd: %s (neither /dev/userfaultfd nor the syscall "
+                 "worked; check vm.unprivileged_userfaultfd or CAP_SYS_PTRACE)", strerror(errno));
+        return -1;
+    }
+    struct uffdio_api api = {.api = UFFD_API, .features = 0};
+    if (ioctl(fd, UFFDIO_API, &api) < 0) {
+        snprintf(err, errlen, "UFFDIO_API: %s", strerror(errno));
+        close(fd);
+        return -1;
+    }
+    uint64_t need = (1ull << _UFFDIO_REGISTER) | (1ull << _UFFDIO_UNREGISTER);
+    if ((api.ioctls & need) != need) {
+        snprintf(err, errlen, "UFFDIO_API: REGISTER/UNREGISTER not offered");
+        close(fd);
+        return -1;
+    }
+    *out = fd;
+    return 0;
+}
+
+static int uffd_register(int uffd, void *addr, uint64_t len, char *err, size_t errlen)
+{
+    struct uffdio_register reg = {.range = {.start = (uintptr_t)addr, .len = len},
+                                  .mode = UFFDIO_REGISTER_MODE_MISSING};
+    if (ioctl(uffd, UFFDIO_REGISTER, &reg) < 0) {
+        snprintf(err, errlen, "UFFDIO_REGISTER: %s", strerror(errno));
+        return -1;
+    }
+    uint64_t need = (1ull << _UFFDIO_COPY) | (1ull << _UFFDIO_ZEROPAGE) | (1ull << _UFFDIO_WAKE);
+    if ((reg.ioctls & need) != need) {
+        snprintf(err, errlen, "UFFDIO_REGISTER: COPY/ZEROPAGE/WAKE not offered on the range");
+        return -1;
+    }
+    return 0;
+}
+
+static int uffd_wake(int uffd, void *addr, uint64_t len)
+{
+    struct uffdio_range r = {.start = (uintptr_t)addr, .len = len};
+    return ioctl(uffd, UFFDIO_WAKE, &r);
+}
+
+static int pread_full(int fd, void *buf, size_t n, uint64_t off)
+{
+    size_t got = 0;
+    while (got < n) {
+        ssize_t r = pread(fd, (char *)buf + got, n - got, (off_t)(off + got));
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            return -1;
+        if (r == 0) { /* a validated file covers every region; a shrunk file does not */
+            errno = EIO;
+            return -1;
+        }
+        got += (size_t)r;
+    }
+    return 0;
+}
+
+/* Places npages at dst (data from src, or zero pages if src is NULL), handling
+ * partial progress.  Pages already present (EEXIST) are woken and skipped.
+ * Returns 0 or -1 (errno). */
+static int place(lctx *c, unsigned char *dst, const unsigned char *src, uint64_t npages)
+{
+    uint64_t len = npages * PAGE, done = 0;
+    int tries = 0;
+    while (done < len) {
+        int64_t progress;
+        int rc, e;
+        if (src) {
+            struct uffdio_copy cp = {.dst = (uintptr_t)(dst + done),
+                                     .src = (uintptr_t)(src + done), .len = len - done};
+            rc = ioctl(c->uffd, UFFDIO_COPY, &cp);
+            e = errno;
+            progress = cp.copy;
+        } else {
+            struct uffdio_zeropage zp = {.range = {.start = (uintptr_t)(dst + done),
+                                                   .len = len - done}};
+            rc = ioctl(c->uffd, UFFDIO_ZEROPAGE, &zp);
+            e = errno;
+            progress = zp.zeropage;
+        }
+        if (rc == 0) {
+            done = len;
+            break;
+        }
+        if (progress > 0) {
+            done += (uint64_t)progress;
+            continue;
+        }
+        if (e == EEXIST) {
+            /* The next page is already present: wake its waiters and move on. */
+            uffd_wake(c->uffd, dst + done, PAGE);
+            atomic_fetch_add(&c->wakes, 1);
+            done += PAGE;
+            continue;
+        }
+        if (e == EAGAIN && ++tries < 100000) {
+            sched_yield();
+            continue;
+        }
+        errno = e;
+        return -1;
+    }
+    return 0;
+}
+
+static mr_core_block *find_block(lctx *c, uintptr_t addr, uint64_t *page)
+{
+    for (size_t i = 0; i < c->nblocks; i++) {
+        mr_core_block *b = &c->blocks[i];
+        if (!b->mem)
+            continue;
+        uintptr_t base = (uintptr_t)b->mem;
+        if (addr >= base && addr < base + b->meta->used_length) {
+            *page = (addr - base) / PAGE;
+            return b;
+        }
+    }
+    return NULL;
+}
+
+static void account(lctx *c, mr_core_block *b, uint64_t first, uint64_t n, int data)
+{
+    for (uint64_t p = first; p < first + n; p++) {
+        if (mr_core_mark_loaded(b, p))
+            atomic_fetch_add(&c->double_loads, 1);
+        else
+            atomic_fetch_add(&c->pages_loaded, 1);
+    }
+    atomic_fetch_add(data ? &c->pages_copied : &c->pages_zero, n);
+}
+
+static int load_one(lctx *c, mr_core_block *b, uint64_t page, unsigned char *buf)
+{
+    unsigned char *dst = b->mem + page * PAGE;
+    if (mr_core_bit(b, page)) {
+        if (pread_full(c->fd, buf, PAGE, b->meta->pages_offset + page * PAGE) < 0)
+            return -1;
+        atomic_fetch_add(&c->bytes_read, PAGE);
+        if (place(c, dst, buf, 1) < 0)
+            return -1;
+        account(c, b, page, 1, 1);
+    } else {
+        if (place(c, dst, NULL, 1) < 0)
+            return -1;
+        account(c, b, page, 1, 0);
+    }
+    return 0;
+}
+
+static void record_latency(lctx *c, uint64_t ns)
+{
+    uint64_t us = ns / 1000;
+    int bucket = 0;
+    while (us > 1 && bucket < HIST_BUCKETS - 1) {
+        us >>= 1;
+        bucket++;
+    }
+    /* bucket k: [2^k, 2^(k+1)) µs, bucket 0 also holds < 1 µs */
+    c->hist[bucket]++;
+    if (c->lat_n == c->lat_cap) {
+        size_t ncap = c->lat_cap ? c->lat_cap * 2 : 4096;
+        uint64_t *n = realloc(c->lat_ns, ncap * sizeof *n);
+        if (!n)
+            return;
+        c->lat_ns = n;
+        c->lat_cap = ncap;
+    }
+    c->lat_ns[c->lat_n++] = ns;
+}
+
+static void *fault_thread(void *arg)
+{
+    lctx *c = arg;
+    unsigned char *buf = aligned_alloc(PAGE, PAGE);
+    struct uffd_msg msgs[64];
+    if (!buf) {
+        set_fail(c, "fault thread: out of memory");
+        return NULL;
+    }
+    while (!atomic_load(&c->stop)) {
+        struct pollfd pfd = {.fd = c->uffd, .events = POLLIN};
+        int pr = poll(&pfd, 1, 10);
+        if (pr < 0 && errno != EINTR) {
+            set_fail(c, "fault thread: poll: %s", strerror(errno));
+            break;
+        }
+        if (pr <= 0)
+            continue;
+        ssize_t r = read(c->uffd, msgs, sizeof msgs);
+        if (r < 0) {
+            if (errno == EAGAIN || errno == EINTR)
+                continue;
+            set_fail(c, "fault thread: read: %s", strerror(errno));
+            break;
+        }
+        size_t n = (size_t)r / sizeof msgs[0];
+        atomic_fetch_add(&c->pending_faults, (int)n);
+        for (size_t i = 0; i < n; i++) {
+            uint64_t t0 = now_ns();
+            if (msgs[i].event != UFFD_EVENT_PAGEFAULT) {
+                atomic_fetch_sub(&c->pending_faults, 1);
+                continue;
+            }
+            uintptr_t addr = (uintptr_t)msgs[i].arg.pagefault.address & ~(uintptr_t)(PAGE - 1);
+            uint64_t page;
+            mr_core_block *b = find_block(c, addr, &page);
+            c->faults++;
+            if (!b) {
+                set_fail(c, "fault at %#" PRIxPTR " outside every block", addr);
+            } else if (mr_core_claim(b, page)) {
+                if (load_one(c, b, page, buf) < 0)
+                    set_fail(c, "fault thread: block %s page %" PRIu64 ": %s", b->meta->id, page,
+                             strerror(errno));
+            } else {
+                /* Claimed by the eager thread: its copy wakes us; wake anyway. */
+                uffd_wake(c->uffd, (void *)addr, PAGE);
+                atomic_fetch_add(&c->wakes, 1);
+            }
+            record_latency(c, now_ns() - t0);
+            atomic_fetch_sub(&c->pending_faults, 1);
+        }
+        if (atomic_load(&c->failed))
+            break;
+    }
+    if (atomic_load(&c->failed)) {
+        /* Nobody will resolve faults any more: unregister so waiters wake
+         * (they read zeros; the load reports failure and prints no digest). */
+        for (size_t i = 0; i < c->nblocks; i++)
+            if (c->blocks[i].mem) {
+                struct uffdio_range r = {.start = (uintptr_t)c->blocks[i].mem,
+                                         .len = c->blocks[i].meta->used_length};
+                ioctl(c->uffd, UFFDIO_UNREGISTER, &r);
+            }
+    }
+    free(buf);
+    return NULL;
+}
+
+static void *eager_thread(void *arg)
+{
+    lctx *c = arg;
+    unsigned char *buf = aligned_alloc(PAGE, RUN_PAGES * PAGE);
+    if (!buf) {
+        set_fail(c, "eager thread: out of memory");
+        return NULL;
+    }
+    uint64_t t0 = now_ns(), placed = 0;
+    for (size_t bi = 0; bi < c->nblocks && !atomic_load(&c->stop); bi++) {
+        mr_core_block *b = &c->blocks[bi];
+        if (!b->mem)
+            continue;
+        uint64_t page = 0;
+        while (page < b->num_pages && !atomic_load(&c->stop)) {
+            while (atomic_load_explicit(&c->pending_faults, memory_order_relaxed) > 0)
+                sched_yield(); /* faults go first */
+            if (page % 64 == 0 && page + 64 <= b->num_pages &&
+                atomic_load_explicit(&b->claimed[page / 64], memory_order_relaxed) == UINT64_MAX) {
+                page += 64;
+                continue;
+            }
+            if (!mr_core_claim(b, page)) {
+                page++;
+                continue;
+            }
+            int bit = mr_core_bit(b, page);
+            uint64_t run = 1;
+            while (run < RUN_PAGES && page + run < b->num_pages &&
+                   mr_core_bit(b, page + run) == bit && !mr_core_is_claimed(b, page + run) &&
+                   mr_core_claim(b, page + run))
+                run++;
+            unsigned char *dst = b->mem + page * PAGE;
+            if (bit) {
+                if (pread_full(c->fd, buf, (size_t)(run * PAGE),
+                               b->meta->pages_offset + page * PAGE) < 0) {
+                    set_fail(c, "eager thread: block %s pages %" PRIu64 "+%" PRIu64 ": pread: %s",
+                             b->meta->id, page, run, strerror(errno));
+                    break;
+                }
+                atomic_fetch_add(&c->bytes_read, run * PAGE);
+            }
+            if (place(c, dst, bit ? buf : NULL, run) < 0) {
+                set_fail(c, "eager thread: block %s pages %" PRIu64 "+%" PRIu64 ": %s: %s",
+                         b->meta->id, page, run, bit ? "UFFDIO_COPY" : "UFFDIO_ZEROPAGE",
+                         strerror(errno));
+                break;
+            }
+            account(c, b, page, run, bit);
+            placed += run;
+            page += run;
+        }
+    }
+    atomic_store(&c->eager_pages, placed);
+    atomic_store(&c->eager_ns, now_ns() - t0);
+    free(buf);
+    return NULL;
+}
+
+static int sync_load(lctx *c)
+{
+    unsigned char *buf = malloc(RUN_PAGES * PAGE);
+    if (!buf)
+        return set_fail(c, "out of memory"), -1;
+    for (size_t bi = 0; bi < c->nblocks; bi++) {
+        mr_core_block *b = &c->blocks[bi];
+        if (!b->mem)
+            continue;
+        uint64_t page = 0;
+        while (page < b->num_pages) {
+            int bit = mr_core_bit(b, page);
+            uint64_t run = 1;
+            while (run < RUN_PAGES && page + run < b->num_pages && mr_core_bit(b, page + run) == bit)
+                run++;
+            for (uint64_t p = page; p < page + run; p++)
+                mr_core_claim(b, p);
+            if (bit) {
+                if (pread_full(c->fd, b->mem + page * PAGE, (size_t)(run * PAGE),
+                               b->meta->pages_offset + page * PAGE) < 0) {
+                    set_fail(c, "sync: block %s pages %" PRIu64 "+%" PRIu64 ": pread: %s",
+                             b->meta->id, page, run, strerror(errno));
+                    free(buf);
+                    return -1;
+                }
+                atomic_fetch_add(&c->bytes_read, run * PAGE);
+            }
+            account(c, b, page, run, bit);
+            page += run;
+        }
+    }
+    free(buf);
+    return 0;
+}
+
+/* global page g -> block and page */
+static mr_core_block *global_page(lctx *c, uint64_t g, uint64_t *page)
+{
+    for (size_t i = 0; i < c->nblocks; i++) {
+        mr_core_block *b = &c->blocks[i];
+        if (!b->mem)
+            continue;
+        if (g < b->num_pages) {
+            *page = g;
+            return b;
+        }
+        g -= b->num_pages;
+    }
+    return NULL;
+}
+
+static void *access_thread(void *arg)
+{
+    access_arg *a = arg;
+    lctx *c = a->c;
+    unsigned n = c->opts->threads;
+    uint64_t sink = 0;
+    if (a->pattern == MR_ACCESS_RANDOM) {
+        for (uint64_t i = a->index; i < a->order_n && !atomic_load(&c->stop); i += n) {
+            uint64_t page;
+            mr_core_block *b = global_page(c, a->order[i], &page);
+            if (b)
+                sink += *(volatile unsigned char *)(b->mem + page * PAGE);
+        }
+    } else {
+        /* all: every page; seq: the first quarter of each block (a boot-like
+         * working set); each thread walks its own contiguous slice. */
+        for (size_t bi = 0; bi < c->nblocks && !atomic_load(&c->stop); bi++) {
+            mr_core_block *b = &c->blocks[bi];
+            if (!b->mem)
+                continue;
+            uint64_t pages = a->pattern == MR_ACCESS_SEQ ? (b->num_pages + 3) / 4 : b->num_pages;
+            uint64_t per = (pages + n - 1) / n;
+            uint64_t lo = per * a->index, hi = lo + per < pages ? lo + per : pages;
+            for (uint64_t p = lo; p < hi && !atomic_load(&c->stop); p++)
+                sink += *(volatile unsigned char *)(b->mem + p * PAGE);
+        }
+    }
+    a->sink = sink;
+    return NULL;
+}
+
+static int run_access(lctx *c, mr_access pattern, unsigned long long seed)
+{
+    if (pattern == MR_ACCESS_NONE)
+        return 0;
+    unsigned n = c->opts->threads;
+    uint64_t *order = NULL, order_n = 0;
+    if (pattern == MR_ACCESS_RANDOM) {
+        order = malloc((size_t)(c->total_pages ? c->total_pages : 1) * sizeof *order);
+        if (!order)
+            return set_fail(c, "out of memory"), -1;
+        for (uint64_t i = 0; i < c->total_pages; i++)
+            order[i] = i;
+        uint64_t x = seed ? seed : 0x9e3779b97f4a7c15ull;
+        for (uint64_t i = c->total_pages; i > 1; i--) {
+            x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+            uint64_t j = x % i, t = order[i - 1];
+            order[i - 1] = order[j];
+            order[j] = t;
+        }
+        order_n = (c->total_pages + 1) / 2; /* a random half, in random order */
+    }
+    pthread_t *tids = calloc(n, sizeof *tids);
+    access_arg *args = calloc(n, sizeof *args);
+    if (!tids || !args) {
+        free(tids); free(args); free(order);
+        return set_fail(c, "out of memory"), -1;
+    }
+    unsigned started = 0;
+    for (unsigned i = 0; i < n; i++) {
+        args[i] = (access_arg){.c = c, .index = i, .pattern = pattern, .order = order,
+                               .order_n = order_n};
+        if (pthread_create(&tids[i], NULL, access_thread, &args[i]) != 0) {
+            set_fail(c, "pthread_create: access thread failed");
+            break;
+        }
+        started++;
+    }
+    for (unsigned i = 0; i < started; i++)
+        pthread_join(tids[i], NULL);
+    free(tids); free(args); free(order);
+    return atomic_load(&c->failed) ? -1 : 0;
+}
+
+void mr_json_string(FILE *out, const char *s)
+{
+    fputc('"', out);
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+        if (*p == '"' || *p == '\\')
+            fprintf(out, "\\%c", *p);
+        else if (*p < 0x20 || *p >= 0x7f)
+            fprintf(out, "\\u%04x", *p); /* ids are latin-1, like the Python reader */
+        else
+            fputc(*p, out);
+    }
+    fputc('"', out);
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double pct_us(uint64_t *v, size_t n, double q)
+{
+    if (!n)
+        return 0.0;
+    size_t i = (size_t)(q * (double)(n - 1) + 0.5);
+    return (double)v[i] / 1000.0;
+}
+
+static const char *mode_name(mr_mode m)
+{
+    static const char *names[] = {"lazy", "fault-only", "eager", "sync"};
+    return names[m];
+}
+
+static const char *access_name(mr_access a)
+{
+    static const char *names[] = {"none", "seq", "random", "all"};
+    return names[a];
+}
+
+int mr_local_load(int fd, const mr_snapshot *snap, const mr_load_opts *opts, FILE *out,
+                  char *err, size_t errlen)
+{
+    lctx *c = calloc(1, sizeof *c);
+    if (!c)
+        return snprintf(err, errlen, "out of memory"), 1;
+    c->fd = fd;
+    c->uffd = -1;
+    c->snap = snap;
+    c->opts = opts;
+    c->nblocks = snap->nblocks;
+    int rc = 1;
+    pthread_t ft, et;
+    int ft_started = 0, et_started = 0;
+    char digests[MR_MAX_BLOCKS][65];
+    if ((uint64_t)sysconf(_SC_PAGESIZE) != PAGE || snap->page_size != PAGE) {
+        snprintf(err, errlen, "host or target page size is not 4096");
+        goto out;
+    }
+    uint64_t t0 = now_ns(), t_ready = 0, t_complete = 0;
+    c->blocks = calloc(c->nblocks ? c->nblocks : 1, sizeof *c->blocks);
+    if (!c->blocks || mr_core_init(fd, snap, c->blocks) < 0) {
+        snprintf(err, errlen, "loading bitmaps: %s", strerror(errno));
+        goto out;
+    }
+    int use_uffd = opts->mode != MR_MODE_SYNC;
+    if (use_uffd && uffd_setup(&c->uffd, err, errlen) < 0)
+        goto out;
+    for (size_t i = 0; i < c->nblocks; i++) {
+        mr_core_block *b = &c->blocks[i];
+        if (b->meta->ignored)
+            continue;
+        void *m = mmap(NULL, (size_t)b->meta->used_length, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (m == MAP_FAILED) {
+            snprintf(err, errlen, "mmap %" PRIu64 " bytes for block %s: %s",
+                     b->meta->used_length, b->meta->id, strerror(errno));
+            goto out;
+        }
+        b->mem = m;
+        c->total_pages += b->num_pages;
+        if (use_uffd) {
+            madvise(m, (size_t)b->meta->used_length, MADV_NOHUGEPAGE);
+            if (uffd_register(c->uffd, m, b->meta->used_length, err, errlen) < 0)
+                goto out;
+        }
+    }
+    if (use_uffd) {
+        if (pthread_create(&ft, NULL, fault_thread, c) != 0) {
+            snprintf(err, errlen, "pthread_create (fault thread) failed");
+            goto out;
+        }
+        ft_started = 1;
+        if (opts->mode != MR_MODE_FAULT_ONLY) {
+            if (pthread_create(&et, NULL, eager_thread, c) != 0) {
+                snprintf(err, errlen, "pthread_create (eager thread) failed");
+                goto out;
+            }
+            et_started = 1;
+        }
+        if (opts->mode == MR_MODE_EAGER) {
+            pthread_join(et, NULL);
+            et_started = 0;
+        }
+    } else if (sync_load(c) < 0) {
+        goto fail;
+    }
+    t_ready = now_ns();
+    if (run_access(c, opts->access, opts->seed) < 0)
+        goto fail;
+    if (et_started) {
+        pthread_join(et, NULL);
+        et_started = 0;
+    }
+    /* fault-only: nothing loads untouched pages, so a completion pass (`all`)
+     * drives every remaining page in before the digest. */
+    if (opts->mode == MR_MODE_FAULT_ONLY && run_access(c, MR_ACCESS_ALL, 0) < 0)
+        goto fail;
+    t_complete = now_ns();
+    if (atomic_load(&c->failed))
+        goto fail;
+    for (size_t i = 0; i < c->nblocks; i++) {
+        mr_core_block *b = &c->blocks[i];
+        mr_sha256 h;
+        unsigned char dig[32];
+        mr_sha256_init(&h);
+        if (b->mem)
+            mr_sha256_update(&h, b->mem, (size_t)b->meta->used_length);
+        mr_sha256_final(&h, dig);
+        mr_sha256_hex(dig, digests[i]);
+    }
+    atomic_store(&c->stop, 1);
+    if (ft_started) {
+        pthread_join(ft, NULL);
+        ft_started = 0;
+    }
+    if (atomic_load(&c->failed))
+        goto fail;
+    /* report */
+    qsort(c->lat_ns, c->lat_n, sizeof *c->lat_ns, cmp_u64);
+    double ready_s = (double)(t_ready - t0) / 1e9, complete_s = (double)(t_complete - t0) / 1e9;
+    uint64_t eager_ns = atomic_load(&c->eager_pages) ? atomic_load(&c->eager_ns) : 0;
+    double eager_mib = eager_ns ? (double)atomic_load(&c->eager_pages) * PAGE / 1048576.0 /
+                                  ((double)eager_ns / 1e9) : 0.0;
+    if (opts->json) {
+        fprintf(out, "{\"mode\":\"%s\",\"access\":\"%s\",\"threads\":%u,\"blocks\":[",
+                mode_name(opts->mode), access_name(opts->access), opts->threads);
+        for (size_t i = 0; i < c->nblocks; i++) {
+            fprintf(out, "%s{\"id\":", i ? "," : "");
+            mr_json_string(out, snap->blocks[i].id);
+            fprintf(out, ",\"length\":%" PRIu64 ",\"sha256\":\"%s\"}", snap->blocks[i].used_length,
+                    digests[i]);
+        }
+        fprintf(out, "],\"stats\":{\"faults\":%" PRIu64 ",\"fault_latency_us\":{\"p50\":%.3f,"
+                "\"p99\":%.3f,\"max\":%.3f,\"histogram_log2_us\":[", c->faults,
+                pct_us(c->lat_ns, c->lat_n, 0.50), pct_us(c->lat_ns, c->lat_n, 0.99),
+                pct_us(c->lat_ns, c->lat_n, 1.0));
+        int last = 0;
+        for (int k = 0; k < HIST_BUCKETS; k++)
+            if (c->hist[k])
+                last = k;
+        for (int k = 0; k <= last; k++)
+            fprintf(out, "%s{\"ge_us\":%llu,\"count\":%" PRIu64 "}", k ? "," : "",
+                    k ? 1ull << k : 0ull, c->hist[k]);
+        fprintf(out, "]},\"time_to_ready_s\":%.6f,\"time_to_complete_s\":%.6f,"
+                "\"bytes_read\":%" PRIu64 ",\"pages_copied\":%" PRIu64 ",\"pages_zero\":%" PRIu64
+                ",\"eager_pages\":%" PRIu64 ",\"eager_mib_s\":%.1f,\"wakes\":%" PRIu64
+                ",\"double_loads\":%" PRIu64 ",\"pages_loaded\":%" PRIu64 ",\"total_pages\":%"
+                PRIu64 "}}\n", ready_s, complete_s, atomic_load(&c->bytes_read),
+                atomic_load(&c->pages_copied), atomic_load(&c->pages_zero),
+                atomic_load(&c->eager_pages), eager_mib, atomic_load(&c->wakes),
+                atomic_load(&c->double_loads), atomic_load(&c->pages_loaded), c->total_pages);
+    } else {
+        for (size_t i = 0; i < c->nblocks; i++)
+            fprintf(out, "%s  %s  %" PRIu64 "\n", digests[i], snap->blocks[i].id,
+                    snap->blocks[i].used_length);
+        fprintf(out, "mode %s access %s threads %u: ready %.3f s, complete %.3f s, faults %" PRIu64
+                " (p50 %.1f us, p99 %.1f us), read %" PRIu64 " bytes, copied %" PRIu64
+                " zero %" PRIu64 " pages, eager %.1f MiB/s, loaded %" PRIu64 "/%" PRIu64
+                ", double loads %" PRIu64 "\n", mode_name(opts->mode), access_name(opts->access),
+                opts->threads, ready_s, complete_s, c->faults, pct_us(c->lat_ns, c->lat_n, 0.5),
+                pct_us(c->lat_ns, c->lat_n, 0.99), atomic_load(&c->bytes_read),
+                atomic_load(&c->pages_copied), atomic_load(&c->pages_zero), eager_mib,
+                atomic_load(&c->pages_loaded), c->total_pages, atomic_load(&c->double_loads));
+    }
+    rc = 0;
+    goto out;
+fail:
+    snprintf(err, errlen, "%s", c->errmsg[0] ? c->errmsg : "load failed");
+out:
+    atomic_store(&c->stop, 1);
+    if (et_started)
+        pthread_join(et, NULL);
+    if (ft_started)
+        pthread_join(ft, NULL);
+    if (c->blocks) {
+        for (size_t i = 0; i < c->nblocks; i++)
+            if (c->blocks[i].mem) {
+                if (c->uffd >= 0) {
+                    struct uffdio_range r = {.start = (uintptr_t)c->blocks[i].mem,
+                                             .len = c->blocks[i].meta->used_length};
+                    ioctl(c->uffd, UFFDIO_UNREGISTER, &r);
+                }
+                munmap(c->blocks[i].mem, (size_t)c->blocks[i].meta->used_length);
+            }
+        mr_core_free(c->blocks, c->nblocks);
+    }
+    if (c->uffd >= 0)
+        close(c->uffd);
+    free(c->blocks);
+    free(c->lat_ns);
+    free(c);
+    return rc;
+}
+
+/* ---- uffd-bench ---------------------------------------------------------- */
+
+typedef struct bench_ctx {
+    int uffd;
+    unsigned char *src;
+    _Atomic int stop;
+    int error;
+} bench_ctx;
+
+static void *bench_handler(void *arg)
+{
+    bench_ctx *b = arg;
+    struct uffd_msg msg;
+    while (!atomic_load(&b->stop)) {
+        struct pollfd pfd = {.fd = b->uffd, .events = POLLIN};
+        if (poll(&pfd, 1, 10) <= 0)
+            continue;
+        if (read(b->uffd, &msg, sizeof msg) != (ssize_t)sizeof msg)
+            continue;
+        if (msg.event != UFFD_EVENT_PAGEFAULT)
+            continue;
+        struct uffdio_copy cp = {.dst = msg.arg.pagefault.address & ~(uint64_t)(PAGE - 1),
+                                 .src = (uintptr_t)b->src, .len = PAGE};
+        if (ioctl(b->uffd, UFFDIO_COPY, &cp) < 0 && errno != EEXIST)
+            b->error = errno;
+    }
+    return NULL;
+}
+
+int mr_uffd_bench(const char *path, unsigned long pages, int json, FILE *out, char *err,
+                  size_t errlen)
+{
+    int rc = 1, uffd = -1, fd = -1;
+    unsigned char *region = MAP_FAILED, *buf = NULL;
+    uint64_t *lat = NULL;
+    size_t len = (size_t)pages * PAGE;
+    bench_ctx b = {.uffd = -1};
+    pthread_t th;
+    int started = 0;
+    if (pages == 0 || pages > (1ul << 20)) {
+        snprintf(err, errlen, "--pages must be 1..1048576");
+        return 2;
+    }
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        snprintf(err, errlen, "%s: %s", path, strerror(errno));
+        return 1;
+    }
+    lat = malloc(pages * sizeof *lat);
+    buf = aligned_alloc(PAGE, 1 << 20);
+    if (!lat || !buf) {
+        snprintf(err, errlen, "out of memory");
+        goto out;
+    }
+    memset(buf, 0x5a, 1 << 20);
+    if (uffd_setup(&uffd, err, errlen) < 0)
+        goto out;
+    region = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                  -1, 0);
+    if (region == MAP_FAILED) {
+        snprintf(err, errlen, "mmap: %s", strerror(errno));
+        goto out;
+    }
+    madvise(region, len, MADV_NOHUGEPAGE);
+    if (uffd_register(uffd, region, len, err, errlen) < 0)
+        goto out;
+    b.uffd = uffd;
+    b.src = buf;
+    if (pthread_create(&th, NULL, bench_handler, &b) != 0) {
+        snprintf(err, errlen, "pthread_create failed");
+        goto out;
+    }
+    started = 1;
+    uint64_t sink = 0;
+    for (unsigned long i = 0; i < pages; i++) {
+        uint64_t t = now_ns();
+        sink += *(volatile unsigned char *)(region + i * PAGE);
+        lat[i] = now_ns() - t;
+    }
+    atomic_store(&b.stop, 1);
+    pthread_join(th, NULL);
+    started = 0;
+    if (b.error || sink != (uint64_t)pages * 0x5a) {
+        snprintf(err, errlen, "UFFDIO_COPY failed (%s) or wrong data", strerror(b.error));
+        goto out;
+    }
+    qsort(lat, pages, sizeof *lat, cmp_u64);
+    /* one batched copy rate for reference: 256 pages per UFFDIO_COPY */
+    /* sequential pread throughput of the file (page cache as it is) */
+    uint64_t total = 0, t0 = now_ns();
+    for (;;) {
+        ssize_t r = read(fd, buf, 1 << 20);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0) {
+            snprintf(err, errlen, "read %s: %s", path, strerror(errno));
+            goto out;
+        }
+        if (r == 0)
+            break;
+        total += (uint64_t)r;
+    }
+    double secs = (double)(now_ns() - t0) / 1e9;
+    double mib_s = secs > 0 ? (double)total / 1048576.0 / secs : 0.0;
+    if (json)
+        fprintf(out, "{\"pages\":%lu,\"uffd_round_trip_us\":{\"p50\":%.3f,\"p99\":%.3f,"
+                "\"max\":%.3f},\"pread_bytes\":%" PRIu64 ",\"pread_s\":%.6f,"
+                "\"pread_mib_s\":%.1f}\n", pages, pct_us(lat, pages, 0.5), pct_us(lat, pages, 0.99),
+                pct_us(lat, pages, 1.0), total, secs, mib_s);
+    else
+        fprintf(out, "uffd round trip over %lu pages: p50 %.1f us, p99 %.1f us; sequential read "
+                "of %s: %" PRIu64 " bytes at %.1f MiB/s\n", pages, pct_us(lat, pages, 0.5),
+                pct_us(lat, pages, 0.99), path, total, mib_s);
+    rc = 0;
+out:
+    if (started) {
+        atomic_store(&b.stop, 1);
+        pthread_join(th, NULL);
+    }
+    if (region != MAP_FAILED)
+        munmap(region, len);
+    if (uffd >= 0)
+        close(uffd);
+    if (fd >= 0)
+        close(fd);
+    free(buf);
+    free(lat);
+    return rc;
+}

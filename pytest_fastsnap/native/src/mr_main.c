@@ -1,0 +1,310 @@
+/* fastsnap-loader: CLI front-end.  `serve` belongs to the bridge
+ * (bridge.h); inspect, verify, load and uffd-bench are here.  Exit status:
+ * 0 ok, 2 invalid snapshot or bad usage, 1 internal/run-time failure. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "bridge.h"
+#include "mr_core.h"
+#include "mr_format.h"
+#include "mr_local.h"
+
+static const char USAGE[] =
+    "usage: fastsnap-loader COMMAND ...\n"
+    "  inspect FILE [--offset N] [--json]\n"
+    "  verify FILE [--offset N] [--max-length ID=BYTES]... [--json]\n"
+    "  load FILE [--offset N] [--max-length ID=BYTES]... --mode lazy|fault-only|eager|sync\n"
+    "       [--access none|seq|random|all] [--threads N] [--seed N] [--json]\n"
+    "  uffd-bench FILE [--pages N] [--json]\n"
+    "  serve FILE [--offset N] --to unix:PATH|fd:N ...   (postcopy bridge, see bridge.h)\n"
+    "exit status: 0 ok, 2 invalid snapshot or usage, 1 run-time failure\n";
+
+typedef struct cli {
+    const char *cmd;
+    const char *file;
+    uint64_t offset;
+    int json;
+    mr_limits limits;
+    mr_load_opts load;
+    int have_mode;
+    unsigned long pages;
+} cli;
+
+__attribute__((format(printf, 1, 2)))
+static int usage_error(const char *fmt, ...)
+{
+    va_list ap;
+    fputs("fastsnap-loader: ", stderr);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputs("\n", stderr);
+    fputs(USAGE, stderr);
+    return 2;
+}
+
+static int parse_u64(const char *s, uint64_t *out)
+{
+    char *end;
+    if (!s || !*s || *s == '-')
+        return -1;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 0);
+    if (errno || *end)
+        return -1;
+    *out = v;
+    return 0;
+}
+
+static int parse_args(int argc, char **argv, cli *c)
+{
+    c->load.threads = 1;
+    c->load.access = MR_ACCESS_NONE;
+    c->pages = 4096;
+    for (int i = 2; i < argc; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+        uint64_t n;
+        if (strcmp(a, "--json") == 0) {
+            c->json = 1;
+        } else if (strcmp(a, "--offset") == 0) {
+            if (parse_u64(v, &c->offset) < 0)
+                return usage_error("--offset needs a number, not %s", v ? v : "nothing");
+            i++;
+        } else if (strcmp(a, "--max-length") == 0) {
+            const char *eq = v ? strrchr(v, '=') : NULL;
+            if (!eq || eq == v || eq - v > 255 || parse_u64(eq + 1, &n) < 0)
+                return usage_error("--max-length needs ID=BYTES, not %s", v ? v : "nothing");
+            if (c->limits.count >= MR_MAX_LIMITS)
+                return usage_error("more than %u --max-length options", MR_MAX_LIMITS);
+            mr_limit *l = &c->limits.item[c->limits.count++];
+            memcpy(l->id, v, (size_t)(eq - v));
+            l->id[eq - v] = 0;
+            l->max_length = n;
+            i++;
+        } else if (strcmp(a, "--mode") == 0) {
+            static const char *m[] = {"lazy", "fault-only", "eager", "sync"};
+            int k = -1;
+            for (int j = 0; v && j < 4; j++)
+                if (strcmp(v, m[j]) == 0)
+                    k = j;
+            if (k < 0)
+                return usage_error("--mode must be lazy, fault-only, eager or sync, not %s",
+                                   v ? v : "nothing");
+            c->load.mode = (mr_mode)k;
+            c->have_mode = 1;
+            i++;
+        } else if (strcmp(a, "--access") == 0) {
+            static const char *m[] = {"none", "seq", "random", "all"};
+            int k = -1;
+            for (int j = 0; v && j < 4; j++)
+                if (strcmp(v, m[j]) == 0)
+                    k = j;
+            if (k < 0)
+                return usage_error("--access must be none, seq, random or all, not %s",
+                                   v ? v : "nothing");
+            c->load.access = (mr_access)k;
+            i++;
+        } else if (strcmp(a, "--threads") == 0) {
+            if (parse_u64(v, &n) < 0 || n < 1 || n > 256)
+                return usage_error("--threads must be 1..256");
+            c->load.threads = (unsigned)n;
+            i++;
+        } else if (strcmp(a, "--seed") == 0) {
+            if (parse_u64(v, &n) < 0)
+                return usage_error("--seed needs a number");
+            c->load.seed = n;
+            i++;
+        } else if (strcmp(a, "--pages") == 0) {
+            if (parse_u64(v, &n) < 0 || n < 1 || n > (1u << 20))
+                return usage_error("--pages must be 1..1048576");
+            c->pages = (unsigned long)n;
+            i++;
+        } else if (a[0] == '-' && a[1]) {
+            return usage_error("unknown option %s for %s", a, c->cmd);
+        } else if (!c->file) {
+            c->file = a;
+        } else {
+            return usage_error("unexpected argument %s", a);
+        }
+    }
+    if (!c->file)
+        return usage_error("%s needs a FILE", c->cmd);
+    return 0;
+}
+
+static void report_invalid(const cli *c, const mr_error *e)
+{
+    fprintf(stderr, "fastsnap-loader: %s: %s\n", e->name, e->msg);
+    if (c->json) {
+        printf("{\"valid\":false,\"error\":");
+        mr_json_string(stdout, e->name);
+        printf(",\"message\":");
+        mr_json_string(stdout, e->msg);
+        printf("}\n");
+    }
+}
+
+static int open_and_parse(const cli *c, int *fd, mr_snapshot *snap)
+{
+    mr_error e;
+    *fd = open(c->file, O_RDONLY | O_CLOEXEC);
+    if (*fd < 0) {
+        fprintf(stderr, "fastsnap-loader: %s: %s\n", c->file, strerror(errno));
+        return 1;
+    }
+    int rc = mr_parse(*fd, c->offset, &c->limits, snap, &e);
+    if (rc != MR_OK) {
+        report_invalid(c, &e);
+        close(*fd);
+        *fd = -1;
+    }
+    return rc;
+}
+
+static int cmd_verify(const cli *c)
+{
+    int fd;
+    mr_snapshot snap;
+    int rc = open_and_parse(c, &fd, &snap);
+    if (rc)
+        return rc;
+    if (c->json)
+        printf("{\"valid\":true,\"blocks\":%zu}\n", snap.nblocks);
+    else
+        printf("%s: valid mapped-ram snapshot (%zu blocks)\n", c->file, snap.nblocks);
+    mr_snapshot_free(&snap);
+    close(fd);
+    return 0;
+}
+
+static uint64_t popcount_block(const mr_core_block *b)
+{
+    uint64_t n = 0;
+    for (uint64_t w = 0; w < b->nwords; w++)
+        n += (uint64_t)__builtin_popcountll(b->file_bits[w]);
+    return n;
+}
+
+static int cmd_inspect(const cli *c)
+{
+    int fd;
+    mr_snapshot s;
+    int rc = open_and_parse(c, &fd, &s);
+    if (rc)
+        return rc;
+    mr_core_block *cb = calloc(s.nblocks ? s.nblocks : 1, sizeof *cb);
+    if (!cb || mr_core_init(fd, &s, cb) < 0) {
+        fprintf(stderr, "fastsnap-loader: reading bitmaps: %s\n", strerror(errno));
+        if (cb)
+            mr_core_free(cb, s.nblocks);
+        free(cb);
+        mr_snapshot_free(&s);
+        close(fd);
+        return 1;
+    }
+    if (c->json) {
+        printf("{\"valid\":true,\"machine\":");
+        mr_json_string(stdout, s.machine);
+        printf(",\"stream_offset\":%" PRIu64 ",\"file_size\":%" PRIu64 ",\"page_size\":%" PRIu64
+               ",\"ram_section_id\":%u,\"ram_start\":%" PRIu64 ",\"total\":%" PRIu64 ",\"blocks\":[",
+               s.stream_offset, s.file_size, s.page_size, s.ram_sid, s.ram_start, s.total);
+        for (size_t i = 0; i < s.nblocks; i++) {
+            const mr_block *b = &s.blocks[i];
+            printf("%s{\"id\":", i ? "," : "");
+            mr_json_string(stdout, b->id);
+            printf(",\"length\":%" PRIu64 ",\"num_pages\":%" PRIu64 ",\"header_offset\":%" PRIu64
+                   ",\"bitmap_offset\":%" PRIu64 ",\"bitmap_size\":%" PRIu64 ",\"pages_offset\":%"
+                   PRIu64 ",\"pages_set\":%" PRIu64 ",\"ignored\":%s}", b->used_length,
+                   b->num_pages, b->hdr_offset, b->bitmap_offset, b->bitmap_size, b->pages_offset,
+                   popcount_block(&cb[i]), b->ignored ? "true" : "false");
+        }
+        printf("],\"device_state\":{\"start\":%" PRIu64 ",\"end\":%" PRIu64 "},\"eof_offset\":%"
+               PRIu64 ",\"vmdesc\":", s.dev_start, s.eof_offset, s.eof_offset);
+        if (s.has_vmdesc)
+            printf("{\"offset\":%" PRIu64 ",\"length\":%" PRIu64 "}}\n", s.vmdesc_offset,
+                   s.vmdesc_len);
+        else
+            printf("null}\n");
+    } else {
+        printf("machine %s, stream at %#" PRIx64 ", %zu blocks, total %#" PRIx64 "\n", s.machine,
+               s.stream_offset, s.nblocks, s.total);
+        for (size_t i = 0; i < s.nblocks; i++) {
+            const mr_block *b = &s.blocks[i];
+            printf("  %-28s length %#12" PRIx64 " bitmap %#10" PRIx64 " pages %#12" PRIx64
+                   " set %" PRIu64 "/%" PRIu64 "\n", b->id, b->used_length, b->bitmap_offset,
+                   b->pages_offset, popcount_block(&cb[i]), b->num_pages);
+        }
+        printf("device state [%#" PRIx64 ", %#" PRIx64 "), EOF at %#" PRIx64 ", vmdesc %s\n",
+               s.dev_start, s.eof_offset, s.eof_offset, s.has_vmdesc ? "present" : "absent");
+    }
+    mr_core_free(cb, s.nblocks);
+    free(cb);
+    mr_snapshot_free(&s);
+    close(fd);
+    return 0;
+}
+
+static int cmd_load(cli *c)
+{
+    if (!c->have_mode)
+        return usage_error("load needs --mode lazy|fault-only|eager|sync");
+    int fd;
+    mr_snapshot s;
+    int rc = open_and_parse(c, &fd, &s);
+    if (rc)
+        return rc;
+    char err[512] = "";
+    c->load.json = c->json;
+    rc = mr_local_load(fd, &s, &c->load, stdout, err, sizeof err);
+    if (rc)
+        fprintf(stderr, "fastsnap-loader: load: %s\n", err);
+    mr_snapshot_free(&s);
+    close(fd);
+    return rc;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2)
+        return usage_error("missing command");
+    const char *cmd = argv[1];
+    if (strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0 || strcmp(cmd, "help") == 0) {
+        fputs(USAGE, stdout);
+        return 0;
+    }
+    if (strcmp(cmd, "serve") == 0)
+        return bridge_main(argc - 1, argv + 1);
+    cli c;
+    memset(&c, 0, sizeof c);
+    c.cmd = cmd;
+    if (strcmp(cmd, "inspect") && strcmp(cmd, "verify") && strcmp(cmd, "load") &&
+        strcmp(cmd, "uffd-bench"))
+        return usage_error("unknown command %s", cmd);
+    for (int i = 2; i < argc; i++)
+        if (strcmp(argv[i], "--help") == 0) {
+            fputs(USAGE, stdout);
+            return 0;
+        }
+    int rc = parse_args(argc, argv, &c);
+    if (rc)
+        return rc;
+    if (strcmp(cmd, "verify") == 0)
+        return cmd_verify(&c);
+    if (strcmp(cmd, "inspect") == 0)
+        return cmd_inspect(&c);
+    if (strcmp(cmd, "load") == 0)
+        return cmd_load(&c);
+    char err[512] = "";
+    rc = mr_uffd_bench(c.file, c.pages, c.json, stdout, err, sizeof err);
+    if (rc)
+        fprintf(stderr, "fastsnap-loader: uffd-bench: %s\n", err);
+    return rc;
+}
