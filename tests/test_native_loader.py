@@ -236,3 +236,21 @@ def _compact_seed(path: Path) -> bytes:
     write_spec(out, replace(spec, blocks=blocks, total=None))
     assert parse(out).ok
     return out.read_bytes()
+
+
+def test_max_length_and_asan_load(vm_factory: VmFactory,
+                                  snapshot_factory: SnapshotFactory) -> None:
+    saved = _save(vm_factory, snapshot_factory, "q35")
+    ram = parse(saved.path).block("pc.ram").used_length.value
+    ok = _verify(saved.path, 0, extra=("--max-length", f"pc.ram={ram}"))
+    assert ok.returncode == 0, ok.stderr
+    for build in ("release", "asan"):
+        bad = _verify(saved.path, 0, build, ("--max-length", f"pc.ram={ram - 4096}"))
+        assert bad.returncode == 2
+        out = json.loads(bad.stdout)
+        assert out["error"] == "E_MAX_LENGTH" and "pc.ram" in out["message"]
+    for mode in MODES:  # the sanitizer build restores correctly too
+        res = run_loader(["load", str(saved.path), "--mode", mode, "--access", "random",
+                          "--threads", "3", "--json"], variant="asan", timeout=120)
+        assert res.returncode == 0, res.stderr[-3000:]
+        _check_digests(saved, res.stdout)

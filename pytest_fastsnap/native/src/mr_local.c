@@ -663,7 +663,8 @@ int mr_local_load(int fd, const mr_snapshot *snap, const mr_load_opts *opts, FIL
     if (atomic_load(&c->failed))
         goto fail;
     /* report */
-    qsort(c->lat_ns, c->lat_n, sizeof *c->lat_ns, cmp_u64);
+    if (c->lat_n)
+        qsort(c->lat_ns, c->lat_n, sizeof *c->lat_ns, cmp_u64);
     double ready_s = (double)(t_ready - t0) / 1e9, complete_s = (double)(t_complete - t0) / 1e9;
     uint64_t eager_ns = atomic_load(&c->eager_pages) ? atomic_load(&c->eager_ns) : 0;
     double eager_mib = eager_ns ? (double)atomic_load(&c->eager_pages) * PAGE / 1048576.0 /

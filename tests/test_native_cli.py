@@ -1,0 +1,50 @@
+"""fastsnap-loader command line without QEMU: usage errors, help, bad files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pytest_fastsnap.native.loader import run_loader
+
+
+@pytest.mark.parametrize("args", [
+    [], ["frobnicate"], ["verify"], ["verify", "x", "--offset", "abc"],
+    ["load", "x"], ["load", "x", "--mode", "bogus"], ["load", "x", "--mode", "lazy",
+                                                    "--access", "sideways"],
+    ["load", "x", "--mode", "lazy", "--threads", "0"], ["verify", "x", "--max-length", "pc.ram"],
+    ["inspect", "x", "--what"], ["uffd-bench", "x", "--pages", "0"],
+])
+def test_bad_usage_exits_2(args: list[str]) -> None:
+    res = run_loader(args, timeout=10)
+    assert res.returncode == 2, (args, res.stderr)
+    assert res.stderr.startswith("fastsnap-loader: ")
+
+
+def test_help() -> None:
+    res = run_loader(["--help"], timeout=10)
+    assert res.returncode == 0 and "verify FILE" in res.stdout and "serve" in res.stdout
+
+
+def test_missing_file_is_internal_error(tmp_path: Path) -> None:
+    res = run_loader(["verify", str(tmp_path / "nope")], timeout=10)
+    assert res.returncode == 1
+
+
+@pytest.mark.parametrize("data,name", [
+    (b"", "E_TRUNCATED"), (b"QEVN\0\0\0\3", "E_MAGIC"), (b"QEVM\0\0\0\2\7", "E_VERSION"),
+    (b"QEVM\0\0\0\3\1", "E_CONFIG"), (b"QEVM\0\0\0\3\7\0\0\0\0", "E_CONFIG"),
+    (b"QEVM\0\0\0\3\7\0\0\0\2pc\0", "E_CONFIG"),
+    (b"QEVM\0\0\0\3\7\0\0\0\2pc\5\x1aconfiguration/capabilities\0\0\0\1\0\0\0\1\x0amapped-ram"
+     b"\0" * 20, "E_RAM_SECTION"),
+])
+@pytest.mark.parametrize("build", ["release", "asan"])
+def test_tiny_hostile_files(tmp_path: Path, data: bytes, name: str, build: str) -> None:
+    path = tmp_path / "f.img"
+    path.write_bytes(data)
+    res = run_loader(["verify", str(path), "--json"], variant=build, timeout=10)
+    assert res.returncode == 2, res.stderr
+    assert json.loads(res.stdout)["error"] == name
+    assert res.stderr.startswith(f"fastsnap-loader: {name}: ")
