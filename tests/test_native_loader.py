@@ -219,6 +219,20 @@ def test_fuzz_parser(vm_factory: VmFactory, snapshot_factory: SnapshotFactory,
                          capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-4000:]
     assert "Done" in run.stderr or "DONE" in run.stderr
+    # Differential check: on what the fuzzer kept, C and Python agree on the verdict.
+    disagreements = []
+    for path in sorted(corpus.iterdir())[:200]:
+        res = _verify(path, 0)
+        assert res.returncode in (0, 2), (path.name, res.stderr)
+        c_error = json.loads(res.stdout)["error"] if res.returncode == 2 else None
+        try:
+            parse(path)
+            py_error = None
+        except FormatError as err:
+            py_error = f"E_{err.name}"
+        if c_error != py_error:
+            disagreements.append(f"{path.name}: C {c_error} vs Python {py_error}")
+    assert not disagreements, "\n".join(disagreements)
 
 
 def _compact_seed(path: Path) -> bytes:
