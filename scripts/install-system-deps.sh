@@ -23,6 +23,17 @@ for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 
+# libFuzzer's runtime (for the parser fuzz test) matches clang's major version.
+if command -v clang >/dev/null 2>&1; then
+    cv=$(clang --version | sed -n 's/.*clang version \([0-9]*\).*/\1/p' | head -1)
+    rt="libclang-rt-${cv}-dev"
+    dpkg-query -W -f='${Status}' "$rt" 2>/dev/null | grep -q "install ok installed" \
+        || missing+=("$rt")
+else
+    # clang is installed below; its runtime in a second, cheap pass.
+    trap 'bash "$0"' EXIT
+fi
+
 if ! need_qemu && [ ${#missing[@]} -eq 0 ]; then
     echo "install-system-deps: everything present ($(qemu-system-x86_64 --version | head -1))"
     exit 0
