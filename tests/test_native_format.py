@@ -69,3 +69,31 @@ def test_flood_of_ram_part_records_parses_fast(saved: SavedSnapshot, tmp_path: P
     info2 = _inspect(dst)
     assert info2["device_state"]["start"] == info["device_state"]["start"] + 18 * 3_000_000
     os.unlink(dst)
+
+
+def test_inspect_exposes_configuration_like_the_python_reader(
+        vm_factory: VmFactory, snapshot_factory: SnapshotFactory) -> None:
+    """Capabilities, uuid (validate-uuid), configuration and early-setup
+    ranges as mr_parse exposes them to the bridge, on a save at offset=."""
+    from pytest_fastsnap.snapshot.format import parse
+
+    uuid = "6c4ad1f0-54f3-4a0e-9d0f-3b7b2b8a1c2e"
+    vm = vm_factory(machine="q35", mem="64M", extra_args=["-uuid", uuid])
+    vm.wait_status("running", timeout=10)
+    saved = snapshot_factory(vm, offset=0x3000, capabilities={"validate-uuid": True})
+    vm.shutdown()
+    info = _inspect(saved.path, saved.offset)
+    ref = parse(saved.path, saved.offset)
+    cfg = ref.configuration
+    assert cfg is not None and ref.early_setup is not None
+    assert info["configuration"] == {
+        "start": cfg.offset, "end": cfg.end,
+        "capabilities": list(cfg.capability_names),
+        "target_page_bits": None,
+        "uuid": uuid.replace("-", ""),
+    }
+    assert cfg.uuid is not None and cfg.uuid.value.hex() == uuid.replace("-", "")
+    assert "validate-uuid" not in info["configuration"]["capabilities"]  # not a validated cap
+    assert "mapped-ram" in info["configuration"]["capabilities"]
+    assert info["early_setup"] == {"start": ref.early_setup.start, "end": ref.early_setup.end}
+    assert info["configuration"]["start"] == saved.offset + 8

@@ -31,7 +31,7 @@
 #define RAM_EOS 0x10u
 #define RAM_SECTION_VERSION 4u
 #define HDR_VERSION 1u
-#define MAX_CAPABILITIES 64u
+#define MAX_CAPABILITIES MR_MAX_CAPS
 #define MAX_MACHINE_NAME 256u
 #define SEARCH_WINDOW (16ull << 20)
 #define VMDESC_MAX (64ull << 20)
@@ -189,6 +189,7 @@ static uint64_t configuration(pctx *c, uint64_t pos)
     if (len == 0 || len > MAX_MACHINE_NAME)
         fail(c, "E_CONFIG", "configuration: machine name length %" PRIu64 " not in 1..%u",
              len, MAX_MACHINE_NAME);
+    s->config.start = pos;
     rd(c, pos + 5, (size_t)len, s->machine, "machine name");
     s->machine[len] = 0;
     uint64_t cur = pos + 5 + len;
@@ -199,6 +200,7 @@ static uint64_t configuration(pctx *c, uint64_t pos)
         uint64_t vid_at = str8(c, cur + 1, name, "subsection name");
         uint_at(c, vid_at, 4, "subsection version");
         uint64_t body = vid_at + 4, end;
+        mr_range *range;
         if (strcmp(name, "configuration/target-page-bits") == 0) {
             uint64_t v = uint_at(c, body, 4, "target-page-bits");
             if (v < 9 || v > 16)
@@ -206,6 +208,7 @@ static uint64_t configuration(pctx *c, uint64_t pos)
             bits = (unsigned)v;
             have_bits = 1;
             end = body + 4;
+            range = &s->sub_target_page_bits;
         } else if (strcmp(name, "configuration/capabilities") == 0) {
             uint64_t n = uint_at(c, body, 4, "capability count");
             if (n > MAX_CAPABILITIES)
@@ -215,22 +218,33 @@ static uint64_t configuration(pctx *c, uint64_t pos)
             for (uint64_t i = 0; i < n; i++) {
                 char cap[256];
                 end = str8(c, end, cap, "capability name");
+                if (s->ncaps < MR_MAX_CAPS) /* a repeated subsection adds more */
+                    memcpy(s->caps[s->ncaps++], cap, sizeof cap);
                 if (strcmp(cap, "mapped-ram") == 0)
                     have_mapped_ram = 1;
                 if (strcmp(cap, "x-ignore-shared") == 0)
                     s->ignore_shared = 1;
             }
+            range = &s->sub_capabilities;
         } else if (strcmp(name, "configuration/uuid") == 0) {
             unsigned char uuid[16];
             rd(c, body, 16, uuid, "uuid");
             end = body + 16;
+            memcpy(s->uuid, uuid, 16);
+            s->has_uuid = 1;
+            range = &s->sub_uuid;
         } else {
             char p[256 * 4 + 8];
             fail(c, "E_CONFIG", "unknown configuration subsection \"%s\" at %#" PRIx64,
                  pid(name, p, sizeof p), cur);
         }
+        range->start = cur; /* a repeated subsection: the range of the last one */
+        range->end = end;
         cur = end;
     }
+    s->config.end = cur;
+    s->has_target_page_bits = have_bits;
+    s->target_page_bits = bits;
     if (have_bits)
         s->page_size = 1ull << bits;
     if (!have_mapped_ram)
@@ -643,6 +657,8 @@ int mr_parse(int fd, uint64_t stream_offset, const mr_limits *limits, mr_snapsho
              version == 2 ? " (v2 is obsolete)" : "");
     uint64_t pos = configuration(&c, s + 8);
     pos = find_ram_start(&c, pos);
+    out->early_setup.start = out->config.end;
+    out->early_setup.end = pos;
     pos = ram_start(&c, pos);
     pos = ram_records(&c, pos);
     tail(&c, pos);

@@ -19,6 +19,7 @@
 #define MR_ALIGN 0x100000ull
 #define MR_MAX_BLOCKS 1024u
 #define MR_MAX_LIMITS 64u
+#define MR_MAX_CAPS 64u
 
 enum { MR_OK = 0, MR_INTERNAL = 1, MR_INVALID = 2 };
 
@@ -52,11 +53,28 @@ typedef struct mr_block {
     int ignored;            /* x-ignore-shared block without a region */
 } mr_block;
 
+/* A byte range [start, end) of the file; start == end == 0 when absent. */
+typedef struct mr_range {
+    uint64_t start, end;
+} mr_range;
+
 typedef struct mr_snapshot {
     uint64_t file_size;
     uint64_t stream_offset;
     char machine[257];
     uint64_t page_size;     /* target page size */
+    /* Configuration record: the 07 byte .. the byte after its last
+     * subsection.  Each subsection's range covers 05, str8 name, be32
+     * version and its payload, verbatim (for replay). */
+    mr_range config;
+    mr_range sub_target_page_bits, sub_capabilities, sub_uuid;
+    int has_target_page_bits;
+    unsigned target_page_bits; /* valid if has_target_page_bits (9..16) */
+    int has_uuid;
+    unsigned char uuid[16];
+    unsigned ncaps;            /* capability names in file order (first MR_MAX_CAPS) */
+    char caps[MR_MAX_CAPS][256];
+    mr_range early_setup;      /* [config.end, ram_start): early_setup FULL sections */
     int ignore_shared;
     uint32_t ram_sid;
     uint64_t ram_start;

@@ -213,6 +213,28 @@ static int cmd_inspect(const cli *c)
     if (c->json) {
         printf("{\"valid\":true,\"machine\":");
         mr_json_string(stdout, s.machine);
+        printf(",\"configuration\":{\"start\":%" PRIu64 ",\"end\":%" PRIu64
+               ",\"capabilities\":[", s.config.start, s.config.end);
+        for (unsigned i = 0; i < s.ncaps; i++) {
+            printf("%s", i ? "," : "");
+            mr_json_string(stdout, s.caps[i]);
+        }
+        printf("],\"target_page_bits\":");
+        if (s.has_target_page_bits)
+            printf("%u", s.target_page_bits);
+        else
+            printf("null");
+        printf(",\"uuid\":");
+        if (s.has_uuid) {
+            printf("\"");
+            for (int i = 0; i < 16; i++)
+                printf("%02x", s.uuid[i]);
+            printf("\"");
+        } else {
+            printf("null");
+        }
+        printf("},\"early_setup\":{\"start\":%" PRIu64 ",\"end\":%" PRIu64 "}",
+               s.early_setup.start, s.early_setup.end);
         printf(",\"stream_offset\":%" PRIu64 ",\"file_size\":%" PRIu64 ",\"page_size\":%" PRIu64
                ",\"ram_section_id\":%u,\"ram_start\":%" PRIu64 ",\"total\":%" PRIu64 ",\"blocks\":[",
                s.stream_offset, s.file_size, s.page_size, s.ram_sid, s.ram_start, s.total);
