@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("probe", help="what a QEMU binary supports (JSON)")
     p.add_argument("--qemu-binary", default=os.environ.get("QEMU_BINARY", "qemu-system-x86_64"))
     p.set_defaults(func=_probe)
+    from pytest_fastsnap import save_cli
+
+    save_cli.add_parser(sub)
     p = sub.add_parser("restore", help="run a guest from a snapshot, RAM loaded lazily")
     p.add_argument("snapshot")
     p.add_argument("--qemu-binary", default=os.environ.get("QEMU_BINARY"),
