@@ -3,6 +3,7 @@
 #ifndef FASTSNAP_MR_LOCAL_H
 #define FASTSNAP_MR_LOCAL_H
 
+#include <stdint.h>
 #include <stdio.h>
 
 #include "mr_format.h"
@@ -16,7 +17,22 @@ typedef struct mr_load_opts {
     unsigned threads;
     unsigned long long seed;
     int json;
+    unsigned long baseline_pages; /* >0: measure a baseline after the load (--baseline N) */
 } mr_load_opts;
+
+/* Reference numbers measured in the same process as a load: the raw
+ * userfaultfd round trip (uffd-bench's) and a sequential 1 MiB pread of the
+ * same bytes the load reads (every block's page region). */
+typedef struct mr_baseline {
+    unsigned long pages;
+    double rt_p50_us, rt_p99_us;
+    uint64_t read_bytes;
+    double read_mib_s;
+} mr_baseline;
+
+/* 0 ok, -1 failure (message in err). */
+int mr_load_baseline(int fd, const mr_snapshot *snap, unsigned long pages, mr_baseline *out,
+                     char *err, size_t errlen);
 
 /* Restores, prints per-block sha256 + stats to out; 0 ok, 1 failure (message in err). */
 int mr_local_load(int fd, const mr_snapshot *snap, const mr_load_opts *opts, FILE *out,

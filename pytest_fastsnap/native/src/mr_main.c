@@ -21,7 +21,7 @@ static const char USAGE[] =
     "  inspect FILE [--offset N] [--json]\n"
     "  verify FILE [--offset N] [--max-length ID=BYTES]... [--json]\n"
     "  load FILE [--offset N] [--max-length ID=BYTES]... --mode lazy|fault-only|eager|sync\n"
-    "       [--access none|seq|random|all] [--threads N] [--seed N] [--json]\n"
+    "       [--access none|seq|random|all] [--threads N] [--seed N] [--baseline] [--json]\n"
     "  uffd-bench FILE [--pages N] [--json]\n"
     "  serve FILE [--offset N] --to unix:PATH|fd:N ...   (postcopy bridge, see bridge.h)\n"
     "exit status: 0 ok, 2 invalid snapshot or usage, 1 run-time failure\n";
@@ -117,6 +117,8 @@ static int parse_args(int argc, char **argv, cli *c)
                 return usage_error("--threads must be 1..256");
             c->load.threads = (unsigned)n;
             i++;
+        } else if (strcmp(a, "--baseline") == 0) {
+            c->load.baseline_pages = 2048;
         } else if (strcmp(a, "--seed") == 0) {
             if (parse_u64(v, &n) < 0)
                 return usage_error("--seed needs a number");
