@@ -97,3 +97,51 @@ def test_inspect_exposes_configuration_like_the_python_reader(
     assert "mapped-ram" in info["configuration"]["capabilities"]
     assert info["early_setup"] == {"start": ref.early_setup.start, "end": ref.early_setup.end}
     assert info["configuration"]["start"] == saved.offset + 8
+
+
+VMDESC_BODIES = [
+    (b'{}', None),
+    (b'{"a": [1, 2.5e3, -0, 1E+2, true, false, null, NaN, -Infinity, Infinity]} \n', None),
+    (b'{"s": "\\u00e9\\n\\"\\\\\\/\\b\\f\\r\\t", "\xc3\xa9": {"x": []}}', None),
+    (b'{"deep": ' + b"[" * 200 + b"]" * 200 + b"}", None),
+    (b'{', "E_VMDESC"), (b'{"a":}', "E_VMDESC"), (b'{"a":1,}', "E_VMDESC"),
+    (b'{"a":01}', "E_VMDESC"), (b'{"a":"\x01"}', "E_VMDESC"), (b'{"a":"\\q"}', "E_VMDESC"),
+    (b'{} x', "E_VMDESC"), (b'{"a":"\xff"}', "E_VMDESC"), (b'{"a":"\xed\xa0\x80"}', "E_VMDESC"),
+    (b'{"a":"\xc0\xaf"}', "E_VMDESC"), (b'{"a":1.}', "E_VMDESC"), (b'{"a":-}', "E_VMDESC"),
+    (b'{"a":"\\u12"}', "E_VMDESC"), (b'{"a" 1}', "E_VMDESC"), (b'{"a":[1 2]}', "E_VMDESC"),
+    (b'{"a":' + b"[" * 5000 + b"]" * 5000 + b"}", "E_VMDESC"),
+    (b'{"a":tru}', "E_VMDESC"), (b'{"a":"\xf4\x90\x80\x80"}', "E_VMDESC"),
+]
+
+
+@pytest.mark.parametrize("build", ["release", "asan"])
+def test_vm_description_must_be_json_like_the_python_reader(
+        saved: SavedSnapshot, tmp_path: Path, build: str) -> None:
+    """A VM description with the right length but a body that is not UTF-8
+    JSON is E_VMDESC in both readers; valid JSON of every kind passes."""
+    from pytest_fastsnap.snapshot.errors import FormatError
+    from pytest_fastsnap.snapshot.format import parse
+
+    info = _inspect(saved.path)
+    assert info["vmdesc"] is not None
+    at = info["vmdesc"]["offset"]
+    failures = []
+    for body, want in VMDESC_BODIES:
+        dst = tmp_path / "v.img"
+        dst.unlink(missing_ok=True)
+        sparse_copy(saved.path, dst)
+        with open(dst, "r+b") as f:
+            f.truncate(at)
+            f.seek(at)
+            f.write(b"\x06" + struct.pack(">I", len(body)) + body)
+        res = run_loader(["verify", str(dst), "--json"], variant=build, timeout=10)
+        got = json.loads(res.stdout).get("error") if res.returncode == 2 else None
+        try:
+            parse(dst)
+            py = None
+        except FormatError as err:
+            py = f"E_{err.name}"
+        if res.returncode not in (0, 2) or got != want or py != want:
+            failures.append(f"{body[:40]!r}: C exit {res.returncode} {got}, Python {py}, "
+                            f"want {want}: {res.stderr.strip()[:200]}")
+    assert not failures, "\n".join(failures)

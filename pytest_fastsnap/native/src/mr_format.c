@@ -36,6 +36,7 @@
 #define SEARCH_WINDOW (16ull << 20)
 #define VMDESC_MAX (64ull << 20)
 #define CACHE_SIZE (64u << 10) /* read-ahead for the small framing reads */
+#define JSON_MAX_DEPTH 1000u   /* about where Python's json.loads gives up */
 
 typedef struct pctx {
     int fd;
@@ -541,6 +542,179 @@ static uint64_t ram_records(pctx *c, uint64_t pos)
     }
 }
 
+/* Strict UTF-8 (no overlongs, surrogates or code points past U+10FFFF), as
+ * Python's bytes.decode("utf-8").  Returns n if valid, else the bad offset. */
+static size_t utf8_check(const unsigned char *p, size_t n)
+{
+    size_t i = 0;
+    while (i < n) {
+        unsigned char b = p[i];
+        size_t len;
+        uint32_t cp, min;
+        if (b < 0x80) {
+            i++;
+            continue;
+        } else if ((b & 0xe0) == 0xc0) {
+            len = 2, cp = b & 0x1f, min = 0x80;
+        } else if ((b & 0xf0) == 0xe0) {
+            len = 3, cp = b & 0x0f, min = 0x800;
+        } else if ((b & 0xf8) == 0xf0) {
+            len = 4, cp = b & 0x07, min = 0x10000;
+        } else {
+            return i;
+        }
+        if (n - i < len)
+            return i;
+        for (size_t k = 1; k < len; k++) {
+            if ((p[i + k] & 0xc0) != 0x80)
+                return i;
+            cp = cp << 6 | (p[i + k] & 0x3f);
+        }
+        if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
+            return i;
+        i += len;
+    }
+    return n;
+}
+
+static size_t json_ws(const unsigned char *p, size_t n, size_t i)
+{
+    while (i < n && (p[i] == ' ' || p[i] == '\t' || p[i] == '\n' || p[i] == '\r'))
+        i++;
+    return i;
+}
+
+/* A JSON string at p[i] == '"'; returns the offset after it, or 0. */
+static size_t json_string(const unsigned char *p, size_t n, size_t i)
+{
+    for (i++; i < n; i++) {
+        if (p[i] == '"')
+            return i + 1;
+        if (p[i] < 0x20)
+            return 0;
+        if (p[i] == '\\') {
+            if (++i >= n)
+                return 0;
+            if (p[i] == 'u') {
+                for (int k = 0; k < 4; k++)
+                    if (++i >= n || !((p[i] >= '0' && p[i] <= '9') ||
+                                      ((p[i] | 0x20) >= 'a' && (p[i] | 0x20) <= 'f')))
+                        return 0;
+            } else if (!strchr("\"\\/bfnrt", p[i]) || !p[i]) {
+                return 0;
+            }
+        }
+    }
+    return 0;
+}
+
+static int json_lit(const unsigned char *p, size_t n, size_t i, const char *lit)
+{
+    size_t l = strlen(lit);
+    return n - i >= l && memcmp(p + i, lit, l) == 0;
+}
+
+/* A number or a literal (true, false, null and Python's NaN, Infinity,
+ * -Infinity) at p[i]; returns the offset after it, or 0. */
+static size_t json_scalar(const unsigned char *p, size_t n, size_t i)
+{
+    static const char *lits[] = {"true", "false", "null", "NaN", "Infinity", "-Infinity"};
+    for (size_t k = 0; k < sizeof lits / sizeof *lits; k++)
+        if (json_lit(p, n, i, lits[k]))
+            return i + strlen(lits[k]);
+    size_t j = i;
+    if (j < n && p[j] == '-')
+        j++;
+    if (j < n && p[j] == '0') {
+        j++;
+    } else if (j < n && p[j] >= '1' && p[j] <= '9') {
+        while (j < n && p[j] >= '0' && p[j] <= '9')
+            j++;
+    } else {
+        return 0;
+    }
+    if (j < n && p[j] == '.') {
+        size_t d = ++j;
+        while (j < n && p[j] >= '0' && p[j] <= '9')
+            j++;
+        if (j == d)
+            return 0;
+    }
+    if (j < n && (p[j] | 0x20) == 'e') {
+        j++;
+        if (j < n && (p[j] == '+' || p[j] == '-'))
+            j++;
+        size_t d = j;
+        while (j < n && p[j] >= '0' && p[j] <= '9')
+            j++;
+        if (j == d)
+            return 0;
+    }
+    return j;
+}
+
+/* 0 if p[0..n) is exactly one JSON value (json.loads rules, nesting at most
+ * JSON_MAX_DEPTH, no recursion), else -1 with *at = the first bad offset. */
+static int json_check(const unsigned char *p, size_t n, size_t *at)
+{
+    unsigned char stack[JSON_MAX_DEPTH];
+    size_t depth = 0, i = 0, e;
+value:
+    i = json_ws(p, n, i);
+    if (i >= n)
+        goto bad;
+    if (p[i] == '{' || p[i] == '[') {
+        if (depth == JSON_MAX_DEPTH)
+            goto bad;
+        stack[depth++] = p[i];
+        i = json_ws(p, n, i + 1);
+        if (i < n && p[i] == (stack[depth - 1] == '{' ? '}' : ']')) {
+            depth--;
+            i++;
+            goto after;
+        }
+        if (stack[depth - 1] == '[')
+            goto value;
+        goto key;
+    }
+    e = p[i] == '"' ? json_string(p, n, i) : json_scalar(p, n, i);
+    if (!e)
+        goto bad;
+    i = e;
+after:
+    i = json_ws(p, n, i);
+    if (depth == 0) {
+        if (i == n)
+            return 0;
+        goto bad;
+    }
+    if (i >= n)
+        goto bad;
+    if (p[i] == ',') {
+        i = json_ws(p, n, i + 1);
+        if (stack[depth - 1] == '[')
+            goto value;
+        goto key;
+    }
+    if (p[i] == (stack[depth - 1] == '{' ? '}' : ']')) {
+        depth--;
+        i++;
+        goto after;
+    }
+    goto bad;
+key:
+    if (i >= n || p[i] != '"' || !(e = json_string(p, n, i)))
+        goto bad;
+    i = json_ws(p, n, e);
+    if (i >= n || p[i] != ':')
+        goto bad;
+    i++;
+    goto value;
+bad:
+    *at = i;
+    return -1;
+}
+
 static void tail(pctx *c, uint64_t dev_start)
 {
     mr_snapshot *s = c->snap;
@@ -581,6 +755,15 @@ static void tail(pctx *c, uint64_t dev_start)
         if (eb != VM_EOF)
             fail(c, "E_EOF", "byte %#" PRIx64 " before the VM description is %#04x, not EOF (00)",
                  eof, eb);
+        /* Like the Python reader: the description must be UTF-8 JSON. */
+        const unsigned char *body = w + (fpos - ws) + 5;
+        size_t blen = (size_t)(size - fpos - 5), bad = utf8_check(body, blen);
+        if (bad < blen)
+            fail(c, "E_VMDESC", "VM description at %#" PRIx64 " is not UTF-8 (byte %#" PRIx64
+                 ")", fpos, fpos + 5 + bad);
+        if (json_check(body, blen, &bad) < 0)
+            fail(c, "E_VMDESC", "VM description at %#" PRIx64 " is not JSON (at byte %#" PRIx64
+                 ")", fpos, fpos + 5 + bad);
         s->has_vmdesc = 1;
         s->vmdesc_offset = fpos;
         s->vmdesc_len = size - fpos - 5;
