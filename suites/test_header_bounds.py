@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -129,16 +130,22 @@ def test_loader_rejects(fastsnap_workdir: Path, mutation: Mutation, variant: str
     assert verdict["error"] == f"E_{mutation.expected_error}", verdict
 
 
-def test_block_longer_than_destination(vm_factory: VmFactory, base: BaseSnapshot) -> None:
-    """A pc.ram longer than the destination's RAM (with data beyond its end)
-    must be refused, not loaded."""
-    args = list(base.device_args)
+def _refused_by_smaller_destination(vm_factory: VmFactory, path: Path,
+                                    device_args: Sequence[str]) -> None:
+    """Load *path* into a destination with 32 MiB of RAM: it must refuse cleanly."""
+    args = list(device_args)
     args[args.index("-m") + 1] = "32M"
     dst = vm_factory.destination_from_args(args)
     with pytest.raises(MigrationFailed) as err:
-        load_snapshot(dst, base.path, timeout=LOAD_TIMEOUT)
+        load_snapshot(dst, path, timeout=LOAD_TIMEOUT)
     code = dst.wait_exit(2) if not dst.is_running() else None
     assert code is None or code >= 0, f"QEMU died by signal: {err.value.reason}"
+
+
+def test_block_longer_than_destination(vm_factory: VmFactory, base: BaseSnapshot) -> None:
+    """A pc.ram longer than the destination's RAM (with data beyond its end)
+    must be refused, not loaded."""
+    _refused_by_smaller_destination(vm_factory, base.path, base.device_args)
 
 
 @pytest.mark.parametrize("variant", ["release", "asan"])
@@ -162,10 +169,4 @@ def test_block_longer_than_destination_without_data_beyond(
         vm_factory: VmFactory, snapshot_factory: SnapshotFactory) -> None:
     src = vm_factory(mem="64M")  # firmware only: nothing above 32 MiB
     snap = snapshot_factory(src)
-    args = list(snap.device_args)
-    args[args.index("-m") + 1] = "32M"
-    dst = vm_factory.destination_from_args(args)
-    with pytest.raises(MigrationFailed) as err:
-        load_snapshot(dst, snap.path, timeout=LOAD_TIMEOUT)
-    code = dst.wait_exit(2) if not dst.is_running() else None
-    assert code is None or code >= 0, f"QEMU died by signal: {err.value.reason}"
+    _refused_by_smaller_destination(vm_factory, snap.path, snap.device_args)

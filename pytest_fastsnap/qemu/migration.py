@@ -124,18 +124,26 @@ def load_snapshot(vm: QemuMachine, path: Path, *, offset: int = 0,
     killed QEMU, so a test can tell a clean refusal from a crash.
     """
     caps = {"mapped-ram": True, **(capabilities or {})}
+    start = _start_incoming(vm, "load", path, offset, caps, parameters or {})
+    wait_migration(vm, "load", timeout)
+    return time.monotonic() - start
+
+
+def _start_incoming(vm: QemuMachine, what: str, path: Path, offset: int,
+                    caps: Mapping[str, bool], params: Mapping[str, Any]) -> float:
+    """Set up *vm* and issue `migrate-incoming file:`; return the start time.
+    A refusal raises MigrationFailed with QEMU's text."""
     try:
         set_capabilities(vm, caps)
-        set_parameters(vm, parameters or {})
+        set_parameters(vm, params)
     except QMPCommandError as err:
-        raise MigrationFailed("load set-up", err.desc, vm) from None
+        raise MigrationFailed(f"{what} set-up", err.desc, vm) from None
     start = time.monotonic()
     try:
         vm.qmp("migrate-incoming", uri=file_uri(path, offset))
     except QMPCommandError as err:
-        raise MigrationFailed("load", err.desc, vm) from None
-    wait_migration(vm, "load", timeout)
-    return time.monotonic() - start
+        raise MigrationFailed(what, err.desc, vm) from None
+    return start
 
 
 def fast_load_snapshot(vm: QemuMachine, path: Path, *, offset: int = 0,
@@ -148,15 +156,8 @@ def fast_load_snapshot(vm: QemuMachine, path: Path, *, offset: int = 0,
     On a binary without the feature this raises MigrationFailed with QEMU's
     "Mapped-ram migration is incompatible with postcopy".
     """
-    try:
-        set_capabilities(vm, {"mapped-ram": True, "postcopy-ram": True})
-    except QMPCommandError as err:
-        raise MigrationFailed("fast load set-up", err.desc, vm) from None
-    start = time.monotonic()
-    try:
-        vm.qmp("migrate-incoming", uri=file_uri(path, offset))
-    except QMPCommandError as err:
-        raise MigrationFailed("fast load", err.desc, vm) from None
+    start = _start_incoming(vm, "fast load", path, offset,
+                            {"mapped-ram": True, "postcopy-ram": True}, {})
     wait_migration(vm, "fast load", timeout,
                    done=frozenset({"postcopy-active", "postcopy-paused", "completed"}))
     return time.monotonic() - start
