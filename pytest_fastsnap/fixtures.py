@@ -21,6 +21,7 @@ from pytest_fastsnap.guests.linux import LinuxGuest, linux_args, linux_image
 from pytest_fastsnap.guests.tiny import TinyGuest, TinyParams, tiny_args, tiny_kernel
 from pytest_fastsnap.plugin_state import (
     ACCEL_KEY,
+    ARTIFACTS_PROPERTY,
     CONFIG_KEY,
     MACHINES_KEY,
     PHASE_REPORTS_KEY,
@@ -74,7 +75,7 @@ def fastsnap_workdir(request: pytest.FixtureRequest, fastsnap_config: FastsnapCo
     if failed and fastsnap_config.keep_artifacts:
         kept = workdirs.keep(directory, fastsnap_config.artifacts_dir.resolve(),
                              request.node.nodeid)
-        request.node.user_properties.append(("fastsnap_artifacts", str(kept)))
+        request.node.user_properties.append((ARTIFACTS_PROPERTY, str(kept)))
     else:
         workdirs.remove(directory)
 

@@ -18,8 +18,11 @@ from pytest_fastsnap.config import add_options, get_config
 from pytest_fastsnap.markers import MARKERS, apply_markers
 from pytest_fastsnap.plugin_state import (
     ACCEL_KEY,
+    ARTIFACTS_PROPERTY,
     CONFIG_KEY,
+    DEFECT_PROPERTY,
     MACHINES_KEY,
+    MATRIX_PROPERTY,
     PHASE_REPORTS_KEY,
     PROBE_DST_KEY,
     PROBE_KEY,
@@ -29,8 +32,6 @@ from pytest_fastsnap.qemu import process
 from pytest_fastsnap.qemu.probe import ProbeError, probe
 
 SKIP_REASON = "boots QEMU: pass --fastsnap (or set FASTSNAP=1) to run it"
-MATRIX_PROPERTY = "fastsnap_matrix"
-DEFECT_PROPERTY = "fastsnap_defect"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -139,6 +140,7 @@ class _Summary:
     def __init__(self) -> None:
         self.matrix: dict[tuple[str, str], str] = {}
         self.defects: list[dict[str, Any]] = []
+        self.kept: dict[str, str] = {}
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         for name, value in report.user_properties:
@@ -147,6 +149,8 @@ class _Summary:
                 self.matrix[(cell["row"], cell["column"])] = cell["outcome"]
             elif name == DEFECT_PROPERTY and report.when == "call":
                 self.defects.append(json.loads(value))
+            elif name == ARTIFACTS_PROPERTY:
+                self.kept[report.nodeid] = value
 
     def pytest_terminal_summary(self, terminalreporter: Any, config: pytest.Config) -> None:
         if not config.stash[CONFIG_KEY].enabled:
@@ -157,6 +161,10 @@ class _Summary:
             tr.section(f"fastsnap capability matrix: {src.binary} {src.version_str}")
             for line in format_matrix(self.matrix):
                 tr.line(line)
+        if self.kept:
+            tr.section("fastsnap: artifacts of failed tests (snapshots, QEMU logs)")
+            for nodeid, path in sorted(self.kept.items()):
+                tr.line(f"{nodeid}: {path}")
         if self.defects:
             tr.section("fastsnap: known QEMU defects reproduced")
             for d in sorted(self.defects, key=lambda d: d["test"]):

@@ -17,3 +17,8 @@ ACCEL_KEY = pytest.StashKey[tuple[str, str]]()
 SESSION_DIR_KEY = pytest.StashKey[Path]()
 MACHINES_KEY = pytest.StashKey[list[QemuMachine]]()
 PHASE_REPORTS_KEY = pytest.StashKey[dict[str, pytest.TestReport]]()
+
+# user_properties names: how workers hand results to the controller's summary.
+MATRIX_PROPERTY = "fastsnap_matrix"
+DEFECT_PROPERTY = "fastsnap_defect"
+ARTIFACTS_PROPERTY = "fastsnap_artifacts"

@@ -157,6 +157,8 @@ class TestWithQemu:
         kept = list(out.iterdir())
         assert [p.name for p in kept] == ["test_keep_artifacts_of_failed_tests.py_test_fails"]
         assert (kept[0] / "kept.log").exists() and (kept[0] / "snap1.img").exists()
+        result.stdout.fnmatch_lines(["*artifacts of failed tests*",
+                                     f"*::test_fails: {kept[0]}"])
 
     def test_no_leak_after_failure(self, pytester: pytest.Pytester) -> None:
         marker = f"leak{uuid.uuid4().hex[:8]}"
