@@ -73,7 +73,7 @@ def test_fault_and_eager_race_over_the_same_pages(saved: SavedSnapshot, variant:
     is placed exactly once, none is lost, and the collisions did happen
     (faults on pages the eager thread was placing, or already placed)."""
     want = expected_digests(saved.path, saved.offset)
-    collisions = 0
+    collisions = fault_placed = 0
     for threads in ("1", "4"):
         for seed in ("1", "2"):
             out = load(saved, "--mode", "lazy", "--access", "all", "--threads", threads,
@@ -81,8 +81,11 @@ def test_fault_and_eager_race_over_the_same_pages(saved: SavedSnapshot, variant:
             assert {b["id"]: b["sha256"] for b in out["blocks"]} == want
             stats = out["stats"]
             assert stats["faults"] > 0 and stats["eager_pages"] > 0
-            assert stats["eager_pages"] < stats["total_pages"]  # faults took some pages
+            # Which path wins a page is timing: over all runs the fault path
+            # must have placed some (one run may see the eager thread win all).
+            fault_placed += stats["total_pages"] - stats["eager_pages"]
             collisions += stats["fault_dedup"] + stats["wakes"]
+    assert fault_placed > 0, "the fault path never placed a page"
     assert collisions > 0, "the fault and eager paths never met on a page"
 
 
