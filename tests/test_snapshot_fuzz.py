@@ -51,5 +51,5 @@ def test_random_corruption(tmp_path: Path, seed: int) -> None:
             seen.add(err.name)
         lenient = parse(dst, 0x2000, lenient=True)
         assert all(p.name in ERROR_NAMES for p in lenient.problems)
-        assert time.monotonic() - began < 2.0
+        assert time.monotonic() - began < 10.0  # bounded time, not a speed goal
     assert len(seen) >= 5
