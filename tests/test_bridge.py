@@ -324,3 +324,28 @@ def test_describe_matches_python_reader(vm_factory: VmFactory,
         assert mine["bitmap_offset"] == theirs.bitmap_range.start
         bits = int.from_bytes(theirs.read_bitmap(snap.path), "little")
         assert mine["pages_set"] == (bits & ((1 << theirs.num_pages) - 1)).bit_count()
+
+
+def test_uuid_configuration_is_replayed(vm_factory: VmFactory,
+                                        snapshot_factory: SnapshotFactory,
+                                        guests: list[RestoredGuest]) -> None:
+    """A snapshot saved with validate-uuid carries a configuration/uuid
+    subsection; the bridge replays it verbatim (the destination checks it
+    against its own -uuid) and drops only the capabilities subsection."""
+    uuid = "6a1f2e3d-4c5b-4a69-8877-665544332211"
+    src = vm_factory(name="src", mem="64M", extra_args=["-uuid", uuid])
+    src.wait_status("running")
+    snap = snapshot_factory(src, capabilities={"validate-uuid": True})
+    assert parse(snap.path).configuration.uuid is not None
+    g = restore("loader-bridge", snap.path, snap.device_args, vm_factory, paused=True)
+    guests.append(g)
+    g.wait_loaded()
+    assert g.loader_stats["ok"] and g.loader_stats["shut"] == 0
+    assert g.vm.status() == "paused"
+    # A destination with another UUID must refuse the replayed subsection.
+    other = [*snap.device_args[:-2], "-uuid", "00000000-0000-4000-8000-000000000001"]
+    assert snap.device_args[-2] == "-uuid"
+    bad = restore("loader-bridge", snap.path, other, vm_factory, paused=True, wait=False)
+    guests.append(bad)
+    with pytest.raises(RestoreFailed):
+        bad.wait_running(timeout=30)

@@ -25,7 +25,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-
 static int fail(struct br_snap *s, const char *name, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
@@ -37,11 +36,6 @@ static int fail(struct br_snap *s, const char *name, const char *fmt, ...)
     va_end(ap);
     s->err_name = name;
     return -1;
-}
-
-static uint32_t be32(const uint8_t *p)
-{
-    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
 }
 
 /* Read exactly n bytes at off or fail with a precise message. */
@@ -67,91 +61,44 @@ static int rd(struct br_snap *s, uint64_t off, void *buf, size_t n, const char *
     return 0;
 }
 
-static int parse_config(struct br_snap *s, uint64_t *pos)
+/* The configuration to regenerate, from what mr_parse validated: the machine
+ * name, and the target-page-bits and uuid subsections verbatim (file order).
+ * The capabilities subsection is dropped: a postcopy destination refuses
+ * mapped-ram, and any other validated capability cannot be served. */
+static int keep_config(struct br_snap *s)
 {
-    uint8_t h[13];
-    if (rd(s, *pos, h, sizeof h, "stream header") < 0)
-        return -1;
-    if (be32(h) != 0x5145564du)
-        return fail(s, "bad-magic", "not a migration stream (magic %#x)", be32(h));
-    if (be32(h + 4) != 3)
-        return fail(s, "bad-version", "unsupported stream version %u", be32(h + 4));
-    if (h[8] != 0x07)
-        return fail(s, "no-configuration", "expected configuration record 0x07, got %#x", h[8]);
-    uint32_t len = be32(h + 9);
+    const mr_snapshot *ms = &s->ms;
+    size_t len = strlen(ms->machine);
     if (len == 0 || len >= sizeof(s->machine))
-        return fail(s, "bad-machine-name", "machine name length %u out of range", len);
-    s->machine_len = len;
-    if (rd(s, *pos + 13, s->machine, len, "machine name") < 0)
-        return -1;
-    s->machine[len] = 0;
-    *pos += 13 + len;
-    s->tps = 4096;
-    for (;;) {
-        uint8_t t;
-        if (rd(s, *pos, &t, 1, "configuration") < 0)
-            return -1;
-        if (t != 0x05)
-            break;
-        uint8_t nl;
-        char name[256];
-        uint8_t ver[4];
-        uint64_t start = *pos;
-        if (rd(s, *pos + 1, &nl, 1, "subsection name") < 0 ||
-            rd(s, *pos + 2, name, nl, "subsection name") < 0 ||
-            rd(s, *pos + 2 + nl, ver, 4, "subsection version") < 0)
-            return -1;
-        name[nl] = 0;
-        uint64_t p = *pos + 2 + nl + 4;
-        if (strcmp(name, "configuration/target-page-bits") == 0) {
-            uint8_t b[4];
-            if (rd(s, p, b, 4, "target-page-bits") < 0)
-                return -1;
-            uint32_t bits = be32(b);
-            if (bits < 10 || bits > 16)
-                return fail(s, "bad-page-bits", "target-page-bits %u out of range", bits);
-            s->tps = 1u << bits;
-            p += 4;
-        } else if (strcmp(name, "configuration/uuid") == 0) {
-            p += 16;
-        } else if (strcmp(name, "configuration/capabilities") == 0) {
-            uint8_t b[4];
-            if (rd(s, p, b, 4, "capability count") < 0)
-                return -1;
-            uint32_t n = be32(b);
-            if (n > 64)
-                return fail(s, "bad-capabilities", "%u capabilities listed", n);
-            p += 4;
-            for (uint32_t i = 0; i < n; i++) {
-                uint8_t cl;
-                char cap[256];
-                if (rd(s, p, &cl, 1, "capability") < 0 || rd(s, p + 1, cap, cl, "capability") < 0)
-                    return -1;
-                cap[cl] = 0;
-                p += 1 + cl;
-                if (strcmp(cap, "mapped-ram") == 0)
-                    s->has_capabilities_mapped_ram = 1;
-                else if (strcmp(cap, "x-ignore-shared") == 0)
-                    return fail(s, "unsupported-capability", "x-ignore-shared snapshots "
-                                "cannot be served: postcopy is not compatible with ignore-shared");
-                else
-                    return fail(s, "unsupported-capability", "unknown capability %s", cap);
-            }
-            *pos = p;
-            continue; /* dropped: a postcopy destination refuses mapped-ram */
-        } else {
-            return fail(s, "unknown-subsection", "unknown configuration subsection %s", name);
-        }
-        size_t keep = (size_t)(p - start);
-        if (keep > sizeof(s->cfg_keep) - s->cfg_keep_len)
-            return fail(s, "bad-configuration", "configuration subsections too large");
-        if (rd(s, start, s->cfg_keep + s->cfg_keep_len, keep, "subsection") < 0)
-            return -1;
-        s->cfg_keep_len += keep;
-        *pos = p;
+        return fail(s, "bad-machine-name", "machine name length %zu out of range", len);
+    memcpy(s->machine, ms->machine, len + 1);
+    s->machine_len = (uint32_t)len;
+    for (unsigned i = 0; i < ms->ncaps; i++)
+        if (strcmp(ms->caps[i], "mapped-ram") != 0)
+            return fail(s, "unsupported-capability", "capability %s cannot be served by a "
+                        "postcopy source", ms->caps[i]);
+    const mr_range *keep[2] = {NULL, NULL};
+    if (ms->has_target_page_bits)
+        keep[0] = &ms->sub_target_page_bits;
+    if (ms->has_uuid)
+        keep[1] = &ms->sub_uuid;
+    if (keep[0] && keep[1] && keep[1]->start < keep[0]->start) {
+        const mr_range *t = keep[0];
+        keep[0] = keep[1];
+        keep[1] = t;
     }
-    if (!s->has_capabilities_mapped_ram)
-        return fail(s, "not-mapped-ram", "configuration does not list the mapped-ram capability");
+    for (int i = 0; i < 2; i++) {
+        if (!keep[i])
+            continue;
+        size_t n = (size_t)(keep[i]->end - keep[i]->start);
+        if (n > sizeof(s->cfg_keep) - s->cfg_keep_len)
+            return fail(s, "bad-configuration", "configuration subsections too large");
+        if (rd(s, keep[i]->start, s->cfg_keep + s->cfg_keep_len, n, "subsection") < 0)
+            return -1;
+        s->cfg_keep_len += n;
+    }
+    s->early_off = ms->early_setup.start;
+    s->early_len = ms->early_setup.end - ms->early_setup.start;
     return 0;
 }
 
@@ -202,20 +149,14 @@ int br_snap_open(struct br_snap *s, const char *path, uint64_t offset)
     s->dev_off = ms->dev_start;
     s->dev_len = ms->eof_offset - ms->dev_start;
     s->has_vmdesc = ms->has_vmdesc;
-    uint64_t pos = offset;
     if (ms->ignore_shared)
         return fail(s, "unsupported-capability", "x-ignore-shared snapshots cannot be "
                     "served: postcopy is not compatible with ignore-shared");
     if (ms->nblocks == 0 || ms->nblocks > BR_MAX_BLOCKS || ms->ram_sid == 0)
         return fail(s, "unsupported-snapshot", "%zu RAM blocks, RAM section id %u",
                     ms->nblocks, ms->ram_sid);
-    if (parse_config(s, &pos) < 0)
+    if (keep_config(s) < 0)
         return -1;
-    if (pos > ms->ram_start || strcmp(s->machine, ms->machine) != 0)
-        return fail(s, "internal", "configuration end %#llx past RAM START %#llx",
-                    (unsigned long long)pos, (unsigned long long)ms->ram_start);
-    s->early_off = pos;
-    s->early_len = ms->ram_start - pos;
     s->core = calloc(ms->nblocks, sizeof(*s->core));
     s->blocks = calloc(ms->nblocks, sizeof(*s->blocks));
     if (!s->core || !s->blocks)

@@ -42,7 +42,6 @@ struct br_snap {
      * (target-page-bits, uuid); capabilities are dropped. */
     uint8_t cfg_keep[64];
     size_t cfg_keep_len;
-    int has_capabilities_mapped_ram;
     uint64_t early_off, early_len;  /* early_setup FULL sections */
     uint32_t ram_sid;
     uint64_t ram_total;
