@@ -22,6 +22,7 @@ def test_save_load_roundtrip(vm_factory: VmFactory, snapshot_factory: SnapshotFa
                              restore_precopy, machine: str) -> None:  # type: ignore[no-untyped-def]
     src = vm_factory(machine=machine)
     src.wait_status("running", timeout=10)
+    src.wait_memory_written(0, 0x100000)  # firmware state in low RAM: something to compare
     snap = snapshot_factory(src)
     before = _digests(src, RANGES)
     assert any(src.memsave(0, 0x100000)), "firmware left low RAM all zero: nothing to compare"

@@ -49,6 +49,7 @@ def _save(vm_factory: VmFactory, snapshot_factory: SnapshotFactory, variant: str
     opts = dict(VARIANTS[variant])
     vm = vm_factory(machine=opts.pop("machine"))
     vm.wait_status("running", timeout=10)
+    vm.wait_memory_written(*LOW_RAM[0])  # firmware state in low RAM: something to compare
     saved = snapshot_factory(vm, **opts)
     return vm, saved, parse(saved.path, saved.offset)
 

@@ -203,6 +203,19 @@ class QemuMachine:
         finally:
             os.unlink(path)
 
+    def wait_memory_written(self, addr: int, size: int, timeout: float = 30.0) -> bytes:
+        """Wait until guest memory [addr, addr+size) holds a non-zero byte (the
+        firmware has run far enough to leave state there); return it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            data = self.memsave(addr, size)
+            if any(data):
+                return data
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}: guest memory {addr:#x}+{size:#x} still all "
+                                   f"zero after {timeout:.0f}s")
+            time.sleep(0.02)
+
     def registers(self) -> str:
         """CPU register dump of every vCPU (HMP `info registers -a`)."""
         return self.hmp("info registers -a")
