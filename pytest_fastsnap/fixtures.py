@@ -130,11 +130,8 @@ class VmFactory:
     def destination_from_args(self, device_args: Sequence[str], *, name: str = "dst",
                               incoming: str = "defer", paused: bool = True) -> QemuMachine:
         """A destination QEMU (destination binary) for the given guest definition."""
-        args = list(device_args)
-        binary = self.probe_dst.binary
-        vm = QemuMachine(binary, self.workdir, name=self._name(name), machine="none",
-                         accel=self.accel, extra_args=(), incoming=incoming, paused=paused)
-        vm.device_args = args
+        vm = QemuMachine(self.probe_dst.binary, self.workdir, name=self._name(name),
+                         incoming=incoming, paused=paused, device_args=device_args)
         self.machines.append(vm)
         vm.launch()
         return vm

@@ -45,12 +45,16 @@ class QemuMachine:
     def __init__(self, binary: str | Path, workdir: Path, *, name: str = "vm",
                  machine: str = "q35", accel: str = "tcg", mem: str = "64M",
                  extra_args: Sequence[str] = (), incoming: str | None = None,
-                 paused: bool = False, qmp_timeout: float = 60.0) -> None:
+                 paused: bool = False, qmp_timeout: float = 60.0,
+                 device_args: Sequence[str] | None = None) -> None:
+        """``device_args``, when given, is the whole guest definition verbatim
+        (a destination repeating its source's); machine, accel, mem and
+        extra_args are then not used."""
         self.binary = str(binary)
         self.workdir = Path(workdir)
         self.name = name
         self.accel = accel
-        self.device_args: list[str] = [
+        self.device_args: list[str] = list(device_args) if device_args is not None else [
             "-machine", machine, "-accel", accel, "-m", mem,
             "-nodefaults", "-display", "none", *extra_args,
         ]

@@ -70,9 +70,8 @@ def machine_factory(binary: str | Path, workdir: Path, *, name: str = "dst",
                     qmp_timeout: float = 60.0) -> DestinationFactory:
     """A :class:`DestinationFactory` outside pytest (CLI, benchmarks)."""
     def make(device_args: Sequence[str], *, paused: bool) -> QemuMachine:
-        vm = QemuMachine(binary, workdir, name=name, machine="none", incoming="defer",
-                         paused=paused, qmp_timeout=qmp_timeout)
-        vm.device_args = list(device_args)  # verbatim: the guest definition
+        vm = QemuMachine(binary, workdir, name=name, incoming="defer", paused=paused,
+                         qmp_timeout=qmp_timeout, device_args=device_args)
         return vm.launch()
     return make
 
