@@ -32,11 +32,11 @@ from typing import TYPE_CHECKING
 
 from filelock import FileLock
 
+from pytest_fastsnap.guests.agent import CHECK_RE, ConsoleAgent, check_verdict
 from pytest_fastsnap.guests.tiny import default_cache_dir
 
 if TYPE_CHECKING:
-    from pytest_fastsnap.qemu.console import Console
-    from pytest_fastsnap.qemu.machine import QemuMachine
+    pass
 
 SOURCE_DIR = Path(__file__).with_name("linux")
 SOURCES = ("init", "fastsnap-mem.c")
@@ -215,37 +215,20 @@ def linux_args(kernel: Path, initrd: Path, mem_mib: int = 16, seed: int = 1,
     return ["-kernel", str(kernel), "-initrd", str(initrd), "-append", append]
 
 
-class LinuxGuest:
+class LinuxGuest(ConsoleAgent):
     """Talks to a launched Linux guest's workload over ttyS0."""
 
-    def __init__(self, vm: QemuMachine) -> None:
-        self.vm = vm
-
-    @property
-    def console(self) -> Console:
-        if self.vm.console is None:
-            raise RuntimeError(f"{self.vm.name}: not launched")
-        return self.vm.console
-
     def wait_ready(self, timeout: float = 120.0) -> str:
-        line = self.console.read_until(READY_RE, timeout=timeout, since=0)
-        last = line.strip().splitlines()[-1]
+        last = self.ready_line(READY_RE, timeout)
         if "ERROR" in last:
             raise AssertionError(f"{self.vm.name}: {last}")
         return last
 
     def command(self, text: str, reply: str, timeout: float = 60.0) -> str:
-        mark = self.console.mark()
-        self.console.write(text.encode() + b"\n")
-        out = self.console.read_until(reply, timeout=timeout, since=mark)
-        return out.strip().splitlines()[-1]
+        return self.exchange(text.encode() + b"\n", reply, timeout)
 
     def ping(self, timeout: float = 30.0) -> int:
         return int(self.command("ping", r"pong \d+\r?\n", timeout).split()[-1])
 
     def check(self, timeout: float = 60.0) -> tuple[bool, int | None]:
-        line = self.command("check", r"CHECK (OK|FAIL)[^\r\n]*\r?\n", timeout)
-        if "CHECK OK" in line:
-            return True, None
-        found = re.search(r"page=(\d+)", line)
-        return False, int(found.group(1)) if found else None
+        return check_verdict(self.command("check", CHECK_RE, timeout))

@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING
 
 from filelock import FileLock
 
+from pytest_fastsnap.guests.agent import CHECK_RE, ConsoleAgent, check_verdict
 from pytest_fastsnap.guests.pattern import PAGE_SIZE, check_range
 
 if TYPE_CHECKING:
     from pytest_fastsnap.guests.pattern import BadPage
-    from pytest_fastsnap.qemu.console import Console
     from pytest_fastsnap.qemu.machine import QemuMachine
 
 SOURCE_DIR = Path(__file__).with_name("tiny")
@@ -49,7 +49,6 @@ CFLAGS = ("-m32", "-ffreestanding", "-fno-pic", "-fno-pie", "-fno-stack-protecto
           "-fno-tree-loop-distribute-patterns", "-O2", "-Wall", "-Wextra", "-Werror")
 
 READY_RE = r"FASTSNAP-TINY (READY [^\r\n]*|ERROR [^\r\n]*)\r?\n"
-CHECK_RE = r"CHECK (OK|FAIL)[^\r\n]*\r?\n"
 
 
 class TinyBuildError(RuntimeError):
@@ -203,41 +202,27 @@ class ReadyInfo:
     dirty: int
 
 
-class TinyGuest:
+class TinyGuest(ConsoleAgent):
     """Talks to a launched tiny guest over its console."""
 
     def __init__(self, vm: QemuMachine, params: TinyParams) -> None:
-        self.vm = vm
+        super().__init__(vm)
         self.params = params
-
-    @property
-    def console(self) -> Console:
-        if self.vm.console is None:
-            raise RuntimeError(f"{self.vm.name}: not launched")
-        return self.vm.console
 
     def wait_ready(self, timeout: float = 30.0) -> ReadyInfo:
         """Wait for the READY line (from boot); raise TinyGuestError on ERROR."""
-        line = self.console.read_until(READY_RE, timeout=timeout, since=0)
-        last = line.strip().splitlines()[-1]
+        last = self.ready_line(READY_RE, timeout)
         if "FASTSNAP-TINY ERROR" in last:
             raise TinyGuestError(f"{self.vm.name}: {last}")
         return _parse_ready(last)
 
     def command(self, byte: bytes, reply: str, timeout: float = 30.0) -> str:
         """Send a one-byte command; return the reply line matching regex *reply*."""
-        mark = self.console.mark()
-        self.console.write(byte)
-        text = self.console.read_until(reply, timeout=timeout, since=mark)
-        return text.strip().splitlines()[-1]
+        return self.exchange(byte, reply, timeout)
 
     def self_check(self, timeout: float = 60.0) -> tuple[bool, int | None]:
         """The guest checks its whole range: (True, None) or (False, first bad pfn)."""
-        line = self.command(b"C", CHECK_RE, timeout)
-        if "CHECK OK" in line:
-            return True, None
-        found = re.search(r"page=(\d+)", line)
-        return False, int(found.group(1)) if found else None
+        return check_verdict(self.command(b"C", CHECK_RE, timeout))
 
     def last_check_line(self) -> str:
         lines = [ln for ln in self.console.text.splitlines() if ln.startswith("CHECK ")]
