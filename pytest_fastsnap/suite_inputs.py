@@ -22,10 +22,6 @@ from pytest_fastsnap.qemu.machine import QemuMachine
 from pytest_fastsnap.qemu.migration import save_snapshot
 from pytest_fastsnap.qemu.probe import default_cache_dir
 
-# Guest-physical ranges of a q35/pc guest that are plain RAM (a dump of
-# 0xa0000-0xfffff shows VGA/firmware, not the RAM block underneath).
-RAM_RANGES = ((0, 0xA0000), (0x100000, None))
-
 
 @dataclass(frozen=True)
 class BaseSnapshot:
@@ -34,16 +30,13 @@ class BaseSnapshot:
     mem: str
     mem_bytes: int
     device_args: tuple[str, ...]
-    memory_digests: dict[str, str]  # "start-end" -> sha256 of the source's RAM there
+    memory_digests: dict[str, str]  # QemuMachine.memory_digests of the source's RAM
 
 
 def ram_ranges(mem_bytes: int) -> list[tuple[int, int]]:
-    return [(a, b if b is not None else mem_bytes) for a, b in RAM_RANGES]
-
-
-def memory_digests(vm: QemuMachine, mem_bytes: int) -> dict[str, str]:
-    return {f"{a:#x}-{b:#x}": hashlib.sha256(vm.memsave(a, b - a)).hexdigest()
-            for a, b in ram_ranges(mem_bytes)}
+    """``(start, length)`` of a q35/pc guest's plain RAM below *mem_bytes*: a dump
+    of 0xa0000-0xfffff shows VGA/firmware, not the RAM block underneath."""
+    return [(0, 0xA0000), (0x100000, mem_bytes - 0x100000)]
 
 
 # The tiny guest fills 4-48 MiB with its pattern (a quarter of the pages zero):
@@ -57,7 +50,7 @@ def base_snapshot(binary: str, accel: str, machine: str = "q35", mem_mib: int = 
     st = os.stat(binary)
     kernel = tiny_kernel()
     key = hashlib.sha256(f"{binary}-{st.st_size}-{st.st_mtime_ns}-{machine}-{mem_mib}-{accel}"
-                         f"-{kernel}-{BASE_TINY}".encode()).hexdigest()[:16]
+                         f"-{kernel}-{BASE_TINY}-digests2".encode()).hexdigest()[:16]
     root = default_cache_dir() / "bases"
     root.mkdir(parents=True, exist_ok=True)
     img, meta = root / f"{machine}-{key}.img", root / f"{machine}-{key}.json"
@@ -71,7 +64,7 @@ def base_snapshot(binary: str, accel: str, machine: str = "q35", mem_mib: int = 
                     TinyGuest(vm, BASE_TINY).wait_ready(60)
                     part = Path(tmp) / "base.img"
                     save_snapshot(vm, part)
-                    digests = memory_digests(vm, mem_mib << 20)
+                    digests = vm.memory_digests(ram_ranges(mem_mib << 20))
                     os.replace(part, img)
                     meta.write_text(json.dumps({"device_args": vm.device_args,
                                                 "digests": digests}))

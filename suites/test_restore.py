@@ -11,7 +11,6 @@ by digest against the pure-Python reader and the guest's pattern).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,10 +27,7 @@ from pytest_fastsnap.qemu.migration import SavedSnapshot
 from pytest_fastsnap.restore.strategies import RestoredGuest, restore
 from pytest_fastsnap.snapshot.digest import block_digest, restored_memory_range
 from pytest_fastsnap.snapshot.format import parse
-
-CHUNK = 16 << 20
-# Guest-physical 0xa0000-0xfffff shows VGA/firmware in a dump, not RAM.
-LOW_RAM_END, HIGH_RAM_START = 0xA0000, 0x100000
+from pytest_fastsnap.suite_inputs import ram_ranges
 
 STRATEGIES = [
     pytest.param("qemu-precopy", id="qemu-precopy"),
@@ -41,12 +37,9 @@ STRATEGIES = [
 ]
 
 
-def memory_digest(vm: QemuMachine, size: int) -> list[str]:
+def memory_digest(vm: QemuMachine, size: int) -> dict[str, str]:
     """sha256 of guest RAM [0, size) outside the firmware window, per 16 MiB."""
-    out = [hashlib.sha256(vm.memsave(0, LOW_RAM_END)).hexdigest()]
-    for a in range(HIGH_RAM_START, size, CHUNK):
-        out.append(hashlib.sha256(vm.memsave(a, min(CHUNK, size - a))).hexdigest())
-    return out
+    return vm.memory_digests(ram_ranges(size))
 
 
 @contextmanager

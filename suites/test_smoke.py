@@ -3,18 +3,12 @@ and check memory and VM state came back."""
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 
 from pytest_fastsnap.fixtures import SnapshotFactory, VmFactory
 
 # Low RAM holds firmware state (BIOS data, IVT, option ROM shadow): real, non-zero content.
 RANGES = [(0x0, 0x100000), (0xC0000, 0x40000), (0x100000, 0x200000)]
-
-
-def _digests(vm, ranges):  # type: ignore[no-untyped-def]
-    return {hex(a): hashlib.sha256(vm.memsave(a, n)).hexdigest() for a, n in ranges}
 
 
 @pytest.mark.parametrize("machine", ["q35", "pc"])
@@ -24,13 +18,13 @@ def test_save_load_roundtrip(vm_factory: VmFactory, snapshot_factory: SnapshotFa
     src.wait_status("running", timeout=10)
     src.wait_memory_written(0, 0x100000)  # firmware state in low RAM: something to compare
     snap = snapshot_factory(src)
-    before = _digests(src, RANGES)
+    before = src.memory_digests(RANGES)
     assert any(src.memsave(0, 0x100000)), "firmware left low RAM all zero: nothing to compare"
     regs_before = src.registers()
 
     dst = restore_precopy(snap)
     assert dst.status() == "paused"  # saved stopped, comes back stopped
-    assert _digests(dst, RANGES) == before
+    assert dst.memory_digests(RANGES) == before
     assert dst.registers() == regs_before
     dst.qmp("cont")
     assert dst.wait_status("running", timeout=10) == "running"

@@ -27,16 +27,6 @@ MiB = 1 << 20
 CHUNK = 16 * MiB
 
 
-def digests(vm, ranges: list[tuple[int, int]]) -> dict[str, str]:  # type: ignore[no-untyped-def]
-    """sha256 per 16 MiB of each guest-physical range."""
-    out = {}
-    for start, length in ranges:
-        for a in range(start, start + length, CHUNK):
-            n = min(CHUNK, start + length - a)
-            out[f"{a:#x}+{n:#x}"] = hashlib.sha256(vm.memsave(a, n)).hexdigest()
-    return out
-
-
 @dataclass
 class FilledSnapshot:
     snap: SavedSnapshot
@@ -55,8 +45,8 @@ def make_snapshot(vm_factory: VmFactory, snapshot_factory: SnapshotFactory,
     time.sleep(0.2)     # let the firmware reach its idle loop
     data = fill_guest_ram(src, "q35", mem)
     snap = snapshot_factory(src)
-    want = digests(src, [(0, mem)])
-    want_data = digests(src, data)
+    want = src.memory_digests([(0, mem)])
+    want_data = src.memory_digests(data)
     regs = src.registers()
     src.shutdown()
     return FilledSnapshot(snap, mem, data, want, want_data, regs)
@@ -133,7 +123,7 @@ def test_memory_identical(vm_factory: VmFactory, snapshot_factory: SnapshotFacto
     assert stats["pages_data"] == stats["file_pages_set"]
     if zero_pages == "all":
         assert stats["pages_data"] + stats["pages_zero"] == stats["ram_bytes"] // 4096
-    assert digests(g.vm, [(0, fs.mem)]) == fs.want
+    assert g.vm.memory_digests([(0, fs.mem)]) == fs.want
     assert g.vm.registers() == fs.registers
     assert g.vm.status() == "paused"
     g.vm.qmp("cont")
@@ -153,7 +143,7 @@ def test_running_before_loaded(vm_factory: VmFactory, snapshot_factory: Snapshot
     assert all_sent is not None
     assert g.time_to_running < all_sent, (g.time_to_running, all_sent)
     assert g.time_to_loaded is not None and g.time_to_running < g.time_to_loaded
-    assert digests(g.vm, fs.data) == fs.want_data
+    assert g.vm.memory_digests(fs.data) == fs.want_data
     assert g.vm.status() == "running"
 
 
@@ -166,7 +156,7 @@ def test_requests_served_first(vm_factory: VmFactory, snapshot_factory: Snapshot
     gpa, length = fs.data[-1]
     top = (gpa + length - 4 * MiB, 4 * MiB)
     t = time.monotonic()
-    got = digests(g.vm, [top])
+    got = g.vm.memory_digests([top])
     took = time.monotonic() - t
     assert got == digests_from(fs, top)
     assert took < 3.0, f"demand reads took {took:.2f}s"
@@ -177,7 +167,7 @@ def test_requests_served_first(vm_factory: VmFactory, snapshot_factory: Snapshot
     assert stats["requests_served"] >= 1
     assert stats["latency_us"]["count"] == stats["requests_served"]
     assert stats["pages_on_request"] + stats["pages_eager"] >= stats["file_pages_set"]
-    assert digests(g.vm, fs.data) == fs.want_data
+    assert g.vm.memory_digests(fs.data) == fs.want_data
 
 
 def digests_from(fs: FilledSnapshot, rng: tuple[int, int]) -> dict[str, str]:
@@ -275,7 +265,7 @@ def test_idle_guest_zero_pages_on_request(vm_factory: VmFactory,
     src = vm_factory(name="src", mem="1G")
     src.wait_status("running")
     snap = snapshot_factory(src)
-    want = digests(src, [(0, 2 * MiB)])
+    want = src.memory_digests([(0, 2 * MiB)])
     src.shutdown()
     for paused in (False, True, False, True):
         g = bridge_snap(snap, vm_factory, guests, paused=paused,
@@ -284,7 +274,7 @@ def test_idle_guest_zero_pages_on_request(vm_factory: VmFactory,
         assert g.loader_stats["pages_zero"] <= g.loader_stats["pages_on_request"]
         assert g.loader_stats["time_device_state_loaded_s"] <= g.loader_stats["time_to_all_sent_s"]
         if paused:  # a running guest's BIOS timer tick moves on
-            assert digests(g.vm, [(0, 2 * MiB)]) == want
+            assert g.vm.memory_digests([(0, 2 * MiB)]) == want
         g.close(kill=True)
 
 

@@ -6,6 +6,7 @@ QMP and the console are socketpairs passed by fd, so there is no socket path
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
@@ -206,6 +207,17 @@ class QemuMachine:
             return Path(path).read_bytes()
         finally:
             os.unlink(path)
+
+    def memory_digests(self, ranges: Sequence[tuple[int, int]],
+                       chunk: int = 16 << 20) -> dict[str, str]:
+        """sha256 of guest-physical memory per *chunk* of each ``(start, length)``
+        range, keyed ``"start+length"`` (hex) per chunk."""
+        out = {}
+        for start, length in ranges:
+            for a in range(start, start + length, chunk):
+                n = min(chunk, start + length - a)
+                out[f"{a:#x}+{n:#x}"] = hashlib.sha256(self.memsave(a, n)).hexdigest()
+        return out
 
     def wait_memory_written(self, addr: int, size: int, timeout: float = 30.0) -> bytes:
         """Wait until guest memory [addr, addr+size) holds a non-zero byte (the
