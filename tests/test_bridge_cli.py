@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from pytest_fastsnap.cli.restore import restore_cli
 from pytest_fastsnap.fixtures import SnapshotFactory, VmFactory
-from pytest_fastsnap.restore.cli_restore import restore_cli
 from pytest_fastsnap.restore.manifest import manifest_path, read_manifest, write_manifest
 
 

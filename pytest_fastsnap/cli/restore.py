@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import os
 import shutil
 import sys
 import tempfile
@@ -68,3 +70,20 @@ def restore_cli(snapshot: Path, qemu_binary: str | None = None, *,
         if guest is not None:
             guest.close()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    return restore_cli(Path(args.snapshot), qemu_binary=args.qemu_binary,
+                       strategy=args.strategy, keep_running=args.keep_running)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("restore", help="run a guest from a snapshot, RAM loaded lazily")
+    p.add_argument("snapshot")
+    p.add_argument("--qemu-binary", default=os.environ.get("QEMU_BINARY"),
+                   help="default: the binary recorded in SNAPSHOT.json")
+    p.add_argument("--strategy", default="loader-bridge",
+                   choices=("loader-bridge", "qemu-precopy", "qemu-fast"))
+    p.add_argument("--keep-running", action="store_true",
+                   help="leave the guest running until Ctrl-C")
+    p.set_defaults(func=run)
