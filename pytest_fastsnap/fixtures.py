@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from pytest_fastsnap import workdirs
-from pytest_fastsnap.config import FastsnapConfig
+from pytest_fastsnap.config import FastsnapConfig, mem_bytes
 from pytest_fastsnap.guests import linux, tiny
 from pytest_fastsnap.guests.linux import LinuxGuest, linux_args, linux_image
 from pytest_fastsnap.guests.tiny import TinyGuest, TinyParams, tiny_args, tiny_kernel
@@ -33,6 +33,7 @@ from pytest_fastsnap.qemu.machine import QemuMachine
 from pytest_fastsnap.qemu.migration import SavedSnapshot, load_snapshot, save_snapshot
 from pytest_fastsnap.qemu.probe import QemuProbe
 from pytest_fastsnap.restore.manifest import write_manifest
+from pytest_fastsnap.verdict import Verdict
 
 
 @pytest.fixture(scope="session")
@@ -164,11 +165,9 @@ class Guest:
     agent: TinyGuest | LinuxGuest
     params: TinyParams | None = None
 
-    def self_check(self) -> tuple[bool, int | None]:
-        """The guest's own verdict on its memory: (ok, first bad page)."""
-        if isinstance(self.agent, TinyGuest):
-            return self.agent.self_check()
-        return self.agent.check()
+    def self_check(self, timeout: float = 60.0) -> Verdict:
+        """The guest's own verdict on its memory: falsy on failure, naming the page."""
+        return self.agent.self_check(timeout)
 
 
 class GuestFactory:
@@ -181,11 +180,13 @@ class GuestFactory:
                  seed: int = 1, size: int | None = None, zero_ratio: float = 0.25,
                  machine: str | None = None, accel: str | None = None,
                  name: str = "src", ready_timeout: float = 180.0) -> Guest:
+        """RAM: *mem*, else --fastsnap-mem when set, else the guest's own default
+        (tiny: just enough for its pattern range, 22M by default; Linux: 256M)."""
+        config = self.vm_factory.config
+        mem = mem or (config.mem if config.mem_given else None)
         if kind == "tiny":
-            kwargs: dict[str, Any] = {"seed": seed, "mode": mode, "zero_ratio": zero_ratio}
-            if size is not None:
-                kwargs["size"] = size
-            params = TinyParams(**kwargs)
+            params = self._tiny_params(mem, seed=seed, mode=mode, zero_ratio=zero_ratio,
+                                       size=size)
             vm = self.vm_factory(name=name, machine=machine or tiny.RECOMMENDED_MACHINE,
                                  mem=mem or params.min_mem(), accel=accel,
                                  extra_args=tiny_args(tiny_kernel(), params))
@@ -203,6 +204,19 @@ class GuestFactory:
             agent.wait_ready(ready_timeout)
             return Guest("linux", vm, agent)
         raise ValueError(f"unknown guest kind {kind!r}: use 'tiny' or 'linux'")
+
+    @staticmethod
+    def _tiny_params(mem: str | None, *, size: int | None, **kwargs: Any) -> TinyParams:
+        """The tiny guest's pattern range: *size*, else 16 MiB, shrunk to fit a
+        smaller *mem* (2 MiB spare above it, as :meth:`TinyParams.min_mem`)."""
+        params = TinyParams(**kwargs, **({"size": size} if size is not None else {}))
+        if mem is None or mem_bytes(mem) >= mem_bytes(params.min_mem()):
+            return params
+        room = (mem_bytes(mem) - params.start - (2 << 20)) & ~0xFFF
+        if size is not None or room <= 0:
+            raise ValueError(f"tiny guest: mem={mem} is smaller than the {params.min_mem()} "
+                             f"its pattern range {params.start:#x}+{params.size:#x} needs")
+        return TinyParams(**kwargs, size=room)
 
 
 @pytest.fixture

@@ -36,12 +36,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pytest_fastsnap.qemu import process
 from pytest_fastsnap.qemu.machine import QemuMachine, QMPCommandError
 from pytest_fastsnap.qemu.migration import file_uri, set_capabilities
+from pytest_fastsnap.verdict import Verdict
 from pytest_fastsnap.workdirs import SUN_PATH_MAX
+
+if TYPE_CHECKING:
+    from pytest_fastsnap.guests.linux import LinuxGuest
+    from pytest_fastsnap.guests.tiny import TinyGuest
 
 STRATEGIES = ("qemu-precopy", "qemu-fast", "loader-bridge")
 
@@ -230,6 +235,27 @@ class RestoredGuest:
                 "time_to_loaded_s": self.time_to_loaded,
                 "loader_spawned_at_s": self.loader_spawned_at if self.loader else None,
                 "loader": self.loader_stats or None}
+
+    # -- the guest ----------------------------------------------------------------
+
+    @property
+    def agent(self) -> TinyGuest | LinuxGuest:
+        """The restored test guest's agent (tiny or Linux, told from the QEMU
+        arguments the snapshot was saved with); ValueError for other guests."""
+        from pytest_fastsnap.guests import guest_agent
+
+        return guest_agent(self.vm)
+
+    def self_check(self, timeout: float = 60.0) -> Verdict:
+        """The restored guest checks its own memory: falsy on failure, naming the
+        first bad page.  The guest must run (restored ``paused``: ``cont`` first)."""
+        agent = self.agent
+        status = self.vm.status()
+        if status != "running":
+            raise RestoreFailed(f"{self.strategy}: {self.vm.name} is {status!r}, so its guest "
+                                "cannot check itself; `cont` it first "
+                                "(vm.qmp('cont')), or restore with paused=False")
+        return agent.self_check(timeout)
 
     # -- cleanup ----------------------------------------------------------------
 
