@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
@@ -81,6 +81,14 @@ def fastsnap_workdir(request: pytest.FixtureRequest, fastsnap_config: FastsnapCo
         workdirs.remove(directory)
 
 
+class TeardownError(Exception):
+    """Stopping a test's machines or closing what it owned failed (all listed)."""
+
+
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
 class VmFactory:
     """Starts QEMU machines for one test and stops them all afterwards."""
 
@@ -94,6 +102,7 @@ class VmFactory:
         self.probe_dst = probe_dst
         self.machines = registry
         self._names: set[str] = set()
+        self._owned: list[Closable] = []
 
     def _name(self, wanted: str) -> str:
         name, n = wanted, 1
@@ -137,9 +146,32 @@ class VmFactory:
         vm.launch()
         return vm
 
+    def own(self, resource: Closable) -> None:
+        """Close *resource* (e.g. a :class:`RestoredGuest`: its loader and
+        socket directory) at teardown, before the machines stop."""
+        self._owned.append(resource)
+
     def shutdown_all(self) -> None:
+        """Close everything owned, then stop every machine, newest first.  Each
+        step runs even if an earlier one failed; the failures are raised
+        together at the end, as one TeardownError."""
+        errors = []
+        for resource in reversed(self._owned):
+            try:
+                resource.close()
+            except Exception as err:  # every step runs; reported below
+                errors.append(f"closing {resource!r}: {err!r}")
+        self._owned.clear()
         for vm in reversed(self.machines):
-            vm.shutdown()
+            try:
+                vm.shutdown()
+            except Exception as err:  # QemuMachine.shutdown should not, but go on
+                errors.append(f"stopping {vm!r}: {err!r}")
+            if vm.is_running():
+                errors.append(f"{vm!r} still running after shutdown: "
+                              + "; ".join(vm.shutdown_errors))
+        if errors:
+            raise TeardownError("fastsnap teardown: " + "\n".join(errors))
 
 
 @pytest.fixture

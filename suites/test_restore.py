@@ -25,7 +25,8 @@ from pytest_fastsnap.qemu.migration import SavedSnapshot
 from pytest_fastsnap.restore.strategies import RestoredGuest, restore
 from pytest_fastsnap.snapshot.digest import block_digest, restored_memory_range
 from pytest_fastsnap.snapshot.format import parse
-from pytest_fastsnap.suite_inputs import ram_ranges
+
+from reference_snapshot import ram_ranges
 
 STRATEGIES = [
     pytest.param("qemu-precopy", id="qemu-precopy"),

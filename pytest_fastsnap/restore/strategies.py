@@ -293,7 +293,8 @@ class RestoredGuest:
 
 def _socket_dir() -> tuple[Path, Path]:
     """A short private directory under /tmp for the migration socket."""
-    sock_dir = Path(tempfile.mkdtemp(prefix="fsb-", dir="/tmp"))
+    # Our pid in the name lets workdirs.sweep_stale remove it if we are SIGKILLed.
+    sock_dir = Path(tempfile.mkdtemp(prefix=f"fsb-{os.getpid()}-", dir="/tmp"))
     sock = sock_dir / "m.sock"
     if len(os.fsencode(sock)) > SUN_PATH_MAX:  # pragma: no cover - /tmp is short
         raise RestoreFailed(f"socket path {sock} over the {SUN_PATH_MAX}-byte limit")
@@ -323,6 +324,9 @@ def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str]
     vm = _as_factory(vm_factory)(device_args, paused=paused)
     guest = RestoredGuest(strategy=strategy, vm=vm, t0_wall=0.0, event_mark=0, paused=paused,
                           launch_seconds=time.monotonic() - t_launch)
+    own = getattr(vm_factory, "own", None)
+    if own is not None:     # the vm_factory fixture closes it at teardown
+        own(guest)
     try:
         _start(guest, path, offset, loader_args, transport)
         if wait:
