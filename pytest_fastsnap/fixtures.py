@@ -304,13 +304,19 @@ def firmware_vm(vm_factory: VmFactory) -> QemuMachine:
 
 @pytest.fixture
 def restore_precopy(vm_factory: VmFactory):  # type: ignore[no-untyped-def]
-    """``restore_precopy(snapshot)`` -> destination QEMU fully loaded (stock full load)."""
-    def restore(snapshot: SavedSnapshot, **kwargs: Any) -> QemuMachine:
+    """``restore_precopy(snapshot, resume=False)`` -> destination QEMU fully loaded
+    (stock full load).  A snapshot saved stopped loads *paused*; ``resume=True``
+    continues the guest and waits until it runs."""
+    def restore(snapshot: SavedSnapshot, *, resume: bool = False,
+                **kwargs: Any) -> QemuMachine:
         dst = vm_factory.destination(snapshot)
         load_snapshot(dst, snapshot.path, offset=snapshot.offset,
                       capabilities={k: v for k, v in snapshot.capabilities.items()
                                     if k != "mapped-ram"} | kwargs.pop("capabilities", {}),
                       **kwargs)
+        if resume:
+            dst.qmp("cont")
+            dst.wait_status("running")
         return dst
     return restore
 

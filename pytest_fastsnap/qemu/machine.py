@@ -198,8 +198,27 @@ class QemuMachine:
 
     def wait_event(self, name: str, match: dict[str, Any] | None = None,
                    timeout: float = 30.0, since: int = 0) -> dict[str, Any]:
-        return self.qmp_connection.wait_event(name, match, timeout, since,
-                                              alive=self.is_running)
+        """Wait for QMP event *name* (data matching *match*) received since
+        event index *since*; TimeoutError otherwise.  QEMU sends MIGRATION and
+        MIGRATION_PASS only with the ``events`` migration capability on."""
+        try:
+            return self.qmp_connection.wait_event(name, match, timeout, since,
+                                                  alive=self.is_running)
+        except TimeoutError as err:
+            if name in ("MIGRATION", "MIGRATION_PASS") and not self._migration_events_on():
+                raise TimeoutError(
+                    f"{err}: QEMU sends {name} events only with the 'events' migration "
+                    "capability, which is off on this QEMU; load_snapshot() and "
+                    "wait_migration() (pytest_fastsnap.qemu.migration) poll query-migrate "
+                    "instead, or set the capability before migrating") from None
+            raise
+
+    def _migration_events_on(self) -> bool:
+        try:
+            caps = self.qmp("query-migrate-capabilities", timeout=5)
+        except Exception:  # QEMU gone: the timeout is the news, not this
+            return True
+        return any(c.get("capability") == "events" and c.get("state") for c in caps)
 
     def status(self) -> str:
         return str(self.qmp("query-status")["status"])

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pytest_fastsnap.qemu import process
 from pytest_fastsnap.qemu.machine import QemuMachine, QMPCommandError
 from pytest_fastsnap.qemu.migration import file_uri, set_capabilities
+from pytest_fastsnap.restore.manifest import manifest_path, read_manifest
 from pytest_fastsnap.verdict import Verdict
 from pytest_fastsnap.workdirs import SUN_PATH_MAX
 
@@ -49,6 +50,9 @@ if TYPE_CHECKING:
     from pytest_fastsnap.guests.tiny import TinyGuest
 
 STRATEGIES = ("qemu-precopy", "qemu-fast", "loader-bridge")
+# A migration stream starts with QEMU_VM_FILE_MAGIC "QEVM" and version 3.
+STREAM_START = b"QEVM\x00\x00\x00\x03"
+STREAM_SCAN = 64 << 20      # how far a failed restore looks for a stream start
 
 
 class RestoreFailed(Exception):
@@ -301,8 +305,33 @@ def _socket_dir() -> tuple[Path, Path]:
     return sock_dir, sock
 
 
+def _stream_offset_hint(path: Path, offset: int) -> str:
+    """Why a restore at *offset* may have failed: no stream starts there, but the
+    manifest or the file itself says where one does.  "" when offset looks right."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            if f.read(len(STREAM_START)) == STREAM_START:
+                return ""
+            f.seek(0)
+            head = f.read(STREAM_SCAN)
+    except OSError:
+        return ""
+    with contextlib.suppress(ValueError):
+        recorded = read_manifest(path).offset
+        if recorded != offset:
+            return (f"no migration stream starts at offset {offset:#x}; "
+                    f"{manifest_path(path).name} says it starts at {recorded:#x}: "
+                    f"pass offset={recorded:#x}")
+    found = head.find(STREAM_START)
+    if found >= 0:
+        return (f"no migration stream starts at offset {offset:#x}, one starts at "
+                f"{found:#x}: pass offset={found:#x}")
+    return f"no migration stream starts at offset {offset:#x}"
+
+
 def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str],
-            vm_factory: Any, offset: int = 0, *, paused: bool = False,
+            vm_factory: Any, offset: int | None = None, *, paused: bool = False,
             wait: bool = True, timeout: float = 120.0,
             loader_args: Sequence[str] = (), transport: str = "unix") -> RestoredGuest:
     """Restore *snapshot_path* with *strategy* into a new destination QEMU.
@@ -314,12 +343,21 @@ def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str]
     only): ``unix`` lets the loader connect to the socket itself, ``fd``
     connects here and hands the loader the connected descriptor (``fd:N``).  On any failure the
     destination and loader are killed before the exception propagates.
+
+    *offset* is where the migration stream starts in the file; by default the
+    one the snapshot's manifest (``<snapshot>.json``) records, else 0.  A
+    failed restore says so when no stream starts at *offset* and where one does.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown restore strategy {strategy!r}; one of {STRATEGIES}")
     if transport not in ("unix", "fd"):
         raise ValueError(f"transport must be 'unix' or 'fd', not {transport!r}")
     path = Path(snapshot_path).resolve()
+    if offset is None:
+        try:
+            offset = read_manifest(path).offset
+        except ValueError:
+            offset = 0
     t_launch = time.monotonic()
     vm = _as_factory(vm_factory)(device_args, paused=paused)
     guest = RestoredGuest(strategy=strategy, vm=vm, t0_wall=0.0, event_mark=0, paused=paused,
@@ -331,8 +369,12 @@ def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str]
         _start(guest, path, offset, loader_args, transport)
         if wait:
             guest.wait_running(timeout)
-    except BaseException:
+    except BaseException as err:
         guest.close(kill=True)
+        if type(err) is RestoreFailed:
+            hint = _stream_offset_hint(path, offset)
+            if hint:
+                err.args = (f"{err.args[0] if err.args else err}\nhint: {hint}",)
         raise
     return guest
 
