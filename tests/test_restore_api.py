@@ -6,6 +6,9 @@ transcript is a kept artifact of a failed test."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from pytest_fastsnap.fixtures import Guest, SnapshotFactory, VmFactory
@@ -72,3 +75,14 @@ def test_qmp_transcript_is_kept_with_a_failed_test(pytester: pytest.Pytester) ->
     (kept,) = out.iterdir()
     transcript = (kept / "kept.qmp.log").read_text()
     assert "-> query-status {}" in transcript and "<- {'status': 'running'" in transcript
+
+
+def test_readme_loading_examples_run(pytester: pytest.Pytester) -> None:
+    """The README's "Loading snapshots" examples, run as they are written."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### Loading snapshots in your own tests", 1)[1].split("\n### ")[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2
+    pytester.makepyfile(**{f"test_readme{i}": code for i, code in enumerate(blocks)})
+    result = pytester.runpytest_subprocess("--fastsnap", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
