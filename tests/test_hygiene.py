@@ -39,6 +39,10 @@ def _python(script: str, timeout: float = 60) -> str:
 
 
 def test_registry_keeps_children_whose_popen_was_dropped() -> None:
+    """kill_all finds a child its caller dropped.  (With the old WeakSet this
+    held only because CPython's Popen.__del__ parks a still-running child in
+    subprocess._active, keeping the weak reference alive; the registry no
+    longer depends on that.)"""
     out = _python("""
         import gc
         from pytest_fastsnap.qemu import process
