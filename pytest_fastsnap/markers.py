@@ -68,7 +68,8 @@ def version_matches(version: tuple[int, ...], spec: VersionSpec) -> bool:
         if not spec.strip() or not all(c.strip() for c in clauses):
             raise SpecError(f"empty clause in version spec {spec!r}")
         return all(_clause_matches(version, c) for c in clauses)
-    if not spec or not all(isinstance(s, str) for s in spec):
+    if not isinstance(spec, list | tuple) or not spec \
+            or not all(isinstance(s, str) for s in spec):
         raise SpecError(f"a list of version specs must hold strings, not {spec!r}")
     return any(version_matches(version, s) for s in spec)
 
@@ -94,23 +95,21 @@ def check_defect_marker(mark: pytest.Mark) -> str | None:
     return None
 
 
-def check_markers(items: Sequence[pytest.Item]) -> None:
-    """Refuse misused markers before anything runs: one UsageError naming each
-    marker and test."""
+def marker_problems(item: pytest.Item) -> list[str]:
+    """What is wrong with *item*'s fastsnap markers, one line each naming the
+    test and the marker (empty when all is well)."""
     errors = []
-    for item in items:
-        for mark in item.iter_markers("qemu_defect"):
-            problem = check_defect_marker(mark)
-            if problem:
-                errors.append(f"{item.nodeid}: @pytest.mark.qemu_defect {problem}")
-        for mark in item.iter_markers("qemu_version"):
-            for key in ("min", "max"):
-                value = mark.kwargs.get(key)
-                if value is not None and not re.fullmatch(r"\d+(\.\d+){0,2}", str(value)):
-                    errors.append(f"{item.nodeid}: @pytest.mark.qemu_version {key}={value!r} "
-                                  "is not a version like 9.2 or 10.0.2")
-    if errors:
-        raise pytest.UsageError("fastsnap: bad marker arguments:\n" + "\n".join(errors))
+    for mark in item.iter_markers("qemu_defect"):
+        problem = check_defect_marker(mark)
+        if problem:
+            errors.append(f"{item.nodeid}: @pytest.mark.qemu_defect {problem}")
+    for mark in item.iter_markers("qemu_version"):
+        for key in ("min", "max"):
+            value = mark.kwargs.get(key)
+            if value is not None and not re.fullmatch(r"\d+(\.\d+){0,2}", str(value)):
+                errors.append(f"{item.nodeid}: @pytest.mark.qemu_version {key}={value!r} "
+                              "is not a version like 9.2 or 10.0.2")
+    return errors
 
 
 def skip_reason(item: pytest.Item, probe: QemuProbe) -> str | None:

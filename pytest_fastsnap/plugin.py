@@ -15,7 +15,7 @@ import pytest
 
 from pytest_fastsnap import fixtures, workdirs
 from pytest_fastsnap.config import add_options, get_config
-from pytest_fastsnap.markers import MARKERS, apply_markers, check_markers
+from pytest_fastsnap.markers import MARKERS, apply_markers, marker_problems
 from pytest_fastsnap.plugin_state import (
     ACCEL_KEY,
     ARTIFACTS_PROPERTY,
@@ -95,9 +95,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Refuse misused markers, then decide skips and xfails here, at collection,
-    so each skip is reported at its test's location (not the plugin's)."""
-    check_markers(items)
+    """Decide skips and xfails here, at collection, so each skip is reported at
+    its test's location (not the plugin's)."""
     if config.stash[CONFIG_KEY].enabled:
         probe_ = config.stash[PROBE_KEY]
         for item in items:
@@ -107,6 +106,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if item.get_closest_marker("fastsnap") or "fastsnap_config" in getattr(
                 item, "fixturenames", ()):
             item.add_marker(pytest.mark.skipif(True, reason=f"{item.name} {SKIP_REASON}"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector
+                               ) -> Generator[None, pytest.CollectReport, pytest.CollectReport]:
+    """A misused marker is a collection error of its module, naming the marker
+    and the test (so the run stops before any test, with or without xdist)."""
+    report = yield
+    if report.passed:
+        problems = [line for node in report.result if isinstance(node, pytest.Item)
+                    for line in marker_problems(node)]
+        if problems:
+            report.outcome = "failed"
+            report.longrepr = "fastsnap: bad marker arguments:\n" + "\n".join(problems)
+            report.result = []
+    return report
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -27,7 +27,8 @@ def test_specs_that_do_not_match_10_0_2(spec: str | list[str]) -> None:
     assert not version_matches(V10_0_2, spec)
 
 
-@pytest.mark.parametrize("spec", ["", "ten", "10.0,", "~=10.0", "10.0.0.1", "=>10", [], [1]])
+@pytest.mark.parametrize("spec", ["", "ten", "10.0,", "~=10.0", "10.0.0.1", "=>10", [], [1],
+                                  10.0, None])
 def test_bad_specs_are_refused(spec: object) -> None:
     with pytest.raises(SpecError):
         version_matches(V10_0_2, spec)  # type: ignore[arg-type]
@@ -42,9 +43,9 @@ def test_bad_specs_are_refused(spec: object) -> None:
     ('qemu_defect(affected="10.0", reason="r", fixed="10.1")', "unknown argument(s) fixed"),
     ('qemu_version(min="nine")', "qemu_version min='nine' is not a version"),
 ])
-def test_misused_marker_is_a_usage_error(pytester: pytest.Pytester, marker: str,
-                                         problem: str) -> None:
-    """Without --fastsnap too: a misused marker is caught before anything runs."""
+def test_misused_marker_is_a_collection_error(pytester: pytest.Pytester, marker: str,
+                                             problem: str) -> None:
+    """Without --fastsnap too: a misused marker stops the run at collection."""
     pytester.makepyfile(f"""
         import pytest
         @pytest.mark.{marker}
@@ -52,12 +53,30 @@ def test_misused_marker_is_a_usage_error(pytester: pytest.Pytester, marker: str,
             pass
         """)
     result = pytester.runpytest("-p", "no:cacheprovider")
-    assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines([
-        "*fastsnap: bad marker arguments:*",
-        f"*test_misused_marker_is_a_usage_error.py::test_marked: @pytest.mark.*{problem}*"])
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.stdout.fnmatch_lines([
+        "*ERROR collecting test_misused_marker_is_a_collection_error.py*",
+        "fastsnap: bad marker arguments:",
+        f"test_misused_marker_is_a_collection_error.py::test_marked: @pytest.mark.*{problem}*"])
     assert "Traceback" not in result.stdout.str() + result.stderr.str()
     assert "KeyError" not in result.stdout.str() + result.stderr.str()
+
+
+def test_misused_marker_under_xdist(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        import pytest
+        class TestX:
+            @pytest.mark.parametrize("x", [1, pytest.param(
+                2, marks=pytest.mark.qemu_defect(affected="<=10.0"))])
+            def test_param(self, x):
+                pass
+        """)
+    result = pytester.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines([
+        "fastsnap: bad marker arguments:",
+        "*::TestX::test_param?2?: @pytest.mark.qemu_defect needs reason=*"])
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
 
 
 def test_skips_without_fastsnap_point_at_each_test(pytester: pytest.Pytester) -> None:
