@@ -120,7 +120,9 @@ class VmFactory:
         overrides the session's accelerator for this machine."""
         binary = self.probe_dst.binary if role == "dst" else self.probe.binary
         if accel == "kvm" and not self.probe.kvm_usable:
-            pytest.skip(f"KVM not usable: {self.probe.kvm_reason}")
+            # Reported at the test's location, like a marker skip, not at this line.
+            raise pytest.skip.Exception(f"accel='kvm' asked for, but KVM is not usable: "
+                                        f"{self.probe.kvm_reason}", _use_item_location=True)
         vm = QemuMachine(binary, self.workdir, name=self._name(name), machine=machine,
                          accel=accel or self.accel, mem=mem or self.config.mem,
                          extra_args=extra_args,

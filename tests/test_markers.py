@@ -140,3 +140,21 @@ class TestWithQemu:
             "SKIPPED ?1? test_feature_skips_point_at_each_test.py:5: test_two needs "
             "'no-such-capability': * lacks it"])
         result.stdout.no_fnmatch_line("*markers.py*")
+
+
+def test_kvm_skip_inside_a_test_points_at_the_test(pytester: pytest.Pytester) -> None:
+    """vm_factory(accel="kvm") on a host without KVM skips at the test, not in fixtures.py."""
+    pytester.makepyfile("""
+        from types import SimpleNamespace
+        from pytest_fastsnap.fixtures import VmFactory
+
+        def test_wants_kvm(tmp_path):
+            probe = SimpleNamespace(kvm_usable=False, kvm_reason="/dev/kvm: No such file",
+                                    binary="qemu-system-x86_64")
+            VmFactory(None, "tcg", tmp_path, probe, probe, [])(accel="kvm")
+        """)
+    result = pytester.runpytest("-rs", "-p", "no:cacheprovider")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines([
+        "SKIPPED ?1? test_kvm_skip_inside_a_test_points_at_the_test.py:4: accel='kvm' asked "
+        "for, but KVM is not usable: /dev/kvm: No such file"])

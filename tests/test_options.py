@@ -33,8 +33,10 @@ def _usage_error(result: pytest.RunResult, *lines: str) -> None:
      "PATH), or leave the option out for qemu-system-x86_64 on PATH"),
     (["--qemu-binary-dst="], {}, "ERROR: fastsnap: --qemu-binary-dst='': empty:*"),
     (["--fastsnap-artifacts-dir="], {}, "ERROR: fastsnap: --fastsnap-artifacts-dir='': empty*"),
+    (["--qemu-binary-dst=/bin/true"], {},
+     "ERROR: fastsnap: --qemu-binary-dst: /bin/true --version printed no QEMU version*"),
 ], ids=["mem-garbage", "mem-too-small", "accel-env", "dst-missing", "binary-empty",
-        "dst-empty", "artifacts-empty"])
+        "dst-empty", "artifacts-empty", "dst-not-qemu"])
 def test_bad_value_is_one_usage_error(pytester: pytest.Pytester,
                                       monkeypatch: pytest.MonkeyPatch, args: list[str],
                                       env: dict[str, str], message: str) -> None:
