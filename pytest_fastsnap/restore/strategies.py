@@ -240,6 +240,10 @@ class RestoredGuest:
                 "loader_spawned_at_s": self.loader_spawned_at if self.loader else None,
                 "loader": self.loader_stats or None}
 
+    def __repr__(self) -> str:
+        loader = f" loader pid {self.loader.pid}" if self.loader is not None else ""
+        return f"<RestoredGuest {self.strategy} {self.vm.name}{loader}>"
+
     # -- the guest ----------------------------------------------------------------
 
     @property
