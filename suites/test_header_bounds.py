@@ -24,7 +24,8 @@ from pytest_fastsnap.qemu.machine import QemuMachine
 from pytest_fastsnap.qemu.migration import MigrationFailed, load_snapshot
 from pytest_fastsnap.snapshot.format import parse
 from pytest_fastsnap.snapshot.mutate import Mutation, all_header_mutations
-from pytest_fastsnap.suite_inputs import BaseSnapshot, base_snapshot, ram_ranges
+
+from reference_snapshot import BaseSnapshot, base_snapshot, ram_ranges
 
 LOAD_TIMEOUT = 20.0
 

@@ -15,7 +15,9 @@ SUITES = Path(__file__).resolve().parent.parent / "suites"
 
 
 def _suite(pytester: pytest.Pytester, name: str) -> None:
-    pytester.makepyfile(**{name: (SUITES / f"{name}.py").read_text()})
+    """Copy one suite file, with the helper module the suites import."""
+    pytester.makepyfile(**{name: (SUITES / f"{name}.py").read_text(),
+                           "reference_snapshot": (SUITES / "reference_snapshot.py").read_text()})
 
 
 def test_capability_suite_catches_a_wrong_expectation(pytester: pytest.Pytester) -> None:

@@ -32,9 +32,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pytest_fastsnap.guests.fill import data_ranges, fill_guest_ram
 from pytest_fastsnap.qemu.machine import QemuMachine
 from pytest_fastsnap.qemu.migration import save_snapshot
-from pytest_fastsnap.restore.fill import data_ranges, fill_guest_ram
 from pytest_fastsnap.restore.strategies import (
     RestoredGuest,
     RestoreUnsupported,
