@@ -586,7 +586,9 @@ static int serve_requests(struct bridge *b)
         b->q_len--;
         pthread_mutex_unlock(&b->rp_lock);
         struct br_block *blk = &b->snap.blocks[rq.block];
-        uint64_t first = rq.start / b->snap.tps, n = (rq.len + b->snap.tps - 1) / b->snap.tps;
+        /* 64-bit: a length near 2^32 must not wrap to zero pages. */
+        uint64_t first = rq.start / b->snap.tps;
+        uint64_t n = ((uint64_t)rq.len + b->snap.tps - 1) / b->snap.tps;
         int served = 0;
         for (uint64_t p = first; p < first + n; p++) {
             if (br_bit_claim(blk->sent, p))

@@ -1,0 +1,80 @@
+"""The bridge (``fastsnap-loader serve``) against a synthetic destination, no QEMU.
+
+The destination is a Python socket pair end: it drains the migration stream
+and writes return-path messages the loader must treat as hostile input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from pytest_fastsnap.native.loader import ASAN_ENV, loader_path
+from pytest_fastsnap.snapshot.writer import write_snapshot
+
+RP_SHUT, RP_PONG, RP_REQ_PAGES_ID = 1, 2, 3
+PING_PACKAGE_LOADED = 3
+
+
+def rp_message(kind: int, payload: bytes) -> bytes:
+    return struct.pack(">HH", kind, len(payload)) + payload
+
+
+def request(block: str, start: int, length: int) -> bytes:
+    name = block.encode()
+    return rp_message(RP_REQ_PAGES_ID,
+                      struct.pack(">QIB", start, length, len(name)) + name)
+
+
+def serve_synthetic(snapshot: Path, replies: bytes, variant: str = "release",
+                    timeout: float = 60) -> dict[str, object]:
+    """Run ``serve`` on one end of a socket pair; the other end sends *replies*
+    at once and drains everything the loader writes.  Returns the --json stats."""
+    ours, theirs = socket.socketpair()
+    received = bytearray()
+
+    def drain() -> None:
+        while chunk := ours.recv(1 << 20):
+            received.extend(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    try:
+        ours.sendall(replies)
+        reader.start()
+        env = dict(ASAN_ENV) if variant == "asan" else {}
+        res = subprocess.run([str(loader_path(variant)), "serve", str(snapshot), "--to",
+                              f"fd:{theirs.fileno()}", "--json", "--shut-timeout", "20"],
+                             pass_fds=(theirs.fileno(),), capture_output=True, text=True,
+                             timeout=timeout, env={**os.environ, **env}, check=False)
+    finally:
+        theirs.close()
+        ours.shutdown(socket.SHUT_RDWR)
+        reader.join(timeout=10)
+        ours.close()
+    assert res.returncode == 0, res.stderr
+    stats: dict[str, object] = json.loads(res.stdout)
+    stats["stream_bytes"] = len(received)
+    return stats
+
+
+@pytest.mark.parametrize("variant", ["release", "asan"])
+def test_request_length_near_4g_is_served_not_dropped(tmp_path: Path, variant: str) -> None:
+    """A REQ_PAGES length of 0xffffffff over a 4 GiB block: rounding it up to
+    pages in 32 bits wrapped to zero pages and the request vanished."""
+    size = 4 << 30
+    snap = write_snapshot(tmp_path / "big.img", "pc-q35-10.0", [("pc.ram", size, {})])
+    replies = (request("pc.ram", 0, 0xFFFFFFFF)
+               + rp_message(RP_PONG, struct.pack(">I", PING_PACKAGE_LOADED))
+               + rp_message(RP_SHUT, struct.pack(">I", 0)))
+    stats = serve_synthetic(snap, replies, variant, timeout=180)
+    assert stats["requests"] == 1
+    assert stats["requests_duplicate"] == 0, stats
+    assert stats["pages_on_request"] == size // 4096, stats
+    assert stats["double_sends"] == 0
