@@ -16,6 +16,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -45,6 +46,7 @@ typedef struct lctx {
     uint64_t total_pages;
     _Atomic int pending_faults;
     _Atomic int stop;
+    int stop_efd;                   /* readable once stop is set: wakes the fault thread */
     _Atomic int failed;
     char errmsg[256];
     /* stats */
@@ -81,6 +83,18 @@ static uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+/* Stops every thread: the flag for the loops, the eventfd for the fault
+ * thread blocked in poll(). */
+static void request_stop(lctx *c)
+{
+    atomic_store(&c->stop, 1);
+    uint64_t one = 1;
+    if (c->stop_efd >= 0 && write(c->stop_efd, &one, sizeof one) < 0) {
+        /* only EAGAIN (counter saturated) is possible: already readable */
+    }
+}
+
+__attribute__((format(printf, 2, 3)))
 static void set_fail(lctx *c, const char *fmt, ...)
 {
     int expected = 0;
@@ -90,7 +104,7 @@ static void set_fail(lctx *c, const char *fmt, ...)
         vsnprintf(c->errmsg, sizeof c->errmsg, fmt, ap);
         va_end(ap);
     }
-    atomic_store(&c->stop, 1);
+    request_stop(c);
 }
 
 int mr_uffd_open(void)
@@ -202,7 +216,8 @@ static int place(lctx *c, unsigned char *dst, const unsigned char *src, uint64_t
         }
         if (e == EEXIST) {
             /* The next page is already present: wake its waiters and move on. */
-            uffd_wake(c->uffd, dst + done, PAGE);
+            if (uffd_wake(c->uffd, dst + done, PAGE) < 0)
+                return -1;
             atomic_fetch_add(&c->wakes, 1);
             done += PAGE;
             continue;
@@ -292,13 +307,15 @@ static void *fault_thread(void *arg)
         return NULL;
     }
     while (!atomic_load(&c->stop)) {
-        struct pollfd pfd = {.fd = c->uffd, .events = POLLIN};
-        int pr = poll(&pfd, 1, 10);
+        /* Blocks until a fault or a stop request (stop_efd), no polling. */
+        struct pollfd pfd[2] = {{.fd = c->uffd, .events = POLLIN},
+                                {.fd = c->stop_efd, .events = POLLIN}};
+        int pr = poll(pfd, 2, -1);
         if (pr < 0 && errno != EINTR) {
             set_fail(c, "fault thread: poll: %s", strerror(errno));
             break;
         }
-        if (pr <= 0)
+        if (pr <= 0 || !(pfd[0].revents & POLLIN))
             continue;
         ssize_t r = read(c->uffd, msgs, sizeof msgs);
         if (r < 0) {
@@ -313,6 +330,9 @@ static void *fault_thread(void *arg)
         for (size_t i = 0; i < n; i++) {
             uint64_t t0 = now_ns();
             if (msgs[i].event != UFFD_EVENT_PAGEFAULT) {
+                /* No event feature was requested: anything else is a kernel
+                 * contract we do not understand, not something to skip. */
+                set_fail(c, "fault thread: unexpected userfaultfd event %u", msgs[i].event);
                 atomic_fetch_sub(&c->pending_faults, 1);
                 continue;
             }
@@ -329,7 +349,9 @@ static void *fault_thread(void *arg)
             } else if (atomic_load(&b->loads[page])) {
                 /* Placed already (its copy woke the faulter; a wake is cheap and
                  * covers any path that placed without waking). */
-                uffd_wake(c->uffd, (void *)addr, PAGE);
+                if (uffd_wake(c->uffd, (void *)addr, PAGE) < 0)
+                    set_fail(c, "fault thread: UFFDIO_WAKE block %s page %" PRIu64 ": %s",
+                             b->meta->id, page, strerror(errno));
                 atomic_fetch_add(&c->wakes, 1);
             } else {
                 /* Claimed by the eager thread, not placed yet: its waking
@@ -376,7 +398,8 @@ static void *eager_thread(void *arg)
             continue;
         uint64_t page = 0;
         while (page < b->num_pages && !atomic_load(&c->stop)) {
-            while (atomic_load_explicit(&c->pending_faults, memory_order_relaxed) > 0)
+            while (atomic_load_explicit(&c->pending_faults, memory_order_relaxed) > 0 &&
+                   !atomic_load_explicit(&c->stop, memory_order_relaxed))
                 sched_yield(); /* faults go first */
             /* Runs claimed in one go make faults on them wait for the whole
              * pread + copy: short runs while faults keep coming, doubling
@@ -430,11 +453,9 @@ static void *eager_thread(void *arg)
     return NULL;
 }
 
+/* sync mode: pread straight into the (unregistered) block memory. */
 static int sync_load(lctx *c)
 {
-    unsigned char *buf = malloc(RUN_PAGES * PAGE);
-    if (!buf)
-        return set_fail(c, "out of memory"), -1;
     for (size_t bi = 0; bi < c->nblocks; bi++) {
         mr_core_block *b = &c->blocks[bi];
         if (!b->mem)
@@ -452,7 +473,6 @@ static int sync_load(lctx *c)
                                b->meta->pages_offset + page * PAGE) < 0) {
                     set_fail(c, "sync: block %s pages %" PRIu64 "+%" PRIu64 ": pread: %s",
                              b->meta->id, page, run, strerror(errno));
-                    free(buf);
                     return -1;
                 }
                 atomic_fetch_add(&c->bytes_read, run * PAGE);
@@ -461,7 +481,6 @@ static int sync_load(lctx *c)
             page += run;
         }
     }
-    free(buf);
     return 0;
 }
 
@@ -641,6 +660,11 @@ int mr_local_load(int fd, const mr_snapshot *snap, const mr_load_opts *opts, FIL
         return snprintf(err, errlen, "out of memory"), 1;
     c->fd = fd;
     c->uffd = -1;
+    c->stop_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (c->stop_efd < 0) {
+        free(c);
+        return snprintf(err, errlen, "eventfd: %s", strerror(errno)), 1;
+    }
     c->snap = snap;
     c->opts = opts;
     c->nblocks = snap->nblocks;
@@ -724,7 +748,7 @@ int mr_local_load(int fd, const mr_snapshot *snap, const mr_load_opts *opts, FIL
         mr_sha256_final(&h, dig);
         mr_sha256_hex(dig, digests[i]);
     }
-    atomic_store(&c->stop, 1);
+    request_stop(c);
     if (ft_started) {
         pthread_join(ft, NULL);
         ft_started = 0;
@@ -799,7 +823,7 @@ int mr_local_load(int fd, const mr_snapshot *snap, const mr_load_opts *opts, FIL
 fail:
     snprintf(err, errlen, "%s", c->errmsg[0] ? c->errmsg : "load failed");
 out:
-    atomic_store(&c->stop, 1);
+    request_stop(c);
     if (et_started)
         pthread_join(et, NULL);
     if (ft_started)
@@ -818,6 +842,7 @@ out:
     }
     if (c->uffd >= 0)
         close(c->uffd);
+    close(c->stop_efd);
     free(c->blocks);
     free(c->lat_ns);
     free(c->touch_ns);
@@ -829,28 +854,48 @@ out:
 
 typedef struct bench_ctx {
     int uffd;
+    int stop_efd;               /* readable when the toucher is done */
     unsigned char *src;
-    _Atomic int stop;
-    int error;
+    unsigned char *region;
+    size_t len;
+    _Atomic int error;          /* errno of a failed UFFDIO_COPY / read, 0 none */
+    int inject_copy_fail;       /* debug: FASTSNAP_LOADER_INJECT=uffd-copy-fail */
 } bench_ctx;
 
+/* Answers each fault with one 4 KiB UFFDIO_COPY.  On a failure nobody will
+ * resolve the fault: unregistering the region wakes the blocked toucher
+ * (its retry maps a zero page), which then sees `error` and stops. */
 static void *bench_handler(void *arg)
 {
     bench_ctx *b = arg;
     struct uffd_msg msg;
-    while (!atomic_load(&b->stop)) {
-        struct pollfd pfd = {.fd = b->uffd, .events = POLLIN};
-        if (poll(&pfd, 1, 10) <= 0)
+    for (;;) {
+        struct pollfd pfd[2] = {{.fd = b->uffd, .events = POLLIN},
+                                {.fd = b->stop_efd, .events = POLLIN}};
+        if (poll(pfd, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            atomic_store(&b->error, errno);
+            break;
+        }
+        if (pfd[1].revents)
+            return NULL;
+        ssize_t r = read(b->uffd, &msg, sizeof msg);
+        if (r < 0 && (errno == EAGAIN || errno == EINTR))
             continue;
-        if (read(b->uffd, &msg, sizeof msg) != (ssize_t)sizeof msg)
-            continue;
-        if (msg.event != UFFD_EVENT_PAGEFAULT)
-            continue;
+        if (r != (ssize_t)sizeof msg || msg.event != UFFD_EVENT_PAGEFAULT) {
+            atomic_store(&b->error, r < 0 ? errno : EPROTO);
+            break;
+        }
         struct uffdio_copy cp = {.dst = msg.arg.pagefault.address & ~(uint64_t)(PAGE - 1),
-                                 .src = (uintptr_t)b->src, .len = PAGE};
-        if (ioctl(b->uffd, UFFDIO_COPY, &cp) < 0 && errno != EEXIST)
-            b->error = errno;
+                                 .src = b->inject_copy_fail ? 0 : (uintptr_t)b->src, .len = PAGE};
+        if (ioctl(b->uffd, UFFDIO_COPY, &cp) < 0 && errno != EEXIST) {
+            atomic_store(&b->error, errno);
+            break;
+        }
     }
+    struct uffdio_range rg = {.start = (uintptr_t)b->region, .len = b->len};
+    ioctl(b->uffd, UFFDIO_UNREGISTER, &rg);
     return NULL;
 }
 
@@ -862,11 +907,13 @@ static int uffd_round_trip(unsigned long pages, uint64_t *lat, char *err, size_t
     int rc = -1, uffd = -1;
     size_t len = (size_t)pages * PAGE;
     unsigned char *region = MAP_FAILED, *src = aligned_alloc(PAGE, PAGE);
-    bench_ctx b = {.uffd = -1};
+    const char *inject = getenv("FASTSNAP_LOADER_INJECT");
+    bench_ctx b = {.uffd = -1, .stop_efd = eventfd(0, EFD_CLOEXEC),
+                   .inject_copy_fail = inject && strcmp(inject, "uffd-copy-fail") == 0};
     pthread_t th;
-    if (!src) {
-        snprintf(err, errlen, "out of memory");
-        return -1;
+    if (!src || b.stop_efd < 0) {
+        snprintf(err, errlen, "%s", src ? "eventfd failed" : "out of memory");
+        goto out;
     }
     memset(src, 0x5a, PAGE);
     if (uffd_setup(&uffd, err, errlen) < 0)
@@ -882,20 +929,29 @@ static int uffd_round_trip(unsigned long pages, uint64_t *lat, char *err, size_t
         goto out;
     b.uffd = uffd;
     b.src = src;
+    b.region = region;
+    b.len = len;
     if (pthread_create(&th, NULL, bench_handler, &b) != 0) {
         snprintf(err, errlen, "pthread_create failed");
         goto out;
     }
     uint64_t sink = 0;
-    for (unsigned long i = 0; i < pages; i++) {
+    unsigned long i;
+    for (i = 0; i < pages && !atomic_load(&b.error); i++) {
         uint64_t t = now_ns();
         sink += *(volatile unsigned char *)(region + i * PAGE);
         lat[i] = now_ns() - t;
     }
-    atomic_store(&b.stop, 1);
+    uint64_t one = 1;
+    if (write(b.stop_efd, &one, sizeof one) != sizeof one)
+        atomic_store(&b.error, errno);
     pthread_join(th, NULL);
-    if (b.error || sink != (uint64_t)pages * 0x5a) {
-        snprintf(err, errlen, "UFFDIO_COPY failed (%s) or wrong data", strerror(b.error));
+    int e = atomic_load(&b.error);
+    if (e || sink != (uint64_t)pages * 0x5a) {
+        snprintf(err, errlen, "uffd round trip: %s after %lu of %lu pages",
+                 e ? strerror(e) : "wrong data", i, pages);
+        if (e)
+            snprintf(err + strlen(err), errlen - strlen(err), " (UFFDIO_COPY or read failed)");
         goto out;
     }
     qsort(lat, pages, sizeof *lat, cmp_u64);
@@ -905,6 +961,8 @@ out:
         munmap(region, len);
     if (uffd >= 0)
         close(uffd);
+    if (b.stop_efd >= 0)
+        close(b.stop_efd);
     free(src);
     return rc;
 }
