@@ -78,3 +78,24 @@ def test_request_length_near_4g_is_served_not_dropped(tmp_path: Path, variant: s
     assert stats["requests_duplicate"] == 0, stats
     assert stats["pages_on_request"] == size // 4096, stats
     assert stats["double_sends"] == 0
+
+
+@pytest.mark.parametrize("variant", ["release", "asan"])
+def test_non_ascii_block_id_is_valid_json(tmp_path: Path, variant: str) -> None:
+    """Block ids and machine names are bytes (Latin-1 in the Python reader):
+    the bridge wrote bytes >= 0x80 raw, which is not UTF-8 and so not JSON."""
+    block_id, machine = "ram\xe9\xff\x7f", "pc-\xb5"
+    snap = write_snapshot(tmp_path / "s.img", machine, [(block_id, bytes(8192))])
+    res = subprocess.run([str(loader_path(variant)), "serve", str(snap), "--describe"],
+                         capture_output=True, timeout=30, check=False,
+                         env={**os.environ, **(ASAN_ENV if variant == "asan" else {})})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.isascii(), res.stdout
+    described = json.loads(res.stdout)
+    assert described["machine"] == machine
+    assert [b["id"] for b in described["blocks"]] == [block_id]
+    # The local loader's inspect goes through the same writer and agrees.
+    res = subprocess.run([str(loader_path(variant)), "inspect", str(snap), "--json"],
+                         capture_output=True, timeout=30, check=False,
+                         env={**os.environ, **(ASAN_ENV if variant == "asan" else {})})
+    assert json.loads(res.stdout)["blocks"][0]["id"] == block_id

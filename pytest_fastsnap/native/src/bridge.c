@@ -23,6 +23,8 @@
 #include "bridge.h"
 
 #include "bridge_snap.h"
+#include "mr_json.h"
+#include "mr_stats.h"
 
 #include <errno.h>
 #include <getopt.h>
@@ -44,8 +46,6 @@
 #define FLUSH_AT (128u << 10)      /* eager bytes buffered before a send */
 #define CHUNK_PAGES 32u            /* pages per eager pread */
 #define SECTION_PAGES 256u         /* pages per PART section */
-#define LAT_MAX_SAMPLES (1u << 20)
-#define HIST_BUCKETS 32
 
 enum { RAM_ZERO = 0x02, RAM_MEM_SIZE = 0x04, RAM_PAGE = 0x08, RAM_EOS = 0x10,
        RAM_CONTINUE = 0x20 };
@@ -110,10 +110,7 @@ struct bridge {
     uint64_t pages_data, pages_zero, pages_on_request, pages_eager;
     uint64_t requests, requests_served, requests_duplicate;
     uint64_t double_sends;
-    double *lat;                /* microseconds, request read -> page sent */
-    size_t lat_len;
-    uint64_t hist[HIST_BUCKETS];/* log2 microsecond buckets */
-    double lat_max;
+    mr_samples lat;             /* request read -> page sent */
 
     const char *err_name;
     char err[512];
@@ -540,17 +537,8 @@ static int read_pages(struct bridge *b, const struct br_block *blk, uint64_t pag
 
 static void record_latency(struct bridge *b, double t_req)
 {
-    double us = (now_s(b) - t_req) * 1e6;
-    if (us < 0)
-        us = 0;
-    if (b->lat_len < LAT_MAX_SAMPLES)
-        b->lat[b->lat_len++] = us;
-    int bucket = us < 1 ? 0 : (int)log2(us) + 1;
-    if (bucket >= HIST_BUCKETS)
-        bucket = HIST_BUCKETS - 1;
-    b->hist[bucket]++;
-    if (us > b->lat_max)
-        b->lat_max = us;
+    double s = now_s(b) - t_req;
+    mr_samples_add(&b->lat, s > 0 ? (uint64_t)(s * 1e9) : 0);
 }
 
 static int check_rp(struct bridge *b)
@@ -591,10 +579,10 @@ static int serve_requests(struct bridge *b)
         uint64_t n = ((uint64_t)rq.len + b->snap.tps - 1) / b->snap.tps;
         int served = 0;
         for (uint64_t p = first; p < first + n; p++) {
-            if (br_bit_claim(blk->sent, p))
+            if (!mr_core_claim(blk->core, p))
                 continue;
             const uint8_t *data = NULL;
-            if (br_bit_test(blk->file_bitmap, p)) {
+            if (mr_core_bit(blk->core, p)) {
                 if (read_pages(b, blk, p, 1) < 0)
                     return -1;
                 data = b->stage;
@@ -789,12 +777,12 @@ static int send_pages(struct bridge *b)
                     continue;
                 }
             }
-            if (br_bit_sent(blk->sent, p)) {
+            if (mr_core_is_claimed(blk->core, p)) {
                 p++;
                 continue;
             }
-            if (!br_bit_test(blk->file_bitmap, p)) {
-                if (b->zero_all && !br_bit_claim(blk->sent, p)) {
+            if (!mr_core_bit(blk->core, p)) {
+                if (b->zero_all && mr_core_claim(blk->core, p)) {
                     if (emit_page(b, bi, p, NULL) < 0)
                         return -1;
                     b->pages_eager++;
@@ -803,12 +791,12 @@ static int send_pages(struct bridge *b)
             } else {
                 uint64_t k = 1;
                 while (p + k < blk->npages && k < max_run &&
-                       br_bit_test(blk->file_bitmap, p + k) &&
-                       !br_bit_sent(blk->sent, p + k))
+                       mr_core_bit(blk->core, p + k) &&
+                       !mr_core_is_claimed(blk->core, p + k))
                     k++;
                 /* Only this thread claims pages, so the run is still unsent. */
                 for (uint64_t j = 0; j < k; j++)
-                    br_bit_claim(blk->sent, p + j);
+                    mr_core_claim(blk->core, p + j);
                 if (emit_run(b, bi, p, k) < 0)
                     return -1;
                 b->pages_eager += k;
@@ -952,38 +940,8 @@ static int connect_to(struct bridge *b)
 
 /* ---- statistics --------------------------------------------------------- */
 
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static double pct(const double *v, size_t n, double q)
-{
-    if (n == 0)
-        return 0;
-    size_t i = (size_t)ceil(q * (double)n) - (q > 0 ? 1 : 0);
-    return v[i >= n ? n - 1 : i];
-}
-
-static void json_str(FILE *f, const char *s)
-{
-    fputc('"', f);
-    for (; s && *s; s++) {
-        unsigned char c = (unsigned char)*s;
-        if (c == '"' || c == '\\')
-            fprintf(f, "\\%c", c);
-        else if (c < 0x20)
-            fprintf(f, "\\u%04x", c);
-        else
-            fputc(c, f);
-    }
-    fputc('"', f);
-}
-
 static void write_stats(struct bridge *b, FILE *f, int rc)
 {
-    qsort(b->lat, b->lat_len, sizeof(double), cmp_double);
     uint64_t ram = 0, set = 0;
     for (size_t i = 0; i < b->snap.nblocks; i++) {
         ram += b->snap.blocks[i].length;
@@ -993,16 +951,16 @@ static void write_stats(struct bridge *b, FILE *f, int rc)
     double eager_bytes = (double)b->pages_eager * b->snap.tps;
     fprintf(f, "{\"ok\": %s, \"exit_code\": %d, \"error_name\": ", rc == 0 ? "true" : "false", rc);
     if (b->err_name)
-        json_str(f, b->err_name);
+        mr_json_string(f, b->err_name);
     else
         fputs("null", f);
     fputs(", \"error\": ", f);
     if (b->err_name)
-        json_str(f, b->err);
+        mr_json_string(f, b->err);
     else
         fputs("null", f);
     fputs(", \"machine\": ", f);
-    json_str(f, b->snap.machine);
+    mr_json_string(f, b->snap.machine);
     fprintf(f, ", \"blocks\": %zu, \"ram_bytes\": %llu, \"file_pages_set\": %llu, "
             "\"zero_pages\": \"%s\", \"shut\": ", b->snap.nblocks, (unsigned long long)ram,
             (unsigned long long)set, b->zero_all ? "all" : "requested");
@@ -1028,16 +986,9 @@ static void write_stats(struct bridge *b, FILE *f, int rc)
             (unsigned long long)b->requests, (unsigned long long)b->requests_served,
             (unsigned long long)b->requests_duplicate, (unsigned long long)b->rp_bad_requests,
             b->pongs, b->send_seconds, b->read_seconds, (unsigned long long)b->double_sends);
-    fprintf(f, "\"latency_us\": {\"count\": %zu, \"p50\": %.1f, \"p90\": %.1f, \"p99\": %.1f, "
-            "\"max\": %.1f, \"histogram_log2\": [", b->lat_len, pct(b->lat, b->lat_len, 0.5),
-            pct(b->lat, b->lat_len, 0.9), pct(b->lat, b->lat_len, 0.99), b->lat_max);
-    int last = 0;
-    for (int i = 0; i < HIST_BUCKETS; i++)
-        if (b->hist[i])
-            last = i;
-    for (int i = 0; i <= last; i++)
-        fprintf(f, "%s%llu", i ? ", " : "", (unsigned long long)b->hist[i]);
-    fputs("]}}\n", f);
+    fputs("\"latency_us\": ", f);
+    mr_samples_json(f, &b->lat);
+    fputs("}\n", f);
 }
 
 /* ---- entry point -------------------------------------------------------- */
@@ -1056,7 +1007,7 @@ static void usage(FILE *f)
 static void describe(const struct br_snap *s, FILE *f)
 {
     fputs("{\"machine\": ", f);
-    json_str(f, s->machine);
+    mr_json_string(f, s->machine);
     fprintf(f, ", \"target_page_size\": %u, \"ram_section_id\": %u, \"ram_total\": %llu, "
             "\"early_setup\": [%llu, %llu], \"device_state\": [%llu, %llu], "
             "\"eof_offset\": %llu, \"vmdesc\": %s, \"blocks\": [", s->tps, s->ram_sid,
@@ -1067,7 +1018,7 @@ static void describe(const struct br_snap *s, FILE *f)
     for (size_t i = 0; i < s->nblocks; i++) {
         const struct br_block *blk = &s->blocks[i];
         fprintf(f, "%s{\"id\": ", i ? ", " : "");
-        json_str(f, blk->id);
+        mr_json_string(f, blk->id);
         fprintf(f, ", \"length\": %llu, \"bitmap_offset\": %llu, \"pages_offset\": %llu, "
                 "\"pages_set\": %llu}", (unsigned long long)blk->length,
                 (unsigned long long)blk->bitmap_offset, (unsigned long long)blk->pages_offset,
@@ -1179,9 +1130,8 @@ int bridge_main(int argc, char **argv)
     pthread_cond_init(&b->rp_cond, NULL);
     b->out = malloc(OUT_CAP);
     b->stage = malloc((size_t)CHUNK_PAGES * 65536);
-    b->lat = malloc(LAT_MAX_SAMPLES * sizeof(double));
     int rc;
-    if (!b->out || !b->stage || !b->lat) {
+    if (!b->out || !b->stage) {
         fail(b, "oom", "out of memory");
         rc = 1;
     } else {
@@ -1210,7 +1160,7 @@ int bridge_main(int argc, char **argv)
     br_snap_close(&b->snap);
     free(b->out);
     free(b->stage);
-    free(b->lat);
+    mr_samples_free(&b->lat);
     free(b->q);
     if (b->in_section)      /* a failure left a section open */
         pthread_mutex_unlock(&b->out_lock);

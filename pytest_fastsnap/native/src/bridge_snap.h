@@ -61,21 +61,4 @@ struct br_snap {
 int br_snap_open(struct br_snap *snap, const char *path, uint64_t offset);
 void br_snap_close(struct br_snap *snap);
 
-static inline int br_bit_test(const uint64_t *map, uint64_t i)
-{
-    return (int)((map[i >> 6] >> (i & 63)) & 1u);
-}
-
-static inline int br_bit_sent(_Atomic uint64_t *map, uint64_t i)
-{
-    return (int)((atomic_load_explicit(&map[i >> 6], memory_order_relaxed) >> (i & 63)) & 1u);
-}
-
-/* Atomic test-and-set: returns the previous value of the bit. */
-static inline int br_bit_claim(_Atomic uint64_t *map, uint64_t i)
-{
-    uint64_t mask = UINT64_C(1) << (i & 63);
-    return (atomic_fetch_or_explicit(&map[i >> 6], mask, memory_order_acq_rel) & mask) != 0;
-}
-
 #endif

@@ -1,6 +1,7 @@
-/* Local lazy restore through userfaultfd: a fault thread, an eager thread,
- * access-driver threads; pages claimed through mr_core so each is placed
- * exactly once.  All state lives in one lctx per load. */
+/* Owns `load`: local restore through userfaultfd (a fault thread, an eager
+ * thread, access-driver threads; pages claimed through mr_core so each is
+ * placed exactly once) and the sync pread mode.  All state lives in one lctx
+ * per load.  userfaultfd set-up is mr_uffd.c, uffd-bench/--baseline mr_bench.c. */
 #define _GNU_SOURCE
 #include "mr_local.h"
 
@@ -26,15 +27,12 @@
 
 #include "mr_core.h"
 #include "mr_sha256.h"
-
-#ifndef USERFAULTFD_IOC_NEW
-#define USERFAULTFD_IOC_NEW _IO(0xAA, 0x00)
-#endif
+#include "mr_stats.h"
+#include "mr_uffd.h"
 
 #define PAGE 4096ull
 #define RUN_PAGES 256u
 #define RUN_PAGES_MIN 16u /* eager run right after a fault; doubles back to RUN_PAGES */
-#define HIST_BUCKETS 32
 
 typedef struct lctx {
     int fd;
@@ -56,12 +54,9 @@ typedef struct lctx {
     /* fault thread only (read after join) */
     uint64_t faults;
     uint64_t dedup;                 /* faults on a page another thread was placing */
-    uint64_t *lat_ns;
-    size_t lat_n, lat_cap;
-    uint64_t hist[HIST_BUCKETS];
+    mr_samples fault_lat;           /* event read -> resolving ioctl returned */
     /* access threads' cold touches, merged after they are joined */
-    uint64_t *touch_ns;
-    size_t touch_n;
+    mr_samples touch_lat;
 } lctx;
 
 typedef struct access_arg {
@@ -72,16 +67,8 @@ typedef struct access_arg {
     uint64_t order_n;
     uint64_t sink;
     int record;              /* time cold touches (not in the completion pass) */
-    uint64_t *lat;           /* this thread's cold-touch latencies, ns */
-    size_t lat_n, lat_cap;
+    mr_samples lat;          /* this thread's cold-touch latencies */
 } access_arg;
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
 
 /* Stops every thread: the flag for the loops, the eventfd for the fault
  * thread blocked in poll(). */
@@ -105,64 +92,6 @@ static void set_fail(lctx *c, const char *fmt, ...)
         va_end(ap);
     }
     request_stop(c);
-}
-
-int mr_uffd_open(void)
-{
-    int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
-    if (dev >= 0) {
-        int fd = ioctl(dev, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
-        close(dev);
-        if (fd >= 0)
-            return fd;
-    }
-    return (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
-}
-
-static int uffd_setup(int *out, char *err, size_t errlen)
-{
-    int fd = mr_uffd_open();
-    if (fd < 0) {
-        snprintf(err, errlen, "userfaultfd: %s (neither /dev/userfaultfd nor the syscall "
-                 "worked; check vm.unprivileged_userfaultfd or CAP_SYS_PTRACE)", strerror(errno));
-        return -1;
-    }
-    struct uffdio_api api = {.api = UFFD_API, .features = 0};
-    if (ioctl(fd, UFFDIO_API, &api) < 0) {
-        snprintf(err, errlen, "UFFDIO_API: %s", strerror(errno));
-        close(fd);
-        return -1;
-    }
-    uint64_t need = (1ull << _UFFDIO_REGISTER) | (1ull << _UFFDIO_UNREGISTER);
-    if ((api.ioctls & need) != need) {
-        snprintf(err, errlen, "UFFDIO_API: REGISTER/UNREGISTER not offered");
-        close(fd);
-        return -1;
-    }
-    *out = fd;
-    return 0;
-}
-
-static int uffd_register(int uffd, void *addr, uint64_t len, char *err, size_t errlen)
-{
-    struct uffdio_register reg = {.range = {.start = (uintptr_t)addr, .len = len},
-                                  .mode = UFFDIO_REGISTER_MODE_MISSING};
-    if (ioctl(uffd, UFFDIO_REGISTER, &reg) < 0) {
-        snprintf(err, errlen, "UFFDIO_REGISTER: %s", strerror(errno));
-        return -1;
-    }
-    uint64_t need = (1ull << _UFFDIO_COPY) | (1ull << _UFFDIO_ZEROPAGE) | (1ull << _UFFDIO_WAKE);
-    if ((reg.ioctls & need) != need) {
-        snprintf(err, errlen, "UFFDIO_REGISTER: COPY/ZEROPAGE/WAKE not offered on the range");
-        return -1;
-    }
-    return 0;
-}
-
-static int uffd_wake(int uffd, void *addr, uint64_t len)
-{
-    struct uffdio_range r = {.start = (uintptr_t)addr, .len = len};
-    return ioctl(uffd, UFFDIO_WAKE, &r);
 }
 
 static int pread_full(int fd, void *buf, size_t n, uint64_t off)
@@ -216,7 +145,7 @@ static int place(lctx *c, unsigned char *dst, const unsigned char *src, uint64_t
         }
         if (e == EEXIST) {
             /* The next page is already present: wake its waiters and move on. */
-            if (uffd_wake(c->uffd, dst + done, PAGE) < 0)
+            if (mr_uffd_wake(c->uffd, dst + done, PAGE) < 0)
                 return -1;
             atomic_fetch_add(&c->wakes, 1);
             done += PAGE;
@@ -276,27 +205,6 @@ static int load_one(lctx *c, mr_core_block *b, uint64_t page, unsigned char *buf
     return 0;
 }
 
-static void record_latency(lctx *c, uint64_t ns)
-{
-    uint64_t us = ns / 1000;
-    int bucket = 0;
-    while (us > 1 && bucket < HIST_BUCKETS - 1) {
-        us >>= 1;
-        bucket++;
-    }
-    /* bucket k: [2^k, 2^(k+1)) µs, bucket 0 also holds < 1 µs */
-    c->hist[bucket]++;
-    if (c->lat_n == c->lat_cap) {
-        size_t ncap = c->lat_cap ? c->lat_cap * 2 : 4096;
-        uint64_t *n = realloc(c->lat_ns, ncap * sizeof *n);
-        if (!n)
-            return;
-        c->lat_ns = n;
-        c->lat_cap = ncap;
-    }
-    c->lat_ns[c->lat_n++] = ns;
-}
-
 static void *fault_thread(void *arg)
 {
     lctx *c = arg;
@@ -328,7 +236,7 @@ static void *fault_thread(void *arg)
         atomic_fetch_add(&c->pending_faults, (int)n);
         atomic_fetch_add(&c->fault_seq, n);
         for (size_t i = 0; i < n; i++) {
-            uint64_t t0 = now_ns();
+            uint64_t t0 = mr_now_ns();
             if (msgs[i].event != UFFD_EVENT_PAGEFAULT) {
                 /* No event feature was requested: anything else is a kernel
                  * contract we do not understand, not something to skip. */
@@ -349,7 +257,7 @@ static void *fault_thread(void *arg)
             } else if (atomic_load(&b->loads[page])) {
                 /* Placed already (its copy woke the faulter; a wake is cheap and
                  * covers any path that placed without waking). */
-                if (uffd_wake(c->uffd, (void *)addr, PAGE) < 0)
+                if (mr_uffd_wake(c->uffd, (void *)addr, PAGE) < 0)
                     set_fail(c, "fault thread: UFFDIO_WAKE block %s page %" PRIu64 ": %s",
                              b->meta->id, page, strerror(errno));
                 atomic_fetch_add(&c->wakes, 1);
@@ -361,7 +269,7 @@ static void *fault_thread(void *arg)
                 atomic_fetch_sub(&c->pending_faults, 1);
                 continue;
             }
-            record_latency(c, now_ns() - t0);
+            mr_samples_add(&c->fault_lat, mr_now_ns() - t0);
             atomic_fetch_sub(&c->pending_faults, 1);
         }
         if (atomic_load(&c->failed))
@@ -389,7 +297,7 @@ static void *eager_thread(void *arg)
         set_fail(c, "eager thread: out of memory");
         return NULL;
     }
-    uint64_t t0 = now_ns(), placed = 0;
+    uint64_t t0 = mr_now_ns(), placed = 0;
     uint64_t seen = atomic_load(&c->fault_seq);
     unsigned cap = RUN_PAGES;
     for (size_t bi = 0; bi < c->nblocks && !atomic_load(&c->stop); bi++) {
@@ -448,7 +356,7 @@ static void *eager_thread(void *arg)
         }
     }
     atomic_store(&c->eager_pages, placed);
-    atomic_store(&c->eager_ns, now_ns() - t0);
+    atomic_store(&c->eager_ns, mr_now_ns() - t0);
     free(buf);
     return NULL;
 }
@@ -506,20 +414,10 @@ static mr_core_block *global_page(lctx *c, uint64_t g, uint64_t *page)
 static uint64_t touch(access_arg *a, mr_core_block *b, uint64_t p)
 {
     int cold = a->record && !mr_core_is_claimed(b, p);
-    uint64_t t = cold ? now_ns() : 0;
+    uint64_t t = cold ? mr_now_ns() : 0;
     uint64_t v = *(volatile unsigned char *)(b->mem + p * PAGE);
-    if (cold) {
-        uint64_t dt = now_ns() - t;
-        if (a->lat_n == a->lat_cap) {
-            size_t ncap = a->lat_cap ? a->lat_cap * 2 : 4096;
-            uint64_t *nl = realloc(a->lat, ncap * sizeof *nl);
-            if (!nl)
-                return v;
-            a->lat = nl;
-            a->lat_cap = ncap;
-        }
-        a->lat[a->lat_n++] = dt;
-    }
+    if (cold)
+        mr_samples_add(&a->lat, mr_now_ns() - t);
     return v;
 }
 
@@ -593,51 +491,10 @@ static int run_access(lctx *c, mr_access pattern, unsigned long long seed, int r
     }
     for (unsigned i = 0; i < started; i++)
         pthread_join(tids[i], NULL);
-    for (unsigned i = 0; i < started; i++) {
-        if (args[i].lat_n && !c->touch_ns) {
-            c->touch_ns = args[i].lat; /* adopt the first array, append the rest */
-            c->touch_n = args[i].lat_n;
-            args[i].lat = NULL;
-        } else if (args[i].lat_n) {
-            uint64_t *m = realloc(c->touch_ns, (c->touch_n + args[i].lat_n) * sizeof *m);
-            if (m) {
-                memcpy(m + c->touch_n, args[i].lat, args[i].lat_n * sizeof *m);
-                c->touch_ns = m;
-                c->touch_n += args[i].lat_n;
-            }
-        }
-        free(args[i].lat);
-    }
+    for (unsigned i = 0; i < started; i++)
+        mr_samples_merge(&c->touch_lat, &args[i].lat);
     free(tids); free(args); free(order);
     return atomic_load(&c->failed) ? -1 : 0;
-}
-
-void mr_json_string(FILE *out, const char *s)
-{
-    fputc('"', out);
-    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
-        if (*p == '"' || *p == '\\')
-            fprintf(out, "\\%c", *p);
-        else if (*p < 0x20 || *p >= 0x7f)
-            fprintf(out, "\\u%04x", *p); /* ids are latin-1, like the Python reader */
-        else
-            fputc(*p, out);
-    }
-    fputc('"', out);
-}
-
-static int cmp_u64(const void *a, const void *b)
-{
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return x < y ? -1 : x > y;
-}
-
-static double pct_us(uint64_t *v, size_t n, double q)
-{
-    if (!n)
-        return 0.0;
-    size_t i = (size_t)(q * (double)(n - 1) + 0.5);
-    return (double)v[i] / 1000.0;
 }
 
 static const char *mode_name(mr_mode m)
@@ -676,14 +533,14 @@ int mr_local_load(int fd, const mr_snapshot *snap, const mr_load_opts *opts, FIL
         snprintf(err, errlen, "host or target page size is not 4096");
         goto out;
     }
-    uint64_t t0 = now_ns(), t_ready = 0, t_complete = 0;
+    uint64_t t0 = mr_now_ns(), t_ready = 0, t_complete = 0;
     c->blocks = calloc(c->nblocks ? c->nblocks : 1, sizeof *c->blocks);
     if (!c->blocks || mr_core_init(fd, snap, c->blocks) < 0) {
         snprintf(err, errlen, "loading bitmaps: %s", strerror(errno));
         goto out;
     }
     int use_uffd = opts->mode != MR_MODE_SYNC;
-    if (use_uffd && uffd_setup(&c->uffd, err, errlen) < 0)
+    if (use_uffd && mr_uffd_setup(&c->uffd, err, errlen) < 0)
         goto out;
     for (size_t i = 0; i < c->nblocks; i++) {
         mr_core_block *b = &c->blocks[i];
@@ -700,7 +557,7 @@ int mr_local_load(int fd, const mr_snapshot *snap, const mr_load_opts *opts, FIL
         c->total_pages += b->num_pages;
         if (use_uffd) {
             madvise(m, (size_t)b->meta->used_length, MADV_NOHUGEPAGE);
-            if (uffd_register(c->uffd, m, b->meta->used_length, err, errlen) < 0)
+            if (mr_uffd_register(c->uffd, m, b->meta->used_length, err, errlen) < 0)
                 goto out;
         }
     }
@@ -724,7 +581,7 @@ int mr_local_load(int fd, const mr_snapshot *snap, const mr_load_opts *opts, FIL
     } else if (sync_load(c) < 0) {
         goto fail;
     }
-    t_ready = now_ns();
+    t_ready = mr_now_ns();
     if (run_access(c, opts->access, opts->seed, 1) < 0)
         goto fail;
     if (et_started) {
@@ -735,7 +592,7 @@ int mr_local_load(int fd, const mr_snapshot *snap, const mr_load_opts *opts, FIL
      * drives every remaining page in before the digest. */
     if (opts->mode == MR_MODE_FAULT_ONLY && run_access(c, MR_ACCESS_ALL, 0, 0) < 0)
         goto fail;
-    t_complete = now_ns();
+    t_complete = mr_now_ns();
     if (atomic_load(&c->failed))
         goto fail;
     for (size_t i = 0; i < c->nblocks; i++) {
@@ -760,10 +617,8 @@ int mr_local_load(int fd, const mr_snapshot *snap, const mr_load_opts *opts, FIL
         mr_load_baseline(fd, snap, opts->baseline_pages, &base, c->errmsg, sizeof c->errmsg) < 0)
         goto fail;
     /* report */
-    if (c->lat_n)
-        qsort(c->lat_ns, c->lat_n, sizeof *c->lat_ns, cmp_u64);
-    if (c->touch_n)
-        qsort(c->touch_ns, c->touch_n, sizeof *c->touch_ns, cmp_u64);
+    mr_samples_sort(&c->fault_lat);
+    mr_samples_sort(&c->touch_lat);
     double ready_s = (double)(t_ready - t0) / 1e9, complete_s = (double)(t_complete - t0) / 1e9;
     uint64_t eager_ns = atomic_load(&c->eager_pages) ? atomic_load(&c->eager_ns) : 0;
     double eager_mib = eager_ns ? (double)atomic_load(&c->eager_pages) * PAGE / 1048576.0 /
@@ -777,21 +632,11 @@ int mr_local_load(int fd, const mr_snapshot *snap, const mr_load_opts *opts, FIL
             fprintf(out, ",\"length\":%" PRIu64 ",\"sha256\":\"%s\"}", snap->blocks[i].used_length,
                     digests[i]);
         }
-        fprintf(out, "],\"stats\":{\"faults\":%" PRIu64 ",\"fault_latency_us\":{\"p50\":%.3f,"
-                "\"p99\":%.3f,\"max\":%.3f,\"histogram_log2_us\":[", c->faults,
-                pct_us(c->lat_ns, c->lat_n, 0.50), pct_us(c->lat_ns, c->lat_n, 0.99),
-                pct_us(c->lat_ns, c->lat_n, 1.0));
-        int last = 0;
-        for (int k = 0; k < HIST_BUCKETS; k++)
-            if (c->hist[k])
-                last = k;
-        for (int k = 0; k <= last; k++)
-            fprintf(out, "%s{\"ge_us\":%llu,\"count\":%" PRIu64 "}", k ? "," : "",
-                    k ? 1ull << k : 0ull, c->hist[k]);
-        fprintf(out, "]},\"touch_latency_us\":{\"count\":%zu,\"p50\":%.3f,\"p99\":%.3f,"
-                "\"max\":%.3f},\"fault_dedup\":%" PRIu64 ",", c->touch_n,
-                pct_us(c->touch_ns, c->touch_n, 0.50), pct_us(c->touch_ns, c->touch_n, 0.99),
-                pct_us(c->touch_ns, c->touch_n, 1.0), c->dedup);
+        fprintf(out, "],\"stats\":{\"faults\":%" PRIu64 ",\"fault_latency_us\":", c->faults);
+        mr_samples_json(out, &c->fault_lat);
+        fputs(",\"touch_latency_us\":", out);
+        mr_samples_json(out, &c->touch_lat);
+        fprintf(out, ",\"fault_dedup\":%" PRIu64 ",", c->dedup);
         fprintf(out, "\"time_to_ready_s\":%.6f,\"time_to_complete_s\":%.6f,"
                 "\"bytes_read\":%" PRIu64 ",\"pages_copied\":%" PRIu64 ",\"pages_zero\":%" PRIu64
                 ",\"eager_pages\":%" PRIu64 ",\"eager_mib_s\":%.1f,\"wakes\":%" PRIu64
@@ -813,8 +658,8 @@ int mr_local_load(int fd, const mr_snapshot *snap, const mr_load_opts *opts, FIL
                 " (p50 %.1f us, p99 %.1f us), read %" PRIu64 " bytes, copied %" PRIu64
                 " zero %" PRIu64 " pages, eager %.1f MiB/s, loaded %" PRIu64 "/%" PRIu64
                 ", double loads %" PRIu64 "\n", mode_name(opts->mode), access_name(opts->access),
-                opts->threads, ready_s, complete_s, c->faults, pct_us(c->lat_ns, c->lat_n, 0.5),
-                pct_us(c->lat_ns, c->lat_n, 0.99), atomic_load(&c->bytes_read),
+                opts->threads, ready_s, complete_s, c->faults, mr_samples_pct_us(&c->fault_lat, 0.5),
+                mr_samples_pct_us(&c->fault_lat, 0.99), atomic_load(&c->bytes_read),
                 atomic_load(&c->pages_copied), atomic_load(&c->pages_zero), eager_mib,
                 atomic_load(&c->pages_loaded), c->total_pages, atomic_load(&c->double_loads));
     }
@@ -844,225 +689,8 @@ out:
         close(c->uffd);
     close(c->stop_efd);
     free(c->blocks);
-    free(c->lat_ns);
-    free(c->touch_ns);
+    mr_samples_free(&c->fault_lat);
+    mr_samples_free(&c->touch_lat);
     free(c);
-    return rc;
-}
-
-/* ---- uffd-bench ---------------------------------------------------------- */
-
-typedef struct bench_ctx {
-    int uffd;
-    int stop_efd;               /* readable when the toucher is done */
-    unsigned char *src;
-    unsigned char *region;
-    size_t len;
-    _Atomic int error;          /* errno of a failed UFFDIO_COPY / read, 0 none */
-    int inject_copy_fail;       /* debug: FASTSNAP_LOADER_INJECT=uffd-copy-fail */
-} bench_ctx;
-
-/* Answers each fault with one 4 KiB UFFDIO_COPY.  On a failure nobody will
- * resolve the fault: unregistering the region wakes the blocked toucher
- * (its retry maps a zero page), which then sees `error` and stops. */
-static void *bench_handler(void *arg)
-{
-    bench_ctx *b = arg;
-    struct uffd_msg msg;
-    for (;;) {
-        struct pollfd pfd[2] = {{.fd = b->uffd, .events = POLLIN},
-                                {.fd = b->stop_efd, .events = POLLIN}};
-        if (poll(pfd, 2, -1) < 0) {
-            if (errno == EINTR)
-                continue;
-            atomic_store(&b->error, errno);
-            break;
-        }
-        if (pfd[1].revents)
-            return NULL;
-        ssize_t r = read(b->uffd, &msg, sizeof msg);
-        if (r < 0 && (errno == EAGAIN || errno == EINTR))
-            continue;
-        if (r != (ssize_t)sizeof msg || msg.event != UFFD_EVENT_PAGEFAULT) {
-            atomic_store(&b->error, r < 0 ? errno : EPROTO);
-            break;
-        }
-        struct uffdio_copy cp = {.dst = msg.arg.pagefault.address & ~(uint64_t)(PAGE - 1),
-                                 .src = b->inject_copy_fail ? 0 : (uintptr_t)b->src, .len = PAGE};
-        if (ioctl(b->uffd, UFFDIO_COPY, &cp) < 0 && errno != EEXIST) {
-            atomic_store(&b->error, errno);
-            break;
-        }
-    }
-    struct uffdio_range rg = {.start = (uintptr_t)b->region, .len = b->len};
-    ioctl(b->uffd, UFFDIO_UNREGISTER, &rg);
-    return NULL;
-}
-
-/* Raw userfaultfd round trip: this thread faults on `pages` pages of a
- * registered anonymous region one at a time, a handler thread answers each
- * with one 4 KiB UFFDIO_COPY.  lat[] gets the sorted round trips (ns). */
-static int uffd_round_trip(unsigned long pages, uint64_t *lat, char *err, size_t errlen)
-{
-    int rc = -1, uffd = -1;
-    size_t len = (size_t)pages * PAGE;
-    unsigned char *region = MAP_FAILED, *src = aligned_alloc(PAGE, PAGE);
-    const char *inject = getenv("FASTSNAP_LOADER_INJECT");
-    bench_ctx b = {.uffd = -1, .stop_efd = eventfd(0, EFD_CLOEXEC),
-                   .inject_copy_fail = inject && strcmp(inject, "uffd-copy-fail") == 0};
-    pthread_t th;
-    if (!src || b.stop_efd < 0) {
-        snprintf(err, errlen, "%s", src ? "eventfd failed" : "out of memory");
-        goto out;
-    }
-    memset(src, 0x5a, PAGE);
-    if (uffd_setup(&uffd, err, errlen) < 0)
-        goto out;
-    region = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                  -1, 0);
-    if (region == MAP_FAILED) {
-        snprintf(err, errlen, "mmap: %s", strerror(errno));
-        goto out;
-    }
-    madvise(region, len, MADV_NOHUGEPAGE);
-    if (uffd_register(uffd, region, len, err, errlen) < 0)
-        goto out;
-    b.uffd = uffd;
-    b.src = src;
-    b.region = region;
-    b.len = len;
-    if (pthread_create(&th, NULL, bench_handler, &b) != 0) {
-        snprintf(err, errlen, "pthread_create failed");
-        goto out;
-    }
-    uint64_t sink = 0;
-    unsigned long i;
-    for (i = 0; i < pages && !atomic_load(&b.error); i++) {
-        uint64_t t = now_ns();
-        sink += *(volatile unsigned char *)(region + i * PAGE);
-        lat[i] = now_ns() - t;
-    }
-    uint64_t one = 1;
-    if (write(b.stop_efd, &one, sizeof one) != sizeof one)
-        atomic_store(&b.error, errno);
-    pthread_join(th, NULL);
-    int e = atomic_load(&b.error);
-    if (e || sink != (uint64_t)pages * 0x5a) {
-        snprintf(err, errlen, "uffd round trip: %s after %lu of %lu pages",
-                 e ? strerror(e) : "wrong data", i, pages);
-        if (e)
-            snprintf(err + strlen(err), errlen - strlen(err), " (UFFDIO_COPY or read failed)");
-        goto out;
-    }
-    qsort(lat, pages, sizeof *lat, cmp_u64);
-    rc = 0;
-out:
-    if (region != MAP_FAILED)
-        munmap(region, len);
-    if (uffd >= 0)
-        close(uffd);
-    if (b.stop_efd >= 0)
-        close(b.stop_efd);
-    free(src);
-    return rc;
-}
-
-/* Sequential 1 MiB preads of [off, off+len) (holes read as zeros); bytes/s. */
-static int seq_read(int fd, uint64_t off, uint64_t len, unsigned char *buf, uint64_t *bytes,
-                    uint64_t *ns)
-{
-    uint64_t t0 = now_ns(), done = 0;
-    while (done < len) {
-        size_t want = len - done < (1u << 20) ? (size_t)(len - done) : (1u << 20);
-        ssize_t r = pread(fd, buf, want, (off_t)(off + done));
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0)
-            return -1;
-        if (r == 0)
-            break;
-        done += (uint64_t)r;
-    }
-    *bytes += done;
-    *ns += now_ns() - t0;
-    return 0;
-}
-
-int mr_load_baseline(int fd, const mr_snapshot *snap, unsigned long pages, mr_baseline *out,
-                     char *err, size_t errlen)
-{
-    memset(out, 0, sizeof *out);
-    uint64_t *lat = malloc(pages * sizeof *lat);
-    unsigned char *buf = malloc(1u << 20);
-    int rc = -1;
-    if (!lat || !buf) {
-        snprintf(err, errlen, "out of memory");
-        goto out;
-    }
-    if (uffd_round_trip(pages, lat, err, errlen) < 0)
-        goto out;
-    out->pages = pages;
-    out->rt_p50_us = pct_us(lat, pages, 0.50);
-    out->rt_p99_us = pct_us(lat, pages, 0.99);
-    uint64_t ns = 0;
-    for (size_t i = 0; i < snap->nblocks; i++) {
-        const mr_block *b = &snap->blocks[i];
-        if (!b->ignored && seq_read(fd, b->pages_offset, b->used_length, buf, &out->read_bytes,
-                                    &ns) < 0) {
-            snprintf(err, errlen, "pread: %s", strerror(errno));
-            goto out;
-        }
-    }
-    out->read_mib_s = ns ? (double)out->read_bytes / 1048576.0 / ((double)ns / 1e9) : 0.0;
-    rc = 0;
-out:
-    free(lat);
-    free(buf);
-    return rc;
-}
-
-int mr_uffd_bench(const char *path, unsigned long pages, int json, FILE *out, char *err,
-                  size_t errlen)
-{
-    if (pages == 0 || pages > (1ul << 20)) {
-        snprintf(err, errlen, "--pages must be 1..1048576");
-        return 2;
-    }
-    int rc = 1, fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        snprintf(err, errlen, "%s: %s", path, strerror(errno));
-        return 1;
-    }
-    uint64_t *lat = malloc(pages * sizeof *lat);
-    unsigned char *buf = malloc(1u << 20);
-    struct stat st;
-    if (!lat || !buf) {
-        snprintf(err, errlen, "out of memory");
-        goto out;
-    }
-    if (uffd_round_trip(pages, lat, err, errlen) < 0)
-        goto out;
-    /* sequential read of the whole file (page cache as it is) */
-    uint64_t total = 0, ns = 0;
-    if (fstat(fd, &st) < 0 || seq_read(fd, 0, (uint64_t)st.st_size, buf, &total, &ns) < 0) {
-        snprintf(err, errlen, "read %s: %s", path, strerror(errno));
-        goto out;
-    }
-    double secs = (double)ns / 1e9;
-    double mib_s = secs > 0 ? (double)total / 1048576.0 / secs : 0.0;
-    if (json)
-        fprintf(out, "{\"pages\":%lu,\"uffd_round_trip_us\":{\"p50\":%.3f,\"p99\":%.3f,"
-                "\"max\":%.3f},\"pread_bytes\":%" PRIu64 ",\"pread_s\":%.6f,"
-                "\"pread_mib_s\":%.1f}\n", pages, pct_us(lat, pages, 0.5), pct_us(lat, pages, 0.99),
-                pct_us(lat, pages, 1.0), total, secs, mib_s);
-    else
-        fprintf(out, "uffd round trip over %lu pages: p50 %.1f us, p99 %.1f us; sequential read "
-                "of %s: %" PRIu64 " bytes at %.1f MiB/s\n", pages, pct_us(lat, pages, 0.5),
-                pct_us(lat, pages, 0.99), path, total, mib_s);
-    rc = 0;
-out:
-    close(fd);
-    free(buf);
-    free(lat);
     return rc;
 }

@@ -7,6 +7,7 @@
 #include <stdio.h>
 
 #include "mr_format.h"
+#include "mr_json.h" /* mr_json_string, for the CLI front-end */
 
 typedef enum { MR_MODE_LAZY, MR_MODE_FAULT_ONLY, MR_MODE_EAGER, MR_MODE_SYNC } mr_mode;
 typedef enum { MR_ACCESS_NONE, MR_ACCESS_SEQ, MR_ACCESS_RANDOM, MR_ACCESS_ALL } mr_access;
@@ -38,13 +39,10 @@ int mr_load_baseline(int fd, const mr_snapshot *snap, unsigned long pages, mr_ba
 int mr_local_load(int fd, const mr_snapshot *snap, const mr_load_opts *opts, FILE *out,
                   char *err, size_t errlen);
 
-/* Raw userfaultfd round trip vs sequential pread of path; 0 ok, 1 failure. */
+/* Raw userfaultfd round trip vs sequential pread of path (mr_bench.c); 0 ok,
+ * 2 path missing/not a regular file or bad pages, 1 failure. */
 int mr_uffd_bench(const char *path, unsigned long pages, int json, FILE *out, char *err,
                   size_t errlen);
 
-/* Opens a userfaultfd (/dev/userfaultfd first, then the syscall); -1 with errno. */
-int mr_uffd_open(void);
-
-void mr_json_string(FILE *out, const char *s);
 
 #endif

@@ -1,0 +1,20 @@
+/* userfaultfd plumbing shared by the local loader and the benchmarks:
+ * open, API handshake, MISSING registration, wake; plus the clock. */
+#ifndef FASTSNAP_MR_UFFD_H
+#define FASTSNAP_MR_UFFD_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Opens a userfaultfd (/dev/userfaultfd first, then the syscall); -1 with errno. */
+int mr_uffd_open(void);
+/* Opens and handshakes (no features); 0 with *out set, -1 with a message in err. */
+int mr_uffd_setup(int *out, char *err, size_t errlen);
+/* Registers [addr, addr+len) for MISSING faults; 0, or -1 with a message in err. */
+int mr_uffd_register(int uffd, void *addr, uint64_t len, char *err, size_t errlen);
+/* UFFDIO_WAKE of [addr, addr+len); 0 or -1 with errno. */
+int mr_uffd_wake(int uffd, void *addr, uint64_t len);
+/* CLOCK_MONOTONIC in nanoseconds. */
+uint64_t mr_now_ns(void);
+
+#endif
