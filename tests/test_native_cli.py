@@ -29,9 +29,11 @@ def test_help() -> None:
     assert res.returncode == 0 and "verify FILE" in res.stdout and "serve" in res.stdout
 
 
-def test_missing_file_is_internal_error(tmp_path: Path) -> None:
-    res = run_loader(["verify", str(tmp_path / "nope")], timeout=10)
-    assert res.returncode == 1
+def test_missing_file_is_unusable_input(tmp_path: Path) -> None:
+    res = run_loader(["verify", str(tmp_path / "nope"), "--json"], timeout=10)
+    assert res.returncode == 2
+    assert res.stderr.startswith("fastsnap-loader: E_OPEN: ")
+    assert json.loads(res.stdout)["error"] == "E_OPEN"
 
 
 @pytest.mark.parametrize("data,name", [

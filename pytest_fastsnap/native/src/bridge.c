@@ -23,7 +23,9 @@
 #include "bridge.h"
 
 #include "bridge_snap.h"
+#include "mr_errors.h"
 #include "mr_json.h"
+#include "mr_num.h"
 #include "mr_stats.h"
 
 #include <errno.h>
@@ -75,6 +77,7 @@ struct bridge {
     double io_timeout, shut_timeout, connect_timeout;
     double max_bandwidth;       /* eager stream cap, bytes/s; 0 = none */
     int sndbuf;                 /* SO_SNDBUF, 0 = kernel default */
+    int help;                   /* --help given */
     struct timespec t_start;
 
     /* Output: only whole sections are built and sent under out_lock. */
@@ -315,7 +318,7 @@ static int send_loop(struct bridge *b, const uint8_t *p, size_t n)
             continue;
         if (r < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK)
-                return fail(b, "destination-stalled", "destination stopped reading for "
+                return fail(b, E_DEST_STALLED, "destination stopped reading for "
                             "%.0f s (postcopy paused or hung?)", b->io_timeout);
             if (errno == EPIPE || errno == ECONNRESET) {
                 char why[sizeof(b->rp_err)];
@@ -323,10 +326,10 @@ static int send_loop(struct bridge *b, const uint8_t *p, size_t n)
                 pthread_mutex_lock(&b->rp_lock);
                 memcpy(why, b->rp_err, sizeof(why));
                 pthread_mutex_unlock(&b->rp_lock);
-                return fail(b, "destination-gone", "destination closed the migration "
+                return fail(b, E_DEST_GONE, "destination closed the migration "
                             "connection (%s)%s%s", strerror(e), why[0] ? "; " : "", why);
             }
-            return fail(b, "send-failed", "send: %s", strerror(errno));
+            return fail(b, E_IO, "send: %s", strerror(errno));
         }
         p += r;
         n -= (size_t)r;
@@ -459,7 +462,7 @@ static int emit_page(struct bridge *b, uint32_t bi, uint64_t page, const uint8_t
 static int short_file(struct bridge *b, const struct br_block *blk, uint64_t page, uint64_t off,
                       size_t done, size_t want)
 {
-    return fail(b, "file-short", "snapshot file is short: block %s page %llu at offset %#llx: "
+    return fail(b, E_FILE_SHORT, "snapshot file is short: block %s page %llu at offset %#llx: "
                 "got %zu of %zu bytes (file truncated while serving?)", blk->id,
                 (unsigned long long)(page + done / b->snap.tps),
                 (unsigned long long)(off + done), done, want);
@@ -472,7 +475,7 @@ static int emit_run(struct bridge *b, uint32_t bi, uint64_t page, uint64_t n)
     const struct br_block *blk = &b->snap.blocks[bi];
     size_t need = 5 + (size_t)n * (8 + 256 + b->snap.tps);
     if (need > OUT_CAP || n > CHUNK_PAGES)
-        return fail(b, "internal", "eager run of %llu pages does not fit the output buffer",
+        return fail(b, E_INTERNAL, "eager run of %llu pages does not fit the output buffer",
                     (unsigned long long)n);
     if (b->out_len + need > OUT_CAP && flush(b) < 0)
         return -1;
@@ -492,7 +495,7 @@ static int emit_run(struct bridge *b, uint32_t bi, uint64_t page, uint64_t n)
         if (r < 0 && errno == EINTR)
             continue;
         if (r < 0)
-            return fail(b, "io-error", "reading block %s page %llu: %s", blk->id,
+            return fail(b, E_IO, "reading block %s page %llu: %s", blk->id,
                         (unsigned long long)page, strerror(errno));
         if (r == 0)
             return short_file(b, blk, page, off, done, want);
@@ -523,7 +526,7 @@ static int read_pages(struct bridge *b, const struct br_block *blk, uint64_t pag
         if (r < 0 && errno == EINTR)
             continue;
         if (r < 0)
-            return fail(b, "io-error", "reading block %s page %llu at %#llx: %s", blk->id,
+            return fail(b, E_IO, "reading block %s page %llu at %#llx: %s", blk->id,
                         (unsigned long long)page, (unsigned long long)(off + done),
                         strerror(errno));
         if (r == 0)
@@ -545,10 +548,10 @@ static int check_rp(struct bridge *b)
 {
     int st = atomic_load(&b->rp_state);
     if (st == 1 && b->shut_value != 0)
-        return fail(b, "destination-failed", "destination reported a failed migration "
+        return fail(b, E_DEST_FAILED, "destination reported a failed migration "
                     "(SHUT %u); see the destination's log", b->shut_value);
     if (st == 2)
-        return fail(b, "destination-gone", "%s", b->rp_err[0] ? b->rp_err
+        return fail(b, E_DEST_GONE, "%s", b->rp_err[0] ? b->rp_err
                     : "return path closed by the destination");
     return 0;
 }
@@ -648,7 +651,7 @@ static int send_setup(struct bridge *b)
                                                                : (size_t)(s->early_len - done);
         ssize_t r = pread(s->fd, b->stage, n, (off_t)(s->early_off + done));
         if (r <= 0)
-            return fail(b, "file-short", "reading early-setup sections: %s",
+            return fail(b, E_FILE_SHORT, "reading early-setup sections: %s",
                         r < 0 ? strerror(errno) : "file ended");
         if (emit(b, b->stage, (size_t)r) < 0)
             return -1;
@@ -698,7 +701,7 @@ static int send_package(struct bridge *b)
     const struct br_snap *s = &b->snap;
     uint64_t n = s->dev_len + 10 + 9;   /* LISTEN, RUN; PING */
     if (n > UINT32_MAX)
-        return fail(b, "device-state-too-large", "device state of %llu bytes",
+        return fail(b, E_UNSUPPORTED, "device state of %llu bytes",
                     (unsigned long long)s->dev_len);
     uint8_t p[4];
     put_be32(p, (uint32_t)n);
@@ -715,7 +718,7 @@ static int send_package(struct bridge *b)
             if (r < 0 && errno == EINTR)
                 continue;
             if (r <= 0)
-                return fail(b, "file-short", "reading device state at %#llx: %s",
+                return fail(b, E_FILE_SHORT, "reading device state at %#llx: %s",
                             (unsigned long long)(s->dev_off + done + got),
                             r < 0 ? strerror(errno) : "file ended");
             got += (size_t)r;
@@ -853,7 +856,7 @@ static int wait_package_loaded(struct bridge *b)
         if (check_rp(b) < 0)
             return -1;
         if (rc != 0 && !queued)
-            return fail(b, "device-load-timeout", "destination did not finish loading the "
+            return fail(b, E_TIMEOUT, "destination did not finish loading the "
                         "device state within %.0f s", b->io_timeout);
     }
 }
@@ -888,7 +891,7 @@ static int wait_shut(struct bridge *b)
         rc = pthread_cond_timedwait(&b->rp_cond, &b->rp_lock, &dl);
     pthread_mutex_unlock(&b->rp_lock);
     if (atomic_load(&b->rp_state) == 0)
-        return fail(b, "shut-timeout", "no SHUT from the destination within %.1f s after EOF",
+        return fail(b, E_TIMEOUT, "no SHUT from the destination within %.1f s after EOF",
                     b->shut_timeout);
     return check_rp(b);
 }
@@ -901,39 +904,39 @@ static int connect_to(struct bridge *b)
         char *end;
         long fd = strtol(b->to + 3, &end, 10);
         if (*end || fd < 0 || fd > 65535)
-            return fail(b, "bad-argument", "bad --to %s", b->to);
+            return fail(b, E_USAGE, "bad --to %s", b->to);
         b->sock = (int)fd;
     } else if (strncmp(b->to, "unix:", 5) == 0) {
         struct sockaddr_un sa = {.sun_family = AF_UNIX};
         if (strlen(b->to + 5) >= sizeof(sa.sun_path))
-            return fail(b, "bad-argument", "socket path longer than %zu bytes: %s",
+            return fail(b, E_USAGE, "socket path longer than %zu bytes: %s",
                         sizeof(sa.sun_path) - 1, b->to + 5);
         strcpy(sa.sun_path, b->to + 5);
         double deadline = now_s(b) + b->connect_timeout;
         for (;;) {
             b->sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
             if (b->sock < 0)
-                return fail(b, "socket-failed", "socket: %s", strerror(errno));
+                return fail(b, E_CONNECT, "socket: %s", strerror(errno));
             if (connect(b->sock, (struct sockaddr *)&sa, sizeof sa) == 0)
                 break;
             int e = errno;
             close(b->sock);
             b->sock = -1;
             if ((e != ENOENT && e != ECONNREFUSED) || now_s(b) > deadline)
-                return fail(b, "connect-failed", "connect %s: %s", b->to + 5, strerror(e));
+                return fail(b, E_CONNECT, "connect %s: %s", b->to + 5, strerror(e));
             struct timespec ts = {0, 10 * 1000 * 1000};
             nanosleep(&ts, NULL);
         }
     } else {
-        return fail(b, "bad-argument", "--to must be unix:PATH or fd:N, got %s", b->to);
+        return fail(b, E_USAGE, "--to must be unix:PATH or fd:N, got %s", b->to);
     }
     struct timeval tv = {.tv_sec = (time_t)b->io_timeout,
                          .tv_usec = (suseconds_t)((b->io_timeout - floor(b->io_timeout)) * 1e6)};
     if (setsockopt(b->sock, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) < 0)
-        return fail(b, "socket-failed", "--to %s is not a socket: %s", b->to, strerror(errno));
+        return fail(b, E_CONNECT, "--to %s is not a socket: %s", b->to, strerror(errno));
     if (b->sndbuf > 0 && setsockopt(b->sock, SOL_SOCKET, SO_SNDBUF, &b->sndbuf,
                                     sizeof b->sndbuf) < 0)
-        return fail(b, "socket-failed", "SO_SNDBUF %d: %s", b->sndbuf, strerror(errno));
+        return fail(b, E_CONNECT, "SO_SNDBUF %d: %s", b->sndbuf, strerror(errno));
     b->t_connected = now_s(b);
     return 0;
 }
@@ -1029,44 +1032,27 @@ static void describe(const struct br_snap *s, FILE *f)
 
 static int run(struct bridge *b)
 {
-    if (br_snap_open(&b->snap, b->path, b->offset) < 0) {
-        fail(b, b->snap.err_name, "%s: %s", b->path, b->snap.err);
-        return b->snap.internal ? 1 : 2;
-    }
+    if (br_snap_open(&b->snap, b->path, b->offset) < 0)
+        return fail(b, b->snap.err_name, "%s: %s", b->path, b->snap.err);
     if (b->describe_only) {
         describe(&b->snap, stdout);
         return 0;
     }
-    if (connect_to(b) < 0)
-        return 1;
-    if (send_preamble(b) < 0)
-        return 1;
-    if (pthread_create(&b->rp_thread, NULL, rp_main, b) != 0) {
-        fail(b, "thread-failed", "cannot start the return-path thread");
-        return 1;
-    }
+    if (connect_to(b) < 0 || send_preamble(b) < 0)
+        return -1;
+    if (pthread_create(&b->rp_thread, NULL, rp_main, b) != 0)
+        return fail(b, E_INTERNAL, "cannot start the return-path thread");
     b->rp_started = 1;
     if (send_setup(b) < 0 || send_package(b) < 0 || send_pages(b) < 0 || send_end(b) < 0 ||
         wait_shut(b) < 0)
-        return 1;
+        return -1;
     return 0;
 }
 
-int bridge_main(int argc, char **argv)
+/* Options into b; 0, or -1 with an E_USAGE error (printed with the usage). */
+static int parse_options(struct bridge *b, int argc, char **argv, int *json,
+                         const char **stats_file)
 {
-    struct bridge *b = calloc(1, sizeof(*b));
-    if (!b) {
-        fputs("fastsnap-loader serve: out of memory\n", stderr);
-        return 1;
-    }
-    clock_gettime(CLOCK_MONOTONIC, &b->t_start);
-    b->sock = -1;
-    b->snap.fd = -1;
-    b->io_timeout = 60;
-    b->shut_timeout = 30;
-    b->connect_timeout = 10;
-    const char *stats_file = NULL;
-    int json = 0;
     static const struct option opts[] = {
         {"offset", required_argument, NULL, 'o'}, {"to", required_argument, NULL, 't'},
         {"json", no_argument, NULL, 'j'}, {"stats-file", required_argument, NULL, 's'},
@@ -1085,65 +1071,53 @@ int bridge_main(int argc, char **argv)
         argv++;
     }
     optind = 1;
-    int c;
-    char *end;
-    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+    opterr = 0;
+    int c, li = -1;
+    uint64_t n;
+    while ((c = getopt_long(argc, argv, "", opts, &li)) != -1) {
+        int ok = 1;
         switch (c) {
-        case 'o':
-            b->offset = strtoull(optarg, &end, 0);
-            if (*end) {
-                fprintf(stderr, "fastsnap-loader serve: bad --offset %s\n", optarg);
-                free(b);
-                return 2;
-            }
-            break;
+        case 'o': ok = mr_parse_u64(optarg, &b->offset) == 0; break;
         case 't': b->to = optarg; break;
-        case 'j': json = 1; break;
+        case 'j': *json = 1; break;
         case 'd': b->describe_only = 1; break;
-        case 'B': b->sndbuf = atoi(optarg); break;
-        case 's': stats_file = optarg; break;
+        case 'B':
+            ok = mr_parse_u64(optarg, &n) == 0 && n <= INT32_MAX;
+            b->sndbuf = (int)n;
+            break;
+        case 's': *stats_file = optarg; break;
         case 'z':
-            if (strcmp(optarg, "all") && strcmp(optarg, "requested")) {
-                fprintf(stderr, "fastsnap-loader serve: --zero-pages requested|all\n");
-                free(b);
-                return 2;
-            }
+            ok = strcmp(optarg, "all") == 0 || strcmp(optarg, "requested") == 0;
             b->zero_all = strcmp(optarg, "all") == 0;
             break;
-        case 'i': b->io_timeout = strtod(optarg, NULL); break;
-        case 'S': b->shut_timeout = strtod(optarg, NULL); break;
-        case 'c': b->connect_timeout = strtod(optarg, NULL); break;
-        case 'b': b->max_bandwidth = strtod(optarg, NULL) * (1 << 20); break;
-        case 'h': usage(stdout); free(b); return 0;
-        default: usage(stderr); free(b); return 2;
+        case 'i': ok = mr_parse_double(optarg, 1e-3, 1e6, &b->io_timeout) == 0; break;
+        case 'S': ok = mr_parse_double(optarg, 1e-3, 1e6, &b->shut_timeout) == 0; break;
+        case 'c': ok = mr_parse_double(optarg, 0, 1e6, &b->connect_timeout) == 0; break;
+        case 'b':
+            ok = mr_parse_double(optarg, 0, 1e9, &b->max_bandwidth) == 0;
+            b->max_bandwidth *= 1 << 20;
+            break;
+        case 'h': b->help = 1; return 0;
+        default:
+            return fail(b, E_USAGE, "unknown option or missing value: %s", argv[optind - 1]);
         }
+        if (!ok)
+            return fail(b, E_USAGE, "bad value for --%s: %s", opts[li].name, optarg);
     }
-    if (optind != argc - 1 || (!b->to && !b->describe_only) || b->io_timeout <= 0 ||
-        b->shut_timeout <= 0) {
-        usage(stderr);
-        free(b);
-        return 2;
-    }
+    if (optind != argc - 1)
+        return fail(b, E_USAGE, optind < argc ? "exactly one FILE expected" : "FILE missing");
+    if (!b->to && !b->describe_only)
+        return fail(b, E_USAGE, "--to unix:PATH|fd:N (or --describe) is required");
     b->path = argv[optind];
-    pthread_mutex_init(&b->out_lock, NULL);
-    pthread_mutex_init(&b->rp_lock, NULL);
-    pthread_cond_init(&b->rp_cond, NULL);
-    b->out = malloc(OUT_CAP);
-    b->stage = malloc((size_t)CHUNK_PAGES * 65536);
-    int rc;
-    if (!b->out || !b->stage) {
-        fail(b, "oom", "out of memory");
-        rc = 1;
-    } else {
-        rc = run(b);
-    }
-    if (b->sock >= 0)
-        shutdown(b->sock, SHUT_RDWR);    /* unblocks the return-path reader */
-    if (b->rp_started)
-        pthread_join(b->rp_thread, NULL);
+    return 0;
+}
+
+/* Error line, JSON stats, stats file: what a finished run reports. */
+static void report(struct bridge *b, int rc, int json, const char *stats_file)
+{
     if (rc != 0)
-        fprintf(stderr, "fastsnap-loader serve: %s: %s\n", b->err_name ? b->err_name : "error",
-                b->err);
+        fprintf(stderr, "fastsnap-loader serve: %s: %s\n", b->err_name ? b->err_name
+                : E_INTERNAL, b->err);
     if (json && !(b->describe_only && rc == 0))
         write_stats(b, stdout, rc);
     if (stats_file) {
@@ -1155,6 +1129,10 @@ int bridge_main(int argc, char **argv)
             fprintf(stderr, "fastsnap-loader serve: %s: %s\n", stats_file, strerror(errno));
         }
     }
+}
+
+static void bridge_free(struct bridge *b)
+{
     if (b->sock >= 0 && b->to && strncmp(b->to, "fd:", 3) != 0)
         close(b->sock);
     br_snap_close(&b->snap);
@@ -1168,5 +1146,48 @@ int bridge_main(int argc, char **argv)
     pthread_mutex_destroy(&b->rp_lock);
     pthread_cond_destroy(&b->rp_cond);
     free(b);
+}
+
+/* Exit status per mr_errors.h: 0 served, 2 unusable input, 1 run-time failure. */
+int bridge_main(int argc, char **argv)
+{
+    struct bridge *b = calloc(1, sizeof(*b));
+    if (!b) {
+        fputs("fastsnap-loader serve: " E_INTERNAL ": out of memory\n", stderr);
+        return 1;
+    }
+    clock_gettime(CLOCK_MONOTONIC, &b->t_start);
+    b->sock = -1;
+    b->snap.fd = -1;
+    b->io_timeout = 60;
+    b->shut_timeout = 30;
+    b->connect_timeout = 10;
+    pthread_mutex_init(&b->out_lock, NULL);
+    pthread_mutex_init(&b->rp_lock, NULL);
+    pthread_cond_init(&b->rp_cond, NULL);
+    const char *stats_file = NULL;
+    int json = 0;
+    if (parse_options(b, argc, argv, &json, &stats_file) < 0 || b->help) {
+        if (!b->help)
+            fprintf(stderr, "fastsnap-loader serve: %s: %s\n", b->err_name, b->err);
+        usage(b->help ? stdout : stderr);
+        int rc = b->help ? 0 : 2;
+        bridge_free(b);
+        return rc;
+    }
+    b->out = malloc(OUT_CAP);
+    b->stage = malloc((size_t)CHUNK_PAGES * 65536);
+    int rc;
+    if (!b->out || !b->stage)
+        rc = fail(b, E_INTERNAL, "out of memory");
+    else
+        rc = run(b);
+    rc = rc == 0 ? 0 : mr_error_exit(b->err_name ? b->err_name : E_INTERNAL);
+    if (b->sock >= 0)
+        shutdown(b->sock, SHUT_RDWR);    /* unblocks the return-path reader */
+    if (b->rp_started)
+        pthread_join(b->rp_thread, NULL);
+    report(b, rc, json, stats_file);
+    bridge_free(b);
     return rc;
 }

@@ -15,9 +15,13 @@
  * ZERO record for every clear page too.  --max-bandwidth caps the eager
  * stream (requests are never throttled).
  *
- * Exit status: 0 migration completed (SHUT 0 received), 2 invalid snapshot
- * or arguments, 1 any run-time failure (destination died or reported an
- * error, file short, timeout).  Errors go to stderr, one line each.
+ * Exit status (mr_errors.h, the same for every subcommand): 0 migration
+ * completed (SHUT 0 received) or --describe printed; 2 unusable input (bad
+ * option or number, FILE missing/unreadable/not a regular file, invalid
+ * snapshot, E_UNSUPPORTED); 1 run-time failure (destination died or
+ * reported an error, file shrank, timeout, out of memory).  Errors go to
+ * stderr as one line `fastsnap-loader serve: E_NAME: message`; --json also
+ * carries the name in "error_name".
  */
 #ifndef FASTSNAP_BRIDGE_H
 #define FASTSNAP_BRIDGE_H

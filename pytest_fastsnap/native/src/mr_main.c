@@ -9,10 +9,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "bridge.h"
 #include "mr_core.h"
+#include "mr_errors.h"
 #include "mr_format.h"
 #include "mr_local.h"
 
@@ -157,10 +159,18 @@ static void report_invalid(const cli *c, const mr_error *e)
 static int open_and_parse(const cli *c, int *fd, mr_snapshot *snap)
 {
     mr_error e;
+    struct stat st;
     *fd = open(c->file, O_RDONLY | O_CLOEXEC);
-    if (*fd < 0) {
-        fprintf(stderr, "fastsnap-loader: %s: %s\n", c->file, strerror(errno));
-        return 1;
+    if (*fd < 0 || fstat(*fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+        /* unusable input: exit 2, like an invalid file (mr_errors.h) */
+        snprintf(e.name, sizeof e.name, "%s", E_OPEN);
+        snprintf(e.msg, sizeof e.msg, "%s: %s", c->file, *fd < 0 ? strerror(errno)
+                 : "not a regular file");
+        report_invalid(c, &e);
+        if (*fd >= 0)
+            close(*fd);
+        *fd = -1;
+        return 2;
     }
     int rc = mr_parse(*fd, c->offset, &c->limits, snap, &e);
     if (rc != MR_OK) {
