@@ -772,9 +772,9 @@ static int send_pages(struct bridge *b)
                 return -1;
             /* Skip whole words with nothing left to send. */
             if ((p & 63) == 0 && p + 64 <= blk->npages) {
-                uint64_t todo = ~atomic_load_explicit(&blk->sent[p >> 6], memory_order_relaxed);
+                uint64_t todo = ~mr_core_claimed_word(blk->core, p);
                 if (!b->zero_all)
-                    todo &= blk->file_bitmap[p >> 6];
+                    todo &= mr_core_file_word(blk->core, p);
                 if (!todo) {
                     p += 64;
                     continue;

@@ -120,10 +120,7 @@ static int load_block(struct br_snap *s, mr_core_block *core, struct br_block *b
         core->num_pages != blk->npages)
         return fail(s, E_INTERNAL, "block %s: parser geometry disagrees", blk->id);
     blk->core = core;
-    blk->file_bitmap = core->file_bits;
-    blk->sent = core->claimed;
-    for (uint64_t w = 0; w < core->nwords; w++)
-        blk->set_pages += (uint64_t)__builtin_popcountll(blk->file_bitmap[w]);
+    blk->set_pages = mr_core_set_pages(core);
     return 0;
 }
 

@@ -25,10 +25,8 @@ struct br_block {
     uint64_t npages;        /* length / tps */
     uint64_t bitmap_offset; /* absolute file offsets */
     uint64_t pages_offset;
-    uint64_t *file_bitmap;  /* = core->file_bits: page i has data in the file */
-    _Atomic uint64_t *sent; /* = core->claimed: page i is (being) put on the wire */
-    mr_core_block *core;    /* the loader core's per-block page state */
-    uint64_t set_pages;     /* bits set in file_bitmap */
+    mr_core_block *core;    /* page state: file bitmap; claimed = (being) put on the wire */
+    uint64_t set_pages;     /* pages with data in the file */
 };
 
 struct br_snap {

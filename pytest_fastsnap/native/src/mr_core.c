@@ -54,6 +54,14 @@ int mr_core_init(int fd, const mr_snapshot *snap, mr_core_block *blocks)
     return 0;
 }
 
+uint64_t mr_core_set_pages(const mr_core_block *b)
+{
+    uint64_t n = 0;
+    for (uint64_t w = 0; w < b->nwords; w++)
+        n += (uint64_t)__builtin_popcountll(b->file_bits[w]);
+    return n;
+}
+
 void mr_core_free(mr_core_block *blocks, size_t n)
 {
     for (size_t i = 0; i < n; i++) {

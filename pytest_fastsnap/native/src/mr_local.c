@@ -320,7 +320,7 @@ static void *eager_thread(void *arg)
                 cap *= 2;
             }
             if (page % 64 == 0 && page + 64 <= b->num_pages &&
-                atomic_load_explicit(&b->claimed[page / 64], memory_order_relaxed) == UINT64_MAX) {
+                mr_core_claimed_word(b, page) == UINT64_MAX) {
                 page += 64;
                 continue;
             }

@@ -197,14 +197,6 @@ static int cmd_verify(const cli *c)
     return 0;
 }
 
-static uint64_t popcount_block(const mr_core_block *b)
-{
-    uint64_t n = 0;
-    for (uint64_t w = 0; w < b->nwords; w++)
-        n += (uint64_t)__builtin_popcountll(b->file_bits[w]);
-    return n;
-}
-
 static int cmd_inspect(const cli *c)
 {
     int fd;
@@ -258,7 +250,7 @@ static int cmd_inspect(const cli *c)
                    ",\"bitmap_offset\":%" PRIu64 ",\"bitmap_size\":%" PRIu64 ",\"pages_offset\":%"
                    PRIu64 ",\"pages_set\":%" PRIu64 ",\"ignored\":%s}", b->used_length,
                    b->num_pages, b->hdr_offset, b->bitmap_offset, b->bitmap_size, b->pages_offset,
-                   popcount_block(&cb[i]), b->ignored ? "true" : "false");
+                   mr_core_set_pages(&cb[i]), b->ignored ? "true" : "false");
         }
         printf("],\"device_state\":{\"start\":%" PRIu64 ",\"end\":%" PRIu64 "},\"eof_offset\":%"
                PRIu64 ",\"vmdesc\":", s.dev_start, s.eof_offset, s.eof_offset);
@@ -274,7 +266,7 @@ static int cmd_inspect(const cli *c)
             const mr_block *b = &s.blocks[i];
             printf("  %-28s length %#12" PRIx64 " bitmap %#10" PRIx64 " pages %#12" PRIx64
                    " set %" PRIu64 "/%" PRIu64 "\n", b->id, b->used_length, b->bitmap_offset,
-                   b->pages_offset, popcount_block(&cb[i]), b->num_pages);
+                   b->pages_offset, mr_core_set_pages(&cb[i]), b->num_pages);
         }
         printf("device state [%#" PRIx64 ", %#" PRIx64 "), EOF at %#" PRIx64 ", vmdesc %s\n",
                s.dev_start, s.eof_offset, s.eof_offset, s.has_vmdesc ? "present" : "absent");
