@@ -115,8 +115,7 @@ struct bridge {
     uint64_t double_sends;
     mr_samples lat;             /* request read -> page sent */
 
-    const char *err_name;
-    char err[512];
+    mr_error err;               /* first, root-cause failure */
 };
 
 static double now_s(const struct bridge *b)
@@ -126,18 +125,16 @@ static double now_s(const struct bridge *b)
     return (double)(t.tv_sec - b->t_start.tv_sec) + (double)(t.tv_nsec - b->t_start.tv_nsec) / 1e9;
 }
 
-static int fail(struct bridge *b, const char *name, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
+/* Records the first (root-cause) failure; returns -1. */
+__attribute__((format(printf, 3, 4)))
 static int fail(struct bridge *b, const char *name, const char *fmt, ...)
 {
-    if (b->err_name)    /* keep the first, root-cause error */
+    if (b->err.name[0])
         return -1;
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(b->err, sizeof(b->err), fmt, ap);
+    mr_error_vset(&b->err, name, fmt, ap);
     va_end(ap);
-    b->err_name = name;
     return -1;
 }
 
@@ -953,13 +950,13 @@ static void write_stats(struct bridge *b, FILE *f, int rc)
     double eager_s = b->t_eager1 > b->t_eager0 ? b->t_eager1 - b->t_eager0 : 0;
     double eager_bytes = (double)b->pages_eager * b->snap.tps;
     fprintf(f, "{\"ok\": %s, \"exit_code\": %d, \"error_name\": ", rc == 0 ? "true" : "false", rc);
-    if (b->err_name)
-        mr_json_string(f, b->err_name);
+    if (b->err.name[0])
+        mr_json_string(f, b->err.name);
     else
         fputs("null", f);
     fputs(", \"error\": ", f);
-    if (b->err_name)
-        mr_json_string(f, b->err);
+    if (b->err.name[0])
+        mr_json_string(f, b->err.msg);
     else
         fputs("null", f);
     fputs(", \"machine\": ", f);
@@ -1033,7 +1030,7 @@ static void describe(const struct br_snap *s, FILE *f)
 static int run(struct bridge *b)
 {
     if (br_snap_open(&b->snap, b->path, b->offset) < 0)
-        return fail(b, b->snap.err_name, "%s: %s", b->path, b->snap.err);
+        return fail(b, b->snap.err.name, "%s: %s", b->path, b->snap.err.msg);
     if (b->describe_only) {
         describe(&b->snap, stdout);
         return 0;
@@ -1116,8 +1113,8 @@ static int parse_options(struct bridge *b, int argc, char **argv, int *json,
 static void report(struct bridge *b, int rc, int json, const char *stats_file)
 {
     if (rc != 0)
-        fprintf(stderr, "fastsnap-loader serve: %s: %s\n", b->err_name ? b->err_name
-                : E_INTERNAL, b->err);
+        fprintf(stderr, "fastsnap-loader serve: %s: %s\n", b->err.name[0] ? b->err.name
+                : E_INTERNAL, b->err.msg);
     if (json && !(b->describe_only && rc == 0))
         write_stats(b, stdout, rc);
     if (stats_file) {
@@ -1169,7 +1166,7 @@ int bridge_main(int argc, char **argv)
     int json = 0;
     if (parse_options(b, argc, argv, &json, &stats_file) < 0 || b->help) {
         if (!b->help)
-            fprintf(stderr, "fastsnap-loader serve: %s: %s\n", b->err_name, b->err);
+            fprintf(stderr, "fastsnap-loader serve: %s: %s\n", b->err.name, b->err.msg);
         usage(b->help ? stdout : stderr);
         int rc = b->help ? 0 : 2;
         bridge_free(b);
@@ -1182,7 +1179,7 @@ int bridge_main(int argc, char **argv)
         rc = fail(b, E_INTERNAL, "out of memory");
     else
         rc = run(b);
-    rc = rc == 0 ? 0 : mr_error_exit(b->err_name ? b->err_name : E_INTERNAL);
+    rc = rc == 0 ? 0 : mr_error_exit(b->err.name[0] ? b->err.name : E_INTERNAL);
     if (b->sock >= 0)
         shutdown(b->sock, SHUT_RDWR);    /* unblocks the return-path reader */
     if (b->rp_started)

@@ -27,16 +27,13 @@
 
 #include "mr_errors.h"
 
-static int fail(struct br_snap *s, const char *name, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
+__attribute__((format(printf, 3, 4)))
 static int fail(struct br_snap *s, const char *name, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(s->err, sizeof(s->err), fmt, ap);
+    mr_error_vset(&s->err, name, fmt, ap);
     va_end(ap);
-    s->err_name = name;
     return -1;
 }
 
@@ -136,14 +133,8 @@ int br_snap_open(struct br_snap *s, const char *path, uint64_t offset)
     if (!S_ISREG(st.st_mode))
         return fail(s, E_OPEN, "not a regular file");
     mr_snapshot *ms = &s->ms;
-    mr_error me;
-    int rc = mr_parse(s->fd, offset, NULL, ms, &me);
-    if (rc != MR_OK) {
-        snprintf(s->err_name_buf, sizeof(s->err_name_buf), "%s", me.name);
-        s->err_name = s->err_name_buf;
-        snprintf(s->err, sizeof(s->err), "%s", me.msg);
+    if (mr_parse(s->fd, offset, NULL, ms, &s->err) != MR_OK)
         return -1;
-    }
     s->file_size = ms->file_size;
     s->base = offset;
     s->tps = (uint32_t)ms->page_size;

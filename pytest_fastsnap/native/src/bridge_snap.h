@@ -47,14 +47,12 @@ struct br_snap {
     struct br_block *blocks;
     uint64_t dev_off, dev_len;      /* device-state run, without EOF */
     int has_vmdesc;
-    const char *err_name;           /* E_* name (mr_errors.h) on failure */
-    char err_name_buf[24];
-    char err[512];
+    mr_error err;                   /* E_* name (mr_errors.h) and message on failure */
     mr_snapshot ms;                 /* strict parse, kept for core->meta */
     mr_core_block *core;            /* ms.nblocks entries */
 };
 
-/* 0 on success; -1 with snap->err_name/err set (exit status: mr_error_exit(err_name)). */
+/* 0 on success; -1 with snap->err set (exit status: mr_error_exit(err.name)). */
 int br_snap_open(struct br_snap *snap, const char *path, uint64_t offset);
 void br_snap_close(struct br_snap *snap);
 

@@ -20,6 +20,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "mr_errors.h"
 #include "mr_stats.h"
 #include "mr_uffd.h"
 
@@ -75,7 +76,7 @@ static void *bench_handler(void *arg)
 /* Raw userfaultfd round trip: this thread faults on `pages` pages of a
  * registered anonymous region one at a time, a handler thread answers each
  * with one 4 KiB UFFDIO_COPY.  lat gets the sorted round trips. */
-static int uffd_round_trip(unsigned long pages, mr_samples *lat, char *err, size_t errlen)
+static int uffd_round_trip(unsigned long pages, mr_samples *lat, mr_error *err)
 {
     int rc = -1, uffd = -1;
     size_t len = (size_t)pages * PAGE;
@@ -85,27 +86,27 @@ static int uffd_round_trip(unsigned long pages, mr_samples *lat, char *err, size
                    .inject_copy_fail = inject && strcmp(inject, "uffd-copy-fail") == 0};
     pthread_t th;
     if (!src || b.stop_efd < 0) {
-        snprintf(err, errlen, "%s", src ? "eventfd failed" : "out of memory");
+        mr_error_set(err, E_INTERNAL, "%s", src ? "eventfd failed" : "out of memory");
         goto out;
     }
     memset(src, 0x5a, PAGE);
-    if (mr_uffd_setup(&uffd, err, errlen) < 0)
+    if (mr_uffd_setup(&uffd, err) < 0)
         goto out;
     region = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
                   -1, 0);
     if (region == MAP_FAILED) {
-        snprintf(err, errlen, "mmap: %s", strerror(errno));
+        mr_error_set(err, E_INTERNAL, "mmap: %s", strerror(errno));
         goto out;
     }
     madvise(region, len, MADV_NOHUGEPAGE);
-    if (mr_uffd_register(uffd, region, len, err, errlen) < 0)
+    if (mr_uffd_register(uffd, region, len, err) < 0)
         goto out;
     b.uffd = uffd;
     b.src = src;
     b.region = region;
     b.len = len;
     if (pthread_create(&th, NULL, bench_handler, &b) != 0) {
-        snprintf(err, errlen, "pthread_create failed");
+        mr_error_set(err, E_INTERNAL, "pthread_create failed");
         goto out;
     }
     uint64_t sink = 0;
@@ -121,10 +122,9 @@ static int uffd_round_trip(unsigned long pages, mr_samples *lat, char *err, size
     pthread_join(th, NULL);
     int e = atomic_load(&b.error);
     if (e || sink != (uint64_t)pages * 0x5a) {
-        snprintf(err, errlen, "uffd round trip: %s after %lu of %lu pages",
-                 e ? strerror(e) : "wrong data", i, pages);
-        if (e)
-            snprintf(err + strlen(err), errlen - strlen(err), " (UFFDIO_COPY or read failed)");
+        mr_error_set(err, e ? E_UFFD : E_INTERNAL, "uffd round trip: %s after %lu of %lu pages%s",
+                     e ? strerror(e) : "wrong data", i, pages,
+                     e ? " (UFFDIO_COPY or read failed)" : "");
         goto out;
     }
     mr_samples_sort(lat);
@@ -162,17 +162,17 @@ static int seq_read(int fd, uint64_t off, uint64_t len, unsigned char *buf, uint
 }
 
 int mr_load_baseline(int fd, const mr_snapshot *snap, unsigned long pages, mr_baseline *out,
-                     char *err, size_t errlen)
+                     mr_error *err)
 {
     memset(out, 0, sizeof *out);
     mr_samples lat = {0};
     unsigned char *buf = malloc(1u << 20);
     int rc = -1;
     if (!buf) {
-        snprintf(err, errlen, "out of memory");
+        mr_error_set(err, E_INTERNAL, "out of memory");
         goto out;
     }
-    if (uffd_round_trip(pages, &lat, err, errlen) < 0)
+    if (uffd_round_trip(pages, &lat, err) < 0)
         goto out;
     out->pages = pages;
     out->rt_p50_us = mr_samples_pct_us(&lat, 0.50);
@@ -182,7 +182,7 @@ int mr_load_baseline(int fd, const mr_snapshot *snap, unsigned long pages, mr_ba
         const mr_block *b = &snap->blocks[i];
         if (!b->ignored && seq_read(fd, b->pages_offset, b->used_length, buf, &out->read_bytes,
                                     &ns) < 0) {
-            snprintf(err, errlen, "pread: %s", strerror(errno));
+            mr_error_set(err, E_IO, "pread: %s", strerror(errno));
             goto out;
         }
     }
@@ -194,35 +194,31 @@ out:
     return rc;
 }
 
-int mr_uffd_bench(const char *path, unsigned long pages, int json, FILE *out, char *err,
-                  size_t errlen)
+int mr_uffd_bench(const char *path, unsigned long pages, int json, FILE *out, mr_error *err)
 {
-    if (pages == 0 || pages > (1ul << 20)) {
-        snprintf(err, errlen, "--pages must be 1..1048576");
-        return 2;
-    }
+    if (pages == 0 || pages > (1ul << 20))
+        return mr_error_set(err, E_USAGE, "--pages must be 1..1048576");
     struct stat st;
-    int rc = 1, fd = open(path, O_RDONLY | O_CLOEXEC);
+    int rc = -1, fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0 || fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
-        /* unusable input: exit 2 like every subcommand */
-        snprintf(err, errlen, "E_OPEN: %s: %s", path, fd < 0 ? strerror(errno)
-                 : "not a regular file");
+        mr_error_set(err, E_OPEN, "%s: %s", path, fd < 0 ? strerror(errno)
+                     : "not a regular file");
         if (fd >= 0)
             close(fd);
-        return 2;
+        return -1;
     }
     mr_samples lat = {0};
     unsigned char *buf = malloc(1u << 20);
     if (!buf) {
-        snprintf(err, errlen, "out of memory");
+        mr_error_set(err, E_INTERNAL, "out of memory");
         goto out;
     }
-    if (uffd_round_trip(pages, &lat, err, errlen) < 0)
+    if (uffd_round_trip(pages, &lat, err) < 0)
         goto out;
     /* sequential read of the whole file (page cache as it is) */
     uint64_t total = 0, ns = 0;
     if (seq_read(fd, 0, (uint64_t)st.st_size, buf, &total, &ns) < 0) {
-        snprintf(err, errlen, "read %s: %s", path, strerror(errno));
+        mr_error_set(err, E_IO, "read %s: %s", path, strerror(errno));
         goto out;
     }
     double secs = (double)ns / 1e9;

@@ -13,7 +13,10 @@
 #ifndef FASTSNAP_MR_ERRORS_H
 #define FASTSNAP_MR_ERRORS_H
 
+#include <stdarg.h>
 #include <string.h>
+
+#include "mr_format.h" /* mr_error: the context that carries name + message */
 
 /* Format rules (exit 2); README.md has the table.  E_MAX_LENGTH is the
  * loader's own (--max-length), the others mirror the Python reader. */
@@ -55,6 +58,16 @@
 #define E_DEST_FAILED "E_DEST_FAILED"   /* destination reported a failed migration */
 #define E_DEST_STALLED "E_DEST_STALLED" /* destination stopped reading */
 #define E_TIMEOUT "E_TIMEOUT"           /* a wait for the destination timed out */
+
+#define E_UFFD "E_UFFD"                 /* userfaultfd unavailable or an ioctl failed */
+
+/* The internal return convention: a function that fails fills an mr_error
+ * (name + message) and returns -1; mr_error_set does both in one statement
+ * (`return mr_error_set(err, E_IO, "...", ...);`).  mr_parse keeps its
+ * documented 0/1/2 (MR_OK/MR_INTERNAL/MR_INVALID) with the same mr_error. */
+__attribute__((format(printf, 3, 4)))
+int mr_error_set(mr_error *e, const char *name, const char *fmt, ...);
+int mr_error_vset(mr_error *e, const char *name, const char *fmt, va_list ap);
 
 /* Exit status for an error name (0 for none). */
 static inline int mr_error_exit(const char *name)

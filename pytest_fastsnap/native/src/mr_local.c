@@ -26,6 +26,7 @@
 #include <unistd.h>
 
 #include "mr_core.h"
+#include "mr_errors.h"
 #include "mr_sha256.h"
 #include "mr_stats.h"
 #include "mr_uffd.h"
@@ -46,7 +47,11 @@ typedef struct lctx {
     _Atomic int stop;
     int stop_efd;                   /* readable once stop is set: wakes the fault thread */
     _Atomic int failed;
-    char errmsg[256];
+    mr_error err;                   /* first failure: E_* name and message */
+    /* threads and timestamps of the restore */
+    pthread_t ft, et;
+    int ft_started, et_started;
+    uint64_t t0, t_ready, t_complete;
     /* stats */
     _Atomic uint64_t bytes_read, pages_copied, pages_zero, double_loads, pages_loaded;
     _Atomic uint64_t eager_pages, eager_ns, wakes;
@@ -81,14 +86,15 @@ static void request_stop(lctx *c)
     }
 }
 
-__attribute__((format(printf, 2, 3)))
-static void set_fail(lctx *c, const char *fmt, ...)
+/* Records the first failure (any thread) and stops everything. */
+__attribute__((format(printf, 3, 4)))
+static void set_fail(lctx *c, const char *name, const char *fmt, ...)
 {
     int expected = 0;
     if (atomic_compare_exchange_strong(&c->failed, &expected, 1)) {
         va_list ap;
         va_start(ap, fmt);
-        vsnprintf(c->errmsg, sizeof c->errmsg, fmt, ap);
+        mr_error_vset(&c->err, name, fmt, ap);
         va_end(ap);
     }
     request_stop(c);
@@ -211,7 +217,7 @@ static void *fault_thread(void *arg)
     unsigned char *buf = aligned_alloc(PAGE, PAGE);
     struct uffd_msg msgs[64];
     if (!buf) {
-        set_fail(c, "fault thread: out of memory");
+        set_fail(c, E_INTERNAL, "fault thread: out of memory");
         return NULL;
     }
     while (!atomic_load(&c->stop)) {
@@ -220,7 +226,7 @@ static void *fault_thread(void *arg)
                                 {.fd = c->stop_efd, .events = POLLIN}};
         int pr = poll(pfd, 2, -1);
         if (pr < 0 && errno != EINTR) {
-            set_fail(c, "fault thread: poll: %s", strerror(errno));
+            set_fail(c, E_UFFD, "fault thread: poll: %s", strerror(errno));
             break;
         }
         if (pr <= 0 || !(pfd[0].revents & POLLIN))
@@ -229,7 +235,7 @@ static void *fault_thread(void *arg)
         if (r < 0) {
             if (errno == EAGAIN || errno == EINTR)
                 continue;
-            set_fail(c, "fault thread: read: %s", strerror(errno));
+            set_fail(c, E_UFFD, "fault thread: read: %s", strerror(errno));
             break;
         }
         size_t n = (size_t)r / sizeof msgs[0];
@@ -240,7 +246,7 @@ static void *fault_thread(void *arg)
             if (msgs[i].event != UFFD_EVENT_PAGEFAULT) {
                 /* No event feature was requested: anything else is a kernel
                  * contract we do not understand, not something to skip. */
-                set_fail(c, "fault thread: unexpected userfaultfd event %u", msgs[i].event);
+                set_fail(c, E_INTERNAL, "fault thread: unexpected userfaultfd event %u", msgs[i].event);
                 atomic_fetch_sub(&c->pending_faults, 1);
                 continue;
             }
@@ -249,16 +255,16 @@ static void *fault_thread(void *arg)
             mr_core_block *b = find_block(c, addr, &page);
             c->faults++;
             if (!b) {
-                set_fail(c, "fault at %#" PRIxPTR " outside every block", addr);
+                set_fail(c, E_INTERNAL, "fault at %#" PRIxPTR " outside every block", addr);
             } else if (mr_core_claim(b, page)) {
                 if (load_one(c, b, page, buf) < 0)
-                    set_fail(c, "fault thread: block %s page %" PRIu64 ": %s", b->meta->id, page,
+                    set_fail(c, E_UFFD, "fault thread: block %s page %" PRIu64 ": %s", b->meta->id, page,
                              strerror(errno));
             } else if (atomic_load(&b->loads[page])) {
                 /* Placed already (its copy woke the faulter; a wake is cheap and
                  * covers any path that placed without waking). */
                 if (mr_uffd_wake(c->uffd, (void *)addr, PAGE) < 0)
-                    set_fail(c, "fault thread: UFFDIO_WAKE block %s page %" PRIu64 ": %s",
+                    set_fail(c, E_UFFD, "fault thread: UFFDIO_WAKE block %s page %" PRIu64 ": %s",
                              b->meta->id, page, strerror(errno));
                 atomic_fetch_add(&c->wakes, 1);
             } else {
@@ -294,7 +300,7 @@ static void *eager_thread(void *arg)
     lctx *c = arg;
     unsigned char *buf = aligned_alloc(PAGE, RUN_PAGES * PAGE);
     if (!buf) {
-        set_fail(c, "eager thread: out of memory");
+        set_fail(c, E_INTERNAL, "eager thread: out of memory");
         return NULL;
     }
     uint64_t t0 = mr_now_ns(), placed = 0;
@@ -338,14 +344,14 @@ static void *eager_thread(void *arg)
             if (bit) {
                 if (pread_full(c->fd, buf, (size_t)(run * PAGE),
                                b->meta->pages_offset + page * PAGE) < 0) {
-                    set_fail(c, "eager thread: block %s pages %" PRIu64 "+%" PRIu64 ": pread: %s",
+                    set_fail(c, E_IO, "eager thread: block %s pages %" PRIu64 "+%" PRIu64 ": pread: %s",
                              b->meta->id, page, run, strerror(errno));
                     break;
                 }
                 atomic_fetch_add(&c->bytes_read, run * PAGE);
             }
             if (place(c, dst, bit ? buf : NULL, run) < 0) {
-                set_fail(c, "eager thread: block %s pages %" PRIu64 "+%" PRIu64 ": %s: %s",
+                set_fail(c, E_UFFD, "eager thread: block %s pages %" PRIu64 "+%" PRIu64 ": %s: %s",
                          b->meta->id, page, run, bit ? "UFFDIO_COPY" : "UFFDIO_ZEROPAGE",
                          strerror(errno));
                 break;
@@ -379,7 +385,7 @@ static int sync_load(lctx *c)
             if (bit) {
                 if (pread_full(c->fd, b->mem + page * PAGE, (size_t)(run * PAGE),
                                b->meta->pages_offset + page * PAGE) < 0) {
-                    set_fail(c, "sync: block %s pages %" PRIu64 "+%" PRIu64 ": pread: %s",
+                    set_fail(c, E_IO, "sync: block %s pages %" PRIu64 "+%" PRIu64 ": pread: %s",
                              b->meta->id, page, run, strerror(errno));
                     return -1;
                 }
@@ -461,7 +467,7 @@ static int run_access(lctx *c, mr_access pattern, unsigned long long seed, int r
     if (pattern == MR_ACCESS_RANDOM) {
         order = malloc((size_t)(c->total_pages ? c->total_pages : 1) * sizeof *order);
         if (!order)
-            return set_fail(c, "out of memory"), -1;
+            return set_fail(c, E_INTERNAL, "out of memory"), -1;
         for (uint64_t i = 0; i < c->total_pages; i++)
             order[i] = i;
         uint64_t x = seed ? seed : 0x9e3779b97f4a7c15ull;
@@ -477,14 +483,14 @@ static int run_access(lctx *c, mr_access pattern, unsigned long long seed, int r
     access_arg *args = calloc(n, sizeof *args);
     if (!tids || !args) {
         free(tids); free(args); free(order);
-        return set_fail(c, "out of memory"), -1;
+        return set_fail(c, E_INTERNAL, "out of memory"), -1;
     }
     unsigned started = 0;
     for (unsigned i = 0; i < n; i++) {
         args[i] = (access_arg){.c = c, .index = i, .pattern = pattern, .order = order,
                                .order_n = order_n, .record = record};
         if (pthread_create(&tids[i], NULL, access_thread, &args[i]) != 0) {
-            set_fail(c, "pthread_create: access thread failed");
+            set_fail(c, E_INTERNAL, "pthread_create: access thread failed");
             break;
         }
         started++;
@@ -509,92 +515,80 @@ static const char *access_name(mr_access a)
     return names[a];
 }
 
-int mr_local_load(int fd, const mr_snapshot *snap, const mr_load_opts *opts, FILE *out,
-                  char *err, size_t errlen)
+/* Page-size check, bitmaps, userfaultfd, block memory (registered unless sync). */
+static int setup_memory(lctx *c)
 {
-    lctx *c = calloc(1, sizeof *c);
-    if (!c)
-        return snprintf(err, errlen, "out of memory"), 1;
-    c->fd = fd;
-    c->uffd = -1;
-    c->stop_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (c->stop_efd < 0) {
-        free(c);
-        return snprintf(err, errlen, "eventfd: %s", strerror(errno)), 1;
-    }
-    c->snap = snap;
-    c->opts = opts;
-    c->nblocks = snap->nblocks;
-    int rc = 1;
-    pthread_t ft, et;
-    int ft_started = 0, et_started = 0;
-    char digests[MR_MAX_BLOCKS][65];
-    if ((uint64_t)sysconf(_SC_PAGESIZE) != PAGE || snap->page_size != PAGE) {
-        snprintf(err, errlen, "host or target page size is not 4096");
-        goto out;
-    }
-    uint64_t t0 = mr_now_ns(), t_ready = 0, t_complete = 0;
+    if ((uint64_t)sysconf(_SC_PAGESIZE) != PAGE || c->snap->page_size != PAGE)
+        return mr_error_set(&c->err, E_UNSUPPORTED, "host or target page size is not 4096");
     c->blocks = calloc(c->nblocks ? c->nblocks : 1, sizeof *c->blocks);
-    if (!c->blocks || mr_core_init(fd, snap, c->blocks) < 0) {
-        snprintf(err, errlen, "loading bitmaps: %s", strerror(errno));
-        goto out;
-    }
-    int use_uffd = opts->mode != MR_MODE_SYNC;
-    if (use_uffd && mr_uffd_setup(&c->uffd, err, errlen) < 0)
-        goto out;
+    if (!c->blocks)
+        return mr_error_set(&c->err, E_INTERNAL, "out of memory");
+    if (mr_core_init(c->fd, c->snap, c->blocks) < 0)
+        return mr_error_set(&c->err, E_IO, "loading bitmaps: %s", strerror(errno));
+    int use_uffd = c->opts->mode != MR_MODE_SYNC;
+    if (use_uffd && mr_uffd_setup(&c->uffd, &c->err) < 0)
+        return -1;
     for (size_t i = 0; i < c->nblocks; i++) {
         mr_core_block *b = &c->blocks[i];
         if (b->meta->ignored)
             continue;
         void *m = mmap(NULL, (size_t)b->meta->used_length, PROT_READ | PROT_WRITE,
                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-        if (m == MAP_FAILED) {
-            snprintf(err, errlen, "mmap %" PRIu64 " bytes for block %s: %s",
-                     b->meta->used_length, b->meta->id, strerror(errno));
-            goto out;
-        }
+        if (m == MAP_FAILED)
+            return mr_error_set(&c->err, E_INTERNAL, "mmap %" PRIu64 " bytes for block %s: %s",
+                                b->meta->used_length, b->meta->id, strerror(errno));
         b->mem = m;
         c->total_pages += b->num_pages;
         if (use_uffd) {
             madvise(m, (size_t)b->meta->used_length, MADV_NOHUGEPAGE);
-            if (mr_uffd_register(c->uffd, m, b->meta->used_length, err, errlen) < 0)
-                goto out;
+            if (mr_uffd_register(c->uffd, m, b->meta->used_length, &c->err) < 0)
+                return -1;
         }
     }
-    if (use_uffd) {
-        if (pthread_create(&ft, NULL, fault_thread, c) != 0) {
-            snprintf(err, errlen, "pthread_create (fault thread) failed");
-            goto out;
-        }
-        ft_started = 1;
-        if (opts->mode != MR_MODE_FAULT_ONLY) {
-            if (pthread_create(&et, NULL, eager_thread, c) != 0) {
-                snprintf(err, errlen, "pthread_create (eager thread) failed");
-                goto out;
-            }
-            et_started = 1;
-        }
-        if (opts->mode == MR_MODE_EAGER) {
-            pthread_join(et, NULL);
-            et_started = 0;
-        }
-    } else if (sync_load(c) < 0) {
-        goto fail;
+    return 0;
+}
+
+/* Fault thread, and the eager thread unless fault-only (eager: waited for). */
+static int start_threads(lctx *c)
+{
+    if (pthread_create(&c->ft, NULL, fault_thread, c) != 0)
+        return mr_error_set(&c->err, E_INTERNAL, "pthread_create (fault thread) failed");
+    c->ft_started = 1;
+    if (c->opts->mode == MR_MODE_FAULT_ONLY)
+        return 0;
+    if (pthread_create(&c->et, NULL, eager_thread, c) != 0)
+        return mr_error_set(&c->err, E_INTERNAL, "pthread_create (eager thread) failed");
+    c->et_started = 1;
+    if (c->opts->mode == MR_MODE_EAGER) {
+        pthread_join(c->et, NULL);
+        c->et_started = 0;
     }
-    t_ready = mr_now_ns();
-    if (run_access(c, opts->access, opts->seed, 1) < 0)
-        goto fail;
-    if (et_started) {
-        pthread_join(et, NULL);
-        et_started = 0;
+    return 0;
+}
+
+/* Ready (threads up or sync load done), access, every page loaded. */
+static int restore(lctx *c)
+{
+    c->t0 = mr_now_ns();
+    if (c->opts->mode == MR_MODE_SYNC ? sync_load(c) < 0 : start_threads(c) < 0)
+        return -1;
+    c->t_ready = mr_now_ns();
+    if (run_access(c, c->opts->access, c->opts->seed, 1) < 0)
+        return -1;
+    if (c->et_started) {
+        pthread_join(c->et, NULL);
+        c->et_started = 0;
     }
     /* fault-only: nothing loads untouched pages, so a completion pass (`all`)
      * drives every remaining page in before the digest. */
-    if (opts->mode == MR_MODE_FAULT_ONLY && run_access(c, MR_ACCESS_ALL, 0, 0) < 0)
-        goto fail;
-    t_complete = mr_now_ns();
-    if (atomic_load(&c->failed))
-        goto fail;
+    if (c->opts->mode == MR_MODE_FAULT_ONLY && run_access(c, MR_ACCESS_ALL, 0, 0) < 0)
+        return -1;
+    c->t_complete = mr_now_ns();
+    return atomic_load(&c->failed) ? -1 : 0;
+}
+
+static void digest_blocks(lctx *c, char digests[][65])
+{
     for (size_t i = 0; i < c->nblocks; i++) {
         mr_core_block *b = &c->blocks[i];
         mr_sha256 h;
@@ -605,74 +599,76 @@ int mr_local_load(int fd, const mr_snapshot *snap, const mr_load_opts *opts, FIL
         mr_sha256_final(&h, dig);
         mr_sha256_hex(dig, digests[i]);
     }
-    request_stop(c);
-    if (ft_started) {
-        pthread_join(ft, NULL);
-        ft_started = 0;
+}
+
+static double eager_mib_s(lctx *c)
+{
+    uint64_t ns = atomic_load(&c->eager_pages) ? atomic_load(&c->eager_ns) : 0;
+    return ns ? (double)atomic_load(&c->eager_pages) * PAGE / 1048576.0 / ((double)ns / 1e9)
+              : 0.0;
+}
+
+static void report_json(lctx *c, FILE *out, char digests[][65], const mr_baseline *base)
+{
+    const mr_snapshot *snap = c->snap;
+    const mr_load_opts *opts = c->opts;
+    fprintf(out, "{\"mode\":\"%s\",\"access\":\"%s\",\"threads\":%u,\"blocks\":[",
+            mode_name(opts->mode), access_name(opts->access), opts->threads);
+    for (size_t i = 0; i < c->nblocks; i++) {
+        fprintf(out, "%s{\"id\":", i ? "," : "");
+        mr_json_string(out, snap->blocks[i].id);
+        fprintf(out, ",\"length\":%" PRIu64 ",\"sha256\":\"%s\"}", snap->blocks[i].used_length,
+                digests[i]);
     }
-    if (atomic_load(&c->failed))
-        goto fail;
-    mr_baseline base;
-    if (opts->baseline_pages &&
-        mr_load_baseline(fd, snap, opts->baseline_pages, &base, c->errmsg, sizeof c->errmsg) < 0)
-        goto fail;
-    /* report */
-    mr_samples_sort(&c->fault_lat);
-    mr_samples_sort(&c->touch_lat);
-    double ready_s = (double)(t_ready - t0) / 1e9, complete_s = (double)(t_complete - t0) / 1e9;
-    uint64_t eager_ns = atomic_load(&c->eager_pages) ? atomic_load(&c->eager_ns) : 0;
-    double eager_mib = eager_ns ? (double)atomic_load(&c->eager_pages) * PAGE / 1048576.0 /
-                                  ((double)eager_ns / 1e9) : 0.0;
-    if (opts->json) {
-        fprintf(out, "{\"mode\":\"%s\",\"access\":\"%s\",\"threads\":%u,\"blocks\":[",
-                mode_name(opts->mode), access_name(opts->access), opts->threads);
-        for (size_t i = 0; i < c->nblocks; i++) {
-            fprintf(out, "%s{\"id\":", i ? "," : "");
-            mr_json_string(out, snap->blocks[i].id);
-            fprintf(out, ",\"length\":%" PRIu64 ",\"sha256\":\"%s\"}", snap->blocks[i].used_length,
-                    digests[i]);
-        }
-        fprintf(out, "],\"stats\":{\"faults\":%" PRIu64 ",\"fault_latency_us\":", c->faults);
-        mr_samples_json(out, &c->fault_lat);
-        fputs(",\"touch_latency_us\":", out);
-        mr_samples_json(out, &c->touch_lat);
-        fprintf(out, ",\"fault_dedup\":%" PRIu64 ",", c->dedup);
-        fprintf(out, "\"time_to_ready_s\":%.6f,\"time_to_complete_s\":%.6f,"
-                "\"bytes_read\":%" PRIu64 ",\"pages_copied\":%" PRIu64 ",\"pages_zero\":%" PRIu64
-                ",\"eager_pages\":%" PRIu64 ",\"eager_mib_s\":%.1f,\"wakes\":%" PRIu64
-                ",\"double_loads\":%" PRIu64 ",\"pages_loaded\":%" PRIu64 ",\"total_pages\":%"
-                PRIu64 "}", ready_s, complete_s, atomic_load(&c->bytes_read),
-                atomic_load(&c->pages_copied), atomic_load(&c->pages_zero),
-                atomic_load(&c->eager_pages), eager_mib, atomic_load(&c->wakes),
-                atomic_load(&c->double_loads), atomic_load(&c->pages_loaded), c->total_pages);
-        if (opts->baseline_pages)
-            fprintf(out, ",\"baseline\":{\"uffd_round_trip_us\":{\"pages\":%lu,\"p50\":%.3f,"
-                    "\"p99\":%.3f},\"pread_bytes\":%" PRIu64 ",\"pread_mib_s\":%.1f}",
-                    base.pages, base.rt_p50_us, base.rt_p99_us, base.read_bytes, base.read_mib_s);
-        fprintf(out, "}\n");
-    } else {
-        for (size_t i = 0; i < c->nblocks; i++)
-            fprintf(out, "%s  %s  %" PRIu64 "\n", digests[i], snap->blocks[i].id,
-                    snap->blocks[i].used_length);
-        fprintf(out, "mode %s access %s threads %u: ready %.3f s, complete %.3f s, faults %" PRIu64
-                " (p50 %.1f us, p99 %.1f us), read %" PRIu64 " bytes, copied %" PRIu64
-                " zero %" PRIu64 " pages, eager %.1f MiB/s, loaded %" PRIu64 "/%" PRIu64
-                ", double loads %" PRIu64 "\n", mode_name(opts->mode), access_name(opts->access),
-                opts->threads, ready_s, complete_s, c->faults, mr_samples_pct_us(&c->fault_lat, 0.5),
-                mr_samples_pct_us(&c->fault_lat, 0.99), atomic_load(&c->bytes_read),
-                atomic_load(&c->pages_copied), atomic_load(&c->pages_zero), eager_mib,
-                atomic_load(&c->pages_loaded), c->total_pages, atomic_load(&c->double_loads));
-    }
-    rc = 0;
-    goto out;
-fail:
-    snprintf(err, errlen, "%s", c->errmsg[0] ? c->errmsg : "load failed");
-out:
+    fprintf(out, "],\"stats\":{\"faults\":%" PRIu64 ",\"fault_latency_us\":", c->faults);
+    mr_samples_json(out, &c->fault_lat);
+    fputs(",\"touch_latency_us\":", out);
+    mr_samples_json(out, &c->touch_lat);
+    fprintf(out, ",\"fault_dedup\":%" PRIu64 ",", c->dedup);
+    fprintf(out, "\"time_to_ready_s\":%.6f,\"time_to_complete_s\":%.6f,"
+            "\"bytes_read\":%" PRIu64 ",\"pages_copied\":%" PRIu64 ",\"pages_zero\":%" PRIu64
+            ",\"eager_pages\":%" PRIu64 ",\"eager_mib_s\":%.1f,\"wakes\":%" PRIu64
+            ",\"double_loads\":%" PRIu64 ",\"pages_loaded\":%" PRIu64 ",\"total_pages\":%"
+            PRIu64 "}", (double)(c->t_ready - c->t0) / 1e9, (double)(c->t_complete - c->t0) / 1e9,
+            atomic_load(&c->bytes_read), atomic_load(&c->pages_copied),
+            atomic_load(&c->pages_zero), atomic_load(&c->eager_pages), eager_mib_s(c),
+            atomic_load(&c->wakes), atomic_load(&c->double_loads), atomic_load(&c->pages_loaded),
+            c->total_pages);
+    if (base)
+        fprintf(out, ",\"baseline\":{\"uffd_round_trip_us\":{\"pages\":%lu,\"p50\":%.3f,"
+                "\"p99\":%.3f},\"pread_bytes\":%" PRIu64 ",\"pread_mib_s\":%.1f}",
+                base->pages, base->rt_p50_us, base->rt_p99_us, base->read_bytes,
+                base->read_mib_s);
+    fprintf(out, "}\n");
+}
+
+static void report_text(lctx *c, FILE *out, char digests[][65])
+{
+    const mr_snapshot *snap = c->snap;
+    const mr_load_opts *opts = c->opts;
+    for (size_t i = 0; i < c->nblocks; i++)
+        fprintf(out, "%s  %s  %" PRIu64 "\n", digests[i], snap->blocks[i].id,
+                snap->blocks[i].used_length);
+    fprintf(out, "mode %s access %s threads %u: ready %.3f s, complete %.3f s, faults %" PRIu64
+            " (p50 %.1f us, p99 %.1f us), read %" PRIu64 " bytes, copied %" PRIu64
+            " zero %" PRIu64 " pages, eager %.1f MiB/s, loaded %" PRIu64 "/%" PRIu64
+            ", double loads %" PRIu64 "\n", mode_name(opts->mode), access_name(opts->access),
+            opts->threads, (double)(c->t_ready - c->t0) / 1e9,
+            (double)(c->t_complete - c->t0) / 1e9, c->faults,
+            mr_samples_pct_us(&c->fault_lat, 0.5), mr_samples_pct_us(&c->fault_lat, 0.99),
+            atomic_load(&c->bytes_read), atomic_load(&c->pages_copied),
+            atomic_load(&c->pages_zero), eager_mib_s(c), atomic_load(&c->pages_loaded),
+            c->total_pages, atomic_load(&c->double_loads));
+}
+
+/* Stops and joins the threads, unregisters and unmaps, frees c. */
+static void teardown(lctx *c)
+{
     request_stop(c);
-    if (et_started)
-        pthread_join(et, NULL);
-    if (ft_started)
-        pthread_join(ft, NULL);
+    if (c->et_started)
+        pthread_join(c->et, NULL);
+    if (c->ft_started)
+        pthread_join(c->ft, NULL);
     if (c->blocks) {
         for (size_t i = 0; i < c->nblocks; i++)
             if (c->blocks[i].mem) {
@@ -692,5 +688,49 @@ out:
     mr_samples_free(&c->fault_lat);
     mr_samples_free(&c->touch_lat);
     free(c);
+}
+
+int mr_local_load(int fd, const mr_snapshot *snap, const mr_load_opts *opts, FILE *out,
+                  mr_error *err)
+{
+    lctx *c = calloc(1, sizeof *c);
+    if (!c)
+        return mr_error_set(err, E_INTERNAL, "out of memory");
+    c->fd = fd;
+    c->uffd = -1;
+    c->snap = snap;
+    c->opts = opts;
+    c->nblocks = snap->nblocks;
+    c->stop_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (c->stop_efd < 0) {
+        free(c);
+        return mr_error_set(err, E_INTERNAL, "eventfd: %s", strerror(errno));
+    }
+    char digests[MR_MAX_BLOCKS][65];
+    int rc = -1;
+    if (setup_memory(c) == 0 && restore(c) == 0) {
+        digest_blocks(c, digests);
+        request_stop(c);
+        if (c->ft_started) {
+            pthread_join(c->ft, NULL);
+            c->ft_started = 0;
+        }
+        mr_baseline base;
+        if (!atomic_load(&c->failed) &&
+            (!opts->baseline_pages ||
+             mr_load_baseline(fd, snap, opts->baseline_pages, &base, &c->err) == 0)) {
+            mr_samples_sort(&c->fault_lat);
+            mr_samples_sort(&c->touch_lat);
+            if (opts->json)
+                report_json(c, out, digests, opts->baseline_pages ? &base : NULL);
+            else
+                report_text(c, out, digests);
+            rc = 0;
+        }
+    }
+    if (rc != 0)
+        *err = c->err.name[0] ? c->err
+                              : (mr_error){.name = E_INTERNAL, .msg = "load failed"};
+    teardown(c);
     return rc;
 }

@@ -31,18 +31,18 @@ typedef struct mr_baseline {
     double read_mib_s;
 } mr_baseline;
 
-/* 0 ok, -1 failure (message in err). */
+/* 0 ok, -1 with err filled (mr_errors.h). */
 int mr_load_baseline(int fd, const mr_snapshot *snap, unsigned long pages, mr_baseline *out,
-                     char *err, size_t errlen);
+                     mr_error *err);
 
-/* Restores, prints per-block sha256 + stats to out; 0 ok, 1 failure (message in err). */
+/* Restores, prints per-block sha256 + stats to out; 0 ok, -1 with err filled
+ * (exit status: mr_error_exit(err->name)). */
 int mr_local_load(int fd, const mr_snapshot *snap, const mr_load_opts *opts, FILE *out,
-                  char *err, size_t errlen);
+                  mr_error *err);
 
 /* Raw userfaultfd round trip vs sequential pread of path (mr_bench.c); 0 ok,
- * 2 path missing/not a regular file or bad pages, 1 failure. */
-int mr_uffd_bench(const char *path, unsigned long pages, int json, FILE *out, char *err,
-                  size_t errlen);
+ * -1 with err filled (E_OPEN, E_USAGE, E_UFFD, ...). */
+int mr_uffd_bench(const char *path, unsigned long pages, int json, FILE *out, mr_error *err);
 
 
 #endif

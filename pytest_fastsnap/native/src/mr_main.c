@@ -287,11 +287,11 @@ static int cmd_load(cli *c)
     int rc = open_and_parse(c, &fd, &s);
     if (rc)
         return rc;
-    char err[512] = "";
+    mr_error e;
     c->load.json = c->json;
-    rc = mr_local_load(fd, &s, &c->load, stdout, err, sizeof err);
+    rc = mr_local_load(fd, &s, &c->load, stdout, &e) < 0 ? mr_error_exit(e.name) : 0;
     if (rc)
-        fprintf(stderr, "fastsnap-loader: load: %s\n", err);
+        fprintf(stderr, "fastsnap-loader: %s: load: %s\n", e.name, e.msg);
     mr_snapshot_free(&s);
     close(fd);
     return rc;
@@ -328,9 +328,9 @@ int main(int argc, char **argv)
         return cmd_inspect(&c);
     if (strcmp(cmd, "load") == 0)
         return cmd_load(&c);
-    char err[512] = "";
-    rc = mr_uffd_bench(c.file, c.pages, c.json, stdout, err, sizeof err);
-    if (rc)
-        fprintf(stderr, "fastsnap-loader: uffd-bench: %s\n", err);
-    return rc;
+    mr_error e;
+    if (mr_uffd_bench(c.file, c.pages, c.json, stdout, &e) == 0)
+        return 0;
+    fprintf(stderr, "fastsnap-loader: %s: uffd-bench: %s\n", e.name, e.msg);
+    return mr_error_exit(e.name);
 }

@@ -2,6 +2,8 @@
 #define _GNU_SOURCE
 #include "mr_uffd.h"
 
+#include "mr_errors.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
@@ -35,23 +37,23 @@ int mr_uffd_open(void)
     return (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
 }
 
-int mr_uffd_setup(int *out, char *err, size_t errlen)
+int mr_uffd_setup(int *out, mr_error *err)
 {
     int fd = mr_uffd_open();
     if (fd < 0) {
-        snprintf(err, errlen, "userfaultfd: %s (neither /dev/userfaultfd nor the syscall "
+        mr_error_set(err, E_UFFD, "userfaultfd: %s (neither /dev/userfaultfd nor the syscall "
                  "worked; check vm.unprivileged_userfaultfd or CAP_SYS_PTRACE)", strerror(errno));
         return -1;
     }
     struct uffdio_api api = {.api = UFFD_API, .features = 0};
     if (ioctl(fd, UFFDIO_API, &api) < 0) {
-        snprintf(err, errlen, "UFFDIO_API: %s", strerror(errno));
+        mr_error_set(err, E_UFFD, "UFFDIO_API: %s", strerror(errno));
         close(fd);
         return -1;
     }
     uint64_t need = (1ull << _UFFDIO_REGISTER) | (1ull << _UFFDIO_UNREGISTER);
     if ((api.ioctls & need) != need) {
-        snprintf(err, errlen, "UFFDIO_API: REGISTER/UNREGISTER not offered");
+        mr_error_set(err, E_UFFD, "UFFDIO_API: REGISTER/UNREGISTER not offered");
         close(fd);
         return -1;
     }
@@ -59,17 +61,17 @@ int mr_uffd_setup(int *out, char *err, size_t errlen)
     return 0;
 }
 
-int mr_uffd_register(int uffd, void *addr, uint64_t len, char *err, size_t errlen)
+int mr_uffd_register(int uffd, void *addr, uint64_t len, mr_error *err)
 {
     struct uffdio_register reg = {.range = {.start = (uintptr_t)addr, .len = len},
                                   .mode = UFFDIO_REGISTER_MODE_MISSING};
     if (ioctl(uffd, UFFDIO_REGISTER, &reg) < 0) {
-        snprintf(err, errlen, "UFFDIO_REGISTER: %s", strerror(errno));
+        mr_error_set(err, E_UFFD, "UFFDIO_REGISTER: %s", strerror(errno));
         return -1;
     }
     uint64_t need = (1ull << _UFFDIO_COPY) | (1ull << _UFFDIO_ZEROPAGE) | (1ull << _UFFDIO_WAKE);
     if ((reg.ioctls & need) != need) {
-        snprintf(err, errlen, "UFFDIO_REGISTER: COPY/ZEROPAGE/WAKE not offered on the range");
+        mr_error_set(err, E_UFFD, "UFFDIO_REGISTER: COPY/ZEROPAGE/WAKE not offered on the range");
         return -1;
     }
     return 0;
