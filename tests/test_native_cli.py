@@ -71,3 +71,36 @@ def test_failed_uffd_copy_does_not_hang_the_toucher(tmp_path: Path, build: str,
     assert "Bad address" in res.stderr and "UFFDIO_COPY" in res.stderr, res.stderr
     # Without the knob the same command succeeds: the failure above is the injected one.
     assert run_loader(args, variant=build, timeout=30).returncode == 0
+
+
+@pytest.mark.parametrize("build", ["release", "asan"])
+@pytest.mark.parametrize("mode", ["lazy", "fault-only"])
+def test_several_fault_threads_stage_stamps_and_baseline_touchers(tmp_path: Path, build: str,
+                                                                 mode: str) -> None:
+    """--fault-threads 3 serves the same faults correctly (digest, each page
+    placed once); the stage breakdown counts what was measured; the raw
+    baseline uses as many touching threads as the load."""
+    import hashlib
+
+    content = b"".join(i.to_bytes(4, "little") * 1024 if i % 7 else bytes(4096)
+                       for i in range(512))
+    snap = write_snapshot(tmp_path / "s.img", "pc", [("pc.ram", content)])
+    res = run_loader(["load", str(snap), "--mode", mode, "--access", "random", "--threads", "3",
+                      "--fault-threads", "3", "--baseline", "--json"], variant=build, timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    st = out["stats"]
+    assert out["blocks"][0]["sha256"] == hashlib.sha256(content).hexdigest()
+    assert st["pages_loaded"] == st["total_pages"] == 512 and st["double_loads"] == 0
+    assert st["fault_threads"] == 3
+    stages = st["fault_stages_us"]
+    assert set(stages) == {"event_read", "claim", "pread", "copy", "resume"}
+    # Every fault a fault thread resolved has its three handler stages...
+    assert stages["claim"]["count"] == stages["pread"]["count"] == stages["copy"]["count"]
+    assert stages["claim"]["count"] <= st["faults"]
+    # ...and a toucher only attributes the faults it timed.
+    assert stages["resume"]["count"] == stages["event_read"]["count"]
+    assert stages["resume"]["count"] <= st["touch_latency_us"]["count"]
+    if mode == "fault-only":
+        assert stages["claim"]["count"] > 0
+    assert out["baseline"]["uffd_round_trip_us"]["touchers"] == 3

@@ -73,10 +73,33 @@ static void *bench_handler(void *arg)
     return NULL;
 }
 
-/* Raw userfaultfd round trip: this thread faults on `pages` pages of a
- * registered anonymous region one at a time, a handler thread answers each
- * with one 4 KiB UFFDIO_COPY.  lat gets the sorted round trips. */
-static int uffd_round_trip(unsigned long pages, mr_samples *lat, mr_error *err)
+/* One touching thread: pages idx, idx+n, idx+2n... one at a time. */
+typedef struct toucher {
+    bench_ctx *b;
+    pthread_t th;
+    unsigned idx, n;
+    unsigned long pages, done;
+    uint64_t sink;
+    mr_samples lat;
+} toucher;
+
+static void *toucher_main(void *arg)
+{
+    toucher *t = arg;
+    for (unsigned long i = t->idx; i < t->pages && !atomic_load(&t->b->error); i += t->n) {
+        uint64_t t0 = mr_now_ns();
+        t->sink += *(volatile unsigned char *)(t->b->region + i * PAGE);
+        mr_samples_add(&t->lat, mr_now_ns() - t0);
+        t->done++;
+    }
+    return NULL;
+}
+
+/* Raw userfaultfd round trip: `nt` threads fault on `pages` pages of a
+ * registered anonymous region (interleaved, one at a time each), one handler
+ * thread answers each with one 4 KiB UFFDIO_COPY.  lat gets the sorted round
+ * trips of all touchers: the same thread count as the load it is compared to. */
+static int uffd_round_trip(unsigned long pages, unsigned nt, mr_samples *lat, mr_error *err)
 {
     int rc = -1, uffd = -1;
     size_t len = (size_t)pages * PAGE;
@@ -109,12 +132,25 @@ static int uffd_round_trip(unsigned long pages, mr_samples *lat, mr_error *err)
         mr_error_set(err, E_INTERNAL, "pthread_create failed");
         goto out;
     }
+    toucher ts[256];
+    unsigned started = 0;
+    if (nt < 1 || nt > sizeof ts / sizeof ts[0])
+        nt = 1;
+    for (unsigned k = 0; k < nt; k++) {
+        ts[k] = (toucher){.b = &b, .idx = k, .n = nt, .pages = pages};
+        if (pthread_create(&ts[k].th, NULL, toucher_main, &ts[k]) != 0) {
+            atomic_store(&b.error, EAGAIN);
+            break;
+        }
+        started++;
+    }
     uint64_t sink = 0;
-    unsigned long i;
-    for (i = 0; i < pages && !atomic_load(&b.error); i++) {
-        uint64_t t = mr_now_ns();
-        sink += *(volatile unsigned char *)(region + i * PAGE);
-        mr_samples_add(lat, mr_now_ns() - t);
+    unsigned long i = 0;
+    for (unsigned k = 0; k < started; k++) {
+        pthread_join(ts[k].th, NULL);
+        sink += ts[k].sink;
+        i += ts[k].done;
+        mr_samples_merge(lat, &ts[k].lat);
     }
     uint64_t one = 1;
     if (write(b.stop_efd, &one, sizeof one) != sizeof one)
@@ -161,8 +197,8 @@ static int seq_read(int fd, uint64_t off, uint64_t len, unsigned char *buf, uint
     return 0;
 }
 
-int mr_load_baseline(int fd, const mr_snapshot *snap, unsigned long pages, mr_baseline *out,
-                     mr_error *err)
+int mr_load_baseline(int fd, const mr_snapshot *snap, unsigned long pages, unsigned touchers,
+                     mr_baseline *out, mr_error *err)
 {
     memset(out, 0, sizeof *out);
     mr_samples lat = {0};
@@ -172,9 +208,10 @@ int mr_load_baseline(int fd, const mr_snapshot *snap, unsigned long pages, mr_ba
         mr_error_set(err, E_INTERNAL, "out of memory");
         goto out;
     }
-    if (uffd_round_trip(pages, &lat, err) < 0)
+    if (uffd_round_trip(pages, touchers, &lat, err) < 0)
         goto out;
     out->pages = pages;
+    out->touchers = touchers;
     out->rt_p50_us = mr_samples_pct_us(&lat, 0.50);
     out->rt_p99_us = mr_samples_pct_us(&lat, 0.99);
     uint64_t ns = 0;
@@ -194,7 +231,8 @@ out:
     return rc;
 }
 
-int mr_uffd_bench(const char *path, unsigned long pages, int json, FILE *out, mr_error *err)
+int mr_uffd_bench(const char *path, unsigned long pages, unsigned touchers, int json, FILE *out,
+                  mr_error *err)
 {
     if (pages == 0 || pages > (1ul << 20))
         return mr_error_set(err, E_USAGE, "--pages must be 1..1048576");
@@ -213,7 +251,7 @@ int mr_uffd_bench(const char *path, unsigned long pages, int json, FILE *out, mr
         mr_error_set(err, E_INTERNAL, "out of memory");
         goto out;
     }
-    if (uffd_round_trip(pages, &lat, err) < 0)
+    if (uffd_round_trip(pages, touchers, &lat, err) < 0)
         goto out;
     /* sequential read of the whole file (page cache as it is) */
     uint64_t total = 0, ns = 0;
@@ -224,7 +262,7 @@ int mr_uffd_bench(const char *path, unsigned long pages, int json, FILE *out, mr
     double secs = (double)ns / 1e9;
     double mib_s = secs > 0 ? (double)total / 1048576.0 / secs : 0.0;
     if (json) {
-        fprintf(out, "{\"pages\":%lu,\"uffd_round_trip_us\":", pages);
+        fprintf(out, "{\"pages\":%lu,\"touchers\":%u,\"uffd_round_trip_us\":", pages, touchers);
         mr_samples_json(out, &lat);
         fprintf(out, ",\"pread_bytes\":%" PRIu64 ",\"pread_s\":%.6f,\"pread_mib_s\":%.1f}\n",
                 total, secs, mib_s);

@@ -35,6 +35,27 @@
 #define RUN_PAGES 256u
 #define RUN_PAGES_MIN 16u /* eager run right after a fault; doubles back to RUN_PAGES */
 
+#define MAX_FAULT_THREADS 16u
+
+/* Per-page stage stamps of a fault resolved by a fault thread (ns): the
+ * event read and the resolving ioctl's return; the toucher turns them into
+ * "kernel entry -> event read" and "placed -> toucher resumes". */
+typedef struct page_stamp {
+    _Atomic uint64_t read, placed;
+} page_stamp;
+
+struct lctx;
+
+/* One fault-handling thread and what only it writes (merged after join). */
+typedef struct fault_worker {
+    struct lctx *c;
+    pthread_t th;
+    uint64_t faults;
+    uint64_t dedup;                 /* faults on a page another thread was placing */
+    mr_samples lat;                 /* event read -> resolving ioctl returned */
+    mr_samples claim, pread, copy;  /* stages: read -> claimed, pread, ioctl */
+} fault_worker;
+
 typedef struct lctx {
     int fd;
     int uffd;
@@ -49,17 +70,22 @@ typedef struct lctx {
     _Atomic int failed;
     mr_error err;                   /* first failure: E_* name and message */
     /* threads and timestamps of the restore */
-    pthread_t ft, et;
-    int ft_started, et_started;
+    fault_worker fw[MAX_FAULT_THREADS];
+    unsigned nfw;                   /* fault threads started */
+    page_stamp **stamps;            /* per block, per page (uffd modes) */
+    pthread_t et;
+    int et_started;
     uint64_t t0, t_ready, t_complete;
     /* stats */
     _Atomic uint64_t bytes_read, pages_copied, pages_zero, double_loads, pages_loaded;
     _Atomic uint64_t eager_pages, eager_ns, wakes;
     _Atomic uint64_t fault_seq;     /* fault events read so far (eager backs off) */
-    /* fault thread only (read after join) */
+    /* fault threads' results, merged after they are joined */
     uint64_t faults;
-    uint64_t dedup;                 /* faults on a page another thread was placing */
-    mr_samples fault_lat;           /* event read -> resolving ioctl returned */
+    uint64_t dedup;
+    mr_samples fault_lat, st_claim, st_pread, st_copy;
+    /* access threads' stages: kernel entry -> event read, placed -> resumed */
+    mr_samples st_event, st_resume;
     /* access threads' cold touches, merged after they are joined */
     mr_samples touch_lat;
 } lctx;
@@ -73,6 +99,7 @@ typedef struct access_arg {
     uint64_t sink;
     int record;              /* time cold touches (not in the completion pass) */
     mr_samples lat;          /* this thread's cold-touch latencies */
+    mr_samples st_event, st_resume;
 } access_arg;
 
 /* Stops every thread: the flag for the loops, the eventfd for the fault
@@ -167,7 +194,7 @@ static int place(lctx *c, unsigned char *dst, const unsigned char *src, uint64_t
     return 0;
 }
 
-static mr_core_block *find_block(lctx *c, uintptr_t addr, uint64_t *page)
+static mr_core_block *find_block(lctx *c, uintptr_t addr, uint64_t *page, size_t *index)
 {
     for (size_t i = 0; i < c->nblocks; i++) {
         mr_core_block *b = &c->blocks[i];
@@ -176,6 +203,7 @@ static mr_core_block *find_block(lctx *c, uintptr_t addr, uint64_t *page)
         uintptr_t base = (uintptr_t)b->mem;
         if (addr >= base && addr < base + b->meta->used_length) {
             *page = (addr - base) / PAGE;
+            *index = i;
             return b;
         }
     }
@@ -193,12 +221,16 @@ static void account(lctx *c, mr_core_block *b, uint64_t first, uint64_t n, int d
     atomic_fetch_add(data ? &c->pages_copied : &c->pages_zero, n);
 }
 
-static int load_one(lctx *c, mr_core_block *b, uint64_t page, unsigned char *buf)
+/* Places one claimed page; *t_read_done = when its data was in buf. */
+static int load_one(lctx *c, mr_core_block *b, uint64_t page, unsigned char *buf,
+                    uint64_t *t_read_done)
 {
     unsigned char *dst = b->mem + page * PAGE;
+    *t_read_done = mr_now_ns();
     if (mr_core_bit(b, page)) {
         if (pread_full(c->fd, buf, PAGE, b->meta->pages_offset + page * PAGE) < 0)
             return -1;
+        *t_read_done = mr_now_ns();
         atomic_fetch_add(&c->bytes_read, PAGE);
         if (place(c, dst, buf, 1) < 0)
             return -1;
@@ -213,7 +245,8 @@ static int load_one(lctx *c, mr_core_block *b, uint64_t page, unsigned char *buf
 
 static void *fault_thread(void *arg)
 {
-    lctx *c = arg;
+    fault_worker *w = arg;
+    lctx *c = w->c;
     unsigned char *buf = aligned_alloc(PAGE, PAGE);
     struct uffd_msg msgs[64];
     if (!buf) {
@@ -252,14 +285,25 @@ static void *fault_thread(void *arg)
             }
             uintptr_t addr = (uintptr_t)msgs[i].arg.pagefault.address & ~(uintptr_t)(PAGE - 1);
             uint64_t page;
-            mr_core_block *b = find_block(c, addr, &page);
-            c->faults++;
+            size_t bi;
+            mr_core_block *b = find_block(c, addr, &page, &bi);
+            w->faults++;
             if (!b) {
                 set_fail(c, E_INTERNAL, "fault at %#" PRIxPTR " outside every block", addr);
             } else if (mr_core_claim(b, page)) {
-                if (load_one(c, b, page, buf) < 0)
-                    set_fail(c, E_UFFD, "fault thread: block %s page %" PRIu64 ": %s", b->meta->id, page,
-                             strerror(errno));
+                uint64_t t_claimed = mr_now_ns(), t_data;
+                if (load_one(c, b, page, buf, &t_data) < 0) {
+                    set_fail(c, E_UFFD, "fault thread: block %s page %" PRIu64 ": %s",
+                             b->meta->id, page, strerror(errno));
+                } else {
+                    uint64_t t_placed = mr_now_ns();
+                    mr_samples_add(&w->claim, t_claimed - t0);
+                    mr_samples_add(&w->pread, t_data - t_claimed);
+                    mr_samples_add(&w->copy, t_placed - t_data);
+                    atomic_store_explicit(&c->stamps[bi][page].read, t0, memory_order_relaxed);
+                    atomic_store_explicit(&c->stamps[bi][page].placed, t_placed,
+                                          memory_order_release);
+                }
             } else if (atomic_load(&b->loads[page])) {
                 /* Placed already (its copy woke the faulter; a wake is cheap and
                  * covers any path that placed without waking). */
@@ -271,11 +315,11 @@ static void *fault_thread(void *arg)
                 /* Claimed by the eager thread, not placed yet: its waking
                  * UFFDIO_COPY/ZEROPAGE will wake the faulter.  Waking now
                  * would only make it fault again and spin until then. */
-                c->dedup++;
+                w->dedup++;
                 atomic_fetch_sub(&c->pending_faults, 1);
                 continue;
             }
-            mr_samples_add(&c->fault_lat, mr_now_ns() - t0);
+            mr_samples_add(&w->lat, mr_now_ns() - t0);
             atomic_fetch_sub(&c->pending_faults, 1);
         }
         if (atomic_load(&c->failed))
@@ -399,7 +443,7 @@ static int sync_load(lctx *c)
 }
 
 /* global page g -> block and page */
-static mr_core_block *global_page(lctx *c, uint64_t g, uint64_t *page)
+static mr_core_block *global_page(lctx *c, uint64_t g, uint64_t *page, size_t *index)
 {
     for (size_t i = 0; i < c->nblocks; i++) {
         mr_core_block *b = &c->blocks[i];
@@ -407,6 +451,7 @@ static mr_core_block *global_page(lctx *c, uint64_t g, uint64_t *page)
             continue;
         if (g < b->num_pages) {
             *page = g;
+            *index = i;
             return b;
         }
         g -= b->num_pages;
@@ -417,13 +462,22 @@ static mr_core_block *global_page(lctx *c, uint64_t g, uint64_t *page)
 /* Reads one byte of page p.  A page nobody has claimed yet will fault: that
  * touch is timed (the application's view of a fault: kernel entry, handler,
  * copy, wake-up and return). */
-static uint64_t touch(access_arg *a, mr_core_block *b, uint64_t p)
+static uint64_t touch(access_arg *a, size_t bi, mr_core_block *b, uint64_t p)
 {
     int cold = a->record && !mr_core_is_claimed(b, p);
     uint64_t t = cold ? mr_now_ns() : 0;
     uint64_t v = *(volatile unsigned char *)(b->mem + p * PAGE);
-    if (cold)
-        mr_samples_add(&a->lat, mr_now_ns() - t);
+    if (cold) {
+        uint64_t t1 = mr_now_ns();
+        mr_samples_add(&a->lat, t1 - t);
+        const page_stamp *st = a->c->stamps ? &a->c->stamps[bi][p] : NULL;
+        uint64_t placed = st ? atomic_load_explicit(&st->placed, memory_order_acquire) : 0;
+        uint64_t read = st ? atomic_load_explicit(&st->read, memory_order_relaxed) : 0;
+        if (placed && read >= t && placed <= t1) {  /* our fault, resolved by a fault thread */
+            mr_samples_add(&a->st_event, read - t);
+            mr_samples_add(&a->st_resume, t1 - placed);
+        }
+    }
     return v;
 }
 
@@ -436,9 +490,10 @@ static void *access_thread(void *arg)
     if (a->pattern == MR_ACCESS_RANDOM) {
         for (uint64_t i = a->index; i < a->order_n && !atomic_load(&c->stop); i += n) {
             uint64_t page;
-            mr_core_block *b = global_page(c, a->order[i], &page);
+            size_t bi;
+            mr_core_block *b = global_page(c, a->order[i], &page, &bi);
             if (b)
-                sink += touch(a, b, page);
+                sink += touch(a, bi, b, page);
         }
     } else {
         /* all: every page; seq: the first quarter of each block (a boot-like
@@ -451,7 +506,7 @@ static void *access_thread(void *arg)
             uint64_t per = (pages + n - 1) / n;
             uint64_t lo = per * a->index, hi = lo + per < pages ? lo + per : pages;
             for (uint64_t p = lo; p < hi && !atomic_load(&c->stop); p++)
-                sink += touch(a, b, p);
+                sink += touch(a, bi, b, p);
         }
     }
     a->sink = sink;
@@ -497,8 +552,11 @@ static int run_access(lctx *c, mr_access pattern, unsigned long long seed, int r
     }
     for (unsigned i = 0; i < started; i++)
         pthread_join(tids[i], NULL);
-    for (unsigned i = 0; i < started; i++)
+    for (unsigned i = 0; i < started; i++) {
         mr_samples_merge(&c->touch_lat, &args[i].lat);
+        mr_samples_merge(&c->st_event, &args[i].st_event);
+        mr_samples_merge(&c->st_resume, &args[i].st_resume);
+    }
     free(tids); free(args); free(order);
     return atomic_load(&c->failed) ? -1 : 0;
 }
@@ -528,6 +586,15 @@ static int setup_memory(lctx *c)
     int use_uffd = c->opts->mode != MR_MODE_SYNC;
     if (use_uffd && mr_uffd_setup(&c->uffd, &c->err) < 0)
         return -1;
+    if (use_uffd) {
+        c->stamps = calloc(c->nblocks ? c->nblocks : 1, sizeof *c->stamps);
+        for (size_t i = 0; c->stamps && i < c->nblocks; i++)
+            if (!(c->stamps[i] = calloc(c->blocks[i].num_pages ? c->blocks[i].num_pages : 1,
+                                        sizeof **c->stamps)))
+                return mr_error_set(&c->err, E_INTERNAL, "out of memory (page stamps)");
+        if (!c->stamps)
+            return mr_error_set(&c->err, E_INTERNAL, "out of memory (page stamps)");
+    }
     for (size_t i = 0; i < c->nblocks; i++) {
         mr_core_block *b = &c->blocks[i];
         if (b->meta->ignored)
@@ -551,9 +618,12 @@ static int setup_memory(lctx *c)
 /* Fault thread, and the eager thread unless fault-only (eager: waited for). */
 static int start_threads(lctx *c)
 {
-    if (pthread_create(&c->ft, NULL, fault_thread, c) != 0)
-        return mr_error_set(&c->err, E_INTERNAL, "pthread_create (fault thread) failed");
-    c->ft_started = 1;
+    for (unsigned i = 0; i < c->opts->fault_threads; i++) {
+        c->fw[i].c = c;
+        if (pthread_create(&c->fw[i].th, NULL, fault_thread, &c->fw[i]) != 0)
+            return mr_error_set(&c->err, E_INTERNAL, "pthread_create (fault thread) failed");
+        c->nfw = i + 1;
+    }
     if (c->opts->mode == MR_MODE_FAULT_ONLY)
         return 0;
     if (pthread_create(&c->et, NULL, eager_thread, c) != 0)
@@ -624,7 +694,18 @@ static void report_json(lctx *c, FILE *out, char digests[][65], const mr_baselin
     mr_samples_json(out, &c->fault_lat);
     fputs(",\"touch_latency_us\":", out);
     mr_samples_json(out, &c->touch_lat);
-    fprintf(out, ",\"fault_dedup\":%" PRIu64 ",", c->dedup);
+    fprintf(out, ",\"fault_threads\":%u,\"fault_stages_us\":{\"event_read\":",
+            c->opts->fault_threads);
+    mr_samples_json(out, &c->st_event);
+    fputs(",\"claim\":", out);
+    mr_samples_json(out, &c->st_claim);
+    fputs(",\"pread\":", out);
+    mr_samples_json(out, &c->st_pread);
+    fputs(",\"copy\":", out);
+    mr_samples_json(out, &c->st_copy);
+    fputs(",\"resume\":", out);
+    mr_samples_json(out, &c->st_resume);
+    fprintf(out, "},\"fault_dedup\":%" PRIu64 ",", c->dedup);
     fprintf(out, "\"time_to_ready_s\":%.6f,\"time_to_complete_s\":%.6f,"
             "\"bytes_read\":%" PRIu64 ",\"pages_copied\":%" PRIu64 ",\"pages_zero\":%" PRIu64
             ",\"eager_pages\":%" PRIu64 ",\"eager_mib_s\":%.1f,\"wakes\":%" PRIu64
@@ -635,9 +716,9 @@ static void report_json(lctx *c, FILE *out, char digests[][65], const mr_baselin
             atomic_load(&c->wakes), atomic_load(&c->double_loads), atomic_load(&c->pages_loaded),
             c->total_pages);
     if (base)
-        fprintf(out, ",\"baseline\":{\"uffd_round_trip_us\":{\"pages\":%lu,\"p50\":%.3f,"
-                "\"p99\":%.3f},\"pread_bytes\":%" PRIu64 ",\"pread_mib_s\":%.1f}",
-                base->pages, base->rt_p50_us, base->rt_p99_us, base->read_bytes,
+        fprintf(out, ",\"baseline\":{\"uffd_round_trip_us\":{\"pages\":%lu,\"touchers\":%u,"
+                "\"p50\":%.3f,\"p99\":%.3f},\"pread_bytes\":%" PRIu64 ",\"pread_mib_s\":%.1f}",
+                base->pages, base->touchers, base->rt_p50_us, base->rt_p99_us, base->read_bytes,
                 base->read_mib_s);
     fprintf(out, "}\n");
 }
@@ -661,14 +742,29 @@ static void report_text(lctx *c, FILE *out, char digests[][65])
             c->total_pages, atomic_load(&c->double_loads));
 }
 
+/* Joins the fault threads (after request_stop) and merges what they measured. */
+static void join_fault_threads(lctx *c)
+{
+    for (unsigned i = 0; i < c->nfw; i++) {
+        fault_worker *w = &c->fw[i];
+        pthread_join(w->th, NULL);
+        c->faults += w->faults;
+        c->dedup += w->dedup;
+        mr_samples_merge(&c->fault_lat, &w->lat);
+        mr_samples_merge(&c->st_claim, &w->claim);
+        mr_samples_merge(&c->st_pread, &w->pread);
+        mr_samples_merge(&c->st_copy, &w->copy);
+    }
+    c->nfw = 0;
+}
+
 /* Stops and joins the threads, unregisters and unmaps, frees c. */
 static void teardown(lctx *c)
 {
     request_stop(c);
     if (c->et_started)
         pthread_join(c->et, NULL);
-    if (c->ft_started)
-        pthread_join(c->ft, NULL);
+    join_fault_threads(c);
     if (c->blocks) {
         for (size_t i = 0; i < c->nblocks; i++)
             if (c->blocks[i].mem) {
@@ -685,8 +781,14 @@ static void teardown(lctx *c)
         close(c->uffd);
     close(c->stop_efd);
     free(c->blocks);
-    mr_samples_free(&c->fault_lat);
-    mr_samples_free(&c->touch_lat);
+    mr_samples *all[] = {&c->fault_lat, &c->touch_lat, &c->st_claim, &c->st_pread,
+                         &c->st_copy, &c->st_event, &c->st_resume};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+        mr_samples_free(all[i]);
+    if (c->stamps)
+        for (size_t i = 0; i < c->nblocks; i++)
+            free(c->stamps[i]);
+    free(c->stamps);
     free(c);
 }
 
@@ -701,6 +803,10 @@ int mr_local_load(int fd, const mr_snapshot *snap, const mr_load_opts *opts, FIL
     c->snap = snap;
     c->opts = opts;
     c->nblocks = snap->nblocks;
+    if (opts->fault_threads < 1 || opts->fault_threads > MAX_FAULT_THREADS) {
+        free(c);
+        return mr_error_set(err, E_USAGE, "fault threads must be 1..%u", MAX_FAULT_THREADS);
+    }
     c->stop_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (c->stop_efd < 0) {
         free(c);
@@ -711,14 +817,12 @@ int mr_local_load(int fd, const mr_snapshot *snap, const mr_load_opts *opts, FIL
     if (setup_memory(c) == 0 && restore(c) == 0) {
         digest_blocks(c, digests);
         request_stop(c);
-        if (c->ft_started) {
-            pthread_join(c->ft, NULL);
-            c->ft_started = 0;
-        }
+        join_fault_threads(c);
         mr_baseline base;
         if (!atomic_load(&c->failed) &&
             (!opts->baseline_pages ||
-             mr_load_baseline(fd, snap, opts->baseline_pages, &base, &c->err) == 0)) {
+             mr_load_baseline(fd, snap, opts->baseline_pages, opts->threads, &base,
+                              &c->err) == 0)) {
             mr_samples_sort(&c->fault_lat);
             mr_samples_sort(&c->touch_lat);
             if (opts->json)

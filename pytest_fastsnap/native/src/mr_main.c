@@ -23,8 +23,9 @@ static const char USAGE[] =
     "  inspect FILE [--offset N] [--json]\n"
     "  verify FILE [--offset N] [--max-length ID=BYTES]... [--json]\n"
     "  load FILE [--offset N] [--max-length ID=BYTES]... --mode lazy|fault-only|eager|sync\n"
-    "       [--access none|seq|random|all] [--threads N] [--seed N] [--baseline] [--json]\n"
-    "  uffd-bench FILE [--pages N] [--json]\n"
+    "       [--access none|seq|random|all] [--threads N] [--fault-threads N] [--seed N]\n"
+    "       [--baseline] [--json]\n"
+    "  uffd-bench FILE [--pages N] [--threads N] [--json]\n"
     "  serve FILE [--offset N] --to unix:PATH|fd:N ...   (postcopy bridge, see bridge.h)\n"
     "exit status: 0 ok, 2 invalid snapshot or usage, 1 run-time failure\n";
 
@@ -68,6 +69,7 @@ static int parse_u64(const char *s, uint64_t *out)
 static int parse_args(int argc, char **argv, cli *c)
 {
     c->load.threads = 1;
+    c->load.fault_threads = 1;
     c->load.access = MR_ACCESS_NONE;
     c->pages = 4096;
     for (int i = 2; i < argc; i++) {
@@ -118,6 +120,11 @@ static int parse_args(int argc, char **argv, cli *c)
             if (parse_u64(v, &n) < 0 || n < 1 || n > 256)
                 return usage_error("--threads must be 1..256");
             c->load.threads = (unsigned)n;
+            i++;
+        } else if (strcmp(a, "--fault-threads") == 0) {
+            if (parse_u64(v, &n) < 0 || n < 1 || n > 16)
+                return usage_error("--fault-threads must be 1..16");
+            c->load.fault_threads = (unsigned)n;
             i++;
         } else if (strcmp(a, "--baseline") == 0) {
             c->load.baseline_pages = 2048;
@@ -329,7 +336,7 @@ int main(int argc, char **argv)
     if (strcmp(cmd, "load") == 0)
         return cmd_load(&c);
     mr_error e;
-    if (mr_uffd_bench(c.file, c.pages, c.json, stdout, &e) == 0)
+    if (mr_uffd_bench(c.file, c.pages, c.load.threads, c.json, stdout, &e) == 0)
         return 0;
     fprintf(stderr, "fastsnap-loader: %s: uffd-bench: %s\n", e.name, e.msg);
     return mr_error_exit(e.name);
