@@ -122,7 +122,7 @@ static int uffd_round_trip(unsigned long pages, unsigned nt, mr_samples *lat, mr
         goto out;
     }
     madvise(region, len, MADV_NOHUGEPAGE);
-    if (mr_uffd_register(uffd, region, len, err) < 0)
+    if (mr_uffd_register(uffd, region, len, 1, err) < 0)
         goto out;
     b.uffd = uffd;
     b.src = src;

@@ -36,6 +36,7 @@
 #define RUN_PAGES_MIN 16u /* eager run right after a fault; doubles back to RUN_PAGES */
 
 #define MAX_FAULT_THREADS 16u
+#define HUGE_PAGE (2ull << 20)  /* --hugepages: hugetlbfs host page */
 
 /* Per-page stage stamps of a fault resolved by a fault thread (ns): the
  * event read and the resolving ioctl's return; the toucher turns them into
@@ -64,6 +65,7 @@ typedef struct lctx {
     mr_core_block *blocks;
     size_t nblocks;
     uint64_t total_pages;
+    uint64_t unit;                  /* pages placed as one host page: 1, or 512 (2 MiB) */
     _Atomic int pending_faults;
     _Atomic int stop;
     int stop_efd;                   /* readable once stop is set: wakes the fault thread */
@@ -101,6 +103,13 @@ typedef struct access_arg {
     mr_samples lat;          /* this thread's cold-touch latencies */
     mr_samples st_event, st_resume;
 } access_arg;
+
+/* Bytes mapped for a block: used_length rounded up to the host page. */
+static uint64_t map_len(const lctx *c, const mr_core_block *b)
+{
+    uint64_t host = c->unit * PAGE;
+    return (b->meta->used_length + host - 1) / host * host;
+}
 
 /* Stops every thread: the flag for the loops, the eventfd for the fault
  * thread blocked in poll(). */
@@ -177,11 +186,11 @@ static int place(lctx *c, unsigned char *dst, const unsigned char *src, uint64_t
             continue;
         }
         if (e == EEXIST) {
-            /* The next page is already present: wake its waiters and move on. */
-            if (mr_uffd_wake(c->uffd, dst + done, PAGE) < 0)
+            /* The next host page is already present: wake its waiters and move on. */
+            if (mr_uffd_wake(c->uffd, dst + done, c->unit * PAGE) < 0)
                 return -1;
             atomic_fetch_add(&c->wakes, 1);
-            done += PAGE;
+            done += c->unit * PAGE;
             continue;
         }
         if (e == EAGAIN && ++tries < 100000) {
@@ -201,7 +210,7 @@ static mr_core_block *find_block(lctx *c, uintptr_t addr, uint64_t *page, size_t
         if (!b->mem)
             continue;
         uintptr_t base = (uintptr_t)b->mem;
-        if (addr >= base && addr < base + b->meta->used_length) {
+        if (addr >= base && addr < base + map_len(c, b)) {
             *page = (addr - base) / PAGE;
             *index = i;
             return b;
@@ -221,12 +230,58 @@ static void account(lctx *c, mr_core_block *b, uint64_t first, uint64_t n, int d
     atomic_fetch_add(data ? &c->pages_copied : &c->pages_zero, n);
 }
 
+/* --hugepages: fills buf with the host page starting at `first` (data pages
+ * read in runs, clear-bit pages and pages past the block zeroed) and places
+ * it with one UFFDIO_COPY; the caller owns the claim on `first`, which
+ * stands for the whole host page: the other pages' claims are set here. */
+static int load_unit(lctx *c, mr_core_block *b, uint64_t first, unsigned char *buf)
+{
+    for (uint64_t p = first + 1; p < first + c->unit && p < b->num_pages; p++)
+        mr_core_claim(b, p);
+    uint64_t p = first, end = first + c->unit;
+    while (p < end) {
+        if (p >= b->num_pages) {
+            memset(buf + (p - first) * PAGE, 0, (size_t)((end - p) * PAGE));
+            break;
+        }
+        int bit = mr_core_bit(b, p);
+        uint64_t run = 1;
+        while (p + run < end && p + run < b->num_pages && mr_core_bit(b, p + run) == bit)
+            run++;
+        unsigned char *dst = buf + (p - first) * PAGE;
+        if (bit) {
+            if (pread_full(c->fd, dst, (size_t)(run * PAGE), b->meta->pages_offset + p * PAGE) < 0)
+                return -1;
+            atomic_fetch_add(&c->bytes_read, run * PAGE);
+        } else {
+            memset(dst, 0, (size_t)(run * PAGE));
+        }
+        p += run;
+    }
+    if (place(c, b->mem + first * PAGE, buf, c->unit) < 0)
+        return -1;
+    for (uint64_t q = first; q < end && q < b->num_pages;) {
+        int bit = mr_core_bit(b, q);
+        uint64_t run = 1;
+        while (q + run < end && q + run < b->num_pages && mr_core_bit(b, q + run) == bit)
+            run++;
+        account(c, b, q, run, bit);
+        q += run;
+    }
+    return 0;
+}
+
 /* Places one claimed page; *t_read_done = when its data was in buf. */
 static int load_one(lctx *c, mr_core_block *b, uint64_t page, unsigned char *buf,
                     uint64_t *t_read_done)
 {
     unsigned char *dst = b->mem + page * PAGE;
     *t_read_done = mr_now_ns();
+    if (c->unit > 1) {
+        int rc = load_unit(c, b, page, buf);
+        *t_read_done = mr_now_ns();
+        return rc;
+    }
     if (mr_core_bit(b, page)) {
         if (pread_full(c->fd, buf, PAGE, b->meta->pages_offset + page * PAGE) < 0)
             return -1;
@@ -247,7 +302,7 @@ static void *fault_thread(void *arg)
 {
     fault_worker *w = arg;
     lctx *c = w->c;
-    unsigned char *buf = aligned_alloc(PAGE, PAGE);
+    unsigned char *buf = aligned_alloc(PAGE, (size_t)(c->unit * PAGE));
     struct uffd_msg msgs[64];
     if (!buf) {
         set_fail(c, E_INTERNAL, "fault thread: out of memory");
@@ -288,6 +343,10 @@ static void *fault_thread(void *arg)
             size_t bi;
             mr_core_block *b = find_block(c, addr, &page, &bi);
             w->faults++;
+            if (b && c->unit > 1) {     /* the host page's first page stands for it */
+                page -= page % c->unit;
+                addr = (uintptr_t)(b->mem + page * PAGE);
+            }
             if (!b) {
                 set_fail(c, E_INTERNAL, "fault at %#" PRIxPTR " outside every block", addr);
             } else if (mr_core_claim(b, page)) {
@@ -331,7 +390,7 @@ static void *fault_thread(void *arg)
         for (size_t i = 0; i < c->nblocks; i++)
             if (c->blocks[i].mem) {
                 struct uffdio_range r = {.start = (uintptr_t)c->blocks[i].mem,
-                                         .len = c->blocks[i].meta->used_length};
+                                         .len = map_len(c, &c->blocks[i])};
                 ioctl(c->uffd, UFFDIO_UNREGISTER, &r);
             }
     }
@@ -339,9 +398,46 @@ static void *fault_thread(void *arg)
     return NULL;
 }
 
+/* --hugepages eager pass: whole host pages, in order, faults first. */
+static uint64_t eager_huge(lctx *c, unsigned char *buf)
+{
+    uint64_t placed = 0;
+    for (size_t bi = 0; bi < c->nblocks && !atomic_load(&c->stop); bi++) {
+        mr_core_block *b = &c->blocks[bi];
+        if (!b->mem)
+            continue;
+        for (uint64_t u = 0; u < b->num_pages && !atomic_load(&c->stop); u += c->unit) {
+            while (atomic_load_explicit(&c->pending_faults, memory_order_relaxed) > 0 &&
+                   !atomic_load_explicit(&c->stop, memory_order_relaxed))
+                sched_yield(); /* faults go first */
+            if (!mr_core_claim(b, u))
+                continue;
+            if (load_unit(c, b, u, buf) < 0) {
+                set_fail(c, E_IO, "eager thread: block %s host page at page %" PRIu64 ": %s",
+                         b->meta->id, u, strerror(errno));
+                break;
+            }
+            placed += c->unit < b->num_pages - u ? c->unit : b->num_pages - u;
+        }
+    }
+    return placed;
+}
+
 static void *eager_thread(void *arg)
 {
     lctx *c = arg;
+    if (c->unit > 1) {
+        unsigned char *hbuf = aligned_alloc(PAGE, (size_t)(c->unit * PAGE));
+        if (!hbuf) {
+            set_fail(c, E_INTERNAL, "eager thread: out of memory");
+            return NULL;
+        }
+        uint64_t t0 = mr_now_ns();
+        atomic_store(&c->eager_pages, eager_huge(c, hbuf));
+        atomic_store(&c->eager_ns, mr_now_ns() - t0);
+        free(hbuf);
+        return NULL;
+    }
     unsigned char *buf = aligned_alloc(PAGE, RUN_PAGES * PAGE);
     if (!buf) {
         set_fail(c, E_INTERNAL, "eager thread: out of memory");
@@ -599,16 +695,22 @@ static int setup_memory(lctx *c)
         mr_core_block *b = &c->blocks[i];
         if (b->meta->ignored)
             continue;
-        void *m = mmap(NULL, (size_t)b->meta->used_length, PROT_READ | PROT_WRITE,
-                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        /* hugetlb: reserved at mmap time (no MAP_NORESERVE), so an empty
+         * pool is a clean ENOMEM here rather than a SIGBUS on a fault. */
+        int flags = MAP_PRIVATE | MAP_ANONYMOUS |
+                    (c->unit > 1 ? MAP_HUGETLB | (21 << MAP_HUGE_SHIFT) : MAP_NORESERVE);
+        void *m = mmap(NULL, (size_t)map_len(c, b), PROT_READ | PROT_WRITE, flags, -1, 0);
         if (m == MAP_FAILED)
-            return mr_error_set(&c->err, E_INTERNAL, "mmap %" PRIu64 " bytes for block %s: %s",
-                                b->meta->used_length, b->meta->id, strerror(errno));
+            return mr_error_set(&c->err, c->unit > 1 ? E_UNSUPPORTED : E_INTERNAL,
+                                "mmap %" PRIu64 " bytes%s for block %s: %s", map_len(c, b),
+                                c->unit > 1 ? " of 2 MiB huge pages (see "
+                                "/proc/sys/vm/nr_hugepages)" : "", b->meta->id, strerror(errno));
         b->mem = m;
         c->total_pages += b->num_pages;
         if (use_uffd) {
-            madvise(m, (size_t)b->meta->used_length, MADV_NOHUGEPAGE);
-            if (mr_uffd_register(c->uffd, m, b->meta->used_length, &c->err) < 0)
+            if (c->unit == 1)
+                madvise(m, (size_t)b->meta->used_length, MADV_NOHUGEPAGE);
+            if (mr_uffd_register(c->uffd, m, map_len(c, b), c->unit == 1, &c->err) < 0)
                 return -1;
         }
     }
@@ -770,10 +872,10 @@ static void teardown(lctx *c)
             if (c->blocks[i].mem) {
                 if (c->uffd >= 0) {
                     struct uffdio_range r = {.start = (uintptr_t)c->blocks[i].mem,
-                                             .len = c->blocks[i].meta->used_length};
+                                             .len = map_len(c, &c->blocks[i])};
                     ioctl(c->uffd, UFFDIO_UNREGISTER, &r);
                 }
-                munmap(c->blocks[i].mem, (size_t)c->blocks[i].meta->used_length);
+                munmap(c->blocks[i].mem, (size_t)map_len(c, &c->blocks[i]));
             }
         mr_core_free(c->blocks, c->nblocks);
     }
@@ -803,6 +905,7 @@ int mr_local_load(int fd, const mr_snapshot *snap, const mr_load_opts *opts, FIL
     c->snap = snap;
     c->opts = opts;
     c->nblocks = snap->nblocks;
+    c->unit = opts->hugepages ? HUGE_PAGE / PAGE : 1;
     if (opts->fault_threads < 1 || opts->fault_threads > MAX_FAULT_THREADS) {
         free(c);
         return mr_error_set(err, E_USAGE, "fault threads must be 1..%u", MAX_FAULT_THREADS);

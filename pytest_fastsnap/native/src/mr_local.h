@@ -17,6 +17,7 @@ typedef struct mr_load_opts {
     mr_access access;
     unsigned threads;
     unsigned fault_threads;       /* fault-handling threads (uffd modes), 1..16 */
+    int hugepages;                /* restore into 2 MiB hugetlb pages, placed whole */
     unsigned long long seed;
     int json;
     unsigned long baseline_pages; /* >0: measure a baseline after the load (--baseline N) */

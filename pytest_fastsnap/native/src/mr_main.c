@@ -24,7 +24,7 @@ static const char USAGE[] =
     "  verify FILE [--offset N] [--max-length ID=BYTES]... [--json]\n"
     "  load FILE [--offset N] [--max-length ID=BYTES]... --mode lazy|fault-only|eager|sync\n"
     "       [--access none|seq|random|all] [--threads N] [--fault-threads N] [--seed N]\n"
-    "       [--baseline] [--json]\n"
+    "       [--hugepages] [--baseline] [--json]\n"
     "  uffd-bench FILE [--pages N] [--threads N] [--json]\n"
     "  serve FILE [--offset N] --to unix:PATH|fd:N ...   (postcopy bridge, see bridge.h)\n"
     "exit status: 0 ok, 2 invalid snapshot or usage, 1 run-time failure\n";
@@ -126,6 +126,8 @@ static int parse_args(int argc, char **argv, cli *c)
                 return usage_error("--fault-threads must be 1..16");
             c->load.fault_threads = (unsigned)n;
             i++;
+        } else if (strcmp(a, "--hugepages") == 0) {
+            c->load.hugepages = 1;
         } else if (strcmp(a, "--baseline") == 0) {
             c->load.baseline_pages = 2048;
         } else if (strcmp(a, "--seed") == 0) {

@@ -61,7 +61,7 @@ int mr_uffd_setup(int *out, mr_error *err)
     return 0;
 }
 
-int mr_uffd_register(int uffd, void *addr, uint64_t len, mr_error *err)
+int mr_uffd_register(int uffd, void *addr, uint64_t len, int need_zeropage, mr_error *err)
 {
     struct uffdio_register reg = {.range = {.start = (uintptr_t)addr, .len = len},
                                   .mode = UFFDIO_REGISTER_MODE_MISSING};
@@ -69,9 +69,11 @@ int mr_uffd_register(int uffd, void *addr, uint64_t len, mr_error *err)
         mr_error_set(err, E_UFFD, "UFFDIO_REGISTER: %s", strerror(errno));
         return -1;
     }
-    uint64_t need = (1ull << _UFFDIO_COPY) | (1ull << _UFFDIO_ZEROPAGE) | (1ull << _UFFDIO_WAKE);
+    uint64_t need = (1ull << _UFFDIO_COPY) | (1ull << _UFFDIO_WAKE) |
+                    (need_zeropage ? 1ull << _UFFDIO_ZEROPAGE : 0);
     if ((reg.ioctls & need) != need) {
-        mr_error_set(err, E_UFFD, "UFFDIO_REGISTER: COPY/ZEROPAGE/WAKE not offered on the range");
+        mr_error_set(err, E_UFFD, "UFFDIO_REGISTER: COPY/WAKE%s not offered on the range",
+                     need_zeropage ? "/ZEROPAGE" : "");
         return -1;
     }
     return 0;

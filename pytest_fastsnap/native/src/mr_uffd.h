@@ -12,8 +12,9 @@
 int mr_uffd_open(void);
 /* Opens and handshakes (no features); 0 with *out set, -1 with E_UFFD in err. */
 int mr_uffd_setup(int *out, mr_error *err);
-/* Registers [addr, addr+len) for MISSING faults; 0, or -1 with E_UFFD in err. */
-int mr_uffd_register(int uffd, void *addr, uint64_t len, mr_error *err);
+/* Registers [addr, addr+len) for MISSING faults (need_zeropage: also require
+ * UFFDIO_ZEROPAGE, which hugetlb ranges lack); 0, or -1 with E_UFFD in err. */
+int mr_uffd_register(int uffd, void *addr, uint64_t len, int need_zeropage, mr_error *err);
 /* UFFDIO_WAKE of [addr, addr+len); 0 or -1 with errno. */
 int mr_uffd_wake(int uffd, void *addr, uint64_t len);
 /* CLOCK_MONOTONIC in nanoseconds. */
