@@ -5,52 +5,27 @@ a multiple of 2 MiB (its last host page is partly past the block)."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from pytest_fastsnap.native.hugepages import HugePagesUnavailable, reserved_hugepages
 from pytest_fastsnap.native.loader import run_loader
 from pytest_fastsnap.snapshot.writer import write_snapshot
 
-NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
 NEEDED = 8      # 2 MiB pages: 3 + 1 for the blocks below, twice for slack
-
-
-def _free_hugepages() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("HugePages_Free:"):
-            return int(line.split()[1])
-    return 0
 
 
 @pytest.fixture
 def hugepages() -> Iterator[None]:
-    """At least NEEDED free 2 MiB pages: raised in /proc/sys/vm/nr_hugepages
-    (as root) for the test and put back after, unless someone else changed it."""
-    free = _free_hugepages()
-    if free >= NEEDED:
-        yield
-        return
-    if os.geteuid() != 0 or not os.access(NR_HUGEPAGES, os.W_OK):
-        pytest.skip(f"needs {NEEDED} free 2 MiB huge pages ({free} free) and root to raise "
-                    f"{NR_HUGEPAGES}")
-    before = int(NR_HUGEPAGES.read_text())
-    target = before + NEEDED - free
-    NR_HUGEPAGES.write_text(str(target))
     try:
-        if _free_hugepages() < NEEDED:
-            pytest.skip(f"the kernel could not reserve {NEEDED} 2 MiB huge pages "
-                        f"({NR_HUGEPAGES} = {NR_HUGEPAGES.read_text().strip()})")
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            if int(NR_HUGEPAGES.read_text()) == target:
-                NR_HUGEPAGES.write_text(str(before))
+        with reserved_hugepages(NEEDED):
+            yield
+    except HugePagesUnavailable as e:
+        pytest.skip(str(e))
 
 
 @pytest.mark.parametrize("build", ["release", "asan"])

@@ -78,6 +78,9 @@ struct bridge {
     double max_bandwidth;       /* eager stream cap, bytes/s; 0 = none */
     int sndbuf;                 /* SO_SNDBUF, 0 = kernel default */
     int help;                   /* --help given */
+    /* --host-page-size ID=BYTES: destination blocks backed by huge pages */
+    struct { const char *id; size_t idlen; uint64_t size; } hps[16];
+    size_t nhps;
     struct timespec t_start;
 
     /* Output: only whole sections are built and sent under out_lock. */
@@ -513,6 +516,51 @@ static int emit_run(struct bridge *b, uint32_t bi, uint64_t page, uint64_t n)
     return 0;
 }
 
+static int read_pages(struct bridge *b, const struct br_block *blk, uint64_t page, uint64_t n);
+
+/* Every target page of the host page starting at `first`, consecutively
+ * (data runs and ZERO records, whatever --zero-pages says): a destination
+ * with huge pages assembles the host page from them and refuses another
+ * host page's record in between.  The caller has claimed them all. */
+static int emit_host_page(struct bridge *b, uint32_t bi, uint64_t first, uint64_t max_run)
+{
+    struct br_block *blk = &b->snap.blocks[bi];
+    uint64_t end = first + blk->host_pages < blk->npages ? first + blk->host_pages : blk->npages;
+    for (uint64_t p = first; p < end;) {
+        if (!mr_core_bit(blk->core, p)) {
+            if (emit_page(b, bi, p, NULL) < 0)
+                return -1;
+            p++;
+            continue;
+        }
+        uint64_t k = 1;
+        while (p + k < end && k < max_run && mr_core_bit(blk->core, p + k))
+            k++;
+        if (emit_run(b, bi, p, k) < 0)
+            return -1;
+        p += k;
+    }
+    return 0;
+}
+
+/* Claims a whole host page; 0 if its first page was claimed already (then all were). */
+static int claim_host_page(struct br_block *blk, uint64_t first)
+{
+    if (!mr_core_claim(blk->core, first))
+        return 0;
+    for (uint64_t p = first + 1; p < first + blk->host_pages && p < blk->npages; p++)
+        mr_core_claim(blk->core, p);
+    return 1;
+}
+
+static uint64_t max_run_pages(const struct bridge *b)
+{
+    /* A run's records must fit the output buffer at once (emit_run reads
+     * into slots that a flush would invalidate): matters for 64 KiB TPS. */
+    uint64_t max_run = (OUT_CAP - 5) / (8 + 256 + b->snap.tps);
+    return max_run > CHUNK_PAGES ? CHUNK_PAGES : max_run;
+}
+
 static int read_pages(struct bridge *b, const struct br_block *blk, uint64_t page, uint64_t n)
 {
     size_t want = (size_t)(n * b->snap.tps), done = 0;
@@ -578,7 +626,19 @@ static int serve_requests(struct bridge *b)
         uint64_t first = rq.start / b->snap.tps;
         uint64_t n = ((uint64_t)rq.len + b->snap.tps - 1) / b->snap.tps;
         int served = 0;
-        for (uint64_t p = first; p < first + n; p++) {
+        if (blk->host_pages > 1) {
+            uint64_t hp = blk->host_pages;
+            for (uint64_t u = first - first % hp; u < first + n; u += hp) {
+                if (!claim_host_page(blk, u))
+                    continue;
+                if (emit_host_page(b, rq.block, u, max_run_pages(b)) < 0)
+                    return -1;
+                uint64_t cnt = u + hp < blk->npages ? hp : blk->npages - u;
+                b->pages_on_request += cnt;
+                served = 1;
+            }
+        }
+        for (uint64_t p = first; blk->host_pages == 1 && p < first + n; p++) {
             if (!mr_core_claim(blk->core, p))
                 continue;
             const uint8_t *data = NULL;
@@ -638,7 +698,10 @@ static int send_setup(struct bridge *b)
     put_be32(p, 1);
     if (emit_cmd(b, CMD_PING, p, 4) < 0)
         return -1;
-    put_be64(p, s->tps);        /* page-size summary: OR of 4 KiB blocks */
+    uint64_t summary = s->tps;  /* OR of every destination block's page size */
+    for (size_t i = 0; i < s->nblocks; i++)
+        summary |= s->blocks[i].host_pages * s->tps;
+    put_be64(p, summary);
     put_be64(p + 8, s->tps);
     if (emit_cmd(b, CMD_ADVISE, p, 16) < 0)
         return -1;
@@ -669,6 +732,14 @@ static int send_setup(struct bridge *b)
         put_be64(l, blk->length);
         if (emit(b, &blk->idlen, 1) < 0 || emit(b, blk->id, blk->idlen) < 0 || emit(b, l, 8) < 0)
             return -1;
+        /* page_size only for a block whose host page differs from the
+         * destination's default (max(host page 4 KiB, TPS)), e.g. hugetlbfs */
+        uint64_t page_size = blk->host_pages * s->tps, dflt = s->tps > 4096 ? s->tps : 4096;
+        if (page_size != dflt) {
+            put_be64(l, page_size);
+            if (emit(b, l, 8) < 0)
+                return -1;
+        }
     }
     uint8_t eos[13];
     put_be64(eos, RAM_EOS);
@@ -686,7 +757,7 @@ static int send_setup(struct bridge *b)
     dn += b0->idlen;
     d[dn++] = 0;
     put_be64(d + dn, 0);
-    put_be64(d + dn + 8, s->tps);
+    put_be64(d + dn + 8, b0->host_pages * s->tps);   /* discards are host-page aligned */
     dn += 16;
     if (emit_cmd(b, CMD_DISCARD, d, (uint16_t)dn) < 0 || flush(b) < 0)
         return -1;
@@ -754,11 +825,7 @@ static int send_pages(struct bridge *b)
 {
     const struct br_snap *s = &b->snap;
     b->t_eager0 = now_s(b);
-    /* A run's records must fit the output buffer at once (emit_run reads
-     * into slots that a flush would invalidate): matters for 64 KiB TPS. */
-    uint64_t max_run = (OUT_CAP - 5) / (8 + 256 + s->tps);
-    if (max_run > CHUNK_PAGES)
-        max_run = CHUNK_PAGES;
+    uint64_t max_run = max_run_pages(b);
     for (uint32_t bi = 0; bi < s->nblocks; bi++) {
         struct br_block *blk = &s->blocks[bi];
         uint64_t p = 0;
@@ -767,6 +834,20 @@ static int send_pages(struct bridge *b)
                 return -1;
             if (throttle(b) < 0)
                 return -1;
+            if (blk->host_pages > 1) {  /* whole host pages, requests only in between */
+                if (claim_host_page(blk, p)) {
+                    if (emit_host_page(b, bi, p, max_run) < 0)
+                        return -1;
+                    b->pages_eager += p + blk->host_pages < blk->npages ? blk->host_pages
+                                                                         : blk->npages - p;
+                }
+                p += blk->host_pages;
+                if (b->in_section && b->section_pages >= SECTION_PAGES && section_end(b) < 0)
+                    return -1;
+                if (b->out_len >= FLUSH_AT && (flush(b) < 0 || check_rp(b) < 0))
+                    return -1;
+                continue;
+            }
             /* Skip whole words with nothing left to send. */
             if ((p & 63) == 0 && p + 64 <= blk->npages) {
                 uint64_t todo = ~mr_core_claimed_word(blk->core, p);
@@ -998,7 +1079,7 @@ static void usage(FILE *f)
     fputs("usage: fastsnap-loader serve FILE [--offset N] --to unix:PATH|fd:N [--json]\n"
           "       [--stats-file F] [--zero-pages requested|all] [--io-timeout S]\n"
           "       [--shut-timeout S] [--connect-timeout S] [--max-bandwidth MIB_S]\n"
-          "       [--sndbuf BYTES]\n"
+          "       [--sndbuf BYTES] [--host-page-size ID=BYTES]...\n"
           "   or: fastsnap-loader serve FILE [--offset N] --describe\n", f);
 }
 
@@ -1027,10 +1108,34 @@ static void describe(const struct br_snap *s, FILE *f)
     fputs("]}\n", f);
 }
 
+/* --host-page-size ID=BYTES onto the snapshot's blocks. */
+static int apply_host_pages(struct bridge *b)
+{
+    for (size_t i = 0; i < b->nhps; i++) {
+        struct br_block *blk = NULL;
+        for (size_t j = 0; j < b->snap.nblocks; j++)
+            if (b->snap.blocks[j].idlen == b->hps[i].idlen &&
+                memcmp(b->snap.blocks[j].id, b->hps[i].id, b->hps[i].idlen) == 0)
+                blk = &b->snap.blocks[j];
+        if (!blk)
+            return fail(b, E_USAGE, "--host-page-size %.*s: no such block in %s",
+                        (int)b->hps[i].idlen, b->hps[i].id, b->path);
+        if (b->hps[i].size < b->snap.tps || blk->length % b->hps[i].size)
+            return fail(b, E_USAGE, "--host-page-size %.*s=%llu: not a multiple of the target "
+                        "page or does not divide the block length %llu", (int)b->hps[i].idlen,
+                        b->hps[i].id, (unsigned long long)b->hps[i].size,
+                        (unsigned long long)blk->length);
+        blk->host_pages = b->hps[i].size / b->snap.tps;
+    }
+    return 0;
+}
+
 static int run(struct bridge *b)
 {
     if (br_snap_open(&b->snap, b->path, b->offset) < 0)
         return fail(b, b->snap.err.name, "%s: %s", b->path, b->snap.err.msg);
+    if (apply_host_pages(b) < 0)
+        return -1;
     if (b->describe_only) {
         describe(&b->snap, stdout);
         return 0;
@@ -1060,6 +1165,7 @@ static int parse_options(struct bridge *b, int argc, char **argv, int *json,
         {"max-bandwidth", required_argument, NULL, 'b'},
         {"describe", no_argument, NULL, 'd'},
         {"sndbuf", required_argument, NULL, 'B'},
+        {"host-page-size", required_argument, NULL, 'H'},
         {"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
     /* Called as bridge_main(argc - 1, argv + 1) ("serve" in argv[0]); also
      * accept the whole command line ("fastsnap-loader serve ..."). */
@@ -1083,6 +1189,18 @@ static int parse_options(struct bridge *b, int argc, char **argv, int *json,
             b->sndbuf = (int)n;
             break;
         case 's': *stats_file = optarg; break;
+        case 'H': {
+            const char *eq = strrchr(optarg, '=');
+            ok = eq && eq != optarg && eq - optarg <= 255 && b->nhps < 16 &&
+                 mr_parse_u64(eq + 1, &n) == 0 && n >= 4096 && n <= (1ull << 30) &&
+                 (n & (n - 1)) == 0;
+            if (ok) {
+                b->hps[b->nhps].id = optarg;
+                b->hps[b->nhps].idlen = (size_t)(eq - optarg);
+                b->hps[b->nhps++].size = n;
+            }
+            break;
+        }
         case 'z':
             ok = strcmp(optarg, "all") == 0 || strcmp(optarg, "requested") == 0;
             b->zero_all = strcmp(optarg, "all") == 0;

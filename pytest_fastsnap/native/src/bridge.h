@@ -6,14 +6,20 @@
  *   fastsnap-loader serve FILE [--offset N] --to unix:PATH|fd:N
  *                   [--json] [--stats-file F] [--zero-pages requested|all]
  *                   [--io-timeout S] [--shut-timeout S] [--connect-timeout S]
- *                   [--max-bandwidth MIB_S]
+ *                   [--max-bandwidth MIB_S] [--sndbuf BYTES]
+ *                   [--host-page-size ID=BYTES]...
  *   fastsnap-loader serve FILE [--offset N] --describe   (parse only, JSON)
  *
  * --zero-pages: clear-bit (zero) pages are sent only when requested by
  * default: ADVISE discards all guest RAM, so a page never placed reads as
  * zero once the destination unregisters userfaultfd at EOF; `all` sends a
  * ZERO record for every clear page too.  --max-bandwidth caps the eager
- * stream (requests are never throttled).
+ * stream (requests are never throttled).  --host-page-size names a
+ * destination block backed by huge pages (hugetlbfs / memfd hugetlb=on; the
+ * file does not record it): ADVISE carries the OR of all page sizes, RAM
+ * START that block's page size, the discard covers a whole host page, and
+ * every host page's target pages are sent consecutively (ZERO records
+ * included), on request and eagerly, never interleaved with another.
  *
  * Exit status (mr_errors.h, the same for every subcommand): 0 migration
  * completed (SHUT 0 received) or --describe printed; 2 unusable input (bad

@@ -118,6 +118,7 @@ static int load_block(struct br_snap *s, mr_core_block *core, struct br_block *b
         return fail(s, E_INTERNAL, "block %s: parser geometry disagrees", blk->id);
     blk->core = core;
     blk->set_pages = mr_core_set_pages(core);
+    blk->host_pages = 1;
     return 0;
 }
 

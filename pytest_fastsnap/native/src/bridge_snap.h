@@ -27,6 +27,7 @@ struct br_block {
     uint64_t pages_offset;
     mr_core_block *core;    /* page state: file bitmap; claimed = (being) put on the wire */
     uint64_t set_pages;     /* pages with data in the file */
+    uint64_t host_pages;    /* target pages per destination host page (1; 512 for 2 MiB) */
 };
 
 struct br_snap {
