@@ -1,3 +1,4 @@
+/* Owns reading the file bitmaps into per-block page state (see mr_core.h). */
 #define _GNU_SOURCE
 #include "mr_core.h"
 

@@ -1,6 +1,6 @@
-/* fastsnap-loader: CLI front-end.  `serve` belongs to the bridge
- * (bridge.h); inspect, verify, load and uffd-bench are here.  Exit status:
- * 0 ok, 2 invalid snapshot or bad usage, 1 internal/run-time failure. */
+/* Owns main(): argument parsing and the inspect/verify/load/uffd-bench
+ * front-ends; `serve` belongs to the bridge (bridge.h).  Exit status per
+ * mr_errors.h: 0 ok, 2 invalid or unusable input, 1 internal/run-time failure. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
