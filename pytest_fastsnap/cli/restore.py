@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from pytest_fastsnap.cli.common import (
     CliError,
@@ -19,16 +19,9 @@ from pytest_fastsnap.cli.common import (
     temp_workdir,
     validate_qemu_binary,
 )
-from pytest_fastsnap.qemu.machine import QemuError
-from pytest_fastsnap.restore.manifest import Manifest, read_manifest
-from pytest_fastsnap.restore.strategies import (
-    RestoreFailed,
-    RestoreUnsupported,
-    machine_factory,
-    restore,
-)
-from pytest_fastsnap.snapshot.errors import FormatError
-from pytest_fastsnap.snapshot.format import parse
+
+if TYPE_CHECKING:
+    from pytest_fastsnap.restore.manifest import Manifest
 
 
 def restore_cli(snapshot: Path, qemu_binary: str | None = None, *,
@@ -52,6 +45,10 @@ def restore_cli(snapshot: Path, qemu_binary: str | None = None, *,
 def _checked_inputs(snapshot: Path, qemu_binary: str | None) -> tuple[Manifest, str]:
     """The manifest and the QEMU binary, once the snapshot, its manifest and
     the binary all check out; UsageError naming the first that does not."""
+    from pytest_fastsnap.restore.manifest import read_manifest
+    from pytest_fastsnap.snapshot.errors import FormatError
+    from pytest_fastsnap.snapshot.format import parse
+
     snapshot = existing_file(snapshot, "snapshot")
     try:
         manifest = read_manifest(snapshot)
@@ -67,6 +64,14 @@ def _checked_inputs(snapshot: Path, qemu_binary: str | None) -> tuple[Manifest, 
 
 def _restore(snapshot: Path, qemu_binary: str | None, strategy: str, keep_running: bool,
              out: TextIO) -> int:
+    from pytest_fastsnap.qemu.machine import QemuError
+    from pytest_fastsnap.restore.strategies import (
+        RestoreFailed,
+        RestoreUnsupported,
+        machine_factory,
+        restore,
+    )
+
     manifest, binary = _checked_inputs(snapshot, qemu_binary)
     with temp_workdir("fastsnap-restore-") as workdir:
         guest = None

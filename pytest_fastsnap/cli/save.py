@@ -15,18 +15,6 @@ from pytest_fastsnap.cli.common import (
     size_arg,
     temp_workdir,
 )
-from pytest_fastsnap.guests.linux import LinuxGuest, linux_args, linux_image
-from pytest_fastsnap.guests.tiny import (
-    RECOMMENDED_MACHINE,
-    TinyGuest,
-    TinyParams,
-    tiny_args,
-    tiny_kernel,
-)
-from pytest_fastsnap.qemu.machine import QemuError, QemuMachine
-from pytest_fastsnap.qemu.migration import MigrationFailed, save_snapshot
-from pytest_fastsnap.qemu.probe import ProbeError, probe
-from pytest_fastsnap.restore.manifest import manifest_path, write_manifest
 
 MiB = 1 << 20
 # Smallest --mem per guest.  tiny: 8 MiB for its kernel, stack and spare
@@ -72,6 +60,20 @@ def _check_mem(guest: str, mem: int) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here: `fastsnap --help` and argument errors need none of it.
+    from pytest_fastsnap.guests.linux import LinuxGuest, linux_args, linux_image
+    from pytest_fastsnap.guests.tiny import (
+        RECOMMENDED_MACHINE,
+        TinyGuest,
+        TinyParams,
+        tiny_args,
+        tiny_kernel,
+    )
+    from pytest_fastsnap.qemu.machine import QemuError, QemuMachine
+    from pytest_fastsnap.qemu.migration import MigrationFailed, save_snapshot
+    from pytest_fastsnap.qemu.probe import ProbeError, probe
+    from pytest_fastsnap.restore.manifest import manifest_path, write_manifest
+
     mem_mib = _check_mem(args.guest, args.mem)
     out = output_file(args.output, "snapshot")
     output_file(manifest_path(out), "manifest")

@@ -238,9 +238,8 @@ def log_limits(values: Sequence[float]) -> tuple[float, float]:
     return min(positive) / 2, max(positive) * 4
 
 
-def plot(results: list[dict[str, Any]], path: Path) -> Any:
-    """Bar charts of time to running and to fully loaded; returns the figure
-    (closed, already saved to *path*)."""
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    """Bar charts of time to running and to fully loaded, saved to *path*."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -269,7 +268,6 @@ def plot(results: list[dict[str, Any]], path: Path) -> Any:
     fig.suptitle("mapped-ram restore: QEMU full load vs loader bridge (TCG, warm cache)")
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return fig
 
 
 def run_bench(sizes: Sequence[int] = (256 * MiB, 1 << 30, 4 << 30), *,
