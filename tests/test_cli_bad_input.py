@@ -54,7 +54,7 @@ CASES: list[tuple[str, int]] = [
     # save: checked before anything is created or booted
     ("save {out} --mem garbage", USAGE),
     ("save {out} --mem 8M", USAGE),
-    ("save {out} --guest linux --mem 32M", USAGE),
+    ("save {out} --guest linux --mem 64M", USAGE),
     ("save {out} --mem 1.5G", USAGE),
     ("save {out} --offset -5", USAGE),
     ("save {out} --offset 12x", USAGE),
