@@ -87,11 +87,11 @@ def resolve_binary(binary: str) -> str:
         raise ProbeError(f"QEMU binary: empty name {hint}")
     if os.sep in binary:
         if not os.path.exists(binary):
-            raise ProbeError(f"QEMU binary {binary}: no such file")
+            raise ProbeError(f"QEMU binary not found: {binary!r} (no such file) {hint}")
         if os.path.isdir(binary):
-            raise ProbeError(f"QEMU binary {binary}: is a directory")
+            raise ProbeError(f"QEMU binary {binary!r} is a directory, not a program")
         if not os.access(binary, os.X_OK):
-            raise ProbeError(f"QEMU binary {binary}: not executable")
+            raise ProbeError(f"QEMU binary {binary!r} is not executable")
     found = shutil.which(binary)
     if found is None:
         raise ProbeError(f"QEMU binary not found: {binary!r} {hint}")
