@@ -60,6 +60,7 @@ CASES: list[tuple[str, int]] = [
     ("save {out} --offset 12x", USAGE),
     ("save {dir}", USAGE),
     ("save {missing}/x.img", USAGE),
+    ("save {out} --machine bogus", USAGE),  # probes the system QEMU (cached), boots nothing
     *binary_cases("save {out} --qemu-binary {}"),
     # restore: the snapshot, its manifest, the snapshot's format, the binary
     *file_cases("restore {}"),

@@ -82,6 +82,10 @@ def run(args: argparse.Namespace) -> int:
         accel, why = qemu.choose_accel(args.accel)
     except ProbeError as err:
         raise UsageError(str(err)) from None
+    machine = args.machine or (RECOMMENDED_MACHINE if args.guest == "tiny" else "q35")
+    if machine not in qemu.machines:
+        raise UsageError(f"--machine {machine}: {qemu.binary} has no such machine "
+                         f"(`{qemu.binary} -machine help` lists them)")
     extra: list[str]
     if args.guest == "tiny":
         params = TinyParams(size=(mem_mib - 8) * MiB)
@@ -91,7 +95,6 @@ def run(args: argparse.Namespace) -> int:
         extra = linux_args(kernel, initrd, mem_mib=max(16, mem_mib // 2))
     else:
         extra = []
-    machine = args.machine or (RECOMMENDED_MACHINE if args.guest == "tiny" else "q35")
     existed = out.exists()
     with temp_workdir("fastsnap-save-") as workdir:
         vm = QemuMachine(qemu.binary, workdir, name="save", machine=machine, accel=accel,
