@@ -811,11 +811,16 @@ int mr_open(const char *path, int *fd, mr_error *err)
         snprintf(err->msg, sizeof err->msg, "cannot open: %s", strerror(errno));
         return MR_INVALID;
     }
-    if (fstat(*fd, &st) == 0 && S_ISREG(st.st_mode))
+    if (fstat(*fd, &st) < 0) {
+        snprintf(err->name, sizeof err->name, "E_OPEN");
+        snprintf(err->msg, sizeof err->msg, "cannot stat: %s", strerror(errno));
+    } else if (S_ISREG(st.st_mode)) {
         return MR_OK;
-    snprintf(err->name, sizeof err->name, "E_NOT_FILE");
-    snprintf(err->msg, sizeof err->msg, "%s",
-             S_ISDIR(st.st_mode) ? "is a directory, not a snapshot file" : "not a regular file");
+    } else {
+        snprintf(err->name, sizeof err->name, "E_NOT_FILE");
+        snprintf(err->msg, sizeof err->msg, "%s", S_ISDIR(st.st_mode)
+                 ? "is a directory, not a snapshot file" : "not a regular file");
+    }
     close(*fd);
     *fd = -1;
     return MR_INVALID;
