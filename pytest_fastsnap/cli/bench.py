@@ -20,7 +20,7 @@ MiB = 1 << 20
 
 
 def _sizes(text: str) -> list[int]:
-    from pytest_fastsnap.restore.fill import data_ranges
+    from pytest_fastsnap.guests.fill import data_ranges
 
     sizes = []
     for item in text.split(","):
