@@ -47,7 +47,8 @@ def test_exit_code(tmp_path: Path, command: str, kind: str, code: int, build: st
         assert re.match(r"fastsnap-loader( serve)?: ", line), line
         name = re.search(r"\bE_[A-Z_]+\b", line)
         assert name, line
-        assert name.group() == ("E_MAGIC" if kind == "corrupt" else "E_OPEN"), line
+        want = {"corrupt": "E_MAGIC", "missing": "E_OPEN", "directory": "E_NOT_FILE"}[kind]
+        assert name.group() == want, line
         assert "Traceback" not in res.stderr
 
 

@@ -48,8 +48,11 @@ def read_manifest(snapshot: str | Path) -> Manifest:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ValueError(f"{path}: no manifest next to the snapshot (the QEMU arguments the "
-                         "snapshot was saved with); write one with write_manifest()") from None
+        raise ValueError(f"{path}: no manifest next to the snapshot (the QEMU arguments it "
+                         "was saved with; `fastsnap save` and snapshot_factory write it)") \
+            from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: manifest is a directory, not a file") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not JSON: {err}") from None
     args = data.get("qemu_args") if isinstance(data, dict) else None

@@ -1283,9 +1283,11 @@ int bridge_main(int argc, char **argv)
     const char *stats_file = NULL;
     int json = 0;
     if (parse_options(b, argc, argv, &json, &stats_file) < 0 || b->help) {
-        if (!b->help)
-            fprintf(stderr, "fastsnap-loader serve: %s: %s\n", b->err.name, b->err.msg);
-        usage(b->help ? stdout : stderr);
+        if (b->help)    /* a usage error is one line, like every subcommand's */
+            usage(stdout);
+        else
+            fprintf(stderr, "fastsnap-loader serve: %s: %s (--help shows the usage)\n",
+                    b->err.name, b->err.msg);
         int rc = b->help ? 0 : 2;
         bridge_free(b);
         return rc;

@@ -125,16 +125,9 @@ static int load_block(struct br_snap *s, mr_core_block *core, struct br_block *b
 int br_snap_open(struct br_snap *s, const char *path, uint64_t offset)
 {
     memset(s, 0, sizeof(*s));
-    s->fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (s->fd < 0)
-        return fail(s, E_OPEN, "%s", strerror(errno));
-    struct stat st;
-    if (fstat(s->fd, &st) < 0)
-        return fail(s, E_OPEN, "fstat: %s", strerror(errno));
-    if (!S_ISREG(st.st_mode))
-        return fail(s, E_OPEN, "not a regular file");
     mr_snapshot *ms = &s->ms;
-    if (mr_parse(s->fd, offset, NULL, ms, &s->err) != MR_OK)
+    if (mr_open(path, &s->fd, &s->err) != MR_OK ||
+        mr_parse(s->fd, offset, NULL, ms, &s->err) != MR_OK)
         return -1;
     s->file_size = ms->file_size;
     s->base = offset;

@@ -237,12 +237,14 @@ int mr_uffd_bench(const char *path, unsigned long pages, unsigned touchers, int 
     if (pages == 0 || pages > (1ul << 20))
         return mr_error_set(err, E_USAGE, "--pages must be 1..1048576");
     struct stat st;
-    int rc = -1, fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0 || fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
-        mr_error_set(err, E_OPEN, "%s: %s", path, fd < 0 ? strerror(errno)
-                     : "not a regular file");
-        if (fd >= 0)
-            close(fd);
+    int rc = -1, fd;
+    if (mr_open(path, &fd, err) != MR_OK) {     /* E_OPEN / E_NOT_FILE */
+        mr_error e = *err;  /* the path first, like the other subcommands */
+        return mr_error_set(err, e.name, "%.200s: %.200s", path, e.msg);
+    }
+    if (fstat(fd, &st) < 0) {
+        mr_error_set(err, E_IO, "fstat %s: %s", path, strerror(errno));
+        close(fd);
         return -1;
     }
     mr_samples lat = {0};

@@ -18,8 +18,11 @@
 
 #include "mr_format.h" /* mr_error: the context that carries name + message */
 
-/* Format rules (exit 2); README.md has the table.  E_MAX_LENGTH is the
- * loader's own (--max-length), the others mirror the Python reader. */
+/* Format rules and unreadable files (exit 2); README.md has the table.
+ * E_MAX_LENGTH is the loader's own (--max-length), the others mirror the
+ * Python reader (E_OPEN, E_NOT_FILE are raised by mr_open). */
+#define E_OPEN "E_OPEN"           /* FILE cannot be opened (missing, no permission) */
+#define E_NOT_FILE "E_NOT_FILE"   /* FILE is a directory or another non-regular file */
 #define E_MAGIC "E_MAGIC"
 #define E_VERSION "E_VERSION"
 #define E_CONFIG "E_CONFIG"
@@ -40,13 +43,13 @@
 #define E_VMDESC "E_VMDESC"
 #define E_MAX_LENGTH "E_MAX_LENGTH"
 #define MR_FORMAT_ERROR_NAMES \
+    E_OPEN, E_NOT_FILE, \
     E_MAGIC, E_VERSION, E_CONFIG, E_RAM_SECTION, E_TOTAL, E_BLOCK_ID, E_BLOCK_LENGTH, \
     E_HDR_VERSION, E_PAGE_SIZE, E_BITMAP_OFFSET, E_PAGES_OFFSET, E_PAGES_ALIGN, E_OVERLAP, \
     E_TRUNCATED, E_FOOTER, E_RECORD, E_EOF, E_VMDESC, E_MAX_LENGTH
 
 /* Unusable input (exit 2). */
 #define E_USAGE "E_USAGE"             /* bad option or argument */
-#define E_OPEN "E_OPEN"               /* FILE missing, unreadable or not a regular file */
 #define E_UNSUPPORTED "E_UNSUPPORTED" /* valid snapshot this command cannot serve */
 
 /* Run-time failures (exit 1). */
@@ -72,7 +75,7 @@ int mr_error_vset(mr_error *e, const char *name, const char *fmt, va_list ap);
 /* Exit status for an error name (0 for none). */
 static inline int mr_error_exit(const char *name)
 {
-    static const char *const input[] = {MR_FORMAT_ERROR_NAMES, E_USAGE, E_OPEN, E_UNSUPPORTED};
+    static const char *const input[] = {MR_FORMAT_ERROR_NAMES, E_USAGE, E_UNSUPPORTED};
     if (!name)
         return 0;
     for (size_t i = 0; i < sizeof input / sizeof input[0]; i++)

@@ -9,7 +9,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include "bridge.h"
@@ -17,17 +16,19 @@
 #include "mr_errors.h"
 #include "mr_format.h"
 #include "mr_local.h"
+#include "mr_num.h"
 
 static const char USAGE[] =
     "usage: fastsnap-loader COMMAND ...\n"
     "  inspect FILE [--offset N] [--json]\n"
-    "  verify FILE [--offset N] [--max-length ID=BYTES]... [--json]\n"
-    "  load FILE [--offset N] [--max-length ID=BYTES]... --mode lazy|fault-only|eager|sync\n"
+    "  verify FILE [--offset N] [--max-length ID=SIZE]... [--json]\n"
+    "  load FILE [--offset N] [--max-length ID=SIZE]... --mode lazy|fault-only|eager|sync\n"
     "       [--access none|seq|random|all] [--threads N] [--fault-threads N] [--seed N]\n"
     "       [--hugepages] [--baseline] [--json]\n"
     "  uffd-bench FILE [--pages N] [--threads N] [--json]\n"
     "  serve FILE [--offset N] --to unix:PATH|fd:N ...   (postcopy bridge, see bridge.h)\n"
-    "exit status: 0 ok, 2 invalid snapshot or usage, 1 run-time failure\n";
+    "SIZE: bytes, or with a K/M/G/T suffix (powers of 1024): pc.ram=64M\n"
+    "exit status: 0 ok, 2 invalid snapshot, missing file or bad usage, 1 run-time failure\n";
 
 typedef struct cli {
     const char *cmd;
@@ -48,22 +49,8 @@ static int usage_error(const char *fmt, ...)
     va_start(ap, fmt);
     vfprintf(stderr, fmt, ap);
     va_end(ap);
-    fputs("\n", stderr);
-    fputs(USAGE, stderr);
+    fputs(" (fastsnap-loader --help shows the usage)\n", stderr);
     return 2;
-}
-
-static int parse_u64(const char *s, uint64_t *out)
-{
-    char *end;
-    if (!s || !*s || *s == '-')
-        return -1;
-    errno = 0;
-    unsigned long long v = strtoull(s, &end, 0);
-    if (errno || *end)
-        return -1;
-    *out = v;
-    return 0;
 }
 
 static int parse_args(int argc, char **argv, cli *c)
@@ -79,13 +66,14 @@ static int parse_args(int argc, char **argv, cli *c)
         if (strcmp(a, "--json") == 0) {
             c->json = 1;
         } else if (strcmp(a, "--offset") == 0) {
-            if (parse_u64(v, &c->offset) < 0)
+            if (mr_parse_u64(v, &c->offset) < 0)
                 return usage_error("--offset needs a number, not %s", v ? v : "nothing");
             i++;
         } else if (strcmp(a, "--max-length") == 0) {
             const char *eq = v ? strrchr(v, '=') : NULL;
-            if (!eq || eq == v || eq - v > 255 || parse_u64(eq + 1, &n) < 0)
-                return usage_error("--max-length needs ID=BYTES, not %s", v ? v : "nothing");
+            if (!eq || eq == v || eq - v > 255 || mr_parse_size(eq + 1, &n) < 0)
+                return usage_error("--max-length needs ID=SIZE (bytes, or 64M, 1G ...), not %s",
+                                   v ? v : "nothing");
             if (c->limits.count >= MR_MAX_LIMITS)
                 return usage_error("more than %u --max-length options", MR_MAX_LIMITS);
             mr_limit *l = &c->limits.item[c->limits.count++];
@@ -117,12 +105,12 @@ static int parse_args(int argc, char **argv, cli *c)
             c->load.access = (mr_access)k;
             i++;
         } else if (strcmp(a, "--threads") == 0) {
-            if (parse_u64(v, &n) < 0 || n < 1 || n > 256)
+            if (mr_parse_u64(v, &n) < 0 || n < 1 || n > 256)
                 return usage_error("--threads must be 1..256");
             c->load.threads = (unsigned)n;
             i++;
         } else if (strcmp(a, "--fault-threads") == 0) {
-            if (parse_u64(v, &n) < 0 || n < 1 || n > 16)
+            if (mr_parse_u64(v, &n) < 0 || n < 1 || n > 16)
                 return usage_error("--fault-threads must be 1..16");
             c->load.fault_threads = (unsigned)n;
             i++;
@@ -131,12 +119,12 @@ static int parse_args(int argc, char **argv, cli *c)
         } else if (strcmp(a, "--baseline") == 0) {
             c->load.baseline_pages = 2048;
         } else if (strcmp(a, "--seed") == 0) {
-            if (parse_u64(v, &n) < 0)
+            if (mr_parse_u64(v, &n) < 0)
                 return usage_error("--seed needs a number");
             c->load.seed = n;
             i++;
         } else if (strcmp(a, "--pages") == 0) {
-            if (parse_u64(v, &n) < 0 || n < 1 || n > (1u << 20))
+            if (mr_parse_u64(v, &n) < 0 || n < 1 || n > (1u << 20))
                 return usage_error("--pages must be 1..1048576");
             c->pages = (unsigned long)n;
             i++;
@@ -168,20 +156,15 @@ static void report_invalid(const cli *c, const mr_error *e)
 static int open_and_parse(const cli *c, int *fd, mr_snapshot *snap)
 {
     mr_error e;
-    struct stat st;
-    *fd = open(c->file, O_RDONLY | O_CLOEXEC);
-    if (*fd < 0 || fstat(*fd, &st) < 0 || !S_ISREG(st.st_mode)) {
-        /* unusable input: exit 2, like an invalid file (mr_errors.h) */
-        snprintf(e.name, sizeof e.name, "%s", E_OPEN);
-        snprintf(e.msg, sizeof e.msg, "%s: %s", c->file, *fd < 0 ? strerror(errno)
-                 : "not a regular file");
+    int rc = mr_open(c->file, fd, &e);
+    if (rc != MR_OK) {
+        char msg[128];
+        snprintf(msg, sizeof msg, "%.100s", e.msg);
+        snprintf(e.msg, sizeof e.msg, "%.300s: %.100s", c->file, msg);
         report_invalid(c, &e);
-        if (*fd >= 0)
-            close(*fd);
-        *fd = -1;
-        return 2;
+        return rc;
     }
-    int rc = mr_parse(*fd, c->offset, &c->limits, snap, &e);
+    rc = mr_parse(*fd, c->offset, &c->limits, snap, &e);
     if (rc != MR_OK) {
         report_invalid(c, &e);
         close(*fd);
