@@ -334,7 +334,8 @@ static void *fault_thread(void *arg)
             if (msgs[i].event != UFFD_EVENT_PAGEFAULT) {
                 /* No event feature was requested: anything else is a kernel
                  * contract we do not understand, not something to skip. */
-                set_fail(c, E_INTERNAL, "fault thread: unexpected userfaultfd event %u", msgs[i].event);
+                set_fail(c, E_INTERNAL, "fault thread: unexpected userfaultfd event %u",
+                         msgs[i].event);
                 atomic_fetch_sub(&c->pending_faults, 1);
                 continue;
             }
@@ -484,7 +485,8 @@ static void *eager_thread(void *arg)
             if (bit) {
                 if (pread_full(c->fd, buf, (size_t)(run * PAGE),
                                b->meta->pages_offset + page * PAGE) < 0) {
-                    set_fail(c, E_IO, "eager thread: block %s pages %" PRIu64 "+%" PRIu64 ": pread: %s",
+                    set_fail(c, E_IO, "eager thread: block %s pages %" PRIu64 "+%" PRIu64
+                             ": pread: %s",
                              b->meta->id, page, run, strerror(errno));
                     break;
                 }

@@ -28,8 +28,9 @@ void mr_samples_sort(mr_samples *s);
 double mr_samples_pct_us(const mr_samples *s, double q);
 /* Log2 bucket of a latency: bucket k > 0 counts [2^k, 2^(k+1)) µs, bucket 0 everything < 2 µs. */
 unsigned mr_hist_bucket(uint64_t ns);
-/* Sorts, then writes {"count","p50","p90","p99","max","histogram_log2_us":[{"ge_us","count"}...]}
- * (µs; histogram up to the last non-empty bucket; "ge_us" of bucket k > 0 is 2^k, of bucket 0 is 0). */
+/* Sorts, then writes {"count","p50","p90","p99","max","histogram_log2_us":
+ * [{"ge_us","count"}...]} (µs; histogram up to the last non-empty bucket;
+ * "ge_us" of bucket k > 0 is 2^k, of bucket 0 is 0). */
 void mr_samples_json(FILE *out, mr_samples *s);
 
 #endif
