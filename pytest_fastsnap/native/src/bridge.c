@@ -78,7 +78,7 @@ struct bridge {
     double max_bandwidth;       /* eager stream cap, bytes/s; 0 = none */
     int sndbuf;                 /* SO_SNDBUF, 0 = kernel default */
     int help;                   /* --help given */
-    /* --host-page-size ID=BYTES: destination blocks backed by huge pages */
+    /* --host-page-size ID=SIZE: destination blocks backed by huge pages */
     struct { const char *id; size_t idlen; uint64_t size; } hps[16];
     size_t nhps;
     struct timespec t_start;
@@ -1079,7 +1079,7 @@ static void usage(FILE *f)
     fputs("usage: fastsnap-loader serve FILE [--offset N] --to unix:PATH|fd:N [--json]\n"
           "       [--stats-file F] [--zero-pages requested|all] [--io-timeout S]\n"
           "       [--shut-timeout S] [--connect-timeout S] [--max-bandwidth MIB_S]\n"
-          "       [--sndbuf BYTES] [--host-page-size ID=BYTES]...\n"
+          "       [--sndbuf BYTES] [--host-page-size ID=SIZE]...\n"
           "   or: fastsnap-loader serve FILE [--offset N] --describe\n", f);
 }
 
@@ -1108,7 +1108,7 @@ static void describe(const struct br_snap *s, FILE *f)
     fputs("]}\n", f);
 }
 
-/* --host-page-size ID=BYTES onto the snapshot's blocks. */
+/* --host-page-size ID=SIZE onto the snapshot's blocks. */
 static int apply_host_pages(struct bridge *b)
 {
     for (size_t i = 0; i < b->nhps; i++) {
@@ -1192,7 +1192,7 @@ static int parse_options(struct bridge *b, int argc, char **argv, int *json,
         case 'H': {
             const char *eq = strrchr(optarg, '=');
             ok = eq && eq != optarg && eq - optarg <= 255 && b->nhps < 16 &&
-                 mr_parse_u64(eq + 1, &n) == 0 && n >= 4096 && n <= (1ull << 30) &&
+                 mr_parse_size(eq + 1, &n) == 0 && n >= 4096 && n <= (1ull << 30) &&
                  (n & (n - 1)) == 0;
             if (ok) {
                 b->hps[b->nhps].id = optarg;

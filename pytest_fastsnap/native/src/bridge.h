@@ -7,7 +7,7 @@
  *                   [--json] [--stats-file F] [--zero-pages requested|all]
  *                   [--io-timeout S] [--shut-timeout S] [--connect-timeout S]
  *                   [--max-bandwidth MIB_S] [--sndbuf BYTES]
- *                   [--host-page-size ID=BYTES]...
+ *                   [--host-page-size ID=SIZE]...
  *   fastsnap-loader serve FILE [--offset N] --describe   (parse only, JSON)
  *
  * --zero-pages: clear-bit (zero) pages are sent only when requested by
