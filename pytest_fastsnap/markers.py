@@ -41,23 +41,28 @@ def version_matches(version: tuple[int, ...], spec: str) -> bool:
     return True
 
 
+def _skip(reason: str) -> None:
+    """Skip reported at the test's own location (not at this module's line)."""
+    raise pytest.skip.Exception(reason, _use_item_location=True)
+
+
 def apply_markers(item: pytest.Item, probe: QemuProbe) -> None:
     """Skip or xfail *item* according to its markers and the probed binary."""
     if item.get_closest_marker("requires_kvm") and not probe.kvm_usable:
-        pytest.skip(f"KVM not usable: {probe.kvm_reason}")
+        _skip(f"KVM not usable: {probe.kvm_reason}")
     if item.get_closest_marker("requires_uffd") and not probe.uffd_usable:
-        pytest.skip(f"userfaultfd not usable: {probe.uffd_reason}")
+        _skip(f"userfaultfd not usable: {probe.uffd_reason}")
     for mark in item.iter_markers("qemu_version"):
         low, high = mark.kwargs.get("min"), mark.kwargs.get("max")
         if low and probe.version < parse_version(low):
-            pytest.skip(f"needs QEMU >= {low}; {probe.binary} is {probe.version_str}")
+            _skip(f"needs QEMU >= {low}; {probe.binary} is {probe.version_str}")
         if high and probe.version >= parse_version(high):
-            pytest.skip(f"needs QEMU < {high}; {probe.binary} is {probe.version_str}")
+            _skip(f"needs QEMU < {high}; {probe.binary} is {probe.version_str}")
     for mark in item.iter_markers("qemu_feature"):
         for name in mark.args:
             if not probe.has_feature(name):
                 why = f" ({probe.fast_load_reason})" if name == "fast-snapshot-load" else ""
-                pytest.skip(f"{probe.binary} ({probe.version_str}) lacks {name!r}{why}")
+                _skip(f"{probe.binary} ({probe.version_str}) lacks {name!r}{why}")
     for mark in item.iter_markers("qemu_defect"):
         if defect_applies(mark, probe):
             item.add_marker(pytest.mark.xfail(
