@@ -15,6 +15,7 @@ from typing import TextIO
 from pytest_fastsnap.restore.manifest import read_manifest
 from pytest_fastsnap.restore.strategies import (
     RestoreFailed,
+    RestoreRefused,
     RestoreUnsupported,
     machine_factory,
     restore,
@@ -27,9 +28,9 @@ def restore_cli(snapshot: Path, qemu_binary: str | None = None, *,
     """Restore *snapshot* on the system QEMU with the arguments recorded in
     ``SNAPSHOT.json``; print time to running and time to fully loaded.
 
-    Returns 0 on success, 2 for a missing/invalid manifest or an unsupported
-    strategy, 1 for a failed restore.  With *keep_running* the guest stays up
-    until Ctrl-C (or until it exits).
+    Returns 0 on success, 2 for a missing/invalid manifest, a snapshot the loader
+    refuses or an unsupported strategy, 1 for a failed restore.  With
+    *keep_running* the guest stays up until Ctrl-C (or until it exits).
     """
     try:
         manifest = read_manifest(snapshot)
@@ -60,7 +61,7 @@ def restore_cli(snapshot: Path, qemu_binary: str | None = None, *,
                 while guest.vm.is_running():
                     time.sleep(0.5)
         return 0
-    except RestoreUnsupported as err:
+    except (RestoreUnsupported, RestoreRefused) as err:  # unusable binary / invalid file
         print(f"fastsnap restore: {err}", file=sys.stderr)
         return 2
     except (RestoreFailed, OSError) as err:
