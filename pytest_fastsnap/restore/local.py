@@ -13,7 +13,6 @@ reader), and through that reader against a source's memory.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import signal
 from collections.abc import Sequence
@@ -22,10 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from pytest_fastsnap.native.loader import run_loader
-from pytest_fastsnap.snapshot.digest import block_digest, restored_memory_range
+from pytest_fastsnap.snapshot.digest import block_digest, range_digests, restored_memory_range
 from pytest_fastsnap.snapshot.format import parse
-
-CHUNK = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -87,15 +84,9 @@ def restore_local(path: str | Path, offset: int = 0, *, mode: str = "lazy",
 
 
 def file_memory_digests(path: str | Path, block: str, ranges: Sequence[tuple[int, int]],
-                        offset: int = 0, chunk: int = CHUNK) -> dict[str, str]:
+                        offset: int = 0) -> dict[str, str]:
     """:meth:`QemuMachine.memory_digests` of *ranges*, computed from the file by
     the Python reader: block offset = guest-physical address (the main RAM block
     of a guest below 4 GiB: ``pc.ram``, ``microvm.ram``)."""
     parsed = parse(path, offset=offset)
-    out = {}
-    for start, length in ranges:
-        for a in range(start, start + length, chunk):
-            n = min(chunk, start + length - a)
-            out[f"{a:#x}+{n:#x}"] = hashlib.sha256(
-                restored_memory_range(parsed, block, a, n)).hexdigest()
-    return out
+    return range_digests(lambda a, n: restored_memory_range(parsed, block, a, n), ranges)
