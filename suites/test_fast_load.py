@@ -58,9 +58,10 @@ def _ok(verdict: tuple[bool, int | None]) -> bool:
     return bool(verdict[0])
 
 
-def _check_page_accounting(strategy: str, guest: RestoredGuest) -> None:
+def _check_page_accounting(strategy: str, guest: RestoredGuest, raced: bool = False) -> None:
     """Where the strategy counts placements: each page placed by exactly one
-    path (fault or eager), never twice, and every page with data placed."""
+    path (fault or eager), never twice, and every page with data placed; if
+    the guest ran while pages still streamed, some came on its faults."""
     if not STRATEGY_TABLE[strategy].page_accounting:
         return
     stats = guest.loader_stats
@@ -68,6 +69,7 @@ def _check_page_accounting(strategy: str, guest: RestoredGuest) -> None:
     assert stats["pages_on_request"] + stats["pages_eager"] == \
         stats["pages_data"] + stats["pages_zero"], stats
     assert stats["pages_data"] == stats["file_pages_set"], f"pages lost: {stats}"
+    assert not raced or stats["pages_on_request"] > 0, stats
 
 
 @contextmanager
@@ -118,22 +120,24 @@ def test_guest_touches_pages_while_they_load(guest_factory: GuestFactory,
         after = agent.self_check()
         assert _ok(mid_load), f"guest saw a bad page while loading: {agent.last_check_line()}"
         assert _ok(after), f"guest saw a bad page after loading: {agent.last_check_line()}"
-        _check_page_accounting(strategy, dst)
-        if STRATEGY_TABLE[strategy].page_accounting:
-            assert raced, "the eager path finished before the guest ran: nothing raced"
-            assert dst.loader_stats["pages_on_request"] > 0, dst.loader_stats
+        if strategy in THROTTLED:
+            assert raced, "the throttled eager path finished before the guest ran"
+        _check_page_accounting(strategy, dst, raced)
 
 
 # -- the file cut inside the pages region after the guest started ---------------------------
 
 
-def _qemu_fails_the_load(guest: RestoredGuest) -> str:
+def _qemu_fails_the_load(guest: RestoredGuest, agent: TinyGuest) -> str:
     """QEMU reads the file itself: the load must fail (or QEMU exit with an
-    error, not a signal), and a still-running QEMU must answer."""
+    error, not a signal); a QEMU left running must answer, and so must a guest
+    it left running (its vCPUs are not stuck on a page that never comes)."""
     deadline = time.monotonic() + 30
     while guest.vm.is_running():
         status = guest.vm.qmp("query-migrate", timeout=5).get("status", "")
         if status == "failed":
+            if guest.vm.status() == "running":
+                agent.ping(timeout=10)
             return status
         assert status != "completed", "QEMU completed a load from a truncated file"
         assert time.monotonic() < deadline, f"QEMU still {status!r} 30 s after the cut"
@@ -143,9 +147,10 @@ def _qemu_fails_the_load(guest: RestoredGuest) -> str:
     return f"exit {code}"
 
 
-def _loader_fails_and_says_why(guest: RestoredGuest) -> str:
+def _loader_fails_and_says_why(guest: RestoredGuest, agent: TinyGuest) -> str:
     """The loader feeds QEMU: it must exit 1 naming the short file; the
-    destination is left failed or postcopy-paused (recoverable) and answers."""
+    destination is left failed or postcopy-paused (recoverable: vCPUs wait for
+    missing pages until a recovery) and answers QMP."""
     assert guest.loader is not None
     rc = guest.loader.wait(30)
     with pytest.raises(RestoreFailed, match="snapshot file is short"):
@@ -162,7 +167,7 @@ def _loader_fails_and_says_why(guest: RestoredGuest) -> str:
 
 
 # What a cut in the pages region after the guest started must cause.
-AFTER_CUT: dict[str, Callable[[RestoredGuest], str]] = {
+AFTER_CUT: dict[str, Callable[[RestoredGuest, TinyGuest], str]] = {
     "qemu-fast": _qemu_fails_the_load,
     "loader-bridge": _loader_fails_and_says_why,
 }
@@ -180,7 +185,8 @@ def test_file_cut_after_the_guest_started(guest_factory: GuestFactory,
         if not _still_loading(strategy, dst):
             pytest.skip(f"{strategy} finished loading before the file could be cut")
         os.truncate(snap.path, main.pages_range.start + main.pages_range.size // 2)
-        outcome = AFTER_CUT[strategy](dst)
+        assert src.params is not None
+        outcome = AFTER_CUT[strategy](dst, TinyGuest(dst.vm, src.params))
         assert dst.vm.exitcode is None or dst.vm.exitcode > 0, outcome
         if dst.vm.is_running():
             assert dst.vm.status(), "QMP stopped answering"

@@ -27,7 +27,6 @@ eager path that must never place a page twice or lose one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pytest
@@ -92,7 +91,3 @@ def strategy_params(**traits: object) -> list[object]:
     """``pytest.param`` per selected strategy, id = its name, with the marks that
     skip it where it cannot run (fast snapshot load missing: the probe's reason)."""
     return [pytest.param(s.name, id=s.name, marks=s.marks) for s in strategies(**traits)]
-
-
-def names(selected: Sequence[Strategy]) -> list[str]:
-    return [s.name for s in selected]
