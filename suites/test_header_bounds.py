@@ -35,7 +35,7 @@ from pytest_fastsnap.suite_inputs import BaseSnapshot, base_snapshot, ram_ranges
 
 LOAD_TIMEOUT = 20.0
 
-# Known QEMU defects, as observed on 10.0.2 with this base snapshot.  The
+# Known QEMU defects, as observed on 10.0.2 and 10.2.2 with this base snapshot.  The
 # page_size ones are cured by upstream's 2026 header check (which came with
 # fast snapshot load, hence unless_feature); the others have no known fix.
 _UPSTREAM_PAGE_SIZE = "upstream 2026 mapped-ram header page_size check (no release yet)"
