@@ -67,6 +67,7 @@ def _restore(snapshot: Path, qemu_binary: str | None, strategy: str, keep_runnin
     from pytest_fastsnap.qemu.machine import QemuError
     from pytest_fastsnap.restore.strategies import (
         RestoreFailed,
+        RestoreRefused,
         RestoreUnsupported,
         machine_factory,
         restore,
@@ -98,7 +99,7 @@ def _restore(snapshot: Path, qemu_binary: str | None, strategy: str, keep_runnin
                     while guest.vm.is_running():
                         time.sleep(0.5)
             return 0
-        except RestoreUnsupported as err:
+        except (RestoreUnsupported, RestoreRefused) as err:  # unusable binary / invalid file
             raise UsageError(one_line(err)) from None
         except (RestoreFailed, QemuError, OSError) as err:
             raise CliError(one_line(err)) from None
