@@ -54,11 +54,6 @@ LAZY = strategy_params(lazy=True, destination=True)
 THROTTLED: dict[str, tuple[str, ...]] = {"loader-bridge": ("--max-bandwidth", "8")}
 
 
-def _ok(verdict: tuple[bool, int | None]) -> bool:
-    """The tiny guest's self-check verdict as a truth value (tuple today)."""
-    return bool(verdict[0])
-
-
 def _check_page_accounting(strategy: str, guest: RestoredGuest, raced: bool = False) -> None:
     """Where the strategy counts placements: each page placed by exactly one
     path (fault or eager), never twice, and every page with data placed; if
@@ -119,8 +114,8 @@ def test_guest_touches_pages_while_they_load(guest_factory: GuestFactory,
         dst.wait_loaded()
         agent.stop_dirtying()
         after = agent.self_check()
-        assert _ok(mid_load), f"guest saw a bad page while loading: {agent.last_check_line()}"
-        assert _ok(after), f"guest saw a bad page after loading: {agent.last_check_line()}"
+        assert mid_load, f"while loading: {agent.last_check_line()}"
+        assert after, f"after loading: {agent.last_check_line()}"
         if strategy in THROTTLED:
             assert raced, "the throttled eager path finished before the guest ran"
         _check_page_accounting(strategy, dst, raced)
@@ -234,7 +229,7 @@ def test_zero_pages_served_as_zeros(guest_factory: GuestFactory, vm_factory: VmF
                     loader_args=loader_args)
     with guest:
         agent = TinyGuest(guest.vm, tp)
-        assert _ok(agent.self_check()), f"stale data reached the guest: {agent.last_check_line()}"
+        assert agent.self_check(), f"stale data reached the guest: {agent.last_check_line()}"
         guest.wait_loaded()
         for pfn in zeros:
             assert guest.vm.memsave(pfn * PAGE, PAGE) == bytes(PAGE), f"page {pfn:#x}"
