@@ -130,6 +130,9 @@ def _crashes_libvirt(path: Path) -> bool:
     return version == 2 and 0 < data_len < cookie
 
 
+# format gzip/bzip2/xz/zstd over a sparse stream: libvirt pipes the stream
+# through the decompressor and `virsh restore` did not return within 60 s here.
+COMPRESSED_LABELS = ("format=0x1", "format=0x2", "format=0x3", "format=0x5")
 UNREADABLE = ("LIBVIRT_PARTIAL", "LIBVIRT_VERSION", "LIBVIRT_FORMAT", "LIBVIRT_DATA_LEN")
 
 
@@ -148,8 +151,8 @@ def test_header_mutants_refused_by_libvirt_and_readers(
         dst = mut.apply(fastsnap_workdir / "mutant.img")
         if _crashes_libvirt(dst):  # test_cookie_offset_past_data_refused_cleanly
             outcomes[str(mut)] = "not tried: kills libvirtd 11.3.0"
-            os.unlink(dst)
-            continue
+        elif str(mut) in COMPRESSED_LABELS:  # test_compressed_label_on_sparse_stream
+            outcomes[str(mut)] = "not tried: virsh restore does not return (11.3.0)"
         try:
             parse(dst)
             py: str | None = None
@@ -159,6 +162,9 @@ def test_header_mutants_refused_by_libvirt_and_readers(
         c = json.loads(res.stdout).get("error", "E_")[2:] or None
         if py != mut.expected_error or c != mut.expected_error:
             wrong.append(f"{mut}: want {mut.expected_error}, Python {py}, C {c}")
+        if str(mut) in outcomes:
+            os.unlink(dst)
+            continue
         try:
             got = private_libvirt.virsh("restore", str(dst), check=False, timeout=60)
         except subprocess.TimeoutExpired:
@@ -217,6 +223,28 @@ def test_cookie_offset_past_data_refused_cleanly(sparse_image: SavedDomain,
         assert alive, f"libvirtd died: {own.log_tail(3)}"
     finally:
         assert own.stop() == []
+
+
+@pytest.mark.xfail(libvirt_version() == "11.3.0", strict=True,
+                   reason="libvirt 11.3.0: a sparse image whose header says gzip: virsh "
+                          "restore does not return within 60 s (QEMU started, spinning)")
+def test_compressed_label_on_sparse_stream(sparse_image: SavedDomain,
+                                          fastsnap_workdir: Path) -> None:
+    """format=gzip over a mapped-ram stream: libvirt must refuse (or fail) in bounded time."""
+    _, _, image, snap = sparse_image
+    assert snap.libvirt is not None
+    dst = fastsnap_workdir / "gzip.img"
+    next(m for m in libvirt_header_mutations(image, snap.libvirt)
+         if str(m) == "format=0x1").apply(dst)
+    own = PrivateLibvirt(fastsnap_workdir / "lv").start()
+    try:
+        try:
+            res = own.virsh("restore", str(dst), check=False, timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("virsh restore did not return within 60 s")
+        assert res.returncode != 0 and own.domains() == []
+    finally:
+        own.stop()
 
 
 def test_what_libvirt_refuses(libvirt_tiny_domain: TinyDomainFactory,
