@@ -26,11 +26,13 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from xml.sax.saxutils import escape
 
 from pytest_fastsnap.qemu.console import Console
+from pytest_fastsnap.workdirs import socket_path
 
 TOOLS = ("libvirtd", "virtlogd", "virsh", "unshare")
 MIN_VERSION = (11, 2)  # virsh save --image-format sparse
@@ -93,7 +95,8 @@ def _mnt_ns(pid: int) -> str | None:
         return None
 
 
-def _cmdline(pid: int) -> str:
+def process_cmdline(pid: int) -> str:
+    """A process's command line with spaces, or '?' once it is gone."""
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
             errors="replace").strip()
@@ -104,23 +107,39 @@ def _cmdline(pid: int) -> str:
 class PrivateLibvirt:
     """virtlogd + libvirtd in their own mount namespace, all state under *root*."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, cache: Path | None = None) -> None:
         self.root = root
-        self.socket = root / "run" / "libvirt" / "libvirt-sock"
+        # /var/cache/libvirt: QEMU capabilities, probed once per cache (seconds under TCG);
+        # instances may share one.
+        self.cache = cache or root / "cache"
+        # The longest socket clients use; checked against sun_path here, not at connect.
+        self.socket = socket_path(root / "run" / "libvirt", "libvirt-sock-ro").with_name(
+            "libvirt-sock")
         self.uri = f"qemu:///system?socket={self.socket}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.namespace: str | None = None
         self.log_path = root / "daemons.log"
 
-    def start(self, timeout: float = 120.0) -> PrivateLibvirt:
-        """Start the daemons; LibvirtError with their output if they do not come up."""
+    def start(self, timeout: float = 180.0) -> PrivateLibvirt:
+        """Start the daemons; LibvirtError with their output if they do not come up
+        (then nothing of them is left)."""
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _source(self, sub: str) -> Path:
+        return self.cache if sub == "cache" else self.root / sub
+
+    def _start(self, timeout: float) -> PrivateLibvirt:
         for sub in BINDS:
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+            self._source(sub).mkdir(parents=True, exist_ok=True)
         etc = self.root / "etc"
         (etc / "libvirtd.conf").write_text(LIBVIRTD_CONF)
         (etc / "qemu.conf").write_text(QEMU_CONF)
         (etc / "virtlogd.conf").write_text(VIRTLOGD_CONF)
-        mounts = " && ".join(f"mount --bind {self.root / sub} {target}"
+        mounts = " && ".join(f"mount --bind {self._source(sub)} {target}"
                              for sub, target in BINDS.items())
         script = (f"{mounts} || exit 97\n"
                   "virtlogd -d -p /run/virtlogd.pid -f /etc/libvirt/virtlogd.conf || exit 98\n"
@@ -143,7 +162,18 @@ class PrivateLibvirt:
                     self.namespace = _mnt_ns(self.proc.pid) or self.namespace
                     return self
             time.sleep(0.2)
-        raise LibvirtError(f"libvirtd did not answer within {timeout:.0f} s: {self.log_tail()}")
+        raise LibvirtError(f"libvirtd did not answer within {timeout:.0f} s: {self.log_tail(5)}")
+
+    def sibling(self, prefix: str) -> PrivateLibvirt:
+        """Another instance (not started) next to this one, sharing its QEMU cache."""
+        return PrivateLibvirt(Path(tempfile.mkdtemp(prefix=prefix, dir=self.root.parent)),
+                              self.cache)
+
+    def __enter__(self) -> PrivateLibvirt:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def log_tail(self, lines: int = 20) -> str:
         text = ""
@@ -166,7 +196,7 @@ class PrivateLibvirt:
         return res
 
     def domains(self) -> list[str]:
-        """Names of all domains this daemon knows."""
+        """Names of all domains this daemon knows (TimeoutExpired if it does not answer)."""
         res = self.virsh("list", "--all", "--name", check=False, timeout=30)
         return [n for n in res.stdout.split() if n]
 
@@ -182,8 +212,11 @@ class PrivateLibvirt:
         killed besides libvirtd and virtlogd (a QEMU left behind is a leak)."""
         leftovers: list[str] = []
         if self.alive():
-            for name in self.domains():
-                self.virsh("destroy", name, check=False, timeout=30)
+            try:
+                for name in self.domains():
+                    self.virsh("destroy", name, check=False, timeout=30)
+            except subprocess.TimeoutExpired:
+                leftovers.append("libvirtd did not answer virsh within 30 s")
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -192,7 +225,7 @@ class PrivateLibvirt:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
         for pid in self.namespace_pids():
-            what = _cmdline(pid)
+            what = process_cmdline(pid)
             if not what.startswith("virtlogd"):
                 leftovers.append(f"pid {pid}: {what}")
             with contextlib.suppress(ProcessLookupError):

@@ -23,6 +23,7 @@ from pytest_fastsnap.libvirtd import (
     LibvirtDomain,
     PrivateLibvirt,
     libvirt_version,
+    process_cmdline,
 )
 from pytest_fastsnap.native.loader import run_loader
 from pytest_fastsnap.snapshot.bitmap import bit_is_set, diff_pages, expected_bitmap
@@ -201,34 +202,32 @@ def test_header_mutants_refused_by_libvirt_and_readers(
     assert len(refused) >= len(outcomes) // 2
 
 
-@pytest.mark.xfail(libvirt_version() == "11.3.0", strict=True,
+@pytest.mark.xfail(libvirt_version() == "11.3.0", strict=True, raises=AssertionError,
                    reason="libvirt 11.3.0: a cookie offset past data_len aborts libvirtd "
                           "(GLib: failed to allocate ~2^64 bytes)")
 def test_cookie_offset_past_data_refused_cleanly(sparse_image: SavedDomain,
+                                                 private_libvirt: PrivateLibvirt,
                                                  fastsnap_workdir: Path) -> None:
-    """On its own daemon: this mutant kills libvirtd 11.3.0."""
+    """On its own daemon: cookie offset = data_len + 1 (the XML is readable, the cookie
+    length data_len - offset is -1) kills libvirtd 11.3.0."""
     _, _, image, snap = sparse_image
     assert snap.libvirt is not None
     dst = fastsnap_workdir / "cookie.img"
-    for mut in libvirt_header_mutations(image, snap.libvirt):
-        if str(mut).startswith("cookie_offset=") and _crashes_libvirt(mut.apply(dst)):
-            break
-    else:
-        pytest.fail("no cookie-offset mutant past data_len")
-    own = PrivateLibvirt(fastsnap_workdir / "lv").start()
-    try:
-        res = own.virsh("restore", str(dst), check=False)
+    wanted = f"cookie_offset={snap.libvirt.data_len.value + 1:#x}"
+    next(m for m in libvirt_header_mutations(image, snap.libvirt) if str(m) == wanted).apply(dst)
+    assert _crashes_libvirt(dst)
+    with private_libvirt.sibling("lv-").start() as own:
+        res = own.virsh("restore", str(dst), check=False, timeout=60)
         alive = own.alive()
+        assert alive, f"libvirtd died: {res.stderr.strip()}"
         assert res.returncode != 0
-        assert alive, f"libvirtd died: {own.log_tail(3)}"
-    finally:
-        assert own.stop() == []
 
 
-@pytest.mark.xfail(libvirt_version() == "11.3.0", strict=True,
+@pytest.mark.xfail(libvirt_version() == "11.3.0", strict=True, raises=AssertionError,
                    reason="libvirt 11.3.0: a sparse image whose header says gzip: virsh "
                           "restore does not return within 60 s (QEMU started, spinning)")
 def test_compressed_label_on_sparse_stream(sparse_image: SavedDomain,
+                                          private_libvirt: PrivateLibvirt,
                                           fastsnap_workdir: Path) -> None:
     """format=gzip over a mapped-ram stream: libvirt must refuse (or fail) in bounded time."""
     _, _, image, snap = sparse_image
@@ -236,15 +235,12 @@ def test_compressed_label_on_sparse_stream(sparse_image: SavedDomain,
     dst = fastsnap_workdir / "gzip.img"
     next(m for m in libvirt_header_mutations(image, snap.libvirt)
          if str(m) == "format=0x1").apply(dst)
-    own = PrivateLibvirt(fastsnap_workdir / "lv").start()
-    try:
+    with private_libvirt.sibling("lv-").start() as own:
         try:
             res = own.virsh("restore", str(dst), check=False, timeout=60)
         except subprocess.TimeoutExpired:
-            pytest.fail("virsh restore did not return within 60 s")
+            raise AssertionError("virsh restore did not return within 60 s") from None
         assert res.returncode != 0 and own.domains() == []
-    finally:
-        own.stop()
 
 
 def test_what_libvirt_refuses(libvirt_tiny_domain: TinyDomainFactory,
@@ -284,33 +280,30 @@ def test_what_libvirt_refuses(libvirt_tiny_domain: TinyDomainFactory,
     assert guest.self_check() == (True, None)
 
 
-def test_private_libvirt_leaves_nothing(fastsnap_workdir: Path) -> None:
+def test_private_libvirt_leaves_nothing(private_libvirt: PrivateLibvirt,
+                                        fastsnap_workdir: Path) -> None:
     """A private instance with a running domain, stopped: no daemon, QEMU, domain,
     socket or directory remains."""
     from pytest_fastsnap.guests.tiny import TinyParams, tiny_kernel
-    root = fastsnap_workdir / "lv"
-    own = PrivateLibvirt(root).start()
-    namespace = own.namespace
-    assert namespace is not None and len(own.namespace_pids()) >= 2  # libvirtd, virtlogd
-    params = TinyParams()
-    domain = LibvirtDomain.tiny(own, "leakcheck", fastsnap_workdir, tiny_kernel(),
-                                params.cmdline()).create()
-    TinyGuest(domain, params).wait_ready(timeout=60)  # type: ignore[arg-type]
-    assert own.domains() == ["leakcheck"]
-    assert any("qemu-system" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")
-               for p in own.namespace_pids())
-    leftovers = own.stop()
-    domain.close()
+    own = private_libvirt.sibling("lv-")
+    root = own.root
+    domain = None
+    try:
+        own.start()
+        assert own.namespace is not None and len(own.namespace_pids()) >= 2  # both daemons
+        params = TinyParams()
+        domain = LibvirtDomain.tiny(own, "leakcheck", fastsnap_workdir, tiny_kernel(),
+                                    params.cmdline()).create()
+        TinyGuest(domain, params).wait_ready(timeout=60)  # type: ignore[arg-type]
+        assert own.domains() == ["leakcheck"]
+        assert any("qemu-system" in process_cmdline(p) for p in own.namespace_pids())
+    finally:
+        leftovers = own.stop()
+        if domain is not None:
+            domain.close()
     assert leftovers == []
     assert own.namespace_pids() == []
     assert not root.exists()
-    still = [p for p in os.listdir("/proc") if p.isdigit() and str(root).encode()
-             in _read_cmdline(p)]
+    still = [p for p in os.listdir("/proc") if p.isdigit() and str(root)
+             in process_cmdline(int(p))]
     assert still == []
-
-
-def _read_cmdline(pid: str) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""

@@ -78,7 +78,8 @@ def _field_values(hdr: LibvirtHeader, size: int) -> dict[str, list[tuple[int, st
         "was_running": [(0, None), (2, "LIBVIRT_HEADER"), (U32_MAX, "LIBVIRT_HEADER")],
         "format": [(v, "LIBVIRT_NOT_SPARSE") for v in range(len(FORMATS)) if v != SPARSE]
         + [(len(FORMATS), "LIBVIRT_FORMAT"), (U32_MAX, "LIBVIRT_FORMAT")],
-        "cookie_offset": [(data_len, "LIBVIRT_COOKIE"), (U32_MAX, "LIBVIRT_COOKIE"),
+        "cookie_offset": [(data_len, "LIBVIRT_COOKIE"), (data_len + 1, "LIBVIRT_COOKIE"),
+                          (U32_MAX, "LIBVIRT_COOKIE"),
                           # the XML would end before its NUL
                           (1, "LIBVIRT_XML"), (xml_len, "LIBVIRT_XML"),
                           # a cookie right after the XML's NUL (empty, padding)
