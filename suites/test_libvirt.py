@@ -12,10 +12,12 @@ import json
 import os
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from pytest_fastsnap.fixtures import VmFactory
 from pytest_fastsnap.guests.pattern import page_content, page_is_zero
 from pytest_fastsnap.guests.tiny import TinyGuest
 from pytest_fastsnap.libvirt_fixtures import TinyDomainFactory
@@ -26,6 +28,8 @@ from pytest_fastsnap.libvirtd import (
     process_cmdline,
 )
 from pytest_fastsnap.native.loader import run_loader
+from pytest_fastsnap.restore.libvirt_image import libvirt_manifest
+from pytest_fastsnap.restore.strategies import restore
 from pytest_fastsnap.snapshot.bitmap import bit_is_set, diff_pages, expected_bitmap
 from pytest_fastsnap.snapshot.digest import read_page
 from pytest_fastsnap.snapshot.errors import FormatError
@@ -307,3 +311,36 @@ def test_private_libvirt_leaves_nothing(private_libvirt: PrivateLibvirt,
     still = [p for p in os.listdir("/proc") if p.isdigit() and str(root)
              in process_cmdline(int(p))]
     assert still == []
+
+
+def test_fastsnap_restore_of_a_libvirt_image(libvirt_tiny_domain: TinyDomainFactory,
+                                            vm_factory: VmFactory,
+                                            fastsnap_workdir: Path) -> None:
+    """The image's own domain XML -> QEMU arguments (libvirt's embedded driver), the
+    stream fed through the loader bridge: paused, every page loaded, memory equals what
+    `virsh restore` gives; then the guest runs and passes its self-check.  The CLI
+    restores it too, without a SNAPSHOT.json."""
+    domain, guest = libvirt_tiny_domain(mem_mib=MEM_MIB)
+    domain.libvirt.virsh("suspend", domain.name)
+    image = fastsnap_workdir / "lazy.img"
+    res = domain.save(image, "--image-format", "sparse")
+    assert res.returncode == 0, res.stderr
+    domain.restore(image)
+    by_libvirt = domain.memsave(0, MEM_MIB << 20)
+    domain.libvirt.virsh("destroy", domain.name)
+
+    manifest = libvirt_manifest(image)
+    assert manifest is not None and manifest.offset == parse(image).stream_offset
+    assert not any("charmonitor" in a or "masterKey" in a for a in manifest.qemu_args)
+    with restore("loader-bridge", image, manifest.qemu_args, vm_factory,
+                 offset=manifest.offset, paused=True) as dst:
+        dst.wait_loaded()
+        assert dst.vm.memsave(0, MEM_MIB << 20) == by_libvirt
+        dst.vm.qmp("cont")
+        agent = TinyGuest(dst.vm, guest.params)
+        assert agent.self_check() == (True, None), agent.last_check_line()
+
+    cli = subprocess.run([sys.executable, "-m", "pytest_fastsnap.cli", "restore", str(image)],
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout.startswith("loader-bridge: guest running after "), cli.stdout

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from pytest_fastsnap.restore.libvirt_image import libvirt_manifest
 from pytest_fastsnap.restore.manifest import read_manifest
 from pytest_fastsnap.restore.strategies import (
     RestoreFailed,
@@ -31,8 +32,8 @@ def restore_cli(snapshot: Path, qemu_binary: str | None = None, *,
     strategy, 1 for a failed restore.  With *keep_running* the guest stays up
     until Ctrl-C (or until it exits).
     """
-    try:
-        manifest = read_manifest(snapshot)
+    try:  # a libvirt save image carries its domain XML: no SNAPSHOT.json needed
+        manifest = libvirt_manifest(snapshot) or read_manifest(snapshot)
     except ValueError as err:
         print(f"fastsnap restore: {err}", file=sys.stderr)
         return 2
