@@ -59,6 +59,20 @@ class RestoreFailed(Exception):
     """A restore did not produce a running, fully loaded guest."""
 
 
+class RestoreTimeout(RestoreFailed):
+    """The restore neither finished nor failed in time: a hang."""
+
+
+class RestoreRefused(RestoreFailed):
+    """The native loader refused the file (``error_name``: its ``E_`` rule)
+    before any QEMU was started."""
+
+    def __init__(self, strategy: str, error_name: str, message: str) -> None:
+        self.strategy = strategy
+        self.error_name = error_name
+        super().__init__(f"{strategy}: {error_name}: {message}")
+
+
 class RestoreUnsupported(RestoreFailed):
     """This QEMU (or host) cannot do the strategy; ``reason`` is QEMU's text."""
 
@@ -138,7 +152,7 @@ class RestoredGuest:
                 return ev
         return None
 
-    def _failure(self, what: str) -> RestoreFailed:
+    def _failure(self, what: str, kind: type[RestoreFailed] = RestoreFailed) -> RestoreFailed:
         parts = [f"{self.strategy}: {what}"]
         if self.loader is not None:
             rc = self.loader.poll()
@@ -152,7 +166,7 @@ class RestoredGuest:
         else:
             parts.append(f"destination exited ({self.vm.exitcode})")
         parts.append("destination log tail:\n" + self.vm.log_tail(15))
-        return RestoreFailed("; ".join(parts))
+        return kind("; ".join(parts))
 
     def _loader_stderr(self) -> str:
         if self.out_dir is not None:
@@ -176,7 +190,7 @@ class RestoredGuest:
             if self.loader is not None and self.loader.poll() not in (None, 0):
                 raise self._failure(f"loader failed while waiting for {what}")
             if time.monotonic() > deadline:
-                raise self._failure(f"no {what} within {timeout:.0f}s")
+                raise self._failure(f"no {what} within {timeout:.0f}s", RestoreTimeout)
             time.sleep(0.002)
 
     def wait_running(self, timeout: float = 60.0) -> float:
@@ -210,7 +224,8 @@ class RestoredGuest:
             try:
                 rc = self.loader.wait(timeout)
             except subprocess.TimeoutExpired:
-                raise self._failure(f"loader still serving after {timeout:.0f}s") from None
+                raise self._failure(f"loader still serving after {timeout:.0f}s",
+                                    RestoreTimeout) from None
             process.forget(self.loader)
             self._read_loader_stats()
             if rc != 0:
@@ -351,6 +366,8 @@ def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str]
     *offset* is where the migration stream starts in the file; by default the
     one the snapshot's manifest (``<snapshot>.json``) records, else 0.  A
     failed restore says so when no stream starts at *offset* and where one does.
+    The bridge parses the file first: one the loader refuses raises
+    :class:`RestoreRefused` before any QEMU is started.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown restore strategy {strategy!r}; one of {STRATEGIES}")
@@ -362,6 +379,8 @@ def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str]
             offset = read_manifest(path).offset
         except ValueError:
             offset = 0
+    if strategy == "loader-bridge":
+        _loader_accepts(strategy, path, offset)
     t_launch = time.monotonic()
     vm = _as_factory(vm_factory)(device_args, paused=paused)
     guest = RestoredGuest(strategy=strategy, vm=vm, t0_wall=0.0, event_mark=0, paused=paused,
@@ -381,6 +400,22 @@ def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str]
                 err.args = (f"{err.args[0] if err.args else err}\nhint: {hint}",)
         raise
     return guest
+
+
+def _loader_accepts(strategy: str, path: Path, offset: int) -> None:
+    """Parse *path* as the loader will (``serve --describe``) before a destination
+    is started for it: an invalid file costs no QEMU and leaves none waiting."""
+    proc = subprocess.run([str(loader_binary()), "serve", str(path), "--offset", str(offset),
+                           "--describe", "--json"], capture_output=True, text=True,
+                          timeout=60, check=False)
+    if proc.returncode == 0:
+        return
+    try:
+        verdict = json.loads(proc.stdout)
+    except ValueError:
+        verdict = {}
+    raise RestoreRefused(strategy, verdict.get("error_name") or f"exit {proc.returncode}",
+                         verdict.get("error") or proc.stderr.strip())
 
 
 def _caps(guest: RestoredGuest, caps: dict[str, bool]) -> None:
