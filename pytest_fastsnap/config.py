@@ -31,6 +31,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("--qemu-binary-dst", "fastsnap_qemu_binary_dst", "QEMU_BINARY_DST", None,
            "a different QEMU binary for destinations (cross-version runs); "
            "default: --qemu-binary"),
+    Option("--fastsnap-machine", "fastsnap_machine", "FASTSNAP_MACHINE", None,
+           "versioned machine type(s) every guest uses, e.g. pc-q35-10.0 or "
+           "q35=pc-q35-10.0,pc=pc-i440fx-10.0; default: when --qemu-binary-dst differs, "
+           "the older binary's resolution of the aliases q35 and pc, else the aliases"),
     Option("--fastsnap-accel", "fastsnap_accel", "FASTSNAP_ACCEL", "auto",
            "accelerator: auto picks KVM on bare metal and TCG when KVM is nested or unusable",
            choices=("auto", "kvm", "tcg")),
@@ -80,6 +84,7 @@ class FastsnapConfig:
     enabled: bool
     qemu_binary: str
     qemu_binary_dst: str | None
+    machine: str | None
     accel: str
     mem: str
     keep_artifacts: bool
@@ -96,6 +101,7 @@ def get_config(config: pytest.Config) -> FastsnapConfig:
         enabled=(values["--fastsnap"] or "").lower() in _TRUE,
         qemu_binary=values["--qemu-binary"] or "qemu-system-x86_64",
         qemu_binary_dst=values["--qemu-binary-dst"],
+        machine=values["--fastsnap-machine"],
         accel=accel,
         mem=values["--fastsnap-mem"] or "64M",
         keep_artifacts=(values["--fastsnap-keep-artifacts"] or "").lower() in _TRUE,

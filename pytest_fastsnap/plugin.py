@@ -21,6 +21,7 @@ from pytest_fastsnap.plugin_state import (
     ARTIFACTS_PROPERTY,
     CONFIG_KEY,
     DEFECT_PROPERTY,
+    MACHINE_TYPES_KEY,
     MACHINES_KEY,
     MATRIX_PROPERTY,
     PHASE_REPORTS_KEY,
@@ -29,6 +30,7 @@ from pytest_fastsnap.plugin_state import (
     SESSION_DIR_KEY,
 )
 from pytest_fastsnap.qemu import process
+from pytest_fastsnap.qemu.machine_types import MachineTypeError, choose_machine_types
 from pytest_fastsnap.qemu.probe import ProbeError, probe
 
 SKIP_REASON = "boots QEMU: pass --fastsnap (or set FASTSNAP=1) to run it"
@@ -52,7 +54,8 @@ def pytest_configure(config: pytest.Config) -> None:
         src = probe(fs_config.qemu_binary)
         dst = probe(fs_config.qemu_binary_dst) if fs_config.qemu_binary_dst else src
         config.stash[ACCEL_KEY] = src.choose_accel(fs_config.accel)
-    except ProbeError as err:
+        config.stash[MACHINE_TYPES_KEY] = choose_machine_types(src, dst, fs_config.machine)
+    except (ProbeError, MachineTypeError) as err:
         raise pytest.UsageError(f"fastsnap: {err}") from None
     if not src.mapped_ram:
         raise pytest.UsageError(f"fastsnap: {src.binary} is QEMU {src.version_str}, which has "
@@ -87,6 +90,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     ]
     if dst is not src:
         lines.append(f"fastsnap: destination QEMU {dst.binary} ({dst.version_text})")
+    lines.append(f"fastsnap: machine types {config.stash[MACHINE_TYPES_KEY].describe()}")
     return lines
 
 

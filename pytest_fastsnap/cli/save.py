@@ -28,7 +28,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("output", help="snapshot file to write (SNAPSHOT.json goes next to it)")
     p.add_argument("--guest", choices=("tiny", "linux", "firmware"), default="tiny")
     p.add_argument("--mem", default="256M", help="guest RAM (QEMU -m syntax)")
-    p.add_argument("--machine", default=None, help="default: microvm (tiny), q35 (others)")
+    p.add_argument("--machine", default=None,
+                   help="default: microvm (tiny), q35 (others); an alias is saved as the "
+                   "binary's versioned type (q35 -> pc-q35-10.0 on QEMU 10.0)")
     p.add_argument("--qemu-binary", default="qemu-system-x86_64")
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
     p.add_argument("--offset", type=lambda v: int(v, 0), default=0)
@@ -62,7 +64,10 @@ def run(args: argparse.Namespace) -> int:
         extra = linux_args(kernel, initrd, mem_mib=max(16, mem_mib // 2))
     else:
         extra = []
-    machine = args.machine or (RECOMMENDED_MACHINE if args.guest == "tiny" else "q35")
+    # An alias (q35) is saved as this binary's versioned type (pc-q35-10.0), so a
+    # newer QEMU can restore the snapshot: it has that type, not the same alias.
+    machine = qemu.resolve_machine(args.machine or (RECOMMENDED_MACHINE if args.guest == "tiny"
+                                                    else "q35"))
     vm = QemuMachine(qemu.binary, workdir, name="save", machine=machine, accel=accel,
                      mem=args.mem, extra_args=extra)
     try:
