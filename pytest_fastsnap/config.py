@@ -40,6 +40,9 @@ OPTIONS: tuple[Option, ...] = (
            choices=("auto", "kvm", "tcg")),
     Option("--fastsnap-mem", "fastsnap_mem", "FASTSNAP_MEM", "64M",
            "guest RAM size for the default guests (QEMU -m syntax)"),
+    Option("--fastsnap-report-json", "fastsnap_report_json", "FASTSNAP_REPORT_JSON", None,
+           "write this run's QEMU versions and known-defect outcomes to FILE "
+           "(`fastsnap report FILE...` prints the defect table over several runs)"),
     Option("--fastsnap-keep-artifacts", "fastsnap_keep_artifacts", "FASTSNAP_KEEP_ARTIFACTS",
            "false", "keep snapshot files and QEMU logs of failed tests "
            "(in --fastsnap-artifacts-dir)", is_bool=True),
@@ -89,6 +92,7 @@ class FastsnapConfig:
     mem: str
     keep_artifacts: bool
     artifacts_dir: Path
+    report_json: Path | None = None
 
 
 def get_config(config: pytest.Config) -> FastsnapConfig:
@@ -106,4 +110,6 @@ def get_config(config: pytest.Config) -> FastsnapConfig:
         mem=values["--fastsnap-mem"] or "64M",
         keep_artifacts=(values["--fastsnap-keep-artifacts"] or "").lower() in _TRUE,
         artifacts_dir=Path(values["--fastsnap-artifacts-dir"] or "fastsnap-artifacts"),
+        report_json=Path(values["--fastsnap-report-json"])
+        if values["--fastsnap-report-json"] else None,
     )

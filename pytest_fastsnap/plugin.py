@@ -15,12 +15,15 @@ import pytest
 
 from pytest_fastsnap import fixtures, workdirs
 from pytest_fastsnap.config import add_options, get_config
+from pytest_fastsnap.defect_table import RunResult, column_name, defect_records, format_table
+from pytest_fastsnap.defect_table import write_report as write_defect_report
 from pytest_fastsnap.markers import MARKERS, apply_markers
 from pytest_fastsnap.plugin_state import (
     ACCEL_KEY,
     ARTIFACTS_PROPERTY,
     CONFIG_KEY,
     DEFECT_PROPERTY,
+    DEFECT_RECORD_PROPERTY,
     MACHINE_TYPES_KEY,
     MACHINES_KEY,
     MATRIX_PROPERTY,
@@ -121,6 +124,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
                     item.add_report_section(call.when, key, text)
     report = yield
     item.stash.setdefault(PHASE_REPORTS_KEY, {})[report.when] = report
+    if PROBE_KEY in item.config.stash:
+        for record in defect_records(item, report, item.config.stash[PROBE_KEY]):
+            report.user_properties.append((DEFECT_RECORD_PROPERTY, json.dumps(record)))
     if report.when == "call":
         probe_ = item.config.stash.get(PROBE_KEY, None)
         for mark in item.iter_markers("qemu_defect"):
@@ -144,6 +150,7 @@ class _Summary:
     def __init__(self) -> None:
         self.matrix: dict[tuple[str, str], str] = {}
         self.defects: list[dict[str, Any]] = []
+        self.defect_records: list[dict[str, Any]] = []
         self.kept: dict[str, str] = {}
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -153,6 +160,8 @@ class _Summary:
                 self.matrix[(cell["row"], cell["column"])] = cell["outcome"]
             elif name == DEFECT_PROPERTY and report.when == "call":
                 self.defects.append(json.loads(value))
+            elif name == DEFECT_RECORD_PROPERTY:
+                self.defect_records.append(json.loads(value))
             elif name == ARTIFACTS_PROPERTY:
                 self.kept[report.nodeid] = value
 
@@ -174,6 +183,26 @@ class _Summary:
             for d in sorted(self.defects, key=lambda d: d["test"]):
                 tr.line(f"QEMU {d['version']}: {d['reason']} (fix: {d['fixed_in']}) "
                         f"[{d['test']}]")
+        run = self._run(config)
+        if run.records:
+            tr.section("fastsnap: known QEMU defects by version")
+            for line in format_table([run]):
+                tr.line(line)
+        path = config.stash[CONFIG_KEY].report_json
+        if path is not None and not hasattr(config, "workerinput"):
+            write_defect_report(path, run, _run_header(config))
+            tr.line(f"fastsnap: defect records written to {path} (fastsnap report {path})")
+
+    def _run(self, config: pytest.Config) -> RunResult:
+        src, dst = config.stash[PROBE_KEY], config.stash[PROBE_DST_KEY]
+        return RunResult(column_name(src.version_str, dst.version_str), self.defect_records)
+
+
+def _run_header(config: pytest.Config) -> dict[str, Any]:
+    src, dst = config.stash[PROBE_KEY], config.stash[PROBE_DST_KEY]
+    return {"qemu": {"binary": src.binary, "version": src.version_str},
+            "qemu_dst": {"binary": dst.binary, "version": dst.version_str},
+            "machine_types": config.stash[MACHINE_TYPES_KEY].describe()}
 
 
 def format_matrix(matrix: dict[tuple[str, str], str]) -> list[str]:

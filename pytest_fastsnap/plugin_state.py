@@ -23,4 +23,5 @@ PHASE_REPORTS_KEY = pytest.StashKey[dict[str, pytest.TestReport]]()
 # user_properties names: how workers hand results to the controller's summary.
 MATRIX_PROPERTY = "fastsnap_matrix"
 DEFECT_PROPERTY = "fastsnap_defect"
+DEFECT_RECORD_PROPERTY = "fastsnap_defect_record"
 ARTIFACTS_PROPERTY = "fastsnap_artifacts"
