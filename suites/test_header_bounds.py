@@ -19,7 +19,7 @@ import pytest
 
 from pytest_fastsnap.fixtures import SnapshotFactory, VmFactory
 from pytest_fastsnap.native.loader import run_loader
-from pytest_fastsnap.plugin_state import ACCEL_KEY, CONFIG_KEY, PROBE_DST_KEY
+from pytest_fastsnap.plugin_state import ACCEL_KEY, CONFIG_KEY, MACHINE_TYPES_KEY, PROBE_DST_KEY
 from pytest_fastsnap.qemu.machine import QemuMachine
 from pytest_fastsnap.qemu.migration import MigrationFailed, load_snapshot
 from pytest_fastsnap.snapshot.format import parse
@@ -58,7 +58,8 @@ def known_defect(mut: Mutation) -> dict[str, str] | None:
 
 def _base(config: pytest.Config) -> BaseSnapshot:
     probe = config.stash[PROBE_DST_KEY]
-    return base_snapshot(probe.binary, config.stash[ACCEL_KEY][0])
+    return base_snapshot(probe.binary, config.stash[ACCEL_KEY][0],
+                         machine=config.stash[MACHINE_TYPES_KEY].resolve("q35"))
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
