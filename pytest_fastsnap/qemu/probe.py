@@ -109,9 +109,6 @@ def _machine_types(binary: str, workdir: Path
     try:
         vm.launch()
         found = vm.qmp("query-machines")
-    except QemuError as err:
-        raise ProbeError(f"{binary} does not start with -machine none: "
-                         f"{str(err).splitlines()[0]}") from None
     finally:
         vm.shutdown()
     aliases = tuple(sorted((m["alias"], m["name"]) for m in found if m.get("alias")))
@@ -198,8 +195,13 @@ def _probe_now(path: str) -> QemuProbe:
     version, text = _version(path)
     with tempfile.TemporaryDirectory(prefix="fastsnap-probe-") as tmp:
         kvm_ok, kvm_reason = _kvm(path, Path(tmp))
-        caps, params, fast, fast_reason = _migration_facts(path, Path(tmp))
-        machines, aliases = _machine_types(path, Path(tmp))
+        try:
+            caps, params, fast, fast_reason = _migration_facts(path, Path(tmp))
+            machines, aliases = _machine_types(path, Path(tmp))
+        except QemuError as err:
+            # e.g. a build run from its build tree: "could not load PC BIOS 'bios-256k.bin'"
+            said = [ln for ln in str(err).splitlines() if ln.strip()][-1]
+            raise ProbeError(f"{path} does not start a q35 guest: {said}") from None
     uffd = probe_userfaultfd()
     return QemuProbe(binary=path, version=version, version_text=text, capabilities=caps,
                      parameters=params, kvm_usable=kvm_ok, kvm_reason=kvm_reason,
