@@ -319,7 +319,8 @@ def _install_build_deps(log: Callable[[str], None], step: Steps) -> None:
     log(f"installing build dependencies from this machine's suite: {' '.join(missing)}")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     step("apt-get install (build dependencies)",
-         ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], env=env)
+         ["apt-get", "-o", "DPkg::Lock::Timeout=600", "install", "-y", "-qq",
+          "--no-install-recommends", *missing], env=env)
 
 
 def _installed(package: str) -> bool:
