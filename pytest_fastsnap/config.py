@@ -35,12 +35,19 @@ OPTIONS: tuple[Option, ...] = (
     Option("--qemu-binary-dst", "fastsnap_qemu_binary_dst", "QEMU_BINARY_DST", None,
            "a different QEMU binary for destinations (cross-version runs); "
            "default: --qemu-binary"),
+    Option("--fastsnap-machine", "fastsnap_machine", "FASTSNAP_MACHINE", None,
+           "versioned machine type(s) every guest uses, e.g. pc-q35-10.0 or "
+           "q35=pc-q35-10.0,pc=pc-i440fx-10.0; default: when --qemu-binary-dst differs, "
+           "the older binary's resolution of the aliases q35 and pc, else the aliases"),
     Option("--fastsnap-accel", "fastsnap_accel", "FASTSNAP_ACCEL", "auto",
            "accelerator: auto picks KVM on bare metal and TCG when KVM is nested or unusable",
            choices=("auto", "kvm", "tcg")),
     Option("--fastsnap-mem", "fastsnap_mem", "FASTSNAP_MEM", "64M",
            "guest RAM (QEMU -m syntax) of every guest started without mem=: vm_factory's "
            "machines (default 64M) and, when set, the tiny and Linux test guests too"),
+    Option("--fastsnap-report-json", "fastsnap_report_json", "FASTSNAP_REPORT_JSON", None,
+           "write this run's QEMU versions and known-defect outcomes to FILE "
+           "(`fastsnap report FILE...` prints the defect table over several runs)"),
     Option("--fastsnap-keep-artifacts", "fastsnap_keep_artifacts", "FASTSNAP_KEEP_ARTIFACTS",
            "false", "keep snapshot files and QEMU logs of failed tests "
            "(in --fastsnap-artifacts-dir)", is_bool=True),
@@ -128,6 +135,7 @@ class FastsnapConfig:
     enabled: bool
     qemu_binary: str
     qemu_binary_dst: str | None
+    machine: str | None
     accel: str
     mem: str
     keep_artifacts: bool
@@ -135,6 +143,7 @@ class FastsnapConfig:
     # --fastsnap-mem / FASTSNAP_MEM / fastsnap_mem was set: every guest without
     # an explicit mem= gets it (else the test guests keep their own sizes).
     mem_given: bool = False
+    report_json: Path | None = None
 
 
 def _usage(setting: Setting, problem: str) -> pytest.UsageError:
@@ -186,4 +195,7 @@ def get_config(config: pytest.Config) -> FastsnapConfig:
         keep_artifacts=keep,
         artifacts_dir=Path(settings["--fastsnap-artifacts-dir"].value or "fastsnap-artifacts"),
         mem_given=settings["--fastsnap-mem"].given,
+        machine=settings["--fastsnap-machine"].value or None,
+        report_json=Path(settings["--fastsnap-report-json"].value)
+        if settings["--fastsnap-report-json"].value else None,
     )

@@ -23,6 +23,7 @@ from pytest_fastsnap.plugin_state import (
     ACCEL_KEY,
     ARTIFACTS_PROPERTY,
     CONFIG_KEY,
+    MACHINE_TYPES_KEY,
     MACHINES_KEY,
     PHASE_REPORTS_KEY,
     PROBE_DST_KEY,
@@ -30,6 +31,7 @@ from pytest_fastsnap.plugin_state import (
     SESSION_DIR_KEY,
 )
 from pytest_fastsnap.qemu.machine import QemuMachine
+from pytest_fastsnap.qemu.machine_types import MachineTypes
 from pytest_fastsnap.qemu.migration import SavedSnapshot, load_snapshot, save_snapshot
 from pytest_fastsnap.qemu.probe import QemuProbe
 from pytest_fastsnap.restore.manifest import write_manifest
@@ -94,8 +96,9 @@ class VmFactory:
 
     def __init__(self, config: FastsnapConfig, accel: str, workdir: Path,
                  probe: QemuProbe, probe_dst: QemuProbe,
-                 registry: list[QemuMachine]) -> None:
+                 registry: list[QemuMachine], machine_types: MachineTypes) -> None:
         self.config = config
+        self.machine_types = machine_types
         self.accel = accel
         self.workdir = workdir
         self.probe = probe
@@ -117,13 +120,16 @@ class VmFactory:
                  paused: bool = False, role: str = "src", launch: bool = True,
                  accel: str | None = None) -> QemuMachine:
         """A new QEMU; ``role="dst"`` uses the destination binary; ``accel``
-        overrides the session's accelerator for this machine."""
+        overrides the session's accelerator for this machine.  An alias
+        *machine* (``q35``) becomes the run's versioned type when it pins one
+        (cross-version runs, ``--fastsnap-machine``)."""
         binary = self.probe_dst.binary if role == "dst" else self.probe.binary
         if accel == "kvm" and not self.probe.kvm_usable:
             # Reported at the test's location, like a marker skip, not at this line.
             raise pytest.skip.Exception(f"accel='kvm' asked for, but KVM is not usable: "
                                         f"{self.probe.kvm_reason}", _use_item_location=True)
-        vm = QemuMachine(binary, self.workdir, name=self._name(name), machine=machine,
+        vm = QemuMachine(binary, self.workdir, name=self._name(name),
+                         machine=self.machine_types.resolve(machine),
                          accel=accel or self.accel, mem=mem or self.config.mem,
                          extra_args=extra_args,
                          incoming=incoming, paused=paused)
@@ -134,15 +140,19 @@ class VmFactory:
 
     def destination(self, source: QemuMachine | SavedSnapshot, *, name: str = "dst",
                     incoming: str = "defer", paused: bool = True,
-                    extra_args: Sequence[str] = ()) -> QemuMachine:
+                    extra_args: Sequence[str] = (), role: str = "dst") -> QemuMachine:
         """A destination QEMU with the same guest definition as *source*."""
         return self.destination_from_args([*source.device_args, *extra_args], name=name,
-                                          incoming=incoming, paused=paused)
+                                          incoming=incoming, paused=paused, role=role)
 
     def destination_from_args(self, device_args: Sequence[str], *, name: str = "dst",
-                              incoming: str = "defer", paused: bool = True) -> QemuMachine:
-        """A destination QEMU (destination binary) for the given guest definition."""
-        vm = QemuMachine(self.probe_dst.binary, self.workdir, name=self._name(name),
+                              incoming: str = "defer", paused: bool = True,
+                              role: str = "dst") -> QemuMachine:
+        """A destination QEMU for the given guest definition: the destination
+        binary, or with ``role="src"`` the source binary (the reverse direction
+        of a cross-version run)."""
+        binary = self.probe.binary if role == "src" else self.probe_dst.binary
+        vm = QemuMachine(binary, self.workdir, name=self._name(name),
                          incoming=incoming, paused=paused, device_args=device_args)
         self.machines.append(vm)
         vm.launch()
@@ -183,7 +193,7 @@ def vm_factory(request: pytest.FixtureRequest, fastsnap_config: FastsnapConfig,
     """Factory of QEMU machines: ``vm_factory(machine=..., mem=..., extra_args=...)``."""
     registry: list[QemuMachine] = request.node.stash.setdefault(MACHINES_KEY, [])
     factory = VmFactory(fastsnap_config, fastsnap_accel, fastsnap_workdir, qemu_probe,
-                        qemu_probe_dst, registry)
+                        qemu_probe_dst, registry, request.config.stash[MACHINE_TYPES_KEY])
     try:
         yield factory
     finally:
@@ -213,16 +223,17 @@ class GuestFactory:
     def __call__(self, kind: str = "tiny", *, mem: str | None = None, mode: str = "static",
                  seed: int = 1, size: int | None = None, zero_ratio: float = 0.25,
                  machine: str | None = None, accel: str | None = None,
-                 name: str = "src", ready_timeout: float = 180.0) -> Guest:
+                 name: str = "src", ready_timeout: float = 180.0, role: str = "src") -> Guest:
         """RAM: *mem*, else --fastsnap-mem when set, else the guest's own default
-        (tiny: just enough for its pattern range, 22M by default; Linux: 256M)."""
+        (tiny: just enough for its pattern range, 22M by default; Linux: 256M).
+        ``role="dst"`` boots it on the destination binary."""
         config = self.vm_factory.config
         mem = mem or (config.mem if config.mem_given else None)
         if kind == "tiny":
             params = self._tiny_params(mem, seed=seed, mode=mode, zero_ratio=zero_ratio,
                                        size=size)
             vm = self.vm_factory(name=name, machine=machine or tiny.RECOMMENDED_MACHINE,
-                                 mem=mem or params.min_mem(), accel=accel,
+                                 mem=mem or params.min_mem(), accel=accel, role=role,
                                  extra_args=tiny_args(tiny_kernel(), params))
             agent: TinyGuest | LinuxGuest = TinyGuest(vm, params)
             agent.wait_ready(ready_timeout)
@@ -231,7 +242,7 @@ class GuestFactory:
             kernel, initrd = linux_image()
             mem_mib = int((size or (32 << 20)) >> 20)
             vm = self.vm_factory(name=name, machine=machine or linux.RECOMMENDED_MACHINE,
-                                 mem=mem or "256M", accel=accel,
+                                 mem=mem or "256M", accel=accel, role=role,
                                  extra_args=linux_args(kernel, initrd, mem_mib=mem_mib,
                                                        seed=seed))
             agent = LinuxGuest(vm)

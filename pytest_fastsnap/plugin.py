@@ -15,12 +15,16 @@ import pytest
 
 from pytest_fastsnap import fixtures, workdirs
 from pytest_fastsnap.config import add_options, get_config
+from pytest_fastsnap.defect_table import RunResult, column_name, defect_records, format_table
+from pytest_fastsnap.defect_table import write_report as write_defect_report
 from pytest_fastsnap.markers import MARKERS, apply_markers, marker_problems
 from pytest_fastsnap.plugin_state import (
     ACCEL_KEY,
     ARTIFACTS_PROPERTY,
     CONFIG_KEY,
     DEFECT_PROPERTY,
+    DEFECT_RECORD_PROPERTY,
+    MACHINE_TYPES_KEY,
     MACHINES_KEY,
     MATRIX_PROPERTY,
     PHASE_REPORTS_KEY,
@@ -29,6 +33,7 @@ from pytest_fastsnap.plugin_state import (
     SESSION_DIR_KEY,
 )
 from pytest_fastsnap.qemu import process
+from pytest_fastsnap.qemu.machine_types import MachineTypeError, choose_machine_types
 from pytest_fastsnap.qemu.probe import ProbeError, probe
 
 SKIP_REASON = "boots QEMU: pass --fastsnap (or set FASTSNAP=1) to run it"
@@ -56,7 +61,9 @@ def pytest_configure(config: pytest.Config) -> None:
         dst = probe(fs_config.qemu_binary_dst) if fs_config.qemu_binary_dst else src
         option = "--fastsnap-accel"
         config.stash[ACCEL_KEY] = src.choose_accel(fs_config.accel)
-    except ProbeError as err:
+        option = "--fastsnap-machine"
+        config.stash[MACHINE_TYPES_KEY] = choose_machine_types(src, dst, fs_config.machine)
+    except (ProbeError, MachineTypeError) as err:
         raise pytest.UsageError(f"fastsnap: {option}: {err}") from None
     if not src.mapped_ram:
         raise pytest.UsageError(f"fastsnap: {src.binary} is QEMU {src.version_str}, which has "
@@ -91,6 +98,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     ]
     if dst is not src:
         lines.append(f"fastsnap: destination QEMU {dst.binary} ({dst.version_text})")
+    lines.append(f"fastsnap: machine types {config.stash[MACHINE_TYPES_KEY].describe()}")
     return lines
 
 
@@ -136,6 +144,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
                     item.add_report_section(call.when, key, text)
     report = yield
     item.stash.setdefault(PHASE_REPORTS_KEY, {})[report.when] = report
+    if PROBE_KEY in item.config.stash:
+        for record in defect_records(item, report, item.config.stash[PROBE_KEY]):
+            report.user_properties.append((DEFECT_RECORD_PROPERTY, json.dumps(record)))
     if report.when == "call":
         probe_ = item.config.stash.get(PROBE_KEY, None)
         for mark in item.iter_markers("qemu_defect"):
@@ -159,6 +170,7 @@ class _Summary:
     def __init__(self) -> None:
         self.matrix: dict[tuple[str, str], str] = {}
         self.defects: list[dict[str, Any]] = []
+        self.defect_records: list[dict[str, Any]] = []
         self.kept: dict[str, str] = {}
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -168,6 +180,8 @@ class _Summary:
                 self.matrix[(cell["row"], cell["column"])] = cell["outcome"]
             elif name == DEFECT_PROPERTY and report.when == "call":
                 self.defects.append(json.loads(value))
+            elif name == DEFECT_RECORD_PROPERTY:
+                self.defect_records.append(json.loads(value))
             elif name == ARTIFACTS_PROPERTY:
                 self.kept[report.nodeid] = value
 
@@ -189,6 +203,26 @@ class _Summary:
             for d in sorted(self.defects, key=lambda d: d["test"]):
                 tr.line(f"QEMU {d['version']}: {d['reason']} (fix: {d['fixed_in']}) "
                         f"[{d['test']}]")
+        run = self._run(config)
+        if run.records:
+            tr.section("fastsnap: known QEMU defects by version")
+            for line in format_table([run]):
+                tr.line(line)
+        path = config.stash[CONFIG_KEY].report_json
+        if path is not None and not hasattr(config, "workerinput"):
+            write_defect_report(path, run, _run_header(config))
+            tr.line(f"fastsnap: defect records written to {path} (fastsnap report {path})")
+
+    def _run(self, config: pytest.Config) -> RunResult:
+        src, dst = config.stash[PROBE_KEY], config.stash[PROBE_DST_KEY]
+        return RunResult(column_name(src.version_str, dst.version_str), self.defect_records)
+
+
+def _run_header(config: pytest.Config) -> dict[str, Any]:
+    src, dst = config.stash[PROBE_KEY], config.stash[PROBE_DST_KEY]
+    return {"qemu": {"binary": src.binary, "version": src.version_str},
+            "qemu_dst": {"binary": dst.binary, "version": dst.version_str},
+            "machine_types": config.stash[MACHINE_TYPES_KEY].describe()}
 
 
 def format_matrix(matrix: dict[tuple[str, str], str]) -> list[str]:

@@ -26,7 +26,7 @@ import pytest
 
 from pytest_fastsnap.fixtures import SnapshotFactory, VmFactory
 from pytest_fastsnap.native.loader import run_loader
-from pytest_fastsnap.plugin_state import ACCEL_KEY, CONFIG_KEY, PROBE_DST_KEY
+from pytest_fastsnap.plugin_state import ACCEL_KEY, CONFIG_KEY, MACHINE_TYPES_KEY, PROBE_DST_KEY
 from pytest_fastsnap.restore.attempt import Attempt, attempt_restore
 from pytest_fastsnap.restore.table import STRATEGY_TABLE, strategy_params
 from pytest_fastsnap.snapshot.format import parse
@@ -73,7 +73,8 @@ def known_defect(mut: Mutation) -> dict[str, str] | None:
 
 def _base(config: pytest.Config) -> BaseSnapshot:
     probe = config.stash[PROBE_DST_KEY]
-    return base_snapshot(probe.binary, config.stash[ACCEL_KEY][0])
+    return base_snapshot(probe.binary, config.stash[ACCEL_KEY][0],
+                         machine=config.stash[MACHINE_TYPES_KEY].resolve("q35"))
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -244,4 +245,6 @@ def test_block_longer_than_destination_without_data_beyond(
     # the save caught that made this test flip between xfail and XPASS).
     src = vm_factory(mem="64M", paused=True)
     snap = snapshot_factory(src)
+    bits = parse(snap.path).block("pc.ram").read_bitmap(snap.path)
+    assert not any(bits[(32 << 20) // 4096 // 8:]), "a page above 32 MiB holds data"
     _refused_by_smaller_destination(vm_factory, strategy, snap.path, snap.device_args)

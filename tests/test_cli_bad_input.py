@@ -89,9 +89,11 @@ CASES: list[tuple[str, int]] = [
     # build steps
     ("build-native --variant bogus", USAGE),
     ("build-images --cache-dir {empty}", USAGE),
-    # Subcommands from other branches add their line here, e.g.
-    #   *file_cases("report {}"), *binary_cases("qemu list --qemu-binary {}"),
-    #   *file_cases("fuzz ... {}")
+    # other QEMU versions and the defect table
+    ("qemu build", USAGE),
+    ("qemu bogus", USAGE),
+    *file_cases("qemu build mine --source {}"),
+    *file_cases("report {}"),
 ]
 
 HANG = """#!/bin/sh

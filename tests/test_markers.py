@@ -151,7 +151,7 @@ def test_kvm_skip_inside_a_test_points_at_the_test(pytester: pytest.Pytester) ->
         def test_wants_kvm(tmp_path):
             probe = SimpleNamespace(kvm_usable=False, kvm_reason="/dev/kvm: No such file",
                                     binary="qemu-system-x86_64")
-            VmFactory(None, "tcg", tmp_path, probe, probe, [])(accel="kvm")
+            VmFactory(None, "tcg", tmp_path, probe, probe, [], None)(accel="kvm")
         """)
     result = pytester.runpytest("-rs", "-p", "no:cacheprovider")
     result.assert_outcomes(skipped=1)

@@ -22,6 +22,14 @@ def _qemu_pids(marker: str) -> list[int]:
     return [int(p) for p in out.split()]
 
 
+def _left_behind(before: set[str]) -> set[str]:
+    """New session directories (``fastsnap-<worker>-<pid>-*``) in /tmp whose
+    owner is gone.  One with a live owner belongs to another pytest session on
+    this machine (they share /tmp), not to the run under test."""
+    found = (re.fullmatch(r"fastsnap-.+-(\d+)-[^-]+", n) for n in set(os.listdir("/tmp")) - before)
+    return {m[0] for m in found if m and not Path(f"/proc/{m[1]}").exists()}
+
+
 def test_help_lists_options_in_their_group(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("--help")
     result.stdout.fnmatch_lines(["*QEMU mapped-ram snapshots and fast snapshot load*"])
@@ -173,11 +181,7 @@ class TestWithQemu:
         before = set(os.listdir("/tmp"))
         pytester.runpytest_subprocess(FASTSNAP).assert_outcomes(failed=1)
         assert _qemu_pids(marker) == []
-        # Directories of sessions still running (other xdist workers' pytester
-        # runs, other users) are not ours; a leak is one whose pytest is gone.
-        new = set(os.listdir("/tmp")) - before
-        sessions = [re.fullmatch(r"fastsnap-.+-(\d+)-[^-]+", n) for n in new]
-        assert [m[0] for m in sessions if m and not Path(f"/proc/{m[1]}").exists()] == []
+        assert _left_behind(before) == set()
 
     @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
     def test_no_leak_after_interrupt(self, pytester: pytest.Pytester, sig: signal.Signals

@@ -38,6 +38,8 @@ COMMAND_MODULES = (
     "pytest_fastsnap.cli.restore",
     "pytest_fastsnap.cli.bench",
     "pytest_fastsnap.cli.build",
+    "pytest_fastsnap.cli.qemu",
+    "pytest_fastsnap.cli.report",
 )
 
 

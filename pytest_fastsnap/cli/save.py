@@ -35,7 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--mem", default=256 * MiB, type=size_arg(default_unit="M"),
                    help="guest RAM, QEMU -m syntax: 256M, 1G, a bare number is MiB "
                    "(default 256M; at least 9M tiny, 128M linux, 16M firmware)")
-    p.add_argument("--machine", default=None, help="default: microvm (tiny), q35 (others)")
+    p.add_argument("--machine", default=None,
+                   help="default: microvm (tiny), q35 (others); an alias is saved as the "
+                   "binary's versioned type (q35 -> pc-q35-10.0 on QEMU 10.0)")
     p.add_argument("--qemu-binary", default=os.environ.get("QEMU_BINARY", "qemu-system-x86_64"),
                    help="name on PATH or path (default: $QEMU_BINARY or qemu-system-x86_64)")
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
@@ -86,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
     if machine not in qemu.machines:
         raise UsageError(f"--machine {machine}: {qemu.binary} has no such machine "
                          f"(`{qemu.binary} -machine help` lists them)")
+    # An alias (q35) is saved as this binary's versioned type (pc-q35-10.0), so a
+    # newer QEMU can restore the snapshot: it has that type, not the same alias.
+    machine = qemu.resolve_machine(machine)
     extra: list[str]
     if args.guest == "tiny":
         params = TinyParams(size=(mem_mib - 8) * MiB)

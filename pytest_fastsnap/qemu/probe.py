@@ -24,7 +24,7 @@ from pytest_fastsnap.qemu.machine import QemuError, QemuMachine
 from pytest_fastsnap.qemu.qmp import QMPCommandError
 from pytest_fastsnap.qemu.uffd import probe_userfaultfd
 
-PROBE_FORMAT = 3
+PROBE_FORMAT = 4
 POSTCOPY_CONFLICT = "Mapped-ram migration is incompatible with postcopy"
 
 
@@ -47,6 +47,8 @@ class QemuProbe:
     fast_load: bool
     fast_load_reason: str
     machines: tuple[str, ...]
+    # (alias, versioned type) from query-machines: q35 -> pc-q35-10.0, pc -> pc-i440fx-10.0
+    machine_aliases: tuple[tuple[str, str], ...] = ()
 
     @property
     def version_str(self) -> str:
@@ -63,6 +65,10 @@ class QemuProbe:
         if name in derived:
             return derived[name]
         return name in self.capabilities or name in self.parameters or name in self.machines
+
+    def resolve_machine(self, machine: str) -> str:
+        """The versioned machine type *machine* (an alias such as ``q35``) means here."""
+        return dict(self.machine_aliases).get(machine, machine)
 
     def choose_accel(self, requested: str) -> tuple[str, str]:
         """Resolve auto|kvm|tcg to the accelerator used, with the reason."""
@@ -140,10 +146,19 @@ def check_binary(binary: str, timeout: float = 30.0) -> tuple[str, tuple[int, in
     return path, version, text
 
 
-def _machines(binary: str) -> tuple[str, ...]:
-    out = subprocess.run([binary, "-machine", "help"], capture_output=True, text=True,
-                         timeout=30, check=False).stdout
-    return tuple(sorted(line.split()[0] for line in out.splitlines()[1:] if line.strip()))
+def _machine_types(binary: str, workdir: Path
+                   ) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """Machine types and aliases (query-machines): which versioned type each alias means."""
+    vm = QemuMachine(binary, workdir, name="probe-machines", machine="none", mem="16M",
+                     paused=True)
+    try:
+        vm.launch()
+        found = vm.qmp("query-machines")
+    finally:
+        vm.shutdown()
+    aliases = tuple(sorted((m["alias"], m["name"]) for m in found if m.get("alias")))
+    names = {m["name"] for m in found} | {alias for alias, _ in aliases}
+    return tuple(sorted(names)), aliases
 
 
 def _nested() -> bool:
@@ -226,18 +241,26 @@ def _probe_now(path: str, timeout: float = 30.0) -> QemuProbe:
     version, text = _version(path, timeout)
     with tempfile.TemporaryDirectory(prefix="fastsnap-probe-") as tmp:
         kvm_ok, kvm_reason = _kvm(path, Path(tmp))
-        caps, params, fast, fast_reason = _migration_facts(path, Path(tmp))
+        try:
+            caps, params, fast, fast_reason = _migration_facts(path, Path(tmp))
+            machines, aliases = _machine_types(path, Path(tmp))
+        except QemuError as err:
+            # e.g. a build run from its build tree: "could not load PC BIOS 'bios-256k.bin'"
+            said = [ln for ln in str(err).splitlines() if ln.strip()][-1]
+            raise ProbeError(f"{path} does not start a q35 guest: {said}") from None
     uffd = probe_userfaultfd()
     return QemuProbe(binary=path, version=version, version_text=text, capabilities=caps,
                      parameters=params, kvm_usable=kvm_ok, kvm_reason=kvm_reason,
                      nested=_nested(), uffd_usable=uffd.usable, uffd_reason=uffd.how,
-                     fast_load=fast, fast_load_reason=fast_reason, machines=_machines(path))
+                     fast_load=fast, fast_load_reason=fast_reason, machines=machines,
+                     machine_aliases=aliases)
 
 
 def _from_json(data: dict[str, object]) -> QemuProbe:
     fields = dict(data)
     for name in ("version", "capabilities", "parameters", "machines"):
         fields[name] = tuple(fields[name])  # type: ignore[arg-type]
+    fields["machine_aliases"] = tuple(tuple(pair) for pair in fields["machine_aliases"])  # type: ignore[attr-defined]
     return QemuProbe(**fields)  # type: ignore[arg-type]
 
 

@@ -37,6 +37,7 @@ from typing import Any
 from pytest_fastsnap.guests.fill import fill_guest_ram
 from pytest_fastsnap.qemu.machine import QemuMachine
 from pytest_fastsnap.qemu.migration import save_snapshot
+from pytest_fastsnap.qemu.probe import probe
 from pytest_fastsnap.restore.strategies import (
     RestoredGuest,
     RestoreUnsupported,
@@ -124,15 +125,16 @@ def _one(strategy: str, snap: Path, device_args: Sequence[str], binary: str, wor
 
 
 def bench_size(size: int, *, binary: str, workdir: Path, repeat: int,
-               strategies: Sequence[str], probes: int, log: Any) -> dict[str, Any]:
+               strategies: Sequence[str], probes: int, log: Any,
+               machine: str = "q35") -> dict[str, Any]:
     src = QemuMachine(binary, workdir, name=f"src{size >> 20}", mem=f"{size >> 20}M",
-                      qmp_timeout=600)
+                      machine=machine, qmp_timeout=600)
     src.launch()
     try:
         src.wait_status("running")
         time.sleep(0.3)
         t = time.monotonic()
-        ranges = fill_guest_ram(src, "q35", size)
+        ranges = fill_guest_ram(src, machine, size)
         fill_s = time.monotonic() - t
         snap = workdir / f"snap-{size >> 20}M.img"
         saved = save_snapshot(src, snap, timeout=900)
@@ -275,30 +277,35 @@ def run_bench(sizes: Sequence[int] = (256 * MiB, 1 << 30, 4 << 30), *,
               strategies: Sequence[str] = ("qemu-precopy", "loader-bridge"),
               probes: int = 200, results_dir: Path | None = None,
               workdir: Path | None = None, verbose: bool = True,
-              draw: bool = True) -> dict[str, Any]:
+              draw: bool = True, machine: str = "q35") -> dict[str, Any]:
     """Run the benchmark; write JSON and (with *draw*) a PNG to *results_dir*
-    (default ``./fastsnap-bench-results``); return the report."""
+    (default ``./fastsnap-bench-results``); return the report.
+
+    An alias *machine* runs as the binary's versioned type (q35 -> pc-q35-10.0),
+    so the report names the exact type and its snapshots load on newer QEMUs."""
     def log(msg: str) -> None:
         if verbose:
             print(msg, flush=True)
 
     binary = shutil.which(binary) or binary
+    machine = probe(binary).resolve_machine(machine)
     results_dir = (Path(results_dir) if results_dir else DEFAULT_RESULTS).absolute()
     results_dir.mkdir(parents=True, exist_ok=True)
     own_workdir = workdir is None
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fsbench-", dir="/var/tmp"))
     results = []
     try:
-        log(f"loader: {loader_binary()}; QEMU: {binary}; accel tcg")
+        log(f"loader: {loader_binary()}; QEMU: {binary}; machine {machine}; accel tcg")
         for size in sizes:
             results.append(bench_size(size, binary=binary, workdir=work, repeat=repeat,
-                                      strategies=strategies, probes=probes, log=log))
+                                      strategies=strategies, probes=probes, log=log,
+                                      machine=machine))
     finally:
         if own_workdir:
             shutil.rmtree(work, ignore_errors=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    report = {"binary": binary, "accel": "tcg", "repeat": repeat, "host_cpus": os.cpu_count(),
-              "results": results, "table": format_table(results)}
+    report = {"binary": binary, "machine": machine, "accel": "tcg", "repeat": repeat,
+              "host_cpus": os.cpu_count(), "results": results, "table": format_table(results)}
     json_path = results_dir / f"bench-restore-{stamp}.json"
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     report["json_path"] = str(json_path)
