@@ -135,7 +135,7 @@ def test_shutdown_all_runs_every_step_and_reports_all_failures() -> None:
     log: list[str] = []
     machines = [_Part("vm1", log), _Part("vm2", log, fails=True), _Part("vm3", log)]
     factory = VmFactory(None, "tcg", Path("/nonexistent"), None, None,  # type: ignore[arg-type]
-                        machines)  # type: ignore[arg-type]
+                        machines, None)  # type: ignore[arg-type]
     factory.own(_Part("loader", log, fails=True))
     with pytest.raises(TeardownError) as failed:
         factory.shutdown_all()
