@@ -218,7 +218,7 @@ def test_file_truncated_mid_restore(vm_factory: VmFactory, snapshot_factory: Sna
     assert rc == 1
     with pytest.raises(RestoreFailed, match="snapshot file is short"):
         g.wait_loaded(timeout=5)
-    assert g.loader_stats["error_name"] == "file-short"
+    assert g.loader_stats["error_name"] == "E_FILE_SHORT"
     status = wait_migration_state(g, {"postcopy-paused", "failed"})
     assert status in ("postcopy-paused", "failed")
 
@@ -236,7 +236,7 @@ def test_destination_dies_mid_restore(vm_factory: VmFactory, snapshot_factory: S
     assert rc == 1
     assert time.monotonic() - t < 5
     g._read_loader_stats()
-    assert g.loader_stats["error_name"] == "destination-gone", g.loader_stats
+    assert g.loader_stats["error_name"] == "E_DEST_GONE", g.loader_stats
 
 
 def test_invalid_snapshot_refused(tmp_path: Path) -> None:

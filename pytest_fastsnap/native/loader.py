@@ -15,7 +15,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from filelock import FileLock
@@ -113,9 +113,12 @@ def loader_path(variant: str = "release") -> Path:
 
 
 def run_loader(args: Sequence[str], *, variant: str = "release", timeout: float = 30.0,
-               input_bytes: bytes | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the loader with *args*; a timeout kills it and raises TimeoutExpired."""
+               input_bytes: bytes | None = None,
+               env_extra: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the loader with *args* (*env_extra* added to the environment); a
+    timeout kills it and raises TimeoutExpired."""
     env = dict(os.environ)
+    env.update(env_extra or {})
     if variant == "asan":
         env.update(ASAN_ENV)
     return subprocess.run([str(loader_path(variant)), *args], capture_output=True, text=True,

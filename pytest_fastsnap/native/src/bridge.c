@@ -23,6 +23,10 @@
 #include "bridge.h"
 
 #include "bridge_snap.h"
+#include "mr_errors.h"
+#include "mr_json.h"
+#include "mr_num.h"
+#include "mr_stats.h"
 
 #include <errno.h>
 #include <getopt.h>
@@ -44,8 +48,6 @@
 #define FLUSH_AT (128u << 10)      /* eager bytes buffered before a send */
 #define CHUNK_PAGES 32u            /* pages per eager pread */
 #define SECTION_PAGES 256u         /* pages per PART section */
-#define LAT_MAX_SAMPLES (1u << 20)
-#define HIST_BUCKETS 32
 
 enum { RAM_ZERO = 0x02, RAM_MEM_SIZE = 0x04, RAM_PAGE = 0x08, RAM_EOS = 0x10,
        RAM_CONTINUE = 0x20 };
@@ -75,6 +77,10 @@ struct bridge {
     double io_timeout, shut_timeout, connect_timeout;
     double max_bandwidth;       /* eager stream cap, bytes/s; 0 = none */
     int sndbuf;                 /* SO_SNDBUF, 0 = kernel default */
+    int help;                   /* --help given */
+    /* --host-page-size ID=SIZE: destination blocks backed by huge pages */
+    struct { const char *id; size_t idlen; uint64_t size; } hps[16];
+    size_t nhps;
     struct timespec t_start;
 
     /* Output: only whole sections are built and sent under out_lock. */
@@ -110,13 +116,9 @@ struct bridge {
     uint64_t pages_data, pages_zero, pages_on_request, pages_eager;
     uint64_t requests, requests_served, requests_duplicate;
     uint64_t double_sends;
-    double *lat;                /* microseconds, request read -> page sent */
-    size_t lat_len;
-    uint64_t hist[HIST_BUCKETS];/* log2 microsecond buckets */
-    double lat_max;
+    mr_samples lat;             /* request read -> page sent */
 
-    const char *err_name;
-    char err[512];
+    mr_error err;               /* first, root-cause failure */
 };
 
 static double now_s(const struct bridge *b)
@@ -126,18 +128,16 @@ static double now_s(const struct bridge *b)
     return (double)(t.tv_sec - b->t_start.tv_sec) + (double)(t.tv_nsec - b->t_start.tv_nsec) / 1e9;
 }
 
-static int fail(struct bridge *b, const char *name, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
+/* Records the first (root-cause) failure; returns -1. */
+__attribute__((format(printf, 3, 4)))
 static int fail(struct bridge *b, const char *name, const char *fmt, ...)
 {
-    if (b->err_name)    /* keep the first, root-cause error */
+    if (b->err.name[0])
         return -1;
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(b->err, sizeof(b->err), fmt, ap);
+    mr_error_vset(&b->err, name, fmt, ap);
     va_end(ap);
-    b->err_name = name;
     return -1;
 }
 
@@ -318,7 +318,7 @@ static int send_loop(struct bridge *b, const uint8_t *p, size_t n)
             continue;
         if (r < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK)
-                return fail(b, "destination-stalled", "destination stopped reading for "
+                return fail(b, E_DEST_STALLED, "destination stopped reading for "
                             "%.0f s (postcopy paused or hung?)", b->io_timeout);
             if (errno == EPIPE || errno == ECONNRESET) {
                 char why[sizeof(b->rp_err)];
@@ -326,10 +326,10 @@ static int send_loop(struct bridge *b, const uint8_t *p, size_t n)
                 pthread_mutex_lock(&b->rp_lock);
                 memcpy(why, b->rp_err, sizeof(why));
                 pthread_mutex_unlock(&b->rp_lock);
-                return fail(b, "destination-gone", "destination closed the migration "
+                return fail(b, E_DEST_GONE, "destination closed the migration "
                             "connection (%s)%s%s", strerror(e), why[0] ? "; " : "", why);
             }
-            return fail(b, "send-failed", "send: %s", strerror(errno));
+            return fail(b, E_IO, "send: %s", strerror(errno));
         }
         p += r;
         n -= (size_t)r;
@@ -462,7 +462,7 @@ static int emit_page(struct bridge *b, uint32_t bi, uint64_t page, const uint8_t
 static int short_file(struct bridge *b, const struct br_block *blk, uint64_t page, uint64_t off,
                       size_t done, size_t want)
 {
-    return fail(b, "file-short", "snapshot file is short: block %s page %llu at offset %#llx: "
+    return fail(b, E_FILE_SHORT, "snapshot file is short: block %s page %llu at offset %#llx: "
                 "got %zu of %zu bytes (file truncated while serving?)", blk->id,
                 (unsigned long long)(page + done / b->snap.tps),
                 (unsigned long long)(off + done), done, want);
@@ -475,7 +475,7 @@ static int emit_run(struct bridge *b, uint32_t bi, uint64_t page, uint64_t n)
     const struct br_block *blk = &b->snap.blocks[bi];
     size_t need = 5 + (size_t)n * (8 + 256 + b->snap.tps);
     if (need > OUT_CAP || n > CHUNK_PAGES)
-        return fail(b, "internal", "eager run of %llu pages does not fit the output buffer",
+        return fail(b, E_INTERNAL, "eager run of %llu pages does not fit the output buffer",
                     (unsigned long long)n);
     if (b->out_len + need > OUT_CAP && flush(b) < 0)
         return -1;
@@ -495,7 +495,7 @@ static int emit_run(struct bridge *b, uint32_t bi, uint64_t page, uint64_t n)
         if (r < 0 && errno == EINTR)
             continue;
         if (r < 0)
-            return fail(b, "io-error", "reading block %s page %llu: %s", blk->id,
+            return fail(b, E_IO, "reading block %s page %llu: %s", blk->id,
                         (unsigned long long)page, strerror(errno));
         if (r == 0)
             return short_file(b, blk, page, off, done, want);
@@ -516,6 +516,51 @@ static int emit_run(struct bridge *b, uint32_t bi, uint64_t page, uint64_t n)
     return 0;
 }
 
+static int read_pages(struct bridge *b, const struct br_block *blk, uint64_t page, uint64_t n);
+
+/* Every target page of the host page starting at `first`, consecutively
+ * (data runs and ZERO records, whatever --zero-pages says): a destination
+ * with huge pages assembles the host page from them and refuses another
+ * host page's record in between.  The caller has claimed them all. */
+static int emit_host_page(struct bridge *b, uint32_t bi, uint64_t first, uint64_t max_run)
+{
+    struct br_block *blk = &b->snap.blocks[bi];
+    uint64_t end = first + blk->host_pages < blk->npages ? first + blk->host_pages : blk->npages;
+    for (uint64_t p = first; p < end;) {
+        if (!mr_core_bit(blk->core, p)) {
+            if (emit_page(b, bi, p, NULL) < 0)
+                return -1;
+            p++;
+            continue;
+        }
+        uint64_t k = 1;
+        while (p + k < end && k < max_run && mr_core_bit(blk->core, p + k))
+            k++;
+        if (emit_run(b, bi, p, k) < 0)
+            return -1;
+        p += k;
+    }
+    return 0;
+}
+
+/* Claims a whole host page; 0 if its first page was claimed already (then all were). */
+static int claim_host_page(struct br_block *blk, uint64_t first)
+{
+    if (!mr_core_claim(blk->core, first))
+        return 0;
+    for (uint64_t p = first + 1; p < first + blk->host_pages && p < blk->npages; p++)
+        mr_core_claim(blk->core, p);
+    return 1;
+}
+
+static uint64_t max_run_pages(const struct bridge *b)
+{
+    /* A run's records must fit the output buffer at once (emit_run reads
+     * into slots that a flush would invalidate): matters for 64 KiB TPS. */
+    uint64_t max_run = (OUT_CAP - 5) / (8 + 256 + b->snap.tps);
+    return max_run > CHUNK_PAGES ? CHUNK_PAGES : max_run;
+}
+
 static int read_pages(struct bridge *b, const struct br_block *blk, uint64_t page, uint64_t n)
 {
     size_t want = (size_t)(n * b->snap.tps), done = 0;
@@ -526,7 +571,7 @@ static int read_pages(struct bridge *b, const struct br_block *blk, uint64_t pag
         if (r < 0 && errno == EINTR)
             continue;
         if (r < 0)
-            return fail(b, "io-error", "reading block %s page %llu at %#llx: %s", blk->id,
+            return fail(b, E_IO, "reading block %s page %llu at %#llx: %s", blk->id,
                         (unsigned long long)page, (unsigned long long)(off + done),
                         strerror(errno));
         if (r == 0)
@@ -540,27 +585,18 @@ static int read_pages(struct bridge *b, const struct br_block *blk, uint64_t pag
 
 static void record_latency(struct bridge *b, double t_req)
 {
-    double us = (now_s(b) - t_req) * 1e6;
-    if (us < 0)
-        us = 0;
-    if (b->lat_len < LAT_MAX_SAMPLES)
-        b->lat[b->lat_len++] = us;
-    int bucket = us < 1 ? 0 : (int)log2(us) + 1;
-    if (bucket >= HIST_BUCKETS)
-        bucket = HIST_BUCKETS - 1;
-    b->hist[bucket]++;
-    if (us > b->lat_max)
-        b->lat_max = us;
+    double s = now_s(b) - t_req;
+    mr_samples_add(&b->lat, s > 0 ? (uint64_t)(s * 1e9) : 0);
 }
 
 static int check_rp(struct bridge *b)
 {
     int st = atomic_load(&b->rp_state);
     if (st == 1 && b->shut_value != 0)
-        return fail(b, "destination-failed", "destination reported a failed migration "
+        return fail(b, E_DEST_FAILED, "destination reported a failed migration "
                     "(SHUT %u); see the destination's log", b->shut_value);
     if (st == 2)
-        return fail(b, "destination-gone", "%s", b->rp_err[0] ? b->rp_err
+        return fail(b, E_DEST_GONE, "%s", b->rp_err[0] ? b->rp_err
                     : "return path closed by the destination");
     return 0;
 }
@@ -586,13 +622,27 @@ static int serve_requests(struct bridge *b)
         b->q_len--;
         pthread_mutex_unlock(&b->rp_lock);
         struct br_block *blk = &b->snap.blocks[rq.block];
-        uint64_t first = rq.start / b->snap.tps, n = (rq.len + b->snap.tps - 1) / b->snap.tps;
+        /* 64-bit: a length near 2^32 must not wrap to zero pages. */
+        uint64_t first = rq.start / b->snap.tps;
+        uint64_t n = ((uint64_t)rq.len + b->snap.tps - 1) / b->snap.tps;
         int served = 0;
-        for (uint64_t p = first; p < first + n; p++) {
-            if (br_bit_claim(blk->sent, p))
+        if (blk->host_pages > 1) {
+            uint64_t hp = blk->host_pages;
+            for (uint64_t u = first - first % hp; u < first + n; u += hp) {
+                if (!claim_host_page(blk, u))
+                    continue;
+                if (emit_host_page(b, rq.block, u, max_run_pages(b)) < 0)
+                    return -1;
+                uint64_t cnt = u + hp < blk->npages ? hp : blk->npages - u;
+                b->pages_on_request += cnt;
+                served = 1;
+            }
+        }
+        for (uint64_t p = first; blk->host_pages == 1 && p < first + n; p++) {
+            if (!mr_core_claim(blk->core, p))
                 continue;
             const uint8_t *data = NULL;
-            if (br_bit_test(blk->file_bitmap, p)) {
+            if (mr_core_bit(blk->core, p)) {
                 if (read_pages(b, blk, p, 1) < 0)
                     return -1;
                 data = b->stage;
@@ -648,7 +698,10 @@ static int send_setup(struct bridge *b)
     put_be32(p, 1);
     if (emit_cmd(b, CMD_PING, p, 4) < 0)
         return -1;
-    put_be64(p, s->tps);        /* page-size summary: OR of 4 KiB blocks */
+    uint64_t summary = s->tps;  /* OR of every destination block's page size */
+    for (size_t i = 0; i < s->nblocks; i++)
+        summary |= s->blocks[i].host_pages * s->tps;
+    put_be64(p, summary);
     put_be64(p + 8, s->tps);
     if (emit_cmd(b, CMD_ADVISE, p, 16) < 0)
         return -1;
@@ -658,7 +711,7 @@ static int send_setup(struct bridge *b)
                                                                : (size_t)(s->early_len - done);
         ssize_t r = pread(s->fd, b->stage, n, (off_t)(s->early_off + done));
         if (r <= 0)
-            return fail(b, "file-short", "reading early-setup sections: %s",
+            return fail(b, E_FILE_SHORT, "reading early-setup sections: %s",
                         r < 0 ? strerror(errno) : "file ended");
         if (emit(b, b->stage, (size_t)r) < 0)
             return -1;
@@ -679,6 +732,14 @@ static int send_setup(struct bridge *b)
         put_be64(l, blk->length);
         if (emit(b, &blk->idlen, 1) < 0 || emit(b, blk->id, blk->idlen) < 0 || emit(b, l, 8) < 0)
             return -1;
+        /* page_size only for a block whose host page differs from the
+         * destination's default (max(host page 4 KiB, TPS)), e.g. hugetlbfs */
+        uint64_t page_size = blk->host_pages * s->tps, dflt = s->tps > 4096 ? s->tps : 4096;
+        if (page_size != dflt) {
+            put_be64(l, page_size);
+            if (emit(b, l, 8) < 0)
+                return -1;
+        }
     }
     uint8_t eos[13];
     put_be64(eos, RAM_EOS);
@@ -696,7 +757,7 @@ static int send_setup(struct bridge *b)
     dn += b0->idlen;
     d[dn++] = 0;
     put_be64(d + dn, 0);
-    put_be64(d + dn + 8, s->tps);
+    put_be64(d + dn + 8, b0->host_pages * s->tps);   /* discards are host-page aligned */
     dn += 16;
     if (emit_cmd(b, CMD_DISCARD, d, (uint16_t)dn) < 0 || flush(b) < 0)
         return -1;
@@ -708,7 +769,7 @@ static int send_package(struct bridge *b)
     const struct br_snap *s = &b->snap;
     uint64_t n = s->dev_len + 10 + 9;   /* LISTEN, RUN; PING */
     if (n > UINT32_MAX)
-        return fail(b, "device-state-too-large", "device state of %llu bytes",
+        return fail(b, E_UNSUPPORTED, "device state of %llu bytes",
                     (unsigned long long)s->dev_len);
     uint8_t p[4];
     put_be32(p, (uint32_t)n);
@@ -725,7 +786,7 @@ static int send_package(struct bridge *b)
             if (r < 0 && errno == EINTR)
                 continue;
             if (r <= 0)
-                return fail(b, "file-short", "reading device state at %#llx: %s",
+                return fail(b, E_FILE_SHORT, "reading device state at %#llx: %s",
                             (unsigned long long)(s->dev_off + done + got),
                             r < 0 ? strerror(errno) : "file ended");
             got += (size_t)r;
@@ -764,11 +825,7 @@ static int send_pages(struct bridge *b)
 {
     const struct br_snap *s = &b->snap;
     b->t_eager0 = now_s(b);
-    /* A run's records must fit the output buffer at once (emit_run reads
-     * into slots that a flush would invalidate): matters for 64 KiB TPS. */
-    uint64_t max_run = (OUT_CAP - 5) / (8 + 256 + s->tps);
-    if (max_run > CHUNK_PAGES)
-        max_run = CHUNK_PAGES;
+    uint64_t max_run = max_run_pages(b);
     for (uint32_t bi = 0; bi < s->nblocks; bi++) {
         struct br_block *blk = &s->blocks[bi];
         uint64_t p = 0;
@@ -777,22 +834,36 @@ static int send_pages(struct bridge *b)
                 return -1;
             if (throttle(b) < 0)
                 return -1;
+            if (blk->host_pages > 1) {  /* whole host pages, requests only in between */
+                if (claim_host_page(blk, p)) {
+                    if (emit_host_page(b, bi, p, max_run) < 0)
+                        return -1;
+                    b->pages_eager += p + blk->host_pages < blk->npages ? blk->host_pages
+                                                                         : blk->npages - p;
+                }
+                p += blk->host_pages;
+                if (b->in_section && b->section_pages >= SECTION_PAGES && section_end(b) < 0)
+                    return -1;
+                if (b->out_len >= FLUSH_AT && (flush(b) < 0 || check_rp(b) < 0))
+                    return -1;
+                continue;
+            }
             /* Skip whole words with nothing left to send. */
             if ((p & 63) == 0 && p + 64 <= blk->npages) {
-                uint64_t todo = ~atomic_load_explicit(&blk->sent[p >> 6], memory_order_relaxed);
+                uint64_t todo = ~mr_core_claimed_word(blk->core, p);
                 if (!b->zero_all)
-                    todo &= blk->file_bitmap[p >> 6];
+                    todo &= mr_core_file_word(blk->core, p);
                 if (!todo) {
                     p += 64;
                     continue;
                 }
             }
-            if (br_bit_sent(blk->sent, p)) {
+            if (mr_core_is_claimed(blk->core, p)) {
                 p++;
                 continue;
             }
-            if (!br_bit_test(blk->file_bitmap, p)) {
-                if (b->zero_all && !br_bit_claim(blk->sent, p)) {
+            if (!mr_core_bit(blk->core, p)) {
+                if (b->zero_all && mr_core_claim(blk->core, p)) {
                     if (emit_page(b, bi, p, NULL) < 0)
                         return -1;
                     b->pages_eager++;
@@ -801,12 +872,12 @@ static int send_pages(struct bridge *b)
             } else {
                 uint64_t k = 1;
                 while (p + k < blk->npages && k < max_run &&
-                       br_bit_test(blk->file_bitmap, p + k) &&
-                       !br_bit_sent(blk->sent, p + k))
+                       mr_core_bit(blk->core, p + k) &&
+                       !mr_core_is_claimed(blk->core, p + k))
                     k++;
                 /* Only this thread claims pages, so the run is still unsent. */
                 for (uint64_t j = 0; j < k; j++)
-                    br_bit_claim(blk->sent, p + j);
+                    mr_core_claim(blk->core, p + j);
                 if (emit_run(b, bi, p, k) < 0)
                     return -1;
                 b->pages_eager += k;
@@ -863,7 +934,7 @@ static int wait_package_loaded(struct bridge *b)
         if (check_rp(b) < 0)
             return -1;
         if (rc != 0 && !queued)
-            return fail(b, "device-load-timeout", "destination did not finish loading the "
+            return fail(b, E_TIMEOUT, "destination did not finish loading the "
                         "device state within %.0f s", b->io_timeout);
     }
 }
@@ -898,7 +969,7 @@ static int wait_shut(struct bridge *b)
         rc = pthread_cond_timedwait(&b->rp_cond, &b->rp_lock, &dl);
     pthread_mutex_unlock(&b->rp_lock);
     if (atomic_load(&b->rp_state) == 0)
-        return fail(b, "shut-timeout", "no SHUT from the destination within %.1f s after EOF",
+        return fail(b, E_TIMEOUT, "no SHUT from the destination within %.1f s after EOF",
                     b->shut_timeout);
     return check_rp(b);
 }
@@ -911,77 +982,47 @@ static int connect_to(struct bridge *b)
         char *end;
         long fd = strtol(b->to + 3, &end, 10);
         if (*end || fd < 0 || fd > 65535)
-            return fail(b, "bad-argument", "bad --to %s", b->to);
+            return fail(b, E_USAGE, "bad --to %s", b->to);
         b->sock = (int)fd;
     } else if (strncmp(b->to, "unix:", 5) == 0) {
         struct sockaddr_un sa = {.sun_family = AF_UNIX};
         if (strlen(b->to + 5) >= sizeof(sa.sun_path))
-            return fail(b, "bad-argument", "socket path longer than %zu bytes: %s",
+            return fail(b, E_USAGE, "socket path longer than %zu bytes: %s",
                         sizeof(sa.sun_path) - 1, b->to + 5);
         strcpy(sa.sun_path, b->to + 5);
         double deadline = now_s(b) + b->connect_timeout;
         for (;;) {
             b->sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
             if (b->sock < 0)
-                return fail(b, "socket-failed", "socket: %s", strerror(errno));
+                return fail(b, E_CONNECT, "socket: %s", strerror(errno));
             if (connect(b->sock, (struct sockaddr *)&sa, sizeof sa) == 0)
                 break;
             int e = errno;
             close(b->sock);
             b->sock = -1;
             if ((e != ENOENT && e != ECONNREFUSED) || now_s(b) > deadline)
-                return fail(b, "connect-failed", "connect %s: %s", b->to + 5, strerror(e));
+                return fail(b, E_CONNECT, "connect %s: %s", b->to + 5, strerror(e));
             struct timespec ts = {0, 10 * 1000 * 1000};
             nanosleep(&ts, NULL);
         }
     } else {
-        return fail(b, "bad-argument", "--to must be unix:PATH or fd:N, got %s", b->to);
+        return fail(b, E_USAGE, "--to must be unix:PATH or fd:N, got %s", b->to);
     }
     struct timeval tv = {.tv_sec = (time_t)b->io_timeout,
                          .tv_usec = (suseconds_t)((b->io_timeout - floor(b->io_timeout)) * 1e6)};
     if (setsockopt(b->sock, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) < 0)
-        return fail(b, "socket-failed", "--to %s is not a socket: %s", b->to, strerror(errno));
+        return fail(b, E_CONNECT, "--to %s is not a socket: %s", b->to, strerror(errno));
     if (b->sndbuf > 0 && setsockopt(b->sock, SOL_SOCKET, SO_SNDBUF, &b->sndbuf,
                                     sizeof b->sndbuf) < 0)
-        return fail(b, "socket-failed", "SO_SNDBUF %d: %s", b->sndbuf, strerror(errno));
+        return fail(b, E_CONNECT, "SO_SNDBUF %d: %s", b->sndbuf, strerror(errno));
     b->t_connected = now_s(b);
     return 0;
 }
 
 /* ---- statistics --------------------------------------------------------- */
 
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static double pct(const double *v, size_t n, double q)
-{
-    if (n == 0)
-        return 0;
-    size_t i = (size_t)ceil(q * (double)n) - (q > 0 ? 1 : 0);
-    return v[i >= n ? n - 1 : i];
-}
-
-static void json_str(FILE *f, const char *s)
-{
-    fputc('"', f);
-    for (; s && *s; s++) {
-        unsigned char c = (unsigned char)*s;
-        if (c == '"' || c == '\\')
-            fprintf(f, "\\%c", c);
-        else if (c < 0x20)
-            fprintf(f, "\\u%04x", c);
-        else
-            fputc(c, f);
-    }
-    fputc('"', f);
-}
-
 static void write_stats(struct bridge *b, FILE *f, int rc)
 {
-    qsort(b->lat, b->lat_len, sizeof(double), cmp_double);
     uint64_t ram = 0, set = 0;
     for (size_t i = 0; i < b->snap.nblocks; i++) {
         ram += b->snap.blocks[i].length;
@@ -990,17 +1031,17 @@ static void write_stats(struct bridge *b, FILE *f, int rc)
     double eager_s = b->t_eager1 > b->t_eager0 ? b->t_eager1 - b->t_eager0 : 0;
     double eager_bytes = (double)b->pages_eager * b->snap.tps;
     fprintf(f, "{\"ok\": %s, \"exit_code\": %d, \"error_name\": ", rc == 0 ? "true" : "false", rc);
-    if (b->err_name)
-        json_str(f, b->err_name);
+    if (b->err.name[0])
+        mr_json_string(f, b->err.name);
     else
         fputs("null", f);
     fputs(", \"error\": ", f);
-    if (b->err_name)
-        json_str(f, b->err);
+    if (b->err.name[0])
+        mr_json_string(f, b->err.msg);
     else
         fputs("null", f);
     fputs(", \"machine\": ", f);
-    json_str(f, b->snap.machine);
+    mr_json_string(f, b->snap.machine);
     fprintf(f, ", \"blocks\": %zu, \"ram_bytes\": %llu, \"file_pages_set\": %llu, "
             "\"zero_pages\": \"%s\", \"shut\": ", b->snap.nblocks, (unsigned long long)ram,
             (unsigned long long)set, b->zero_all ? "all" : "requested");
@@ -1026,16 +1067,9 @@ static void write_stats(struct bridge *b, FILE *f, int rc)
             (unsigned long long)b->requests, (unsigned long long)b->requests_served,
             (unsigned long long)b->requests_duplicate, (unsigned long long)b->rp_bad_requests,
             b->pongs, b->send_seconds, b->read_seconds, (unsigned long long)b->double_sends);
-    fprintf(f, "\"latency_us\": {\"count\": %zu, \"p50\": %.1f, \"p90\": %.1f, \"p99\": %.1f, "
-            "\"max\": %.1f, \"histogram_log2\": [", b->lat_len, pct(b->lat, b->lat_len, 0.5),
-            pct(b->lat, b->lat_len, 0.9), pct(b->lat, b->lat_len, 0.99), b->lat_max);
-    int last = 0;
-    for (int i = 0; i < HIST_BUCKETS; i++)
-        if (b->hist[i])
-            last = i;
-    for (int i = 0; i <= last; i++)
-        fprintf(f, "%s%llu", i ? ", " : "", (unsigned long long)b->hist[i]);
-    fputs("]}}\n", f);
+    fputs("\"latency_us\": ", f);
+    mr_samples_json(f, &b->lat);
+    fputs("}\n", f);
 }
 
 /* ---- entry point -------------------------------------------------------- */
@@ -1045,7 +1079,7 @@ static void usage(FILE *f)
     fputs("usage: fastsnap-loader serve FILE [--offset N] --to unix:PATH|fd:N [--json]\n"
           "       [--stats-file F] [--zero-pages requested|all] [--io-timeout S]\n"
           "       [--shut-timeout S] [--connect-timeout S] [--max-bandwidth MIB_S]\n"
-          "       [--sndbuf BYTES]\n"
+          "       [--sndbuf BYTES] [--host-page-size ID=SIZE]...\n"
           "   or: fastsnap-loader serve FILE [--offset N] --describe\n", f);
 }
 
@@ -1054,7 +1088,7 @@ static void usage(FILE *f)
 static void describe(const struct br_snap *s, FILE *f)
 {
     fputs("{\"machine\": ", f);
-    json_str(f, s->machine);
+    mr_json_string(f, s->machine);
     fprintf(f, ", \"target_page_size\": %u, \"ram_section_id\": %u, \"ram_total\": %llu, "
             "\"early_setup\": [%llu, %llu], \"device_state\": [%llu, %llu], "
             "\"eof_offset\": %llu, \"vmdesc\": %s, \"blocks\": [", s->tps, s->ram_sid,
@@ -1065,7 +1099,7 @@ static void describe(const struct br_snap *s, FILE *f)
     for (size_t i = 0; i < s->nblocks; i++) {
         const struct br_block *blk = &s->blocks[i];
         fprintf(f, "%s{\"id\": ", i ? ", " : "");
-        json_str(f, blk->id);
+        mr_json_string(f, blk->id);
         fprintf(f, ", \"length\": %llu, \"bitmap_offset\": %llu, \"pages_offset\": %llu, "
                 "\"pages_set\": %llu}", (unsigned long long)blk->length,
                 (unsigned long long)blk->bitmap_offset, (unsigned long long)blk->pages_offset,
@@ -1074,46 +1108,53 @@ static void describe(const struct br_snap *s, FILE *f)
     fputs("]}\n", f);
 }
 
+/* --host-page-size ID=SIZE onto the snapshot's blocks. */
+static int apply_host_pages(struct bridge *b)
+{
+    for (size_t i = 0; i < b->nhps; i++) {
+        struct br_block *blk = NULL;
+        for (size_t j = 0; j < b->snap.nblocks; j++)
+            if (b->snap.blocks[j].idlen == b->hps[i].idlen &&
+                memcmp(b->snap.blocks[j].id, b->hps[i].id, b->hps[i].idlen) == 0)
+                blk = &b->snap.blocks[j];
+        if (!blk)
+            return fail(b, E_USAGE, "--host-page-size %.*s: no such block in %s",
+                        (int)b->hps[i].idlen, b->hps[i].id, b->path);
+        if (b->hps[i].size < b->snap.tps || blk->length % b->hps[i].size)
+            return fail(b, E_USAGE, "--host-page-size %.*s=%llu: not a multiple of the target "
+                        "page or does not divide the block length %llu", (int)b->hps[i].idlen,
+                        b->hps[i].id, (unsigned long long)b->hps[i].size,
+                        (unsigned long long)blk->length);
+        blk->host_pages = b->hps[i].size / b->snap.tps;
+    }
+    return 0;
+}
+
 static int run(struct bridge *b)
 {
-    if (br_snap_open(&b->snap, b->path, b->offset) < 0) {
-        fail(b, b->snap.err_name, "%s: %s", b->path, b->snap.err);
-        return b->snap.internal ? 1 : 2;
-    }
+    if (br_snap_open(&b->snap, b->path, b->offset) < 0)
+        return fail(b, b->snap.err.name, "%s: %s", b->path, b->snap.err.msg);
+    if (apply_host_pages(b) < 0)
+        return -1;
     if (b->describe_only) {
         describe(&b->snap, stdout);
         return 0;
     }
-    if (connect_to(b) < 0)
-        return 1;
-    if (send_preamble(b) < 0)
-        return 1;
-    if (pthread_create(&b->rp_thread, NULL, rp_main, b) != 0) {
-        fail(b, "thread-failed", "cannot start the return-path thread");
-        return 1;
-    }
+    if (connect_to(b) < 0 || send_preamble(b) < 0)
+        return -1;
+    if (pthread_create(&b->rp_thread, NULL, rp_main, b) != 0)
+        return fail(b, E_INTERNAL, "cannot start the return-path thread");
     b->rp_started = 1;
     if (send_setup(b) < 0 || send_package(b) < 0 || send_pages(b) < 0 || send_end(b) < 0 ||
         wait_shut(b) < 0)
-        return 1;
+        return -1;
     return 0;
 }
 
-int bridge_main(int argc, char **argv)
+/* Options into b; 0, or -1 with an E_USAGE error (printed with the usage). */
+static int parse_options(struct bridge *b, int argc, char **argv, int *json,
+                         const char **stats_file)
 {
-    struct bridge *b = calloc(1, sizeof(*b));
-    if (!b) {
-        fputs("fastsnap-loader serve: out of memory\n", stderr);
-        return 1;
-    }
-    clock_gettime(CLOCK_MONOTONIC, &b->t_start);
-    b->sock = -1;
-    b->snap.fd = -1;
-    b->io_timeout = 60;
-    b->shut_timeout = 30;
-    b->connect_timeout = 10;
-    const char *stats_file = NULL;
-    int json = 0;
     static const struct option opts[] = {
         {"offset", required_argument, NULL, 'o'}, {"to", required_argument, NULL, 't'},
         {"json", no_argument, NULL, 'j'}, {"stats-file", required_argument, NULL, 's'},
@@ -1124,6 +1165,7 @@ int bridge_main(int argc, char **argv)
         {"max-bandwidth", required_argument, NULL, 'b'},
         {"describe", no_argument, NULL, 'd'},
         {"sndbuf", required_argument, NULL, 'B'},
+        {"host-page-size", required_argument, NULL, 'H'},
         {"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
     /* Called as bridge_main(argc - 1, argv + 1) ("serve" in argv[0]); also
      * accept the whole command line ("fastsnap-loader serve ..."). */
@@ -1132,72 +1174,65 @@ int bridge_main(int argc, char **argv)
         argv++;
     }
     optind = 1;
-    opterr = 0;     /* one error line, ours */
-    int c;
-    char *end;
-    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+    opterr = 0;
+    int c, li = -1;
+    uint64_t n;
+    while ((c = getopt_long(argc, argv, "", opts, &li)) != -1) {
+        int ok = 1;
         switch (c) {
-        case 'o':
-            b->offset = strtoull(optarg, &end, 0);
-            if (*end) {
-                fprintf(stderr, "fastsnap-loader serve: bad --offset %s\n", optarg);
-                free(b);
-                return 2;
+        case 'o': ok = mr_parse_u64(optarg, &b->offset) == 0; break;
+        case 't': b->to = optarg; break;
+        case 'j': *json = 1; break;
+        case 'd': b->describe_only = 1; break;
+        case 'B':
+            ok = mr_parse_u64(optarg, &n) == 0 && n <= INT32_MAX;
+            b->sndbuf = (int)n;
+            break;
+        case 's': *stats_file = optarg; break;
+        case 'H': {
+            const char *eq = strrchr(optarg, '=');
+            ok = eq && eq != optarg && eq - optarg <= 255 && b->nhps < 16 &&
+                 mr_parse_size(eq + 1, &n) == 0 && n >= 4096 && n <= (1ull << 30) &&
+                 (n & (n - 1)) == 0;
+            if (ok) {
+                b->hps[b->nhps].id = optarg;
+                b->hps[b->nhps].idlen = (size_t)(eq - optarg);
+                b->hps[b->nhps++].size = n;
             }
             break;
-        case 't': b->to = optarg; break;
-        case 'j': json = 1; break;
-        case 'd': b->describe_only = 1; break;
-        case 'B': b->sndbuf = atoi(optarg); break;
-        case 's': stats_file = optarg; break;
+        }
         case 'z':
-            if (strcmp(optarg, "all") && strcmp(optarg, "requested")) {
-                fprintf(stderr, "fastsnap-loader serve: --zero-pages requested|all\n");
-                free(b);
-                return 2;
-            }
+            ok = strcmp(optarg, "all") == 0 || strcmp(optarg, "requested") == 0;
             b->zero_all = strcmp(optarg, "all") == 0;
             break;
-        case 'i': b->io_timeout = strtod(optarg, NULL); break;
-        case 'S': b->shut_timeout = strtod(optarg, NULL); break;
-        case 'c': b->connect_timeout = strtod(optarg, NULL); break;
-        case 'b': b->max_bandwidth = strtod(optarg, NULL) * (1 << 20); break;
-        case 'h': usage(stdout); free(b); return 0;
+        case 'i': ok = mr_parse_double(optarg, 1e-3, 1e6, &b->io_timeout) == 0; break;
+        case 'S': ok = mr_parse_double(optarg, 1e-3, 1e6, &b->shut_timeout) == 0; break;
+        case 'c': ok = mr_parse_double(optarg, 0, 1e6, &b->connect_timeout) == 0; break;
+        case 'b':
+            ok = mr_parse_double(optarg, 0, 1e9, &b->max_bandwidth) == 0;
+            b->max_bandwidth *= 1 << 20;
+            break;
+        case 'h': b->help = 1; return 0;
         default:
-            fprintf(stderr, "fastsnap-loader serve: unknown option or missing value: %s "
-                    "(--help shows the usage)\n", argv[optind - 1]);
-            free(b);
-            return 2;
+            return fail(b, E_USAGE, "unknown option or missing value: %s", argv[optind - 1]);
         }
+        if (!ok)
+            return fail(b, E_USAGE, "bad value for --%s: %s", opts[li].name, optarg);
     }
-    if (optind != argc - 1 || (!b->to && !b->describe_only) || b->io_timeout <= 0 ||
-        b->shut_timeout <= 0) {
-        fputs("fastsnap-loader serve: needs one FILE and --to unix:PATH|fd:N (or --describe); "
-              "timeouts > 0 (--help shows the usage)\n", stderr);
-        free(b);
-        return 2;
-    }
+    if (optind != argc - 1)
+        return fail(b, E_USAGE, optind < argc ? "exactly one FILE expected" : "FILE missing");
+    if (!b->to && !b->describe_only)
+        return fail(b, E_USAGE, "--to unix:PATH|fd:N (or --describe) is required");
     b->path = argv[optind];
-    pthread_mutex_init(&b->out_lock, NULL);
-    pthread_mutex_init(&b->rp_lock, NULL);
-    pthread_cond_init(&b->rp_cond, NULL);
-    b->out = malloc(OUT_CAP);
-    b->stage = malloc((size_t)CHUNK_PAGES * 65536);
-    b->lat = malloc(LAT_MAX_SAMPLES * sizeof(double));
-    int rc;
-    if (!b->out || !b->stage || !b->lat) {
-        fail(b, "oom", "out of memory");
-        rc = 1;
-    } else {
-        rc = run(b);
-    }
-    if (b->sock >= 0)
-        shutdown(b->sock, SHUT_RDWR);    /* unblocks the return-path reader */
-    if (b->rp_started)
-        pthread_join(b->rp_thread, NULL);
+    return 0;
+}
+
+/* Error line, JSON stats, stats file: what a finished run reports. */
+static void report(struct bridge *b, int rc, int json, const char *stats_file)
+{
     if (rc != 0)
-        fprintf(stderr, "fastsnap-loader serve: %s: %s\n", b->err_name ? b->err_name : "error",
-                b->err);
+        fprintf(stderr, "fastsnap-loader serve: %s: %s\n", b->err.name[0] ? b->err.name
+                : E_INTERNAL, b->err.msg);
     if (json && !(b->describe_only && rc == 0))
         write_stats(b, stdout, rc);
     if (stats_file) {
@@ -1209,12 +1244,16 @@ int bridge_main(int argc, char **argv)
             fprintf(stderr, "fastsnap-loader serve: %s: %s\n", stats_file, strerror(errno));
         }
     }
+}
+
+static void bridge_free(struct bridge *b)
+{
     if (b->sock >= 0 && b->to && strncmp(b->to, "fd:", 3) != 0)
         close(b->sock);
     br_snap_close(&b->snap);
     free(b->out);
     free(b->stage);
-    free(b->lat);
+    mr_samples_free(&b->lat);
     free(b->q);
     if (b->in_section)      /* a failure left a section open */
         pthread_mutex_unlock(&b->out_lock);
@@ -1222,5 +1261,50 @@ int bridge_main(int argc, char **argv)
     pthread_mutex_destroy(&b->rp_lock);
     pthread_cond_destroy(&b->rp_cond);
     free(b);
+}
+
+/* Exit status per mr_errors.h: 0 served, 2 unusable input, 1 run-time failure. */
+int bridge_main(int argc, char **argv)
+{
+    struct bridge *b = calloc(1, sizeof(*b));
+    if (!b) {
+        fputs("fastsnap-loader serve: " E_INTERNAL ": out of memory\n", stderr);
+        return 1;
+    }
+    clock_gettime(CLOCK_MONOTONIC, &b->t_start);
+    b->sock = -1;
+    b->snap.fd = -1;
+    b->io_timeout = 60;
+    b->shut_timeout = 30;
+    b->connect_timeout = 10;
+    pthread_mutex_init(&b->out_lock, NULL);
+    pthread_mutex_init(&b->rp_lock, NULL);
+    pthread_cond_init(&b->rp_cond, NULL);
+    const char *stats_file = NULL;
+    int json = 0;
+    if (parse_options(b, argc, argv, &json, &stats_file) < 0 || b->help) {
+        if (b->help)    /* a usage error is one line, like every subcommand's */
+            usage(stdout);
+        else
+            fprintf(stderr, "fastsnap-loader serve: %s: %s (--help shows the usage)\n",
+                    b->err.name, b->err.msg);
+        int rc = b->help ? 0 : 2;
+        bridge_free(b);
+        return rc;
+    }
+    b->out = malloc(OUT_CAP);
+    b->stage = malloc((size_t)CHUNK_PAGES * 65536);
+    int rc;
+    if (!b->out || !b->stage)
+        rc = fail(b, E_INTERNAL, "out of memory");
+    else
+        rc = run(b);
+    rc = rc == 0 ? 0 : mr_error_exit(b->err.name[0] ? b->err.name : E_INTERNAL);
+    if (b->sock >= 0)
+        shutdown(b->sock, SHUT_RDWR);    /* unblocks the return-path reader */
+    if (b->rp_started)
+        pthread_join(b->rp_thread, NULL);
+    report(b, rc, json, stats_file);
+    bridge_free(b);
     return rc;
 }

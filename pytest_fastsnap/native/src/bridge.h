@@ -6,18 +6,28 @@
  *   fastsnap-loader serve FILE [--offset N] --to unix:PATH|fd:N
  *                   [--json] [--stats-file F] [--zero-pages requested|all]
  *                   [--io-timeout S] [--shut-timeout S] [--connect-timeout S]
- *                   [--max-bandwidth MIB_S]
+ *                   [--max-bandwidth MIB_S] [--sndbuf BYTES]
+ *                   [--host-page-size ID=SIZE]...
  *   fastsnap-loader serve FILE [--offset N] --describe   (parse only, JSON)
  *
  * --zero-pages: clear-bit (zero) pages are sent only when requested by
  * default: ADVISE discards all guest RAM, so a page never placed reads as
  * zero once the destination unregisters userfaultfd at EOF; `all` sends a
  * ZERO record for every clear page too.  --max-bandwidth caps the eager
- * stream (requests are never throttled).
+ * stream (requests are never throttled).  --host-page-size names a
+ * destination block backed by huge pages (hugetlbfs / memfd hugetlb=on; the
+ * file does not record it): ADVISE carries the OR of all page sizes, RAM
+ * START that block's page size, the discard covers a whole host page, and
+ * every host page's target pages are sent consecutively (ZERO records
+ * included), on request and eagerly, never interleaved with another.
  *
- * Exit status: 0 migration completed (SHUT 0 received), 2 invalid snapshot
- * or arguments, 1 any run-time failure (destination died or reported an
- * error, file short, timeout).  Errors go to stderr, one line each.
+ * Exit status (mr_errors.h, the same for every subcommand): 0 migration
+ * completed (SHUT 0 received) or --describe printed; 2 unusable input (bad
+ * option or number, FILE missing/unreadable/not a regular file, invalid
+ * snapshot, E_UNSUPPORTED); 1 run-time failure (destination died or
+ * reported an error, file shrank, timeout, out of memory).  Errors go to
+ * stderr as one line `fastsnap-loader serve: E_NAME: message`; --json also
+ * carries the name in "error_name".
  */
 #ifndef FASTSNAP_BRIDGE_H
 #define FASTSNAP_BRIDGE_H

@@ -25,16 +25,15 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-static int fail(struct br_snap *s, const char *name, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
+#include "mr_errors.h"
 
+__attribute__((format(printf, 3, 4)))
 static int fail(struct br_snap *s, const char *name, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(s->err, sizeof(s->err), fmt, ap);
+    mr_error_vset(&s->err, name, fmt, ap);
     va_end(ap);
-    s->err_name = name;
     return -1;
 }
 
@@ -42,7 +41,7 @@ static int fail(struct br_snap *s, const char *name, const char *fmt, ...)
 static int rd(struct br_snap *s, uint64_t off, void *buf, size_t n, const char *what)
 {
     if (off > s->file_size || n > s->file_size - off)
-        return fail(s, "truncated", "%s at offset %#llx (+%zu) is past the end of the file "
+        return fail(s, E_TRUNCATED, "%s at offset %#llx (+%zu) is past the end of the file "
                     "(%llu bytes)", what, (unsigned long long)off, n,
                     (unsigned long long)s->file_size);
     size_t done = 0;
@@ -51,10 +50,10 @@ static int rd(struct br_snap *s, uint64_t off, void *buf, size_t n, const char *
         if (r < 0 && errno == EINTR)
             continue;
         if (r < 0)
-            return fail(s, "io-error", "reading %s at %#llx: %s", what,
+            return fail(s, E_IO, "reading %s at %#llx: %s", what,
                         (unsigned long long)(off + done), strerror(errno));
         if (r == 0)
-            return fail(s, "truncated", "reading %s at %#llx: file ended early", what,
+            return fail(s, E_TRUNCATED, "reading %s at %#llx: file ended early", what,
                         (unsigned long long)(off + done));
         done += (size_t)r;
     }
@@ -70,12 +69,12 @@ static int keep_config(struct br_snap *s)
     const mr_snapshot *ms = &s->ms;
     size_t len = strlen(ms->machine);
     if (len == 0 || len >= sizeof(s->machine))
-        return fail(s, "bad-machine-name", "machine name length %zu out of range", len);
+        return fail(s, E_CONFIG, "machine name length %zu out of range", len);
     memcpy(s->machine, ms->machine, len + 1);
     s->machine_len = (uint32_t)len;
     for (unsigned i = 0; i < ms->ncaps; i++)
         if (strcmp(ms->caps[i], "mapped-ram") != 0)
-            return fail(s, "unsupported-capability", "capability %s cannot be served by a "
+            return fail(s, E_UNSUPPORTED, "capability %s cannot be served by a "
                         "postcopy source", ms->caps[i]);
     const mr_range *keep[2] = {NULL, NULL};
     if (ms->has_target_page_bits)
@@ -92,7 +91,7 @@ static int keep_config(struct br_snap *s)
             continue;
         size_t n = (size_t)(keep[i]->end - keep[i]->start);
         if (n > sizeof(s->cfg_keep) - s->cfg_keep_len)
-            return fail(s, "bad-configuration", "configuration subsections too large");
+            return fail(s, E_CONFIG, "configuration subsections too large");
         if (rd(s, keep[i]->start, s->cfg_keep + s->cfg_keep_len, n, "subsection") < 0)
             return -1;
         s->cfg_keep_len += n;
@@ -107,7 +106,7 @@ static int load_block(struct br_snap *s, mr_core_block *core, struct br_block *b
     const mr_block *mb = core->meta;
     size_t idlen = strlen(mb->id);
     if (idlen == 0 || idlen > 255)
-        return fail(s, "bad-block-id", "block id of length %zu", idlen);
+        return fail(s, E_BLOCK_ID, "block id of length %zu", idlen);
     memcpy(blk->id, mb->id, idlen + 1);
     blk->idlen = (uint8_t)idlen;
     blk->length = mb->used_length;
@@ -116,12 +115,10 @@ static int load_block(struct br_snap *s, mr_core_block *core, struct br_block *b
     blk->pages_offset = mb->pages_offset;
     if (mb->page_size != s->tps || blk->npages != blk->length / s->tps ||
         core->num_pages != blk->npages)
-        return fail(s, "internal", "block %s: parser geometry disagrees", blk->id);
+        return fail(s, E_INTERNAL, "block %s: parser geometry disagrees", blk->id);
     blk->core = core;
-    blk->file_bitmap = core->file_bits;
-    blk->sent = core->claimed;
-    for (uint64_t w = 0; w < core->nwords; w++)
-        blk->set_pages += (uint64_t)__builtin_popcountll(blk->file_bitmap[w]);
+    blk->set_pages = mr_core_set_pages(core);
+    blk->host_pages = 1;
     return 0;
 }
 
@@ -129,17 +126,9 @@ int br_snap_open(struct br_snap *s, const char *path, uint64_t offset)
 {
     memset(s, 0, sizeof(*s));
     mr_snapshot *ms = &s->ms;
-    mr_error me;
-    int rc = mr_open(path, &s->fd, &me);
-    if (rc == MR_OK)
-        rc = mr_parse(s->fd, offset, NULL, ms, &me);
-    if (rc != MR_OK) {
-        s->internal = rc == MR_INTERNAL;
-        snprintf(s->err_name_buf, sizeof(s->err_name_buf), "%s", me.name);
-        s->err_name = s->err_name_buf;
-        snprintf(s->err, sizeof(s->err), "%s", me.msg);
+    if (mr_open(path, &s->fd, &s->err) != MR_OK ||
+        mr_parse(s->fd, offset, NULL, ms, &s->err) != MR_OK)
         return -1;
-    }
     s->file_size = ms->file_size;
     s->base = offset;
     s->tps = (uint32_t)ms->page_size;
@@ -149,19 +138,19 @@ int br_snap_open(struct br_snap *s, const char *path, uint64_t offset)
     s->dev_len = ms->eof_offset - ms->dev_start;
     s->has_vmdesc = ms->has_vmdesc;
     if (ms->ignore_shared)
-        return fail(s, "unsupported-capability", "x-ignore-shared snapshots cannot be "
+        return fail(s, E_UNSUPPORTED, "x-ignore-shared snapshots cannot be "
                     "served: postcopy is not compatible with ignore-shared");
     if (ms->nblocks == 0 || ms->nblocks > BR_MAX_BLOCKS || ms->ram_sid == 0)
-        return fail(s, "unsupported-snapshot", "%zu RAM blocks, RAM section id %u",
+        return fail(s, E_UNSUPPORTED, "%zu RAM blocks, RAM section id %u",
                     ms->nblocks, ms->ram_sid);
     if (keep_config(s) < 0)
         return -1;
     s->core = calloc(ms->nblocks, sizeof(*s->core));
     s->blocks = calloc(ms->nblocks, sizeof(*s->blocks));
     if (!s->core || !s->blocks)
-        return fail(s, "oom", "out of memory");
+        return fail(s, E_INTERNAL, "out of memory");
     if (mr_core_init(s->fd, ms, s->core) < 0)
-        return fail(s, "io-error", "reading bitmaps: %s", strerror(errno));
+        return fail(s, E_IO, "reading bitmaps: %s", strerror(errno));
     for (size_t i = 0; i < ms->nblocks; i++) {
         if (load_block(s, &s->core[i], &s->blocks[i]) < 0)
             return -1;

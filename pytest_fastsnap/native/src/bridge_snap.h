@@ -25,10 +25,9 @@ struct br_block {
     uint64_t npages;        /* length / tps */
     uint64_t bitmap_offset; /* absolute file offsets */
     uint64_t pages_offset;
-    uint64_t *file_bitmap;  /* = core->file_bits: page i has data in the file */
-    _Atomic uint64_t *sent; /* = core->claimed: page i is (being) put on the wire */
-    mr_core_block *core;    /* the loader core's per-block page state */
-    uint64_t set_pages;     /* bits set in file_bitmap */
+    mr_core_block *core;    /* page state: file bitmap; claimed = (being) put on the wire */
+    uint64_t set_pages;     /* pages with data in the file */
+    uint64_t host_pages;    /* target pages per destination host page (1; 512 for 2 MiB) */
 };
 
 struct br_snap {
@@ -49,33 +48,13 @@ struct br_snap {
     struct br_block *blocks;
     uint64_t dev_off, dev_len;      /* device-state run, without EOF */
     int has_vmdesc;
-    const char *err_name;           /* stable error name on failure */
-    char err_name_buf[24];
-    char err[512];
-    int internal;                   /* failure was not the file's fault */
+    mr_error err;                   /* E_* name (mr_errors.h) and message on failure */
     mr_snapshot ms;                 /* strict parse, kept for core->meta */
     mr_core_block *core;            /* ms.nblocks entries */
 };
 
-/* 0 on success; -1 with snap->err_name/err set. */
+/* 0 on success; -1 with snap->err set (exit status: mr_error_exit(err.name)). */
 int br_snap_open(struct br_snap *snap, const char *path, uint64_t offset);
 void br_snap_close(struct br_snap *snap);
-
-static inline int br_bit_test(const uint64_t *map, uint64_t i)
-{
-    return (int)((map[i >> 6] >> (i & 63)) & 1u);
-}
-
-static inline int br_bit_sent(_Atomic uint64_t *map, uint64_t i)
-{
-    return (int)((atomic_load_explicit(&map[i >> 6], memory_order_relaxed) >> (i & 63)) & 1u);
-}
-
-/* Atomic test-and-set: returns the previous value of the bit. */
-static inline int br_bit_claim(_Atomic uint64_t *map, uint64_t i)
-{
-    uint64_t mask = UINT64_C(1) << (i & 63);
-    return (atomic_fetch_or_explicit(&map[i >> 6], mask, memory_order_acq_rel) & mask) != 0;
-}
 
 #endif

@@ -1,3 +1,4 @@
+/* Owns reading the file bitmaps into per-block page state (see mr_core.h). */
 #define _GNU_SOURCE
 #include "mr_core.h"
 
@@ -52,6 +53,14 @@ int mr_core_init(int fd, const mr_snapshot *snap, mr_core_block *blocks)
             b->file_bits[b->nwords - 1] &= (1ull << (m->num_pages % 64)) - 1;
     }
     return 0;
+}
+
+uint64_t mr_core_set_pages(const mr_core_block *b)
+{
+    uint64_t n = 0;
+    for (uint64_t w = 0; w < b->nwords; w++)
+        n += (uint64_t)__builtin_popcountll(b->file_bits[w]);
+    return n;
 }
 
 void mr_core_free(mr_core_block *blocks, size_t n)

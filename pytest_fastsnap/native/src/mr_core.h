@@ -1,4 +1,7 @@
-/* Per-block page state for restores: the file bitmap (loaded after the
+/* Owns per-page state and the only bitmap bit helpers of the loader (the
+ * local loader, the bridge and inspect all go through these).
+ *
+ * Per-block page state for restores: the file bitmap (loaded after the
  * snapshot was validated) and an atomic "claimed" bitmap: whoever sets a
  * page's claimed bit first (atomic_fetch_or on its 64-bit word) loads that
  * page, exactly once.  A per-page load counter is a debug check: a second
@@ -26,6 +29,20 @@ typedef struct mr_core_block {
 int mr_core_init(int fd, const mr_snapshot *snap, mr_core_block *blocks);
 void mr_core_free(mr_core_block *blocks, size_t n);
 
+/* Pages with data in the file (bits set in the file bitmap). */
+uint64_t mr_core_set_pages(const mr_core_block *b);
+
+/* 64-page words, for loops that skip whole words: bit i of word w is page 64*w+i. */
+static inline uint64_t mr_core_file_word(const mr_core_block *b, uint64_t page)
+{
+    return b->file_bits[page / 64];
+}
+
+static inline uint64_t mr_core_claimed_word(mr_core_block *b, uint64_t page)
+{
+    return atomic_load_explicit(&b->claimed[page / 64], memory_order_relaxed);
+}
+
 static inline int mr_core_bit(const mr_core_block *b, uint64_t page)
 {
     return (int)(b->file_bits[page / 64] >> (page % 64) & 1);
@@ -40,8 +57,7 @@ static inline int mr_core_claim(mr_core_block *b, uint64_t page)
 
 static inline int mr_core_is_claimed(mr_core_block *b, uint64_t page)
 {
-    return (int)(atomic_load_explicit(&b->claimed[page / 64], memory_order_relaxed) >>
-                 (page % 64) & 1);
+    return (int)(mr_core_claimed_word(b, page) >> (page % 64) & 1);
 }
 
 /* Record that page was placed; returns 1 if it had been placed before (a double load). */

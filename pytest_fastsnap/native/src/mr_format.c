@@ -826,6 +826,42 @@ int mr_open(const char *path, int *fd, mr_error *err)
     return MR_INVALID;
 }
 
+/* The only function that calls setjmp.  Everything a longjmp can leave
+ * changed lives behind `c` (in mr_parse's frame), never in a local of this
+ * function, so nothing is indeterminate after the jump (C11 7.13.2.1p3). */
+static int parse_guarded(pctx *c)
+{
+    if (setjmp(c->jb))
+        return c->status;
+    c->cache = malloc(CACHE_SIZE);
+    if (!c->cache)
+        internal(c, "out of memory (%u bytes)", CACHE_SIZE);
+    struct stat st;
+    if (fstat(c->fd, &st) < 0)
+        internal(c, "fstat: %s", strerror(errno));
+    c->size = c->snap->file_size = (uint64_t)st.st_size;
+    uint64_t s = c->snap->stream_offset;
+    if (s > c->size)
+        fail(c, "E_TRUNCATED", "stream offset %#" PRIx64 " beyond the file (%#" PRIx64 ")", s,
+             c->size);
+    uint64_t magic = uint_at(c, s, 4, "stream magic");
+    if (magic != MAGIC)
+        fail(c, "E_MAGIC", "stream header at %#" PRIx64 ": magic %#010" PRIx64 " != 0x5145564d "
+             "(QEVM)", s, magic);
+    uint64_t version = uint_at(c, s + 4, 4, "stream version");
+    if (version != STREAM_VERSION)
+        fail(c, "E_VERSION", "stream header: version %" PRIu64 " != 3%s", version,
+             version == 2 ? " (v2 is obsolete)" : "");
+    uint64_t pos = configuration(c, s + 8);
+    pos = find_ram_start(c, pos);
+    c->snap->early_setup.start = c->snap->config.end;
+    c->snap->early_setup.end = pos;
+    pos = ram_start(c, pos);
+    pos = ram_records(c, pos);
+    tail(c, pos);
+    return MR_OK;
+}
+
 int mr_parse(int fd, uint64_t stream_offset, const mr_limits *limits, mr_snapshot *out,
              mr_error *err)
 {
@@ -839,41 +875,12 @@ int mr_parse(int fd, uint64_t stream_offset, const mr_limits *limits, mr_snapsho
     c.snap = out;
     out->page_size = 4096;
     out->stream_offset = stream_offset;
-    if (setjmp(c.jb)) {
-        free(c.window);
-        free(c.cache);
-        mr_snapshot_free(out);
-        return c.status;
-    }
-    c.cache = malloc(CACHE_SIZE);
-    if (!c.cache)
-        internal(&c, "out of memory (%u bytes)", CACHE_SIZE);
-    struct stat st;
-    if (fstat(fd, &st) < 0)
-        internal(&c, "fstat: %s", strerror(errno));
-    c.size = out->file_size = (uint64_t)st.st_size;
-    uint64_t s = stream_offset;
-    if (s > c.size)
-        fail(&c, "E_TRUNCATED", "stream offset %#" PRIx64 " beyond the file (%#" PRIx64 ")", s,
-             c.size);
-    uint64_t magic = uint_at(&c, s, 4, "stream magic");
-    if (magic != MAGIC)
-        fail(&c, "E_MAGIC", "stream header at %#" PRIx64 ": magic %#010" PRIx64 " != 0x5145564d "
-             "(QEVM)", s, magic);
-    uint64_t version = uint_at(&c, s + 4, 4, "stream version");
-    if (version != STREAM_VERSION)
-        fail(&c, "E_VERSION", "stream header: version %" PRIu64 " != 3%s", version,
-             version == 2 ? " (v2 is obsolete)" : "");
-    uint64_t pos = configuration(&c, s + 8);
-    pos = find_ram_start(&c, pos);
-    out->early_setup.start = out->config.end;
-    out->early_setup.end = pos;
-    pos = ram_start(&c, pos);
-    pos = ram_records(&c, pos);
-    tail(&c, pos);
+    int rc = parse_guarded(&c);
     free(c.window);
     free(c.cache);
-    return MR_OK;
+    if (rc != MR_OK)
+        mr_snapshot_free(out);
+    return rc;
 }
 
 void mr_snapshot_free(mr_snapshot *snap)

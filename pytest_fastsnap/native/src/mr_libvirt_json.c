@@ -4,7 +4,7 @@
 #include <stdio.h>
 
 #include "mr_libvirt.h"
-#include "mr_local.h" /* mr_json_string */
+#include "mr_json.h"
 
 void mr_libvirt_json(FILE *out, const mr_libvirt *lv)
 {

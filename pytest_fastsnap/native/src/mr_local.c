@@ -1,6 +1,7 @@
-/* Local lazy restore through userfaultfd: a fault thread, an eager thread,
- * access-driver threads; pages claimed through mr_core so each is placed
- * exactly once.  All state lives in one lctx per load. */
+/* Owns `load`: local restore through userfaultfd (a fault thread, an eager
+ * thread, access-driver threads; pages claimed through mr_core so each is
+ * placed exactly once) and the sync pread mode.  All state lives in one lctx
+ * per load.  userfaultfd set-up is mr_uffd.c, uffd-bench/--baseline mr_bench.c. */
 #define _GNU_SOURCE
 #include "mr_local.h"
 
@@ -16,6 +17,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -24,16 +26,36 @@
 #include <unistd.h>
 
 #include "mr_core.h"
+#include "mr_errors.h"
 #include "mr_sha256.h"
-
-#ifndef USERFAULTFD_IOC_NEW
-#define USERFAULTFD_IOC_NEW _IO(0xAA, 0x00)
-#endif
+#include "mr_stats.h"
+#include "mr_uffd.h"
 
 #define PAGE 4096ull
 #define RUN_PAGES 256u
 #define RUN_PAGES_MIN 16u /* eager run right after a fault; doubles back to RUN_PAGES */
-#define HIST_BUCKETS 32
+
+#define MAX_FAULT_THREADS 16u
+#define HUGE_PAGE (2ull << 20)  /* --hugepages: hugetlbfs host page */
+
+/* Per-page stage stamps of a fault resolved by a fault thread (ns): the
+ * event read and the resolving ioctl's return; the toucher turns them into
+ * "kernel entry -> event read" and "placed -> toucher resumes". */
+typedef struct page_stamp {
+    _Atomic uint64_t read, placed;
+} page_stamp;
+
+struct lctx;
+
+/* One fault-handling thread and what only it writes (merged after join). */
+typedef struct fault_worker {
+    struct lctx *c;
+    pthread_t th;
+    uint64_t faults;
+    uint64_t dedup;                 /* faults on a page another thread was placing */
+    mr_samples lat;                 /* event read -> resolving ioctl returned */
+    mr_samples claim, pread, copy;  /* stages: read -> claimed, pread, ioctl */
+} fault_worker;
 
 typedef struct lctx {
     int fd;
@@ -43,23 +65,31 @@ typedef struct lctx {
     mr_core_block *blocks;
     size_t nblocks;
     uint64_t total_pages;
+    uint64_t unit;                  /* pages placed as one host page: 1, or 512 (2 MiB) */
     _Atomic int pending_faults;
     _Atomic int stop;
+    int stop_efd;                   /* readable once stop is set: wakes the fault thread */
     _Atomic int failed;
-    char errmsg[256];
+    mr_error err;                   /* first failure: E_* name and message */
+    /* threads and timestamps of the restore */
+    fault_worker fw[MAX_FAULT_THREADS];
+    unsigned nfw;                   /* fault threads started */
+    page_stamp **stamps;            /* per block, per page (uffd modes) */
+    pthread_t et;
+    int et_started;
+    uint64_t t0, t_ready, t_complete;
     /* stats */
     _Atomic uint64_t bytes_read, pages_copied, pages_zero, double_loads, pages_loaded;
     _Atomic uint64_t eager_pages, eager_ns, wakes;
     _Atomic uint64_t fault_seq;     /* fault events read so far (eager backs off) */
-    /* fault thread only (read after join) */
+    /* fault threads' results, merged after they are joined */
     uint64_t faults;
-    uint64_t dedup;                 /* faults on a page another thread was placing */
-    uint64_t *lat_ns;
-    size_t lat_n, lat_cap;
-    uint64_t hist[HIST_BUCKETS];
+    uint64_t dedup;
+    mr_samples fault_lat, st_claim, st_pread, st_copy;
+    /* access threads' stages: kernel entry -> event read, placed -> resumed */
+    mr_samples st_event, st_resume;
     /* access threads' cold touches, merged after they are joined */
-    uint64_t *touch_ns;
-    size_t touch_n;
+    mr_samples touch_lat;
 } lctx;
 
 typedef struct access_arg {
@@ -70,85 +100,40 @@ typedef struct access_arg {
     uint64_t order_n;
     uint64_t sink;
     int record;              /* time cold touches (not in the completion pass) */
-    uint64_t *lat;           /* this thread's cold-touch latencies, ns */
-    size_t lat_n, lat_cap;
+    mr_samples lat;          /* this thread's cold-touch latencies */
+    mr_samples st_event, st_resume;
 } access_arg;
 
-static uint64_t now_ns(void)
+/* Bytes mapped for a block: used_length rounded up to the host page. */
+static uint64_t map_len(const lctx *c, const mr_core_block *b)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+    uint64_t host = c->unit * PAGE;
+    return (b->meta->used_length + host - 1) / host * host;
 }
 
-static void set_fail(lctx *c, const char *fmt, ...)
+/* Stops every thread: the flag for the loops, the eventfd for the fault
+ * thread blocked in poll(). */
+static void request_stop(lctx *c)
+{
+    atomic_store(&c->stop, 1);
+    uint64_t one = 1;
+    if (c->stop_efd >= 0 && write(c->stop_efd, &one, sizeof one) < 0) {
+        /* only EAGAIN (counter saturated) is possible: already readable */
+    }
+}
+
+/* Records the first failure (any thread) and stops everything. */
+__attribute__((format(printf, 3, 4)))
+static void set_fail(lctx *c, const char *name, const char *fmt, ...)
 {
     int expected = 0;
     if (atomic_compare_exchange_strong(&c->failed, &expected, 1)) {
         va_list ap;
         va_start(ap, fmt);
-        vsnprintf(c->errmsg, sizeof c->errmsg, fmt, ap);
+        mr_error_vset(&c->err, name, fmt, ap);
         va_end(ap);
     }
-    atomic_store(&c->stop, 1);
-}
-
-int mr_uffd_open(void)
-{
-    int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
-    if (dev >= 0) {
-        int fd = ioctl(dev, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
-        close(dev);
-        if (fd >= 0)
-            return fd;
-    }
-    return (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
-}
-
-static int uffd_setup(int *out, char *err, size_t errlen)
-{
-    int fd = mr_uffd_open();
-    if (fd < 0) {
-        snprintf(err, errlen, "userfaultfd: %s (neither /dev/userfaultfd nor the syscall "
-                 "worked; check vm.unprivileged_userfaultfd or CAP_SYS_PTRACE)", strerror(errno));
-        return -1;
-    }
-    struct uffdio_api api = {.api = UFFD_API, .features = 0};
-    if (ioctl(fd, UFFDIO_API, &api) < 0) {
-        snprintf(err, errlen, "UFFDIO_API: %s", strerror(errno));
-        close(fd);
-        return -1;
-    }
-    uint64_t need = (1ull << _UFFDIO_REGISTER) | (1ull << _UFFDIO_UNREGISTER);
-    if ((api.ioctls & need) != need) {
-        snprintf(err, errlen, "UFFDIO_API: REGISTER/UNREGISTER not offered");
-        close(fd);
-        return -1;
-    }
-    *out = fd;
-    return 0;
-}
-
-static int uffd_register(int uffd, void *addr, uint64_t len, char *err, size_t errlen)
-{
-    struct uffdio_register reg = {.range = {.start = (uintptr_t)addr, .len = len},
-                                  .mode = UFFDIO_REGISTER_MODE_MISSING};
-    if (ioctl(uffd, UFFDIO_REGISTER, &reg) < 0) {
-        snprintf(err, errlen, "UFFDIO_REGISTER: %s", strerror(errno));
-        return -1;
-    }
-    uint64_t need = (1ull << _UFFDIO_COPY) | (1ull << _UFFDIO_ZEROPAGE) | (1ull << _UFFDIO_WAKE);
-    if ((reg.ioctls & need) != need) {
-        snprintf(err, errlen, "UFFDIO_REGISTER: COPY/ZEROPAGE/WAKE not offered on the range");
-        return -1;
-    }
-    return 0;
-}
-
-static int uffd_wake(int uffd, void *addr, uint64_t len)
-{
-    struct uffdio_range r = {.start = (uintptr_t)addr, .len = len};
-    return ioctl(uffd, UFFDIO_WAKE, &r);
+    request_stop(c);
 }
 
 static int pread_full(int fd, void *buf, size_t n, uint64_t off)
@@ -201,10 +186,11 @@ static int place(lctx *c, unsigned char *dst, const unsigned char *src, uint64_t
             continue;
         }
         if (e == EEXIST) {
-            /* The next page is already present: wake its waiters and move on. */
-            uffd_wake(c->uffd, dst + done, PAGE);
+            /* The next host page is already present: wake its waiters and move on. */
+            if (mr_uffd_wake(c->uffd, dst + done, c->unit * PAGE) < 0)
+                return -1;
             atomic_fetch_add(&c->wakes, 1);
-            done += PAGE;
+            done += c->unit * PAGE;
             continue;
         }
         if (e == EAGAIN && ++tries < 100000) {
@@ -217,15 +203,16 @@ static int place(lctx *c, unsigned char *dst, const unsigned char *src, uint64_t
     return 0;
 }
 
-static mr_core_block *find_block(lctx *c, uintptr_t addr, uint64_t *page)
+static mr_core_block *find_block(lctx *c, uintptr_t addr, uint64_t *page, size_t *index)
 {
     for (size_t i = 0; i < c->nblocks; i++) {
         mr_core_block *b = &c->blocks[i];
         if (!b->mem)
             continue;
         uintptr_t base = (uintptr_t)b->mem;
-        if (addr >= base && addr < base + b->meta->used_length) {
+        if (addr >= base && addr < base + map_len(c, b)) {
             *page = (addr - base) / PAGE;
+            *index = i;
             return b;
         }
     }
@@ -243,12 +230,62 @@ static void account(lctx *c, mr_core_block *b, uint64_t first, uint64_t n, int d
     atomic_fetch_add(data ? &c->pages_copied : &c->pages_zero, n);
 }
 
-static int load_one(lctx *c, mr_core_block *b, uint64_t page, unsigned char *buf)
+/* --hugepages: fills buf with the host page starting at `first` (data pages
+ * read in runs, clear-bit pages and pages past the block zeroed) and places
+ * it with one UFFDIO_COPY; the caller owns the claim on `first`, which
+ * stands for the whole host page: the other pages' claims are set here. */
+static int load_unit(lctx *c, mr_core_block *b, uint64_t first, unsigned char *buf)
+{
+    for (uint64_t p = first + 1; p < first + c->unit && p < b->num_pages; p++)
+        mr_core_claim(b, p);
+    uint64_t p = first, end = first + c->unit;
+    while (p < end) {
+        if (p >= b->num_pages) {
+            memset(buf + (p - first) * PAGE, 0, (size_t)((end - p) * PAGE));
+            break;
+        }
+        int bit = mr_core_bit(b, p);
+        uint64_t run = 1;
+        while (p + run < end && p + run < b->num_pages && mr_core_bit(b, p + run) == bit)
+            run++;
+        unsigned char *dst = buf + (p - first) * PAGE;
+        if (bit) {
+            if (pread_full(c->fd, dst, (size_t)(run * PAGE), b->meta->pages_offset + p * PAGE) < 0)
+                return -1;
+            atomic_fetch_add(&c->bytes_read, run * PAGE);
+        } else {
+            memset(dst, 0, (size_t)(run * PAGE));
+        }
+        p += run;
+    }
+    if (place(c, b->mem + first * PAGE, buf, c->unit) < 0)
+        return -1;
+    for (uint64_t q = first; q < end && q < b->num_pages;) {
+        int bit = mr_core_bit(b, q);
+        uint64_t run = 1;
+        while (q + run < end && q + run < b->num_pages && mr_core_bit(b, q + run) == bit)
+            run++;
+        account(c, b, q, run, bit);
+        q += run;
+    }
+    return 0;
+}
+
+/* Places one claimed page; *t_read_done = when its data was in buf. */
+static int load_one(lctx *c, mr_core_block *b, uint64_t page, unsigned char *buf,
+                    uint64_t *t_read_done)
 {
     unsigned char *dst = b->mem + page * PAGE;
+    *t_read_done = mr_now_ns();
+    if (c->unit > 1) {
+        int rc = load_unit(c, b, page, buf);
+        *t_read_done = mr_now_ns();
+        return rc;
+    }
     if (mr_core_bit(b, page)) {
         if (pread_full(c->fd, buf, PAGE, b->meta->pages_offset + page * PAGE) < 0)
             return -1;
+        *t_read_done = mr_now_ns();
         atomic_fetch_add(&c->bytes_read, PAGE);
         if (place(c, dst, buf, 1) < 0)
             return -1;
@@ -261,85 +298,88 @@ static int load_one(lctx *c, mr_core_block *b, uint64_t page, unsigned char *buf
     return 0;
 }
 
-static void record_latency(lctx *c, uint64_t ns)
-{
-    uint64_t us = ns / 1000;
-    int bucket = 0;
-    while (us > 1 && bucket < HIST_BUCKETS - 1) {
-        us >>= 1;
-        bucket++;
-    }
-    /* bucket k: [2^k, 2^(k+1)) µs, bucket 0 also holds < 1 µs */
-    c->hist[bucket]++;
-    if (c->lat_n == c->lat_cap) {
-        size_t ncap = c->lat_cap ? c->lat_cap * 2 : 4096;
-        uint64_t *n = realloc(c->lat_ns, ncap * sizeof *n);
-        if (!n)
-            return;
-        c->lat_ns = n;
-        c->lat_cap = ncap;
-    }
-    c->lat_ns[c->lat_n++] = ns;
-}
-
 static void *fault_thread(void *arg)
 {
-    lctx *c = arg;
-    unsigned char *buf = aligned_alloc(PAGE, PAGE);
+    fault_worker *w = arg;
+    lctx *c = w->c;
+    unsigned char *buf = aligned_alloc(PAGE, (size_t)(c->unit * PAGE));
     struct uffd_msg msgs[64];
     if (!buf) {
-        set_fail(c, "fault thread: out of memory");
+        set_fail(c, E_INTERNAL, "fault thread: out of memory");
         return NULL;
     }
     while (!atomic_load(&c->stop)) {
-        struct pollfd pfd = {.fd = c->uffd, .events = POLLIN};
-        int pr = poll(&pfd, 1, 10);
+        /* Blocks until a fault or a stop request (stop_efd), no polling. */
+        struct pollfd pfd[2] = {{.fd = c->uffd, .events = POLLIN},
+                                {.fd = c->stop_efd, .events = POLLIN}};
+        int pr = poll(pfd, 2, -1);
         if (pr < 0 && errno != EINTR) {
-            set_fail(c, "fault thread: poll: %s", strerror(errno));
+            set_fail(c, E_UFFD, "fault thread: poll: %s", strerror(errno));
             break;
         }
-        if (pr <= 0)
+        if (pr <= 0 || !(pfd[0].revents & POLLIN))
             continue;
         ssize_t r = read(c->uffd, msgs, sizeof msgs);
         if (r < 0) {
             if (errno == EAGAIN || errno == EINTR)
                 continue;
-            set_fail(c, "fault thread: read: %s", strerror(errno));
+            set_fail(c, E_UFFD, "fault thread: read: %s", strerror(errno));
             break;
         }
         size_t n = (size_t)r / sizeof msgs[0];
         atomic_fetch_add(&c->pending_faults, (int)n);
         atomic_fetch_add(&c->fault_seq, n);
         for (size_t i = 0; i < n; i++) {
-            uint64_t t0 = now_ns();
+            uint64_t t0 = mr_now_ns();
             if (msgs[i].event != UFFD_EVENT_PAGEFAULT) {
+                /* No event feature was requested: anything else is a kernel
+                 * contract we do not understand, not something to skip. */
+                set_fail(c, E_INTERNAL, "fault thread: unexpected userfaultfd event %u",
+                         msgs[i].event);
                 atomic_fetch_sub(&c->pending_faults, 1);
                 continue;
             }
             uintptr_t addr = (uintptr_t)msgs[i].arg.pagefault.address & ~(uintptr_t)(PAGE - 1);
             uint64_t page;
-            mr_core_block *b = find_block(c, addr, &page);
-            c->faults++;
+            size_t bi;
+            mr_core_block *b = find_block(c, addr, &page, &bi);
+            w->faults++;
+            if (b && c->unit > 1) {     /* the host page's first page stands for it */
+                page -= page % c->unit;
+                addr = (uintptr_t)(b->mem + page * PAGE);
+            }
             if (!b) {
-                set_fail(c, "fault at %#" PRIxPTR " outside every block", addr);
+                set_fail(c, E_INTERNAL, "fault at %#" PRIxPTR " outside every block", addr);
             } else if (mr_core_claim(b, page)) {
-                if (load_one(c, b, page, buf) < 0)
-                    set_fail(c, "fault thread: block %s page %" PRIu64 ": %s", b->meta->id, page,
-                             strerror(errno));
+                uint64_t t_claimed = mr_now_ns(), t_data;
+                if (load_one(c, b, page, buf, &t_data) < 0) {
+                    set_fail(c, E_UFFD, "fault thread: block %s page %" PRIu64 ": %s",
+                             b->meta->id, page, strerror(errno));
+                } else {
+                    uint64_t t_placed = mr_now_ns();
+                    mr_samples_add(&w->claim, t_claimed - t0);
+                    mr_samples_add(&w->pread, t_data - t_claimed);
+                    mr_samples_add(&w->copy, t_placed - t_data);
+                    atomic_store_explicit(&c->stamps[bi][page].read, t0, memory_order_relaxed);
+                    atomic_store_explicit(&c->stamps[bi][page].placed, t_placed,
+                                          memory_order_release);
+                }
             } else if (atomic_load(&b->loads[page])) {
                 /* Placed already (its copy woke the faulter; a wake is cheap and
                  * covers any path that placed without waking). */
-                uffd_wake(c->uffd, (void *)addr, PAGE);
+                if (mr_uffd_wake(c->uffd, (void *)addr, PAGE) < 0)
+                    set_fail(c, E_UFFD, "fault thread: UFFDIO_WAKE block %s page %" PRIu64 ": %s",
+                             b->meta->id, page, strerror(errno));
                 atomic_fetch_add(&c->wakes, 1);
             } else {
                 /* Claimed by the eager thread, not placed yet: its waking
                  * UFFDIO_COPY/ZEROPAGE will wake the faulter.  Waking now
                  * would only make it fault again and spin until then. */
-                c->dedup++;
+                w->dedup++;
                 atomic_fetch_sub(&c->pending_faults, 1);
                 continue;
             }
-            record_latency(c, now_ns() - t0);
+            mr_samples_add(&w->lat, mr_now_ns() - t0);
             atomic_fetch_sub(&c->pending_faults, 1);
         }
         if (atomic_load(&c->failed))
@@ -351,7 +391,7 @@ static void *fault_thread(void *arg)
         for (size_t i = 0; i < c->nblocks; i++)
             if (c->blocks[i].mem) {
                 struct uffdio_range r = {.start = (uintptr_t)c->blocks[i].mem,
-                                         .len = c->blocks[i].meta->used_length};
+                                         .len = map_len(c, &c->blocks[i])};
                 ioctl(c->uffd, UFFDIO_UNREGISTER, &r);
             }
     }
@@ -359,15 +399,52 @@ static void *fault_thread(void *arg)
     return NULL;
 }
 
+/* --hugepages eager pass: whole host pages, in order, faults first. */
+static uint64_t eager_huge(lctx *c, unsigned char *buf)
+{
+    uint64_t placed = 0;
+    for (size_t bi = 0; bi < c->nblocks && !atomic_load(&c->stop); bi++) {
+        mr_core_block *b = &c->blocks[bi];
+        if (!b->mem)
+            continue;
+        for (uint64_t u = 0; u < b->num_pages && !atomic_load(&c->stop); u += c->unit) {
+            while (atomic_load_explicit(&c->pending_faults, memory_order_relaxed) > 0 &&
+                   !atomic_load_explicit(&c->stop, memory_order_relaxed))
+                sched_yield(); /* faults go first */
+            if (!mr_core_claim(b, u))
+                continue;
+            if (load_unit(c, b, u, buf) < 0) {
+                set_fail(c, E_IO, "eager thread: block %s host page at page %" PRIu64 ": %s",
+                         b->meta->id, u, strerror(errno));
+                break;
+            }
+            placed += c->unit < b->num_pages - u ? c->unit : b->num_pages - u;
+        }
+    }
+    return placed;
+}
+
 static void *eager_thread(void *arg)
 {
     lctx *c = arg;
-    unsigned char *buf = aligned_alloc(PAGE, RUN_PAGES * PAGE);
-    if (!buf) {
-        set_fail(c, "eager thread: out of memory");
+    if (c->unit > 1) {
+        unsigned char *hbuf = aligned_alloc(PAGE, (size_t)(c->unit * PAGE));
+        if (!hbuf) {
+            set_fail(c, E_INTERNAL, "eager thread: out of memory");
+            return NULL;
+        }
+        uint64_t t0 = mr_now_ns();
+        atomic_store(&c->eager_pages, eager_huge(c, hbuf));
+        atomic_store(&c->eager_ns, mr_now_ns() - t0);
+        free(hbuf);
         return NULL;
     }
-    uint64_t t0 = now_ns(), placed = 0;
+    unsigned char *buf = aligned_alloc(PAGE, RUN_PAGES * PAGE);
+    if (!buf) {
+        set_fail(c, E_INTERNAL, "eager thread: out of memory");
+        return NULL;
+    }
+    uint64_t t0 = mr_now_ns(), placed = 0;
     uint64_t seen = atomic_load(&c->fault_seq);
     unsigned cap = RUN_PAGES;
     for (size_t bi = 0; bi < c->nblocks && !atomic_load(&c->stop); bi++) {
@@ -376,7 +453,8 @@ static void *eager_thread(void *arg)
             continue;
         uint64_t page = 0;
         while (page < b->num_pages && !atomic_load(&c->stop)) {
-            while (atomic_load_explicit(&c->pending_faults, memory_order_relaxed) > 0)
+            while (atomic_load_explicit(&c->pending_faults, memory_order_relaxed) > 0 &&
+                   !atomic_load_explicit(&c->stop, memory_order_relaxed))
                 sched_yield(); /* faults go first */
             /* Runs claimed in one go make faults on them wait for the whole
              * pread + copy: short runs while faults keep coming, doubling
@@ -389,7 +467,7 @@ static void *eager_thread(void *arg)
                 cap *= 2;
             }
             if (page % 64 == 0 && page + 64 <= b->num_pages &&
-                atomic_load_explicit(&b->claimed[page / 64], memory_order_relaxed) == UINT64_MAX) {
+                mr_core_claimed_word(b, page) == UINT64_MAX) {
                 page += 64;
                 continue;
             }
@@ -407,14 +485,15 @@ static void *eager_thread(void *arg)
             if (bit) {
                 if (pread_full(c->fd, buf, (size_t)(run * PAGE),
                                b->meta->pages_offset + page * PAGE) < 0) {
-                    set_fail(c, "eager thread: block %s pages %" PRIu64 "+%" PRIu64 ": pread: %s",
+                    set_fail(c, E_IO, "eager thread: block %s pages %" PRIu64 "+%" PRIu64
+                             ": pread: %s",
                              b->meta->id, page, run, strerror(errno));
                     break;
                 }
                 atomic_fetch_add(&c->bytes_read, run * PAGE);
             }
             if (place(c, dst, bit ? buf : NULL, run) < 0) {
-                set_fail(c, "eager thread: block %s pages %" PRIu64 "+%" PRIu64 ": %s: %s",
+                set_fail(c, E_UFFD, "eager thread: block %s pages %" PRIu64 "+%" PRIu64 ": %s: %s",
                          b->meta->id, page, run, bit ? "UFFDIO_COPY" : "UFFDIO_ZEROPAGE",
                          strerror(errno));
                 break;
@@ -425,16 +504,14 @@ static void *eager_thread(void *arg)
         }
     }
     atomic_store(&c->eager_pages, placed);
-    atomic_store(&c->eager_ns, now_ns() - t0);
+    atomic_store(&c->eager_ns, mr_now_ns() - t0);
     free(buf);
     return NULL;
 }
 
+/* sync mode: pread straight into the (unregistered) block memory. */
 static int sync_load(lctx *c)
 {
-    unsigned char *buf = malloc(RUN_PAGES * PAGE);
-    if (!buf)
-        return set_fail(c, "out of memory"), -1;
     for (size_t bi = 0; bi < c->nblocks; bi++) {
         mr_core_block *b = &c->blocks[bi];
         if (!b->mem)
@@ -450,9 +527,8 @@ static int sync_load(lctx *c)
             if (bit) {
                 if (pread_full(c->fd, b->mem + page * PAGE, (size_t)(run * PAGE),
                                b->meta->pages_offset + page * PAGE) < 0) {
-                    set_fail(c, "sync: block %s pages %" PRIu64 "+%" PRIu64 ": pread: %s",
+                    set_fail(c, E_IO, "sync: block %s pages %" PRIu64 "+%" PRIu64 ": pread: %s",
                              b->meta->id, page, run, strerror(errno));
-                    free(buf);
                     return -1;
                 }
                 atomic_fetch_add(&c->bytes_read, run * PAGE);
@@ -461,12 +537,11 @@ static int sync_load(lctx *c)
             page += run;
         }
     }
-    free(buf);
     return 0;
 }
 
 /* global page g -> block and page */
-static mr_core_block *global_page(lctx *c, uint64_t g, uint64_t *page)
+static mr_core_block *global_page(lctx *c, uint64_t g, uint64_t *page, size_t *index)
 {
     for (size_t i = 0; i < c->nblocks; i++) {
         mr_core_block *b = &c->blocks[i];
@@ -474,6 +549,7 @@ static mr_core_block *global_page(lctx *c, uint64_t g, uint64_t *page)
             continue;
         if (g < b->num_pages) {
             *page = g;
+            *index = i;
             return b;
         }
         g -= b->num_pages;
@@ -484,22 +560,21 @@ static mr_core_block *global_page(lctx *c, uint64_t g, uint64_t *page)
 /* Reads one byte of page p.  A page nobody has claimed yet will fault: that
  * touch is timed (the application's view of a fault: kernel entry, handler,
  * copy, wake-up and return). */
-static uint64_t touch(access_arg *a, mr_core_block *b, uint64_t p)
+static uint64_t touch(access_arg *a, size_t bi, mr_core_block *b, uint64_t p)
 {
     int cold = a->record && !mr_core_is_claimed(b, p);
-    uint64_t t = cold ? now_ns() : 0;
+    uint64_t t = cold ? mr_now_ns() : 0;
     uint64_t v = *(volatile unsigned char *)(b->mem + p * PAGE);
     if (cold) {
-        uint64_t dt = now_ns() - t;
-        if (a->lat_n == a->lat_cap) {
-            size_t ncap = a->lat_cap ? a->lat_cap * 2 : 4096;
-            uint64_t *nl = realloc(a->lat, ncap * sizeof *nl);
-            if (!nl)
-                return v;
-            a->lat = nl;
-            a->lat_cap = ncap;
+        uint64_t t1 = mr_now_ns();
+        mr_samples_add(&a->lat, t1 - t);
+        const page_stamp *st = a->c->stamps ? &a->c->stamps[bi][p] : NULL;
+        uint64_t placed = st ? atomic_load_explicit(&st->placed, memory_order_acquire) : 0;
+        uint64_t read = st ? atomic_load_explicit(&st->read, memory_order_relaxed) : 0;
+        if (placed && read >= t && placed <= t1) {  /* our fault, resolved by a fault thread */
+            mr_samples_add(&a->st_event, read - t);
+            mr_samples_add(&a->st_resume, t1 - placed);
         }
-        a->lat[a->lat_n++] = dt;
     }
     return v;
 }
@@ -513,9 +588,10 @@ static void *access_thread(void *arg)
     if (a->pattern == MR_ACCESS_RANDOM) {
         for (uint64_t i = a->index; i < a->order_n && !atomic_load(&c->stop); i += n) {
             uint64_t page;
-            mr_core_block *b = global_page(c, a->order[i], &page);
+            size_t bi;
+            mr_core_block *b = global_page(c, a->order[i], &page, &bi);
             if (b)
-                sink += touch(a, b, page);
+                sink += touch(a, bi, b, page);
         }
     } else {
         /* all: every page; seq: the first quarter of each block (a boot-like
@@ -528,7 +604,7 @@ static void *access_thread(void *arg)
             uint64_t per = (pages + n - 1) / n;
             uint64_t lo = per * a->index, hi = lo + per < pages ? lo + per : pages;
             for (uint64_t p = lo; p < hi && !atomic_load(&c->stop); p++)
-                sink += touch(a, b, p);
+                sink += touch(a, bi, b, p);
         }
     }
     a->sink = sink;
@@ -544,7 +620,7 @@ static int run_access(lctx *c, mr_access pattern, unsigned long long seed, int r
     if (pattern == MR_ACCESS_RANDOM) {
         order = malloc((size_t)(c->total_pages ? c->total_pages : 1) * sizeof *order);
         if (!order)
-            return set_fail(c, "out of memory"), -1;
+            return set_fail(c, E_INTERNAL, "out of memory"), -1;
         for (uint64_t i = 0; i < c->total_pages; i++)
             order[i] = i;
         uint64_t x = seed ? seed : 0x9e3779b97f4a7c15ull;
@@ -560,14 +636,14 @@ static int run_access(lctx *c, mr_access pattern, unsigned long long seed, int r
     access_arg *args = calloc(n, sizeof *args);
     if (!tids || !args) {
         free(tids); free(args); free(order);
-        return set_fail(c, "out of memory"), -1;
+        return set_fail(c, E_INTERNAL, "out of memory"), -1;
     }
     unsigned started = 0;
     for (unsigned i = 0; i < n; i++) {
         args[i] = (access_arg){.c = c, .index = i, .pattern = pattern, .order = order,
                                .order_n = order_n, .record = record};
         if (pthread_create(&tids[i], NULL, access_thread, &args[i]) != 0) {
-            set_fail(c, "pthread_create: access thread failed");
+            set_fail(c, E_INTERNAL, "pthread_create: access thread failed");
             break;
         }
         started++;
@@ -575,50 +651,12 @@ static int run_access(lctx *c, mr_access pattern, unsigned long long seed, int r
     for (unsigned i = 0; i < started; i++)
         pthread_join(tids[i], NULL);
     for (unsigned i = 0; i < started; i++) {
-        if (args[i].lat_n && !c->touch_ns) {
-            c->touch_ns = args[i].lat; /* adopt the first array, append the rest */
-            c->touch_n = args[i].lat_n;
-            args[i].lat = NULL;
-        } else if (args[i].lat_n) {
-            uint64_t *m = realloc(c->touch_ns, (c->touch_n + args[i].lat_n) * sizeof *m);
-            if (m) {
-                memcpy(m + c->touch_n, args[i].lat, args[i].lat_n * sizeof *m);
-                c->touch_ns = m;
-                c->touch_n += args[i].lat_n;
-            }
-        }
-        free(args[i].lat);
+        mr_samples_merge(&c->touch_lat, &args[i].lat);
+        mr_samples_merge(&c->st_event, &args[i].st_event);
+        mr_samples_merge(&c->st_resume, &args[i].st_resume);
     }
     free(tids); free(args); free(order);
     return atomic_load(&c->failed) ? -1 : 0;
-}
-
-void mr_json_string(FILE *out, const char *s)
-{
-    fputc('"', out);
-    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
-        if (*p == '"' || *p == '\\')
-            fprintf(out, "\\%c", *p);
-        else if (*p < 0x20 || *p >= 0x7f)
-            fprintf(out, "\\u%04x", *p); /* ids are latin-1, like the Python reader */
-        else
-            fputc(*p, out);
-    }
-    fputc('"', out);
-}
-
-static int cmp_u64(const void *a, const void *b)
-{
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return x < y ? -1 : x > y;
-}
-
-static double pct_us(uint64_t *v, size_t n, double q)
-{
-    if (!n)
-        return 0.0;
-    size_t i = (size_t)(q * (double)(n - 1) + 0.5);
-    return (double)v[i] / 1000.0;
 }
 
 static const char *mode_name(mr_mode m)
@@ -633,87 +671,98 @@ static const char *access_name(mr_access a)
     return names[a];
 }
 
-int mr_local_load(int fd, const mr_snapshot *snap, const mr_load_opts *opts, FILE *out,
-                  char *err, size_t errlen)
+/* Page-size check, bitmaps, userfaultfd, block memory (registered unless sync). */
+static int setup_memory(lctx *c)
 {
-    lctx *c = calloc(1, sizeof *c);
-    if (!c)
-        return snprintf(err, errlen, "out of memory"), 1;
-    c->fd = fd;
-    c->uffd = -1;
-    c->snap = snap;
-    c->opts = opts;
-    c->nblocks = snap->nblocks;
-    int rc = 1;
-    pthread_t ft, et;
-    int ft_started = 0, et_started = 0;
-    char digests[MR_MAX_BLOCKS][65];
-    if ((uint64_t)sysconf(_SC_PAGESIZE) != PAGE || snap->page_size != PAGE) {
-        snprintf(err, errlen, "host or target page size is not 4096");
-        goto out;
-    }
-    uint64_t t0 = now_ns(), t_ready = 0, t_complete = 0;
+    if ((uint64_t)sysconf(_SC_PAGESIZE) != PAGE || c->snap->page_size != PAGE)
+        return mr_error_set(&c->err, E_UNSUPPORTED, "host or target page size is not 4096");
     c->blocks = calloc(c->nblocks ? c->nblocks : 1, sizeof *c->blocks);
-    if (!c->blocks || mr_core_init(fd, snap, c->blocks) < 0) {
-        snprintf(err, errlen, "loading bitmaps: %s", strerror(errno));
-        goto out;
+    if (!c->blocks)
+        return mr_error_set(&c->err, E_INTERNAL, "out of memory");
+    if (mr_core_init(c->fd, c->snap, c->blocks) < 0)
+        return mr_error_set(&c->err, E_IO, "loading bitmaps: %s", strerror(errno));
+    int use_uffd = c->opts->mode != MR_MODE_SYNC;
+    if (use_uffd && mr_uffd_setup(&c->uffd, &c->err) < 0)
+        return -1;
+    if (use_uffd) {
+        c->stamps = calloc(c->nblocks ? c->nblocks : 1, sizeof *c->stamps);
+        for (size_t i = 0; c->stamps && i < c->nblocks; i++)
+            if (!(c->stamps[i] = calloc(c->blocks[i].num_pages ? c->blocks[i].num_pages : 1,
+                                        sizeof **c->stamps)))
+                return mr_error_set(&c->err, E_INTERNAL, "out of memory (page stamps)");
+        if (!c->stamps)
+            return mr_error_set(&c->err, E_INTERNAL, "out of memory (page stamps)");
     }
-    int use_uffd = opts->mode != MR_MODE_SYNC;
-    if (use_uffd && uffd_setup(&c->uffd, err, errlen) < 0)
-        goto out;
     for (size_t i = 0; i < c->nblocks; i++) {
         mr_core_block *b = &c->blocks[i];
         if (b->meta->ignored)
             continue;
-        void *m = mmap(NULL, (size_t)b->meta->used_length, PROT_READ | PROT_WRITE,
-                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-        if (m == MAP_FAILED) {
-            snprintf(err, errlen, "mmap %" PRIu64 " bytes for block %s: %s",
-                     b->meta->used_length, b->meta->id, strerror(errno));
-            goto out;
-        }
+        /* hugetlb: reserved at mmap time (no MAP_NORESERVE), so an empty
+         * pool is a clean ENOMEM here rather than a SIGBUS on a fault. */
+        int flags = MAP_PRIVATE | MAP_ANONYMOUS |
+                    (c->unit > 1 ? MAP_HUGETLB | (21 << MAP_HUGE_SHIFT) : MAP_NORESERVE);
+        void *m = mmap(NULL, (size_t)map_len(c, b), PROT_READ | PROT_WRITE, flags, -1, 0);
+        if (m == MAP_FAILED)
+            return mr_error_set(&c->err, c->unit > 1 ? E_UNSUPPORTED : E_INTERNAL,
+                                "mmap %" PRIu64 " bytes%s for block %s: %s", map_len(c, b),
+                                c->unit > 1 ? " of 2 MiB huge pages (see "
+                                "/proc/sys/vm/nr_hugepages)" : "", b->meta->id, strerror(errno));
         b->mem = m;
         c->total_pages += b->num_pages;
         if (use_uffd) {
-            madvise(m, (size_t)b->meta->used_length, MADV_NOHUGEPAGE);
-            if (uffd_register(c->uffd, m, b->meta->used_length, err, errlen) < 0)
-                goto out;
+            if (c->unit == 1)
+                madvise(m, (size_t)b->meta->used_length, MADV_NOHUGEPAGE);
+            if (mr_uffd_register(c->uffd, m, map_len(c, b), c->unit == 1, &c->err) < 0)
+                return -1;
         }
     }
-    if (use_uffd) {
-        if (pthread_create(&ft, NULL, fault_thread, c) != 0) {
-            snprintf(err, errlen, "pthread_create (fault thread) failed");
-            goto out;
-        }
-        ft_started = 1;
-        if (opts->mode != MR_MODE_FAULT_ONLY) {
-            if (pthread_create(&et, NULL, eager_thread, c) != 0) {
-                snprintf(err, errlen, "pthread_create (eager thread) failed");
-                goto out;
-            }
-            et_started = 1;
-        }
-        if (opts->mode == MR_MODE_EAGER) {
-            pthread_join(et, NULL);
-            et_started = 0;
-        }
-    } else if (sync_load(c) < 0) {
-        goto fail;
+    return 0;
+}
+
+/* Fault thread, and the eager thread unless fault-only (eager: waited for). */
+static int start_threads(lctx *c)
+{
+    for (unsigned i = 0; i < c->opts->fault_threads; i++) {
+        c->fw[i].c = c;
+        if (pthread_create(&c->fw[i].th, NULL, fault_thread, &c->fw[i]) != 0)
+            return mr_error_set(&c->err, E_INTERNAL, "pthread_create (fault thread) failed");
+        c->nfw = i + 1;
     }
-    t_ready = now_ns();
-    if (run_access(c, opts->access, opts->seed, 1) < 0)
-        goto fail;
-    if (et_started) {
-        pthread_join(et, NULL);
-        et_started = 0;
+    if (c->opts->mode == MR_MODE_FAULT_ONLY)
+        return 0;
+    if (pthread_create(&c->et, NULL, eager_thread, c) != 0)
+        return mr_error_set(&c->err, E_INTERNAL, "pthread_create (eager thread) failed");
+    c->et_started = 1;
+    if (c->opts->mode == MR_MODE_EAGER) {
+        pthread_join(c->et, NULL);
+        c->et_started = 0;
+    }
+    return 0;
+}
+
+/* Ready (threads up or sync load done), access, every page loaded. */
+static int restore(lctx *c)
+{
+    c->t0 = mr_now_ns();
+    if (c->opts->mode == MR_MODE_SYNC ? sync_load(c) < 0 : start_threads(c) < 0)
+        return -1;
+    c->t_ready = mr_now_ns();
+    if (run_access(c, c->opts->access, c->opts->seed, 1) < 0)
+        return -1;
+    if (c->et_started) {
+        pthread_join(c->et, NULL);
+        c->et_started = 0;
     }
     /* fault-only: nothing loads untouched pages, so a completion pass (`all`)
      * drives every remaining page in before the digest. */
-    if (opts->mode == MR_MODE_FAULT_ONLY && run_access(c, MR_ACCESS_ALL, 0, 0) < 0)
-        goto fail;
-    t_complete = now_ns();
-    if (atomic_load(&c->failed))
-        goto fail;
+    if (c->opts->mode == MR_MODE_FAULT_ONLY && run_access(c, MR_ACCESS_ALL, 0, 0) < 0)
+        return -1;
+    c->t_complete = mr_now_ns();
+    return atomic_load(&c->failed) ? -1 : 0;
+}
+
+static void digest_blocks(lctx *c, char digests[][65])
+{
     for (size_t i = 0; i < c->nblocks; i++) {
         mr_core_block *b = &c->blocks[i];
         mr_sha256 h;
@@ -724,287 +773,173 @@ int mr_local_load(int fd, const mr_snapshot *snap, const mr_load_opts *opts, FIL
         mr_sha256_final(&h, dig);
         mr_sha256_hex(dig, digests[i]);
     }
-    atomic_store(&c->stop, 1);
-    if (ft_started) {
-        pthread_join(ft, NULL);
-        ft_started = 0;
+}
+
+static double eager_mib_s(lctx *c)
+{
+    uint64_t ns = atomic_load(&c->eager_pages) ? atomic_load(&c->eager_ns) : 0;
+    return ns ? (double)atomic_load(&c->eager_pages) * PAGE / 1048576.0 / ((double)ns / 1e9)
+              : 0.0;
+}
+
+static void report_json(lctx *c, FILE *out, char digests[][65], const mr_baseline *base)
+{
+    const mr_snapshot *snap = c->snap;
+    const mr_load_opts *opts = c->opts;
+    fprintf(out, "{\"mode\":\"%s\",\"access\":\"%s\",\"threads\":%u,\"blocks\":[",
+            mode_name(opts->mode), access_name(opts->access), opts->threads);
+    for (size_t i = 0; i < c->nblocks; i++) {
+        fprintf(out, "%s{\"id\":", i ? "," : "");
+        mr_json_string(out, snap->blocks[i].id);
+        fprintf(out, ",\"length\":%" PRIu64 ",\"sha256\":\"%s\"}", snap->blocks[i].used_length,
+                digests[i]);
     }
-    if (atomic_load(&c->failed))
-        goto fail;
-    mr_baseline base;
-    if (opts->baseline_pages &&
-        mr_load_baseline(fd, snap, opts->baseline_pages, &base, c->errmsg, sizeof c->errmsg) < 0)
-        goto fail;
-    /* report */
-    if (c->lat_n)
-        qsort(c->lat_ns, c->lat_n, sizeof *c->lat_ns, cmp_u64);
-    if (c->touch_n)
-        qsort(c->touch_ns, c->touch_n, sizeof *c->touch_ns, cmp_u64);
-    double ready_s = (double)(t_ready - t0) / 1e9, complete_s = (double)(t_complete - t0) / 1e9;
-    uint64_t eager_ns = atomic_load(&c->eager_pages) ? atomic_load(&c->eager_ns) : 0;
-    double eager_mib = eager_ns ? (double)atomic_load(&c->eager_pages) * PAGE / 1048576.0 /
-                                  ((double)eager_ns / 1e9) : 0.0;
-    if (opts->json) {
-        fprintf(out, "{\"mode\":\"%s\",\"access\":\"%s\",\"threads\":%u,\"blocks\":[",
-                mode_name(opts->mode), access_name(opts->access), opts->threads);
-        for (size_t i = 0; i < c->nblocks; i++) {
-            fprintf(out, "%s{\"id\":", i ? "," : "");
-            mr_json_string(out, snap->blocks[i].id);
-            fprintf(out, ",\"length\":%" PRIu64 ",\"sha256\":\"%s\"}", snap->blocks[i].used_length,
-                    digests[i]);
-        }
-        fprintf(out, "],\"stats\":{\"faults\":%" PRIu64 ",\"fault_latency_us\":{\"p50\":%.3f,"
-                "\"p99\":%.3f,\"max\":%.3f,\"histogram_log2_us\":[", c->faults,
-                pct_us(c->lat_ns, c->lat_n, 0.50), pct_us(c->lat_ns, c->lat_n, 0.99),
-                pct_us(c->lat_ns, c->lat_n, 1.0));
-        int last = 0;
-        for (int k = 0; k < HIST_BUCKETS; k++)
-            if (c->hist[k])
-                last = k;
-        for (int k = 0; k <= last; k++)
-            fprintf(out, "%s{\"ge_us\":%llu,\"count\":%" PRIu64 "}", k ? "," : "",
-                    k ? 1ull << k : 0ull, c->hist[k]);
-        fprintf(out, "]},\"touch_latency_us\":{\"count\":%zu,\"p50\":%.3f,\"p99\":%.3f,"
-                "\"max\":%.3f},\"fault_dedup\":%" PRIu64 ",", c->touch_n,
-                pct_us(c->touch_ns, c->touch_n, 0.50), pct_us(c->touch_ns, c->touch_n, 0.99),
-                pct_us(c->touch_ns, c->touch_n, 1.0), c->dedup);
-        fprintf(out, "\"time_to_ready_s\":%.6f,\"time_to_complete_s\":%.6f,"
-                "\"bytes_read\":%" PRIu64 ",\"pages_copied\":%" PRIu64 ",\"pages_zero\":%" PRIu64
-                ",\"eager_pages\":%" PRIu64 ",\"eager_mib_s\":%.1f,\"wakes\":%" PRIu64
-                ",\"double_loads\":%" PRIu64 ",\"pages_loaded\":%" PRIu64 ",\"total_pages\":%"
-                PRIu64 "}", ready_s, complete_s, atomic_load(&c->bytes_read),
-                atomic_load(&c->pages_copied), atomic_load(&c->pages_zero),
-                atomic_load(&c->eager_pages), eager_mib, atomic_load(&c->wakes),
-                atomic_load(&c->double_loads), atomic_load(&c->pages_loaded), c->total_pages);
-        if (opts->baseline_pages)
-            fprintf(out, ",\"baseline\":{\"uffd_round_trip_us\":{\"pages\":%lu,\"p50\":%.3f,"
-                    "\"p99\":%.3f},\"pread_bytes\":%" PRIu64 ",\"pread_mib_s\":%.1f}",
-                    base.pages, base.rt_p50_us, base.rt_p99_us, base.read_bytes, base.read_mib_s);
-        fprintf(out, "}\n");
-    } else {
-        for (size_t i = 0; i < c->nblocks; i++)
-            fprintf(out, "%s  %s  %" PRIu64 "\n", digests[i], snap->blocks[i].id,
-                    snap->blocks[i].used_length);
-        fprintf(out, "mode %s access %s threads %u: ready %.3f s, complete %.3f s, faults %" PRIu64
-                " (p50 %.1f us, p99 %.1f us), read %" PRIu64 " bytes, copied %" PRIu64
-                " zero %" PRIu64 " pages, eager %.1f MiB/s, loaded %" PRIu64 "/%" PRIu64
-                ", double loads %" PRIu64 "\n", mode_name(opts->mode), access_name(opts->access),
-                opts->threads, ready_s, complete_s, c->faults, pct_us(c->lat_ns, c->lat_n, 0.5),
-                pct_us(c->lat_ns, c->lat_n, 0.99), atomic_load(&c->bytes_read),
-                atomic_load(&c->pages_copied), atomic_load(&c->pages_zero), eager_mib,
-                atomic_load(&c->pages_loaded), c->total_pages, atomic_load(&c->double_loads));
+    fprintf(out, "],\"stats\":{\"faults\":%" PRIu64 ",\"fault_latency_us\":", c->faults);
+    mr_samples_json(out, &c->fault_lat);
+    fputs(",\"touch_latency_us\":", out);
+    mr_samples_json(out, &c->touch_lat);
+    fprintf(out, ",\"fault_threads\":%u,\"fault_stages_us\":{\"event_read\":",
+            c->opts->fault_threads);
+    mr_samples_json(out, &c->st_event);
+    fputs(",\"claim\":", out);
+    mr_samples_json(out, &c->st_claim);
+    fputs(",\"pread\":", out);
+    mr_samples_json(out, &c->st_pread);
+    fputs(",\"copy\":", out);
+    mr_samples_json(out, &c->st_copy);
+    fputs(",\"resume\":", out);
+    mr_samples_json(out, &c->st_resume);
+    fprintf(out, "},\"fault_dedup\":%" PRIu64 ",", c->dedup);
+    fprintf(out, "\"time_to_ready_s\":%.6f,\"time_to_complete_s\":%.6f,"
+            "\"bytes_read\":%" PRIu64 ",\"pages_copied\":%" PRIu64 ",\"pages_zero\":%" PRIu64
+            ",\"eager_pages\":%" PRIu64 ",\"eager_mib_s\":%.1f,\"wakes\":%" PRIu64
+            ",\"double_loads\":%" PRIu64 ",\"pages_loaded\":%" PRIu64 ",\"total_pages\":%"
+            PRIu64 "}", (double)(c->t_ready - c->t0) / 1e9, (double)(c->t_complete - c->t0) / 1e9,
+            atomic_load(&c->bytes_read), atomic_load(&c->pages_copied),
+            atomic_load(&c->pages_zero), atomic_load(&c->eager_pages), eager_mib_s(c),
+            atomic_load(&c->wakes), atomic_load(&c->double_loads), atomic_load(&c->pages_loaded),
+            c->total_pages);
+    if (base)
+        fprintf(out, ",\"baseline\":{\"uffd_round_trip_us\":{\"pages\":%lu,\"touchers\":%u,"
+                "\"p50\":%.3f,\"p99\":%.3f},\"pread_bytes\":%" PRIu64 ",\"pread_mib_s\":%.1f}",
+                base->pages, base->touchers, base->rt_p50_us, base->rt_p99_us, base->read_bytes,
+                base->read_mib_s);
+    fprintf(out, "}\n");
+}
+
+static void report_text(lctx *c, FILE *out, char digests[][65])
+{
+    const mr_snapshot *snap = c->snap;
+    const mr_load_opts *opts = c->opts;
+    for (size_t i = 0; i < c->nblocks; i++)
+        fprintf(out, "%s  %s  %" PRIu64 "\n", digests[i], snap->blocks[i].id,
+                snap->blocks[i].used_length);
+    fprintf(out, "mode %s access %s threads %u: ready %.3f s, complete %.3f s, faults %" PRIu64
+            " (p50 %.1f us, p99 %.1f us), read %" PRIu64 " bytes, copied %" PRIu64
+            " zero %" PRIu64 " pages, eager %.1f MiB/s, loaded %" PRIu64 "/%" PRIu64
+            ", double loads %" PRIu64 "\n", mode_name(opts->mode), access_name(opts->access),
+            opts->threads, (double)(c->t_ready - c->t0) / 1e9,
+            (double)(c->t_complete - c->t0) / 1e9, c->faults,
+            mr_samples_pct_us(&c->fault_lat, 0.5), mr_samples_pct_us(&c->fault_lat, 0.99),
+            atomic_load(&c->bytes_read), atomic_load(&c->pages_copied),
+            atomic_load(&c->pages_zero), eager_mib_s(c), atomic_load(&c->pages_loaded),
+            c->total_pages, atomic_load(&c->double_loads));
+}
+
+/* Joins the fault threads (after request_stop) and merges what they measured. */
+static void join_fault_threads(lctx *c)
+{
+    for (unsigned i = 0; i < c->nfw; i++) {
+        fault_worker *w = &c->fw[i];
+        pthread_join(w->th, NULL);
+        c->faults += w->faults;
+        c->dedup += w->dedup;
+        mr_samples_merge(&c->fault_lat, &w->lat);
+        mr_samples_merge(&c->st_claim, &w->claim);
+        mr_samples_merge(&c->st_pread, &w->pread);
+        mr_samples_merge(&c->st_copy, &w->copy);
     }
-    rc = 0;
-    goto out;
-fail:
-    snprintf(err, errlen, "%s", c->errmsg[0] ? c->errmsg : "load failed");
-out:
-    atomic_store(&c->stop, 1);
-    if (et_started)
-        pthread_join(et, NULL);
-    if (ft_started)
-        pthread_join(ft, NULL);
+    c->nfw = 0;
+}
+
+/* Stops and joins the threads, unregisters and unmaps, frees c. */
+static void teardown(lctx *c)
+{
+    request_stop(c);
+    if (c->et_started)
+        pthread_join(c->et, NULL);
+    join_fault_threads(c);
     if (c->blocks) {
         for (size_t i = 0; i < c->nblocks; i++)
             if (c->blocks[i].mem) {
                 if (c->uffd >= 0) {
                     struct uffdio_range r = {.start = (uintptr_t)c->blocks[i].mem,
-                                             .len = c->blocks[i].meta->used_length};
+                                             .len = map_len(c, &c->blocks[i])};
                     ioctl(c->uffd, UFFDIO_UNREGISTER, &r);
                 }
-                munmap(c->blocks[i].mem, (size_t)c->blocks[i].meta->used_length);
+                munmap(c->blocks[i].mem, (size_t)map_len(c, &c->blocks[i]));
             }
         mr_core_free(c->blocks, c->nblocks);
     }
     if (c->uffd >= 0)
         close(c->uffd);
+    close(c->stop_efd);
     free(c->blocks);
-    free(c->lat_ns);
-    free(c->touch_ns);
+    mr_samples *all[] = {&c->fault_lat, &c->touch_lat, &c->st_claim, &c->st_pread,
+                         &c->st_copy, &c->st_event, &c->st_resume};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+        mr_samples_free(all[i]);
+    if (c->stamps)
+        for (size_t i = 0; i < c->nblocks; i++)
+            free(c->stamps[i]);
+    free(c->stamps);
     free(c);
-    return rc;
 }
 
-/* ---- uffd-bench ---------------------------------------------------------- */
-
-typedef struct bench_ctx {
-    int uffd;
-    unsigned char *src;
-    _Atomic int stop;
-    int error;
-} bench_ctx;
-
-static void *bench_handler(void *arg)
+int mr_local_load(int fd, const mr_snapshot *snap, const mr_load_opts *opts, FILE *out,
+                  mr_error *err)
 {
-    bench_ctx *b = arg;
-    struct uffd_msg msg;
-    while (!atomic_load(&b->stop)) {
-        struct pollfd pfd = {.fd = b->uffd, .events = POLLIN};
-        if (poll(&pfd, 1, 10) <= 0)
-            continue;
-        if (read(b->uffd, &msg, sizeof msg) != (ssize_t)sizeof msg)
-            continue;
-        if (msg.event != UFFD_EVENT_PAGEFAULT)
-            continue;
-        struct uffdio_copy cp = {.dst = msg.arg.pagefault.address & ~(uint64_t)(PAGE - 1),
-                                 .src = (uintptr_t)b->src, .len = PAGE};
-        if (ioctl(b->uffd, UFFDIO_COPY, &cp) < 0 && errno != EEXIST)
-            b->error = errno;
+    lctx *c = calloc(1, sizeof *c);
+    if (!c)
+        return mr_error_set(err, E_INTERNAL, "out of memory");
+    c->fd = fd;
+    c->uffd = -1;
+    c->snap = snap;
+    c->opts = opts;
+    c->nblocks = snap->nblocks;
+    c->unit = opts->hugepages ? HUGE_PAGE / PAGE : 1;
+    if (opts->fault_threads < 1 || opts->fault_threads > MAX_FAULT_THREADS) {
+        free(c);
+        return mr_error_set(err, E_USAGE, "fault threads must be 1..%u", MAX_FAULT_THREADS);
     }
-    return NULL;
-}
-
-/* Raw userfaultfd round trip: this thread faults on `pages` pages of a
- * registered anonymous region one at a time, a handler thread answers each
- * with one 4 KiB UFFDIO_COPY.  lat[] gets the sorted round trips (ns). */
-static int uffd_round_trip(unsigned long pages, uint64_t *lat, char *err, size_t errlen)
-{
-    int rc = -1, uffd = -1;
-    size_t len = (size_t)pages * PAGE;
-    unsigned char *region = MAP_FAILED, *src = aligned_alloc(PAGE, PAGE);
-    bench_ctx b = {.uffd = -1};
-    pthread_t th;
-    if (!src) {
-        snprintf(err, errlen, "out of memory");
-        return -1;
+    c->stop_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (c->stop_efd < 0) {
+        free(c);
+        return mr_error_set(err, E_INTERNAL, "eventfd: %s", strerror(errno));
     }
-    memset(src, 0x5a, PAGE);
-    if (uffd_setup(&uffd, err, errlen) < 0)
-        goto out;
-    region = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                  -1, 0);
-    if (region == MAP_FAILED) {
-        snprintf(err, errlen, "mmap: %s", strerror(errno));
-        goto out;
-    }
-    madvise(region, len, MADV_NOHUGEPAGE);
-    if (uffd_register(uffd, region, len, err, errlen) < 0)
-        goto out;
-    b.uffd = uffd;
-    b.src = src;
-    if (pthread_create(&th, NULL, bench_handler, &b) != 0) {
-        snprintf(err, errlen, "pthread_create failed");
-        goto out;
-    }
-    uint64_t sink = 0;
-    for (unsigned long i = 0; i < pages; i++) {
-        uint64_t t = now_ns();
-        sink += *(volatile unsigned char *)(region + i * PAGE);
-        lat[i] = now_ns() - t;
-    }
-    atomic_store(&b.stop, 1);
-    pthread_join(th, NULL);
-    if (b.error || sink != (uint64_t)pages * 0x5a) {
-        snprintf(err, errlen, "UFFDIO_COPY failed (%s) or wrong data", strerror(b.error));
-        goto out;
-    }
-    qsort(lat, pages, sizeof *lat, cmp_u64);
-    rc = 0;
-out:
-    if (region != MAP_FAILED)
-        munmap(region, len);
-    if (uffd >= 0)
-        close(uffd);
-    free(src);
-    return rc;
-}
-
-/* Sequential 1 MiB preads of [off, off+len) (holes read as zeros); bytes/s. */
-static int seq_read(int fd, uint64_t off, uint64_t len, unsigned char *buf, uint64_t *bytes,
-                    uint64_t *ns)
-{
-    uint64_t t0 = now_ns(), done = 0;
-    while (done < len) {
-        size_t want = len - done < (1u << 20) ? (size_t)(len - done) : (1u << 20);
-        ssize_t r = pread(fd, buf, want, (off_t)(off + done));
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0)
-            return -1;
-        if (r == 0)
-            break;
-        done += (uint64_t)r;
-    }
-    *bytes += done;
-    *ns += now_ns() - t0;
-    return 0;
-}
-
-int mr_load_baseline(int fd, const mr_snapshot *snap, unsigned long pages, mr_baseline *out,
-                     char *err, size_t errlen)
-{
-    memset(out, 0, sizeof *out);
-    uint64_t *lat = malloc(pages * sizeof *lat);
-    unsigned char *buf = malloc(1u << 20);
+    char digests[MR_MAX_BLOCKS][65];
     int rc = -1;
-    if (!lat || !buf) {
-        snprintf(err, errlen, "out of memory");
-        goto out;
-    }
-    if (uffd_round_trip(pages, lat, err, errlen) < 0)
-        goto out;
-    out->pages = pages;
-    out->rt_p50_us = pct_us(lat, pages, 0.50);
-    out->rt_p99_us = pct_us(lat, pages, 0.99);
-    uint64_t ns = 0;
-    for (size_t i = 0; i < snap->nblocks; i++) {
-        const mr_block *b = &snap->blocks[i];
-        if (!b->ignored && seq_read(fd, b->pages_offset, b->used_length, buf, &out->read_bytes,
-                                    &ns) < 0) {
-            snprintf(err, errlen, "pread: %s", strerror(errno));
-            goto out;
+    if (setup_memory(c) == 0 && restore(c) == 0) {
+        digest_blocks(c, digests);
+        request_stop(c);
+        join_fault_threads(c);
+        mr_baseline base;
+        if (!atomic_load(&c->failed) &&
+            (!opts->baseline_pages ||
+             mr_load_baseline(fd, snap, opts->baseline_pages, opts->threads, &base,
+                              &c->err) == 0)) {
+            mr_samples_sort(&c->fault_lat);
+            mr_samples_sort(&c->touch_lat);
+            if (opts->json)
+                report_json(c, out, digests, opts->baseline_pages ? &base : NULL);
+            else
+                report_text(c, out, digests);
+            rc = 0;
         }
     }
-    out->read_mib_s = ns ? (double)out->read_bytes / 1048576.0 / ((double)ns / 1e9) : 0.0;
-    rc = 0;
-out:
-    free(lat);
-    free(buf);
-    return rc;
-}
-
-int mr_uffd_bench(const char *path, unsigned long pages, int json, FILE *out, char *err,
-                  size_t errlen)
-{
-    if (pages == 0 || pages > (1ul << 20)) {
-        snprintf(err, errlen, "--pages must be 1..1048576");
-        return 2;
-    }
-    int rc = 1, fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        snprintf(err, errlen, "%s: %s", path, strerror(errno));
-        return 1;
-    }
-    uint64_t *lat = malloc(pages * sizeof *lat);
-    unsigned char *buf = malloc(1u << 20);
-    struct stat st;
-    if (!lat || !buf) {
-        snprintf(err, errlen, "out of memory");
-        goto out;
-    }
-    if (uffd_round_trip(pages, lat, err, errlen) < 0)
-        goto out;
-    /* sequential read of the whole file (page cache as it is) */
-    uint64_t total = 0, ns = 0;
-    if (fstat(fd, &st) < 0 || seq_read(fd, 0, (uint64_t)st.st_size, buf, &total, &ns) < 0) {
-        snprintf(err, errlen, "read %s: %s", path, strerror(errno));
-        goto out;
-    }
-    double secs = (double)ns / 1e9;
-    double mib_s = secs > 0 ? (double)total / 1048576.0 / secs : 0.0;
-    if (json)
-        fprintf(out, "{\"pages\":%lu,\"uffd_round_trip_us\":{\"p50\":%.3f,\"p99\":%.3f,"
-                "\"max\":%.3f},\"pread_bytes\":%" PRIu64 ",\"pread_s\":%.6f,"
-                "\"pread_mib_s\":%.1f}\n", pages, pct_us(lat, pages, 0.5), pct_us(lat, pages, 0.99),
-                pct_us(lat, pages, 1.0), total, secs, mib_s);
-    else
-        fprintf(out, "uffd round trip over %lu pages: p50 %.1f us, p99 %.1f us; sequential read "
-                "of %s: %" PRIu64 " bytes at %.1f MiB/s\n", pages, pct_us(lat, pages, 0.5),
-                pct_us(lat, pages, 0.99), path, total, mib_s);
-    rc = 0;
-out:
-    close(fd);
-    free(buf);
-    free(lat);
+    if (rc != 0)
+        *err = c->err.name[0] ? c->err
+                              : (mr_error){.name = E_INTERNAL, .msg = "load failed"};
+    teardown(c);
     return rc;
 }

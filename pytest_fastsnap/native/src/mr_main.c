@@ -1,8 +1,7 @@
-/* fastsnap-loader: CLI front-end.  `serve` belongs to the bridge
- * (bridge.h); inspect, verify, load and uffd-bench are here.  Exit status:
- * 0 ok, 2 invalid snapshot or bad usage, 1 internal/run-time failure. */
+/* Owns main(): argument parsing and the inspect/verify/load/uffd-bench
+ * front-ends; `serve` belongs to the bridge (bridge.h).  Exit status per
+ * mr_errors.h: 0 ok, 2 invalid or unusable input, 1 internal/run-time failure. */
 #define _GNU_SOURCE
-#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -14,17 +13,20 @@
 
 #include "bridge.h"
 #include "mr_core.h"
+#include "mr_errors.h"
 #include "mr_format.h"
 #include "mr_libvirt.h"
 #include "mr_local.h"
+#include "mr_num.h"
 
 static const char USAGE[] =
     "usage: fastsnap-loader COMMAND ...\n"
     "  inspect FILE [--offset N] [--json]\n"
     "  verify FILE [--offset N] [--max-length ID=SIZE]... [--json]\n"
     "  load FILE [--offset N] [--max-length ID=SIZE]... --mode lazy|fault-only|eager|sync\n"
-    "       [--access none|seq|random|all] [--threads N] [--seed N] [--baseline] [--json]\n"
-    "  uffd-bench FILE [--pages N] [--json]\n"
+    "       [--access none|seq|random|all] [--threads N] [--fault-threads N] [--seed N]\n"
+    "       [--hugepages] [--baseline] [--json]\n"
+    "  uffd-bench FILE [--pages N] [--threads N] [--json]\n"
     "  serve FILE [--offset N] --to unix:PATH|fd:N ...   (postcopy bridge, see bridge.h)\n"
     "SIZE: bytes, or with a K/M/G/T suffix (powers of 1024): pc.ram=64M\n"
     "exit status: 0 ok, 2 invalid snapshot, missing file or bad usage, 1 run-time failure\n";
@@ -54,42 +56,10 @@ static int usage_error(const char *fmt, ...)
     return 2;
 }
 
-/* A number (decimal or 0x hex), then, with suffixes, an optional K/M/G/T
- * (powers of 1024); nothing else, no overflow. */
-static int parse_number(const char *s, uint64_t *out, int suffixes)
-{
-    char *end;
-    if (!s || !isdigit((unsigned char)*s))
-        return -1;
-    errno = 0;
-    unsigned long long v = strtoull(s, &end, 0);
-    if (errno)
-        return -1;
-    if (suffixes && *end) {
-        static const char units[] = "KMGT";
-        const char *u = strchr(units, toupper((unsigned char)*end));
-        if (!u || end[1])
-            return -1;
-        unsigned shift = 10u * (unsigned)(u - units + 1);
-        if (v > (UINT64_MAX >> shift))
-            return -1;
-        v <<= shift;
-        end++;
-    }
-    if (*end)
-        return -1;
-    *out = v;
-    return 0;
-}
-
-static int parse_u64(const char *s, uint64_t *out)
-{
-    return parse_number(s, out, 0);
-}
-
 static int parse_args(int argc, char **argv, cli *c)
 {
     c->load.threads = 1;
+    c->load.fault_threads = 1;
     c->load.access = MR_ACCESS_NONE;
     c->pages = 4096;
     for (int i = 2; i < argc; i++) {
@@ -99,13 +69,13 @@ static int parse_args(int argc, char **argv, cli *c)
         if (strcmp(a, "--json") == 0) {
             c->json = 1;
         } else if (strcmp(a, "--offset") == 0) {
-            if (parse_u64(v, &c->offset) < 0)
+            if (mr_parse_u64(v, &c->offset) < 0)
                 return usage_error("--offset needs a number, not %s", v ? v : "nothing");
             c->have_offset = 1;
             i++;
         } else if (strcmp(a, "--max-length") == 0) {
             const char *eq = v ? strrchr(v, '=') : NULL;
-            if (!eq || eq == v || eq - v > 255 || parse_number(eq + 1, &n, 1) < 0)
+            if (!eq || eq == v || eq - v > 255 || mr_parse_size(eq + 1, &n) < 0)
                 return usage_error("--max-length needs ID=SIZE (bytes, or 64M, 1G ...), not %s",
                                    v ? v : "nothing");
             if (c->limits.count >= MR_MAX_LIMITS)
@@ -139,19 +109,26 @@ static int parse_args(int argc, char **argv, cli *c)
             c->load.access = (mr_access)k;
             i++;
         } else if (strcmp(a, "--threads") == 0) {
-            if (parse_u64(v, &n) < 0 || n < 1 || n > 256)
+            if (mr_parse_u64(v, &n) < 0 || n < 1 || n > 256)
                 return usage_error("--threads must be 1..256");
             c->load.threads = (unsigned)n;
             i++;
+        } else if (strcmp(a, "--fault-threads") == 0) {
+            if (mr_parse_u64(v, &n) < 0 || n < 1 || n > 16)
+                return usage_error("--fault-threads must be 1..16");
+            c->load.fault_threads = (unsigned)n;
+            i++;
+        } else if (strcmp(a, "--hugepages") == 0) {
+            c->load.hugepages = 1;
         } else if (strcmp(a, "--baseline") == 0) {
             c->load.baseline_pages = 2048;
         } else if (strcmp(a, "--seed") == 0) {
-            if (parse_u64(v, &n) < 0)
+            if (mr_parse_u64(v, &n) < 0)
                 return usage_error("--seed needs a number");
             c->load.seed = n;
             i++;
         } else if (strcmp(a, "--pages") == 0) {
-            if (parse_u64(v, &n) < 0 || n < 1 || n > (1u << 20))
+            if (mr_parse_u64(v, &n) < 0 || n < 1 || n > (1u << 20))
                 return usage_error("--pages must be 1..1048576");
             c->pages = (unsigned long)n;
             i++;
@@ -218,14 +195,6 @@ static int cmd_verify(const cli *c)
     return 0;
 }
 
-static uint64_t popcount_block(const mr_core_block *b)
-{
-    uint64_t n = 0;
-    for (uint64_t w = 0; w < b->nwords; w++)
-        n += (uint64_t)__builtin_popcountll(b->file_bits[w]);
-    return n;
-}
-
 static int cmd_inspect(const cli *c)
 {
     int fd;
@@ -281,7 +250,7 @@ static int cmd_inspect(const cli *c)
                    ",\"bitmap_offset\":%" PRIu64 ",\"bitmap_size\":%" PRIu64 ",\"pages_offset\":%"
                    PRIu64 ",\"pages_set\":%" PRIu64 ",\"ignored\":%s}", b->used_length,
                    b->num_pages, b->hdr_offset, b->bitmap_offset, b->bitmap_size, b->pages_offset,
-                   popcount_block(&cb[i]), b->ignored ? "true" : "false");
+                   mr_core_set_pages(&cb[i]), b->ignored ? "true" : "false");
         }
         printf("],\"device_state\":{\"start\":%" PRIu64 ",\"end\":%" PRIu64 "},\"eof_offset\":%"
                PRIu64 ",\"vmdesc\":", s.dev_start, s.eof_offset, s.eof_offset);
@@ -303,7 +272,7 @@ static int cmd_inspect(const cli *c)
             const mr_block *b = &s.blocks[i];
             printf("  %-28s length %#12" PRIx64 " bitmap %#10" PRIx64 " pages %#12" PRIx64
                    " set %" PRIu64 "/%" PRIu64 "\n", b->id, b->used_length, b->bitmap_offset,
-                   b->pages_offset, popcount_block(&cb[i]), b->num_pages);
+                   b->pages_offset, mr_core_set_pages(&cb[i]), b->num_pages);
         }
         printf("device state [%#" PRIx64 ", %#" PRIx64 "), EOF at %#" PRIx64 ", vmdesc %s\n",
                s.dev_start, s.eof_offset, s.eof_offset, s.has_vmdesc ? "present" : "absent");
@@ -324,11 +293,11 @@ static int cmd_load(cli *c)
     int rc = open_and_parse(c, &fd, &s);
     if (rc)
         return rc;
-    char err[512] = "";
+    mr_error e;
     c->load.json = c->json;
-    rc = mr_local_load(fd, &s, &c->load, stdout, err, sizeof err);
+    rc = mr_local_load(fd, &s, &c->load, stdout, &e) < 0 ? mr_error_exit(e.name) : 0;
     if (rc)
-        fprintf(stderr, "fastsnap-loader: load: %s\n", err);
+        fprintf(stderr, "fastsnap-loader: %s: load: %s\n", e.name, e.msg);
     mr_snapshot_free(&s);
     close(fd);
     return rc;
@@ -367,9 +336,9 @@ int main(int argc, char **argv)
         return cmd_inspect(&c);
     if (strcmp(cmd, "load") == 0)
         return cmd_load(&c);
-    char err[512] = "";
-    rc = mr_uffd_bench(c.file, c.pages, c.json, stdout, err, sizeof err);
-    if (rc)
-        fprintf(stderr, "fastsnap-loader: uffd-bench: %s\n", err);
-    return rc;
+    mr_error e;
+    if (mr_uffd_bench(c.file, c.pages, c.load.threads, c.json, stdout, &e) == 0)
+        return 0;
+    fprintf(stderr, "fastsnap-loader: %s: uffd-bench: %s\n", e.name, e.msg);
+    return mr_error_exit(e.name);
 }

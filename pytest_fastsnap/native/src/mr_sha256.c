@@ -1,3 +1,4 @@
+/* Owns SHA-256 for restored-memory digests (see mr_sha256.h). */
 #include "mr_sha256.h"
 
 #include <stdio.h>
