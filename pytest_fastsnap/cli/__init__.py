@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "pytest_fastsnap.cli.restore",
     "pytest_fastsnap.cli.bench",
     "pytest_fastsnap.cli.build",
+    "pytest_fastsnap.cli.fuzz",
 )
 
 
