@@ -54,6 +54,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     m.add_argument("--out", required=True)
     m.set_defaults(func=run_merge)
 
+    from pytest_fastsnap.fuzz import libfuzzer
+    libfuzzer.add_parser(fsub)
+
 
 def _err(what: str, message: str, code: int) -> int:
     print(f"{PROG} {what}: {message}", file=sys.stderr)

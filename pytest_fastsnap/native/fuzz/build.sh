@@ -1,0 +1,17 @@
+#!/bin/bash -eu
+# Build the libFuzzer harnesses the way OSS-Fuzz / ClusterFuzzLite expect:
+# they set CC, CFLAGS (sanitizers, coverage), LIB_FUZZING_ENGINE, SRC and OUT.
+# `fastsnap fuzz loader` runs this same script with its own values, e.g.
+#   CC=clang CFLAGS="-O1 -g -fsanitize=address,undefined -fsanitize=fuzzer-no-link" \
+#   LIB_FUZZING_ENGINE=-fsanitize=fuzzer OUT=/tmp/out bash build.sh
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+NATIVE="${NATIVE_SRC:-$HERE/../src}"
+OUT="${OUT:?set OUT to the output directory}"
+mkdir -p "$OUT"
+# shellcheck disable=SC2086  # CFLAGS and LIB_FUZZING_ENGINE are word lists
+$CC $CFLAGS -std=c11 -c "$NATIVE/mr_format.c" -o "$OUT/mr_format.o"
+# shellcheck disable=SC2086
+$CC $CFLAGS -std=c11 "$NATIVE/fuzz_format.c" "$OUT/mr_format.o" $LIB_FUZZING_ENGINE \
+    -o "$OUT/fuzz_format"
+rm -f "$OUT/mr_format.o"
+cp "$HERE/mapped_ram.dict" "$OUT/fuzz_format.dict"
