@@ -62,4 +62,4 @@ def test_loader_campaign_runs_and_counts(tmp_path: Path) -> None:
     (summary,) = json.loads((tmp_path / "loader-summary.json").read_text())
     assert summary["execs"] > 0 and summary["crashes"] == []
     assert summary["readers"]["disagree"] == 0
-    assert summary["total_execs"]["asan"] >= summary["execs"]
+    assert summary["total_execs"]["format-asan"] >= summary["execs"]

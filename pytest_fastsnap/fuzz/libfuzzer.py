@@ -1,4 +1,5 @@
-"""``fastsnap fuzz loader``: libFuzzer on the C parser (``src/fuzz_format.c``).
+"""``fastsnap fuzz loader``: libFuzzer on the C parser (``src/fuzz_format.c``) and on
+the postcopy bridge's return-path message parser (``src/fuzz_bridge_rp.c``).
 
 Built by ``native/fuzz/build.sh`` (the OSS-Fuzz convention: ``$CC $CFLAGS ...
 $LIB_FUZZING_ENGINE``) into the cache, in two variants: ``asan`` (ASan +
@@ -53,7 +54,15 @@ SANITIZERS = {
             "-fno-sanitize-recover=all -fsanitize=fuzzer-no-link",
     "release": "-O2 -g -fsanitize=fuzzer-no-link",
 }
-MAX_LEN = 256_000
+MAX_LEN = {"format": 256_000, "bridge-rp": 4096}
+HARNESS = {"format": "fuzz_format", "bridge-rp": "fuzz_bridge_rp"}
+# Return-path seeds: SHUT 0, PONG 3 (package loaded), REQ_PAGES_ID pc.ram page 1, REQ_PAGES.
+RP_SEEDS = {
+    "shut": bytes.fromhex("00010004" "00000000"),
+    "pong": bytes.fromhex("00020004" "00000003"),
+    "req": bytes.fromhex("00030013" "0000000000001000" "00001000" "06") + b"pc.ram"
+           + bytes.fromhex("0004000c" "0000000000002000" "00001000"),
+}
 EXECS = re.compile(r"stat::number_of_executed_units:\s*(\d+)")
 DONE = re.compile(r"#(\d+)\s+DONE")
 
@@ -66,8 +75,8 @@ def cache_dir() -> Path:
     return default_cache_dir() / "fuzz"
 
 
-def build_fuzzer(variant: str) -> Path:
-    """The harness binary for *variant*, built with build.sh into the cache if needed."""
+def build_fuzzer(variant: str, target: str = "format") -> Path:
+    """The *target* harness for *variant*, built with build.sh into the cache if needed."""
     clang = shutil.which("clang")
     if clang is None:
         raise FuzzerBuildError("clang not found: libFuzzer needs clang (apt-get install clang)")
@@ -78,7 +87,7 @@ def build_fuzzer(variant: str) -> Path:
     digest.update(subprocess.run([clang, "--version"], capture_output=True, text=True,
                                  check=False).stdout.encode())
     out = cache_dir() / f"{variant}-{digest.hexdigest()[:16]}"
-    binary = out / "fuzz_format"
+    binary = out / HARNESS[target]
     if binary.exists():
         return binary
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -164,22 +173,29 @@ def add_execs(variant: str, execs: int, crashes: int) -> dict[str, Any]:
 
 
 def run_fuzzer(variant: str, duration: float, out: Path, *, seed_files: list[Path],
-               jobs: int = 1, differential_limit: int = 2000) -> dict[str, Any]:
-    """Run the harness for *duration* seconds; return what happened."""
-    binary = build_fuzzer(variant)
-    corpus = cache_dir() / "corpus-format"
+               target: str = "format", differential_limit: int = 2000) -> dict[str, Any]:
+    """Run the *target* harness for *duration* seconds; return what happened."""
+    binary = build_fuzzer(variant, target)
+    corpus = cache_dir() / f"corpus-{target}"
     corpus.mkdir(parents=True, exist_ok=True)
     before = {p.name for p in corpus.iterdir()}
-    crashes_dir = out / "crashes"
+    crashes_dir = out / f"crashes-{target}-{variant}"
     crashes_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fastsnap-libfuzzer-") as tmp:
         seeds = Path(tmp) / "seeds"
-        nseeds = seed_corpus(seeds, seed_files)
-        cmd = [str(binary), str(corpus), str(seeds), f"-dict={binary.parent}/fuzz_format.dict",
+        if target == "format":
+            nseeds = seed_corpus(seeds, seed_files)
+            dictionary = [f"-dict={binary.parent}/fuzz_format.dict"]
+        else:
+            seeds.mkdir()
+            for name, blob in RP_SEEDS.items():
+                (seeds / name).write_bytes(blob)
+            nseeds, dictionary = len(RP_SEEDS), []
+        cmd = [str(binary), str(corpus), str(seeds), *dictionary,
                f"-max_total_time={max(1, int(duration))}", "-timeout=10",
-               "-rss_limit_mb=2048", f"-max_len={MAX_LEN}", "-print_final_stats=1",
+               "-rss_limit_mb=2048", f"-max_len={MAX_LEN[target]}", "-print_final_stats=1",
                f"-artifact_prefix={crashes_dir}/"]
-        log_path = out / f"libfuzzer-{variant}.log"
+        log_path = out / f"libfuzzer-{target}-{variant}.log"
         with open(log_path, "wb") as log:
             proc = process.spawn(cmd, stdout=log.fileno(), stderr=subprocess.STDOUT,
                                  env=dict(os.environ, ASAN_OPTIONS="detect_leaks=1",
@@ -194,12 +210,12 @@ def run_fuzzer(variant: str, duration: float, out: Path, *, seed_files: list[Pat
     m = EXECS.search(text) or DONE.search(text)
     execs = int(m[1]) if m else 0
     crashes = sorted(p for p in crashes_dir.iterdir() if p.is_file())
-    stats = add_execs(variant, execs, len(crashes))
+    stats = add_execs(f"{target}-{variant}", execs, len(crashes))
     new = sorted(p for p in corpus.iterdir() if p.name not in before)
     agree = disagree = 0
     disagreements = []
     decoded = out / "decoded.img"
-    for path in new[:differential_limit]:
+    for path in new[:differential_limit] if target == "format" else ():
         verdicts = compare_readers(extents.decode_to(path.read_bytes(), decoded))
         if verdicts.agree:
             agree += 1
@@ -209,7 +225,8 @@ def run_fuzzer(variant: str, duration: float, out: Path, *, seed_files: list[Pat
     decoded.unlink(missing_ok=True)
     if not crashes:
         shutil.rmtree(crashes_dir, ignore_errors=True)
-    return {"variant": variant, "binary": str(binary), "exit": code, "execs": execs,
+    return {"target": target, "variant": variant, "binary": str(binary), "exit": code,
+            "execs": execs,
             "seconds": duration, "execs_per_second": round(execs / max(duration, 1e-9)),
             "seeds": nseeds, "corpus": len(list(corpus.iterdir())), "new_inputs": len(new),
             "crashes": [{"file": str(c), "reproduce": f"{binary} {c}"} for c in crashes],
@@ -222,6 +239,8 @@ def add_parser(fsub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p = fsub.add_parser("loader", help="libFuzzer on the C parser (release + ASan/UBSan)")
     p.add_argument("--duration", type=float, default=60.0, help="seconds per variant")
     p.add_argument("--variant", choices=("asan", "release", "both"), default="asan")
+    p.add_argument("--target", choices=("format", "bridge-rp", "all"), default="format",
+                   help="the mapped-ram parser, the bridge's return-path parser, or both")
     p.add_argument("--seed-file", action="append", default=[], type=Path,
                    help="a snapshot to compact into a seed (repeatable)")
     p.add_argument("--out", default="fuzz-loader-out")
@@ -239,10 +258,13 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     variants = ("release", "asan") if args.variant == "both" else (args.variant,)
+    targets = ("format", "bridge-rp") if args.target == "all" else (args.target,)
     results = []
     try:
-        for variant in variants:
-            results.append(run_fuzzer(variant, args.duration, out, seed_files=args.seed_file))
+        for target in targets:
+            for variant in variants:
+                results.append(run_fuzzer(variant, args.duration, out, target=target,
+                                          seed_files=args.seed_file))
     except FuzzerBuildError as err:
         print(f"fastsnap fuzz loader: {err}", file=sys.stderr)
         return 2
@@ -252,7 +274,8 @@ def run(args: argparse.Namespace) -> int:
     (out / "loader-summary.json").write_text(json.dumps(results, indent=1) + "\n")
     bad = False
     for r in results:
-        print(f"{r['variant']}: {r['execs']} execs ({r['execs_per_second']}/s), corpus "
+        print(f"{r['target']} {r['variant']}: {r['execs']} execs "
+              f"({r['execs_per_second']}/s), corpus "
               f"{r['corpus']}, crashes {len(r['crashes'])}, readers agree "
               f"{r['readers']['agree']} disagree {r['readers']['disagree']}; total execs so "
               f"far {r['total_execs']}")

@@ -13,5 +13,9 @@ $CC $CFLAGS -std=c11 -c "$NATIVE/mr_format.c" -o "$OUT/mr_format.o"
 # shellcheck disable=SC2086
 $CC $CFLAGS -std=c11 "$NATIVE/fuzz_format.c" "$OUT/mr_format.o" $LIB_FUZZING_ENGINE \
     -o "$OUT/fuzz_format"
+# shellcheck disable=SC2086
+$CC $CFLAGS -std=c11 -pthread "$NATIVE/fuzz_bridge_rp.c" "$NATIVE/bridge_snap.c" \
+    "$NATIVE/mr_core.c" "$NATIVE/mr_local.c" "$NATIVE/mr_sha256.c" "$OUT/mr_format.o" \
+    $LIB_FUZZING_ENGINE -lm -o "$OUT/fuzz_bridge_rp"
 rm -f "$OUT/mr_format.o"
 cp "$HERE/mapped_ram.dict" "$OUT/fuzz_format.dict"
