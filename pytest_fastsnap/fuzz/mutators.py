@@ -177,9 +177,5 @@ class Mutator:
             os.close(fd)
 
 
-def describe(edits: Sequence[Edit]) -> str:
-    return "; ".join(e.note for e in edits)
-
-
 def dump_edits(path: Path, edits: Sequence[Edit]) -> None:
     path.write_text(json.dumps(edits_to_json(edits), indent=1) + "\n")

@@ -41,8 +41,9 @@ def markdown(summary: dict[str, Any], findings: Sequence[dict[str, Any]]) -> str
         "# Fuzzing campaign", "",
         f"- QEMU: {summary.get('qemu_version', '?')} ({summary.get('qemu_binary', '?')})",
         f"- {summary.get('execs', 0)} inputs in {summary.get('seconds', 0)} s "
-        f"({summary.get('execs_per_second', 0)}/s), seed {summary.get('seed', '?')}, "
-        f"{summary.get('jobs', '?')} jobs",
+        f"({summary.get('execs_per_second', 0)}/s), "
+        + (f"seed {summary['seed']}, {summary.get('jobs', '?')} jobs" if "seed" in summary
+           else f"merged from seeds {summary.get('seeds', '?')}"),
         f"- outcomes: {outcomes or 'none'}",
         f"- C and Python readers: agree on {readers.get('agree', 0)}, disagree on "
         f"{readers.get('disagree', 0)}",
