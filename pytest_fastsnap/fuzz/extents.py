@@ -14,7 +14,7 @@ from pathlib import Path
 __all__ = ["MAGIC", "decode", "encode"]
 
 MAGIC = b"FSX1"
-MAX_FILE = 256 << 20
+MAX_FILE = 8 << 20  # FSX_MAX in fuzz_format.c
 MIN_HOLE = 64
 MAX_CHUNK = 0xFFFF
 

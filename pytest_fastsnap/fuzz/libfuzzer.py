@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,7 @@ RP_SEEDS = {
 }
 EXECS = re.compile(r"stat::number_of_executed_units:\s*(\d+)")
 DONE = re.compile(r"#(\d+)\s+DONE")
+STATUS = re.compile(r"^#(\d+)\s", re.MULTILINE)
 
 
 class FuzzerBuildError(RuntimeError):
@@ -200,15 +202,18 @@ def run_fuzzer(variant: str, duration: float, out: Path, *, seed_files: list[Pat
             proc = process.spawn(cmd, stdout=log.fileno(), stderr=subprocess.STDOUT,
                                  env=dict(os.environ, ASAN_OPTIONS="detect_leaks=1",
                                           UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"))
+            started = time.monotonic()
             try:
                 code = proc.wait(duration + 120)
             except subprocess.TimeoutExpired:
                 code = process.kill(proc)
             finally:
                 process.kill(proc)
+                seconds = time.monotonic() - started
     text = log_path.read_text(errors="replace")
     m = EXECS.search(text) or DONE.search(text)
-    execs = int(m[1]) if m else 0
+    status = STATUS.findall(text)  # killed runs print no final stats: the last status line
+    execs = int(m[1]) if m else int(status[-1]) if status else 0
     crashes = sorted(p for p in crashes_dir.iterdir() if p.is_file())
     stats = add_execs(f"{target}-{variant}", execs, len(crashes))
     new = sorted(p for p in corpus.iterdir() if p.name not in before)
@@ -227,7 +232,7 @@ def run_fuzzer(variant: str, duration: float, out: Path, *, seed_files: list[Pat
         shutil.rmtree(crashes_dir, ignore_errors=True)
     return {"target": target, "variant": variant, "binary": str(binary), "exit": code,
             "execs": execs,
-            "seconds": duration, "execs_per_second": round(execs / max(duration, 1e-9)),
+            "seconds": round(seconds, 1), "execs_per_second": round(execs / max(seconds, 1e-9)),
             "seeds": nseeds, "corpus": len(list(corpus.iterdir())), "new_inputs": len(new),
             "crashes": [{"file": str(c), "reproduce": f"{binary} {c}"} for c in crashes],
             "readers": {"agree": agree, "disagree": disagree,
