@@ -105,7 +105,7 @@ def test_triage_minimises_signs_and_reproduces(target: Target, locations: dict[s
                       None),
            RawFinding(1, "signal", "SIGFPE", "signal:SIGFPE:x", (crash_edit,), "", None)]
     found = triage(raw, target, locations, out, timeout=15, use_gdb=False, log=lambda m: None)
-    assert len(found) == 1
+    assert len(found) == 1 and not (out / "work").exists()
     f = found[0]
     assert f.edits == [crash_edit] and f.hits == 2
     assert f.signature.startswith("signal:SIGFPE:")

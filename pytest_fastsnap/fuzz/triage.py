@@ -185,7 +185,7 @@ def triage(raw: Sequence[RawFinding], target: Target, locations: dict[str, Locat
                                          target, locations, out, work)
             log(f"triage: {fid} {signature} ({len(edits)} edit(s))")
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(out / "work", ignore_errors=True)
     for finding in distinct.values():  # hits may have grown since each was written
         save_finding_json(finding, target)
     for r in raw:  # the minimised inputs are kept; raw ones can be rebuilt from their edits
