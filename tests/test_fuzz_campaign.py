@@ -15,7 +15,7 @@ from pytest_fastsnap.fuzz.campaign import Campaign, RawFinding
 from pytest_fastsnap.fuzz.locations import Location, find_locations
 from pytest_fastsnap.fuzz.merge import merge
 from pytest_fastsnap.fuzz.mutators import Edit, apply_edits
-from pytest_fastsnap.fuzz.outcomes import LoadResult, load_once
+from pytest_fastsnap.fuzz.outcomes import LoadResult, internal_error_line, load_once
 from pytest_fastsnap.fuzz.report import write_report
 from pytest_fastsnap.fuzz.repro import repro
 from pytest_fastsnap.fuzz.target import Target
@@ -77,6 +77,17 @@ def test_classification(target: Target, locations: dict[str, Location], crash_ed
     changed = load_once(target.binary, target.device_args, target.path, tmp_path,
                         digests=digests, ranges=target.ranges, memory_safe=False)
     assert (wrong.outcome, changed.outcome) == ("wrong_memory", "changed_memory")
+    # A load still going at the time limit is a hang (64 MiB take longer than 1 ms).
+    hang = load_once(target.binary, target.device_args, target.path, tmp_path,
+                     digests=target.digests, ranges=target.ranges, timeout=0.001)
+    assert hang.outcome == "hang", hang
+
+
+def test_internal_error_text_is_recognised() -> None:
+    log = "# qemu-system-x86_64 -incoming defer\nqemu: warning: x\n" \
+          "qemu-system-x86_64: ../migration/ram.c:42: f: Assertion `n > 0' failed.\n"
+    assert internal_error_line(log) is not None and "Assertion" in internal_error_line(log)
+    assert internal_error_line("# cmd\nqemu-system-x86_64: load of migration failed\n") is None
 
 
 def test_campaign_loop_counts_every_input_and_leaves_nothing(

@@ -90,7 +90,7 @@ def load_once(binary: str, device_args: Sequence[str], path: Path, workdir: Path
     decide same/wrong memory; the QEMU process is gone when this returns.
     """
     vm = QemuMachine(binary, workdir, name=name, incoming="defer", paused=True,
-                     device_args=device_args, qmp_timeout=timeout)
+                     device_args=device_args, qmp_timeout=max(timeout, 10.0))
     vm.log_path.unlink(missing_ok=True)
     started = time.monotonic()
     try:
