@@ -136,6 +136,10 @@ def test_merge_deduplicates_by_signature(tmp_path: Path) -> None:
         fdir = d / "findings" / "F001-signal"
         fdir.mkdir(parents=True)
         (fdir / "finding.json").write_text("{}")
+        with open(fdir / "input.img", "wb") as f:  # 8 MiB, one data page
+            f.truncate(8 << 20)
+            f.seek(4 << 20)
+            f.write(b"\x01" * 4096)
         finding = {"id": "F001", "signature": "signal:SIGFPE:x", "class": "signal",
                    "signal": "SIGFPE", "edits": [{"target": "t", "note": "n"}] * edits,
                    "effect": "e", "hits": 1, "file": str(fdir / "input.img"),
@@ -151,6 +155,8 @@ def test_merge_deduplicates_by_signature(tmp_path: Path) -> None:
     assert summary["execs"] == 20 and summary["outcomes"] == {"refused": 18, "signal": 2}
     assert len(findings) == 1 and findings[0]["hits"] == 2 and len(findings[0]["edits"]) == 1
     assert (out / "findings" / "F001-signal" / "finding.json").is_file()
+    copied = (out / "findings" / "F001-signal" / "input.img").stat()
+    assert copied.st_size == 8 << 20 and copied.st_blocks * 512 < 1 << 20  # still sparse
     assert json.loads((out / "summary.json").read_text())["distinct_findings"] == 1
 
 

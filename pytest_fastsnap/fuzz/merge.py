@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_fastsnap.fuzz.report import read_findings, write_report
+from pytest_fastsnap.snapshot.sparse import sparse_copy
 
 __all__ = ["merge"]
 
@@ -51,7 +52,7 @@ def merge(dirs: Sequence[Path], out: Path) -> tuple[dict[str, Any], list[dict[st
         src = Path(f["file"]).parent
         dst = out / "findings" / f"{fid}-{f['class']}"
         if src.is_dir():
-            shutil.copytree(src, dst)  # copy2 keeps holes only where the fs does; fine
+            shutil.copytree(src, dst, copy_function=sparse_copy)  # inputs stay sparse
         else:
             dst.mkdir(parents=True)
         f = dict(f, id=fid, file=str(dst / "input.img"), reproduce=f"fastsnap fuzz repro {dst}")
