@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from pytest_fastsnap.snapshot.format import (
-    HEADER_SIZE,
     VM_FOOTER,
     VM_FULL,
     VM_SUBSECTION,
@@ -139,7 +138,6 @@ def _ram(snap: Snapshot) -> Iterator[Location]:
     if ram.footer is not None:
         yield _int("ram.start.footer", ram.footer.offset, 1, "ram_section")
         yield _int("ram.start.footer_sid", ram.footer.section_id.offset, 4, "ram_section")
-    assert ram.blocks and HEADER_SIZE
 
 
 def _records(snap: Snapshot) -> Iterator[Location]:
