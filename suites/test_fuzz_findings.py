@@ -9,10 +9,11 @@ refuse every file that makes QEMU crash or load wrong memory (it is stricter
 than QEMU), except where the defect is in device state it does not interpret.
 
 Found on QEMU 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1) by a 10-minute
-``fastsnap fuzz qemu --guest tiny --jobs 2 --seed 10`` campaign.  The
-campaign's other distinct finding, ``pc.ram.header.bitmap_offset 139 -> 0``
-(wrong memory), is already ``test_header_bounds.py::test_qemu_fails_cleanly
-[pc.ram:bitmap_offset=0]``.
+``fastsnap fuzz qemu --guest tiny --jobs 2 --seed 10`` campaign; all four also
+happen on QEMU 10.2.2 (built from Debian's source package), whose debug info
+gave the functions named below.  The campaign's other distinct finding,
+``pc.ram.header.bitmap_offset 139 -> 0`` (wrong memory), is already
+``test_header_bounds.py::test_qemu_fails_cleanly[pc.ram:bitmap_offset=0]``.
 """
 
 from __future__ import annotations
@@ -57,20 +58,22 @@ FINDINGS = (
             "a block id length (70 for the 6-byte 'pc.rom') that runs into the block's "
             "used_length, header and bitmap kills the destination with SIGFPE: the id still "
             "names pc.rom up to the used_length's NUL byte, and the MappedRamHeader then read "
-            "from bitmap zeros has page_size 0, which QEMU divides by",
+            "from bitmap zeros has page_size 0, which parse_ramblock_mapped_ram divides by",
             fixed_in="likely the upstream 2026 mapped-ram header page_size check (no release "
                      "yet)", unless_feature="fast-snapshot-load"),
     Finding("used-length-all-ones", (("pc.ram.used_length", (1 << 64) - 1),),
-            "a block used_length of 2**64-1 makes QEMU allocate a bitmap sized from it "
-            "before checking the length against the RAMBlock: g_malloc0 fails and g_error "
-            "kills the destination with SIGTRAP (\"failed to allocate N bytes\")"),
+            "a block used_length of 2**64-1 makes parse_ramblock_mapped_ram allocate a bitmap "
+            "sized from it before the length is checked against the RAMBlock: g_malloc0 "
+            "fails and g_error kills the destination with SIGTRAP (\"failed to allocate N "
+            "bytes\")"),
     Finding("ram-start-type-eof", (("ram.start.type", 0),),
             "a RAM START record type changed to EOF (00) ends the stream for QEMU right after "
             "the configuration: the load completes with no RAM and no device state loaded "
             "(only a warning: \"Expected vmdescription section, but got 0\"), so the guest "
             "has zeroed memory"),
     Finding("fw-cfg-rsdp-size", (("dev:fw_cfg/0/acpi_mr.rsdp_mr_size", 0x11DA5DD3387A8AC5),),
-            "fw_cfg's acpi_mr subsection resizes the /rom@etc/acpi/rsdp RAMBlock to the "
+            "fw_cfg's acpi_mr subsection (fw_cfg_acpi_mr_restore_post_load -> fw_cfg_update_mr"
+            " -> memory_region_ram_resize) resizes the /rom@etc/acpi/rsdp RAMBlock to the "
             "stream's rsdp_mr_size with &error_abort: a size above the block's max_length "
             "aborts the destination (SIGABRT, \"Size too large: /rom@etc/acpi/rsdp\")",
             loader_checks=False),

@@ -10,7 +10,7 @@ import pytest
 
 from pytest_fastsnap.fuzz.locations import find_locations
 from pytest_fastsnap.fuzz.mutators import Edit, Mutator, apply_edits, edits_from_json, edits_to_json
-from pytest_fastsnap.fuzz.signature import field_signature, generic_target
+from pytest_fastsnap.fuzz.signature import field_signature, frames_signature, generic_target
 from pytest_fastsnap.snapshot.format import parse
 from pytest_fastsnap.snapshot.writer import device_section, write_snapshot
 
@@ -106,3 +106,14 @@ def test_signatures_mask_indices_but_keep_block_names() -> None:
              Edit("dev:dma/1.idx[1]", "truncate", 0, "", "", True)]
     assert field_signature("wrong_memory", edits) == \
         "wrong_memory:pc.ram.header.bitmap_offset+truncate@dev:dma/N.idx[N]"
+
+
+def test_frame_signature_skips_abort_and_error_plumbing() -> None:
+    # The SIGABRT backtrace of the fw_cfg finding on QEMU 10.2.2 (debug build).
+    frames = ["__pthread_kill_implementation", "__pthread_kill_internal", "__GI_raise",
+              "__GI_abort", "error_handle", "error_handle", "error_setv",
+              "error_setg_errno_internal", "qemu_ram_resize", "memory_region_ram_resize",
+              "fw_cfg_update_mr"]
+    assert frames_signature(frames) == \
+        "qemu_ram_resize<memory_region_ram_resize<fw_cfg_update_mr"
+    assert frames_signature(["??", "??"]) is None

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from pytest_fastsnap.fuzz.target import TargetError
+from pytest_fastsnap.qemu.machine import QemuError
 
 PROG = "fastsnap fuzz"
 
@@ -126,6 +127,9 @@ def run_qemu(args: argparse.Namespace) -> int:
     except TargetError as err:
         shutil.rmtree(out / "work", ignore_errors=True)
         return _err("qemu", str(err), err.exit_code)
+    except QemuError as err:  # it loaded the reference, then stopped coming up
+        shutil.rmtree(out / "work", ignore_errors=True)
+        return _err("qemu", f"QEMU stopped coming up: {str(err).splitlines()[0]}", 1)
     except KeyboardInterrupt:
         shutil.rmtree(out / "work", ignore_errors=True)
         if campaign is not None:

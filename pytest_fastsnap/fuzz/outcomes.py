@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pytest_fastsnap.qemu.machine import QemuError, QemuMachine
+from pytest_fastsnap.qemu.machine import QemuMachine
 from pytest_fastsnap.qemu.migration import MigrationFailed, load_snapshot
 
 __all__ = ["FINDING_CLASSES", "OUTCOMES", "LoadResult", "load_once", "mask_numbers"]
@@ -88,16 +88,14 @@ def load_once(binary: str, device_args: Sequence[str], path: Path, workdir: Path
 
     *digests* (``QemuMachine.memory_digests(ranges)`` of the unmutated load)
     decide same/wrong memory; the QEMU process is gone when this returns.
+    Raises QemuError when QEMU does not come up (before it saw the input).
     """
     vm = QemuMachine(binary, workdir, name=name, incoming="defer", paused=True,
                      device_args=device_args, qmp_timeout=max(timeout, 10.0))
     vm.log_path.unlink(missing_ok=True)
     started = time.monotonic()
     try:
-        try:
-            vm.launch()
-        except QemuError as err:
-            return _classify_exit(vm, f"QEMU did not come up: {err}", started)
+        vm.launch()  # QemuError: the binary or the guest definition is unusable, not the input
         try:
             load_snapshot(vm, path, offset=offset, timeout=timeout)
         except MigrationFailed as err:

@@ -8,8 +8,9 @@ from pathlib import Path
 
 from pytest_fastsnap.fuzz.locations import find_locations
 from pytest_fastsnap.fuzz.mutators import apply_edits, edits_from_json
-from pytest_fastsnap.fuzz.outcomes import load_once
+from pytest_fastsnap.fuzz.outcomes import load_once, stderr_lines
 from pytest_fastsnap.fuzz.target import Target
+from pytest_fastsnap.qemu.machine import QemuError
 from pytest_fastsnap.snapshot.format import parse
 
 __all__ = ["ReproError", "repro"]
@@ -54,10 +55,12 @@ def repro(finding_dir: Path, binary: str | None, timeout: float) -> tuple[bool, 
                                name="repro", offset=target.offset, timeout=timeout,
                                digests=target.digests, ranges=target.ranges,
                                memory_safe=all(e.memory_safe for e in edits))
-        except FileNotFoundError as err:
-            raise ReproError(f"QEMU binary not usable: {err}") from None
+        except QemuError as err:
+            raise ReproError(f"QEMU binary not usable: {str(err).splitlines()[0]}") from None
     got = result.outcome + (f" ({result.signal})" if result.signal else "")
     want = cls + (f" ({sig})" if sig else "")
     same = result.outcome == cls and result.signal == sig
+    said = stderr_lines(result.log)
     return same, (f"{meta['id']}: {'reproduced' if same else 'did NOT reproduce'}: {got} "
-                  f"(recorded: {want}) with {target.binary}; {result.reason.splitlines()[0]}")
+                  f"(recorded: {want}) with {target.binary}; QEMU's last words: "
+                  f"{said[-1] if said else '(none)'}")

@@ -24,6 +24,7 @@ __all__ = ["field_signature", "generic_target", "preliminary_signature", "stderr
 # Frames that say nothing about where the defect is.
 NOISE_FRAMES = re.compile(r"^(\?\?|raise|abort|__GI_|__pthread_kill|pthread_kill|"
                           r"__assert|g_assertion|g_log|g_error|g_malloc|g_realloc|"
+                          r"error_handle|error_setv|error_setg|error_propagate|"
                           r"qemu_coroutine_|coroutine_trampoline|__libc|_start|clone)")
 
 
