@@ -109,7 +109,7 @@ def run_qemu(args: argparse.Namespace) -> int:
         if not snap.ok:
             raise TargetError(f"{path} is not a valid mapped-ram snapshot "
                               f"({', '.join(snap.problem_names()) or 'truncated'})", 2)
-        target = reference_target(path, offset, qemu.binary, device_args)
+        target = reference_target(path, offset, qemu.binary, device_args, out)
         write_target(out / "target.json", target)
         locations = find_locations(snap)
         campaign = Campaign(target, locations, out, jobs=args.jobs, seed=args.seed,

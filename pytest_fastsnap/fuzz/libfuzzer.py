@@ -183,7 +183,7 @@ def run_fuzzer(variant: str, duration: float, out: Path, *, seed_files: list[Pat
     before = {p.name for p in corpus.iterdir()}
     crashes_dir = out / f"crashes-{target}-{variant}"
     crashes_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="fastsnap-libfuzzer-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=".seeds-", dir=out) as tmp:
         seeds = Path(tmp) / "seeds"
         if target == "format":
             nseeds = seed_corpus(seeds, seed_files)

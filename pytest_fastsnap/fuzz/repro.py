@@ -35,7 +35,7 @@ def repro(finding_dir: Path, binary: str | None, timeout: float) -> tuple[bool, 
     if binary:
         target = Target(target.path, target.offset, binary, target.device_args,
                         target.ranges, target.digests)
-    with tempfile.TemporaryDirectory(prefix="fastsnap-repro-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=".repro-", dir=finding_dir) as tmp:
         path = finding_dir / "input.img"
         if not path.is_file():  # rebuild it from the base snapshot and the edits
             if not target.path.is_file():

@@ -94,10 +94,10 @@ def snapshot_from_manifest(path: Path) -> tuple[Path, int, tuple[str, ...]]:
 
 
 def reference_target(path: Path, offset: int, binary: str, device_args: tuple[str, ...],
-                     timeout: float = 60.0) -> Target:
+                     workdir: Path, timeout: float = 60.0) -> Target:
     """Load the unmutated snapshot once and record the digests of its RAM."""
     ranges = tuple(ram_ranges(min(mem_bytes(device_args), 2 << 30)))
-    with tempfile.TemporaryDirectory(prefix="fastsnap-fuzz-ref-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=".reference-", dir=workdir) as tmp:
         vm = QemuMachine(binary, Path(tmp), name="reference", incoming="defer", paused=True,
                          device_args=device_args)
         try:
