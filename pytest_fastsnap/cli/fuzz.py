@@ -129,6 +129,8 @@ def run_qemu(args: argparse.Namespace) -> int:
         return _err("qemu", str(err), err.exit_code)
     except QemuError as err:  # it loaded the reference, then stopped coming up
         shutil.rmtree(out / "work", ignore_errors=True)
+        if campaign is not None:
+            write_report(out, campaign.summary(qemu.version_str), [])
         return _err("qemu", f"QEMU stopped coming up: {str(err).splitlines()[0]}", 1)
     except KeyboardInterrupt:
         shutil.rmtree(out / "work", ignore_errors=True)

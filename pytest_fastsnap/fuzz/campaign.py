@@ -31,6 +31,7 @@ from pytest_fastsnap.fuzz.outcomes import OUTCOMES, LoadResult, load_once
 from pytest_fastsnap.fuzz.signature import preliminary_signature
 from pytest_fastsnap.fuzz.target import Target
 from pytest_fastsnap.qemu import process
+from pytest_fastsnap.qemu.machine import QemuError
 from pytest_fastsnap.snapshot.sparse import sparse_copy
 
 __all__ = ["Campaign", "RawFinding"]
@@ -158,8 +159,14 @@ class Campaign:
         workdir.mkdir(parents=True, exist_ok=True)
         try:
             while (index := self._claim()) is not None:
-                self.run_one(index, workdir)
-        except BaseException as err:
+                try:
+                    self.run_one(index, workdir)
+                except QemuError:  # once may be the host (memory, fds); twice is not
+                    if self._stop.is_set():
+                        break  # killed by an interrupt while it came up
+                    time.sleep(1.0)
+                    self.run_one(index, workdir)
+        except BaseException as err:  # reported by run(), which re-raises the first
             errors.append(err)
             self._stop.set()
 
