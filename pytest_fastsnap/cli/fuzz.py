@@ -5,9 +5,11 @@
     fastsnap fuzz merge DIR... --out MERGED
     fastsnap fuzz loader --duration S
 
-Exit codes: 0 the campaign ran (findings are results, see DIR/findings.md),
-``repro`` 0 when the finding reproduces and 1 when it does not; 1 the
-operation failed; 2 bad input; 130 interrupted.
+Exit codes: 0 the campaign ran (QEMU findings are results, see
+DIR/findings.md); ``repro`` 0 when the finding reproduces and 1 when it does
+not; ``loader`` 1 when the C parser crashed or disagreed with the Python
+reader (our own defects); 1 the operation failed; 2 bad input or an unusable
+QEMU binary or compiler; 130 interrupted.
 """
 
 from __future__ import annotations
