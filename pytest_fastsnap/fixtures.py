@@ -10,12 +10,12 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
 from pytest_fastsnap import workdirs
-from pytest_fastsnap.config import FastsnapConfig
+from pytest_fastsnap.config import FastsnapConfig, mem_bytes
 from pytest_fastsnap.guests import linux, tiny
 from pytest_fastsnap.guests.linux import LinuxGuest, linux_args, linux_image
 from pytest_fastsnap.guests.tiny import TinyGuest, TinyParams, tiny_args, tiny_kernel
@@ -33,6 +33,7 @@ from pytest_fastsnap.qemu.machine import QemuMachine
 from pytest_fastsnap.qemu.migration import SavedSnapshot, load_snapshot, save_snapshot
 from pytest_fastsnap.qemu.probe import QemuProbe
 from pytest_fastsnap.restore.manifest import write_manifest
+from pytest_fastsnap.verdict import Verdict
 
 
 @pytest.fixture(scope="session")
@@ -80,6 +81,14 @@ def fastsnap_workdir(request: pytest.FixtureRequest, fastsnap_config: FastsnapCo
         workdirs.remove(directory)
 
 
+class TeardownError(Exception):
+    """Stopping a test's machines or closing what it owned failed (all listed)."""
+
+
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
 class VmFactory:
     """Starts QEMU machines for one test and stops them all afterwards."""
 
@@ -93,6 +102,7 @@ class VmFactory:
         self.probe_dst = probe_dst
         self.machines = registry
         self._names: set[str] = set()
+        self._owned: list[Closable] = []
 
     def _name(self, wanted: str) -> str:
         name, n = wanted, 1
@@ -110,7 +120,9 @@ class VmFactory:
         overrides the session's accelerator for this machine."""
         binary = self.probe_dst.binary if role == "dst" else self.probe.binary
         if accel == "kvm" and not self.probe.kvm_usable:
-            pytest.skip(f"KVM not usable: {self.probe.kvm_reason}")
+            # Reported at the test's location, like a marker skip, not at this line.
+            raise pytest.skip.Exception(f"accel='kvm' asked for, but KVM is not usable: "
+                                        f"{self.probe.kvm_reason}", _use_item_location=True)
         vm = QemuMachine(binary, self.workdir, name=self._name(name), machine=machine,
                          accel=accel or self.accel, mem=mem or self.config.mem,
                          extra_args=extra_args,
@@ -136,9 +148,32 @@ class VmFactory:
         vm.launch()
         return vm
 
+    def own(self, resource: Closable) -> None:
+        """Close *resource* (e.g. a :class:`RestoredGuest`: its loader and
+        socket directory) at teardown, before the machines stop."""
+        self._owned.append(resource)
+
     def shutdown_all(self) -> None:
+        """Close everything owned, then stop every machine, newest first.  Each
+        step runs even if an earlier one failed; the failures are raised
+        together at the end, as one TeardownError."""
+        errors = []
+        for resource in reversed(self._owned):
+            try:
+                resource.close()
+            except Exception as err:  # every step runs; reported below
+                errors.append(f"closing {resource!r}: {err!r}")
+        self._owned.clear()
         for vm in reversed(self.machines):
-            vm.shutdown()
+            try:
+                vm.shutdown()
+            except Exception as err:  # QemuMachine.shutdown should not, but go on
+                errors.append(f"stopping {vm!r}: {err!r}")
+            if vm.is_running():
+                errors.append(f"{vm!r} still running after shutdown: "
+                              + "; ".join(vm.shutdown_errors))
+        if errors:
+            raise TeardownError("fastsnap teardown: " + "\n".join(errors))
 
 
 @pytest.fixture
@@ -164,11 +199,9 @@ class Guest:
     agent: TinyGuest | LinuxGuest
     params: TinyParams | None = None
 
-    def self_check(self) -> tuple[bool, int | None]:
-        """The guest's own verdict on its memory: (ok, first bad page)."""
-        if isinstance(self.agent, TinyGuest):
-            return self.agent.self_check()
-        return self.agent.check()
+    def self_check(self, timeout: float = 60.0) -> Verdict:
+        """The guest's own verdict on its memory: falsy on failure, naming the page."""
+        return self.agent.self_check(timeout)
 
 
 class GuestFactory:
@@ -181,11 +214,13 @@ class GuestFactory:
                  seed: int = 1, size: int | None = None, zero_ratio: float = 0.25,
                  machine: str | None = None, accel: str | None = None,
                  name: str = "src", ready_timeout: float = 180.0) -> Guest:
+        """RAM: *mem*, else --fastsnap-mem when set, else the guest's own default
+        (tiny: just enough for its pattern range, 22M by default; Linux: 256M)."""
+        config = self.vm_factory.config
+        mem = mem or (config.mem if config.mem_given else None)
         if kind == "tiny":
-            kwargs: dict[str, Any] = {"seed": seed, "mode": mode, "zero_ratio": zero_ratio}
-            if size is not None:
-                kwargs["size"] = size
-            params = TinyParams(**kwargs)
+            params = self._tiny_params(mem, seed=seed, mode=mode, zero_ratio=zero_ratio,
+                                       size=size)
             vm = self.vm_factory(name=name, machine=machine or tiny.RECOMMENDED_MACHINE,
                                  mem=mem or params.min_mem(), accel=accel,
                                  extra_args=tiny_args(tiny_kernel(), params))
@@ -203,6 +238,19 @@ class GuestFactory:
             agent.wait_ready(ready_timeout)
             return Guest("linux", vm, agent)
         raise ValueError(f"unknown guest kind {kind!r}: use 'tiny' or 'linux'")
+
+    @staticmethod
+    def _tiny_params(mem: str | None, *, size: int | None, **kwargs: Any) -> TinyParams:
+        """The tiny guest's pattern range: *size*, else 16 MiB, shrunk to fit a
+        smaller *mem* (2 MiB spare above it, as :meth:`TinyParams.min_mem`)."""
+        params = TinyParams(**kwargs, **({"size": size} if size is not None else {}))
+        if mem is None or mem_bytes(mem) >= mem_bytes(params.min_mem()):
+            return params
+        room = (mem_bytes(mem) - params.start - (2 << 20)) & ~0xFFF
+        if size is not None or room <= 0:
+            raise ValueError(f"tiny guest: mem={mem} is smaller than the {params.min_mem()} "
+                             f"its pattern range {params.start:#x}+{params.size:#x} needs")
+        return TinyParams(**kwargs, size=room)
 
 
 @pytest.fixture
@@ -258,13 +306,19 @@ def firmware_vm(vm_factory: VmFactory) -> QemuMachine:
 
 @pytest.fixture
 def restore_precopy(vm_factory: VmFactory):  # type: ignore[no-untyped-def]
-    """``restore_precopy(snapshot)`` -> destination QEMU fully loaded (stock full load)."""
-    def restore(snapshot: SavedSnapshot, **kwargs: Any) -> QemuMachine:
+    """``restore_precopy(snapshot, resume=False)`` -> destination QEMU fully loaded
+    (stock full load).  A snapshot saved stopped loads *paused*; ``resume=True``
+    continues the guest and waits until it runs."""
+    def restore(snapshot: SavedSnapshot, *, resume: bool = False,
+                **kwargs: Any) -> QemuMachine:
         dst = vm_factory.destination(snapshot)
         load_snapshot(dst, snapshot.path, offset=snapshot.offset,
                       capabilities={k: v for k, v in snapshot.capabilities.items()
                                     if k != "mapped-ram"} | kwargs.pop("capabilities", {}),
                       **kwargs)
+        if resume:
+            dst.qmp("cont")
+            dst.wait_status("running")
         return dst
     return restore
 

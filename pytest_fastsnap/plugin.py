@@ -15,7 +15,7 @@ import pytest
 
 from pytest_fastsnap import fixtures, workdirs
 from pytest_fastsnap.config import add_options, get_config
-from pytest_fastsnap.markers import MARKERS, apply_markers
+from pytest_fastsnap.markers import MARKERS, apply_markers, marker_problems
 from pytest_fastsnap.plugin_state import (
     ACCEL_KEY,
     ARTIFACTS_PROPERTY,
@@ -48,12 +48,15 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(_Summary(), "fastsnap-summary")
     if not fs_config.enabled:
         return
+    option = "--qemu-binary"
     try:
         src = probe(fs_config.qemu_binary)
+        option = "--qemu-binary-dst"
         dst = probe(fs_config.qemu_binary_dst) if fs_config.qemu_binary_dst else src
+        option = "--fastsnap-accel"
         config.stash[ACCEL_KEY] = src.choose_accel(fs_config.accel)
     except ProbeError as err:
-        raise pytest.UsageError(f"fastsnap: {err}") from None
+        raise pytest.UsageError(f"fastsnap: {option}: {err}") from None
     if not src.mapped_ram:
         raise pytest.UsageError(f"fastsnap: {src.binary} is QEMU {src.version_str}, which has "
                                 "no mapped-ram capability; QEMU >= 9.0 is needed")
@@ -90,20 +93,35 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return lines
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Decide skips and xfails here, at collection, so each skip is reported at
+    its test's location (not the plugin's)."""
     if config.stash[CONFIG_KEY].enabled:
+        probe_ = config.stash[PROBE_KEY]
+        for item in items:
+            apply_markers(item, probe_)
         return
-    skip = pytest.mark.skip(reason=SKIP_REASON)
     for item in items:
-        if item.get_closest_marker("fastsnap"):
-            item.add_marker(skip)
+        if item.get_closest_marker("fastsnap") or "fastsnap_config" in getattr(
+                item, "fixturenames", ()):
+            item.add_marker(pytest.mark.skipif(True, reason=f"{item.name} {SKIP_REASON}"))
 
 
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    config = item.config
-    if not config.stash[CONFIG_KEY].enabled:
-        return
-    apply_markers(item, config.stash[PROBE_KEY])
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector
+                               ) -> Generator[None, pytest.CollectReport, pytest.CollectReport]:
+    """A misused marker is a collection error of its module, naming the marker
+    and the test (so the run stops before any test, with or without xdist)."""
+    report = yield
+    if report.passed:
+        problems = [line for node in report.result if isinstance(node, pytest.Item)
+                    for line in marker_problems(node)]
+        if problems:
+            report.outcome = "failed"
+            report.longrepr = "fastsnap: bad marker arguments:\n" + "\n".join(problems)
+            report.result = []
+    return report
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -29,14 +29,21 @@ def session_dir(worker: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"fastsnap-{worker}-{os.getpid()}-", dir=SESSION_ROOT))
 
 
+# Directories whose name carries the pid of the process that made them:
+# sessions (fastsnap-<worker>-<pid>-*) and bridge sockets (fsb-<pid>-*).
+STALE_PATTERNS = (("fastsnap-*-*-*", re.compile(r"fastsnap-.+-(\d+)-[^-]+")),
+                  ("fsb-*-*", re.compile(r"fsb-(\d+)-[^-]+")))
+
+
 def sweep_stale() -> list[Path]:
-    """Remove session directories of pytest processes that no longer exist."""
+    """Remove directories of processes that no longer exist (a SIGKILLed pytest)."""
     removed = []
-    for path in SESSION_ROOT.glob("fastsnap-*-*-*"):
-        m = re.fullmatch(r"fastsnap-.+-(\d+)-[^-]+", path.name)
-        if m and not Path(f"/proc/{m[1]}").exists():
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+    for glob, pattern in STALE_PATTERNS:
+        for path in SESSION_ROOT.glob(glob):
+            m = pattern.fullmatch(path.name)
+            if m and not Path(f"/proc/{m[1]}").exists():
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
     return removed
 
 

@@ -31,7 +31,8 @@ from pytest_fastsnap.native.loader import run_loader
 from pytest_fastsnap.plugin_state import ACCEL_KEY, PROBE_DST_KEY
 from pytest_fastsnap.qemu.probe import QemuProbe
 from pytest_fastsnap.snapshot.format import parse
-from pytest_fastsnap.suite_inputs import BaseSnapshot, base_snapshot, ram_ranges
+
+from reference_snapshot import BaseSnapshot, base_snapshot, ram_ranges
 
 LOAD_TIMEOUT = 20.0
 NO_FIX = "none known as of QEMU master 2026-08"

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from pytest_fastsnap.fixtures import SnapshotFactory, VmFactory
+from pytest_fastsnap.guests.fill import fill_guest_ram
 from pytest_fastsnap.qemu.migration import SavedSnapshot
 from pytest_fastsnap.restore import RestoredGuest, RestoreFailed, restore
-from pytest_fastsnap.restore.fill import fill_guest_ram
 from pytest_fastsnap.restore.strategies import loader_binary
 from pytest_fastsnap.snapshot.format import parse
 
@@ -172,7 +172,7 @@ def test_requests_served_first(vm_factory: VmFactory, snapshot_factory: Snapshot
 
 def digests_from(fs: FilledSnapshot, rng: tuple[int, int]) -> dict[str, str]:
     """Digest of *rng* computed from the snapshot file itself (pc.ram pages)."""
-    from pytest_fastsnap.restore.fill import lowmem_size
+    from pytest_fastsnap.guests.fill import lowmem_size
 
     gpa, n = rng
     low = lowmem_size("q35", fs.mem)

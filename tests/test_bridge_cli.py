@@ -1,4 +1,4 @@
-"""`fastsnap restore SNAPSHOT` (restore_cli) and the SNAPSHOT.json manifest."""
+"""`fastsnap restore SNAPSHOT` (restore_cli) and the <snapshot>.json manifest."""
 
 from __future__ import annotations
 
@@ -59,7 +59,8 @@ def test_restore_cli(vm_factory: VmFactory, snapshot_factory: SnapshotFactory,
 
 def test_restore_cli_without_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[str]
                                       ) -> None:
-    rc = restore_cli(tmp_path / "missing.img", "qemu-system-x86_64")
+    (tmp_path / "alone.img").write_bytes(b"QEVM")
+    rc = restore_cli(tmp_path / "alone.img", "qemu-system-x86_64")
     assert rc == 2
     assert "no manifest next to the snapshot" in capsys.readouterr().err
 

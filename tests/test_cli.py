@@ -39,7 +39,13 @@ def test_restore_without_manifest_names_the_problem(tmp_path: Path) -> None:
     snap.write_bytes(b"QEVM")
     result = _run("restore", str(snap))
     assert result.returncode == 2
-    assert "nothing.img.json" in result.stderr
+    assert "nothing.img.json" in result.stderr and "write_manifest" not in result.stderr
+
+
+def test_restore_of_a_missing_snapshot_names_the_file(tmp_path: Path) -> None:
+    result = _run("restore", str(tmp_path / "nope.img"))
+    assert result.returncode == 2
+    assert result.stderr == f"fastsnap restore: snapshot {tmp_path / 'nope.img'}: no such file\n"
 
 
 def test_unknown_command_is_a_usage_error() -> None:

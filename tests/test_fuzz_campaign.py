@@ -18,13 +18,12 @@ from pytest_fastsnap.fuzz.mutators import Edit, apply_edits
 from pytest_fastsnap.fuzz.outcomes import LoadResult, internal_error_line, load_once
 from pytest_fastsnap.fuzz.report import write_report
 from pytest_fastsnap.fuzz.repro import repro
-from pytest_fastsnap.fuzz.target import Target
+from pytest_fastsnap.fuzz.target import Target, guest_snapshot, reference_target
 from pytest_fastsnap.fuzz.triage import triage
-from pytest_fastsnap.plugin_state import ACCEL_KEY
+from pytest_fastsnap.plugin_state import PROBE_DST_KEY
 from pytest_fastsnap.qemu import process
 from pytest_fastsnap.qemu.probe import QemuProbe
 from pytest_fastsnap.snapshot.format import parse
-from pytest_fastsnap.suite_inputs import base_snapshot, ram_ranges
 
 pytestmark = pytest.mark.fastsnap
 
@@ -34,11 +33,13 @@ NO_OP = Edit("pc.ram.header.version", "set", 0, "00000001", "version 1 -> 1", Tr
 HARMLESS = Edit("dev:timer/0.cpu_clock_offset", "set", 0, "00" * 8, "timer offset", False)
 
 
-@pytest.fixture
-def target(qemu_probe_dst: QemuProbe, pytestconfig: pytest.Config) -> Target:
-    base = base_snapshot(qemu_probe_dst.binary, pytestconfig.stash[ACCEL_KEY][0])
-    return Target(base.path, 0, qemu_probe_dst.binary, base.device_args,
-                  tuple(ram_ranges(base.mem_bytes)), base.memory_digests)
+@pytest.fixture(scope="module")
+def target(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Target:
+    """A tiny-guest snapshot made like `fastsnap fuzz qemu --guest tiny` makes it."""
+    binary = pytestconfig.stash[PROBE_DST_KEY].binary
+    work = tmp_path_factory.mktemp("fuzz-target")
+    path, offset, device_args = guest_snapshot("tiny", binary, work)
+    return reference_target(path, offset, binary, device_args, work)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_fastsnap.fixtures import SnapshotFactory, VmFactory
+from pytest_fastsnap.fixtures import Guest, SnapshotFactory, VmFactory
 from pytest_fastsnap.guests.linux import LinuxGuest, linux_args, linux_image
 from pytest_fastsnap.guests.pattern import PAGE_SIZE, check_range, expected_range, page_is_zero
 from pytest_fastsnap.guests.tiny import (
@@ -23,6 +23,7 @@ from pytest_fastsnap.guests.tiny import (
 )
 from pytest_fastsnap.qemu.machine import QemuMachine
 from pytest_fastsnap.qemu.migration import load_snapshot
+from pytest_fastsnap.restore import restore
 
 pytestmark = pytest.mark.fastsnap
 
@@ -99,7 +100,7 @@ def test_tiny_memory_equals_python_pattern(vm_factory: VmFactory, tiny_elf: Path
                             for p in range(params.first_pfn, params.first_pfn + params.pages))
     data = guest.read_range()
     assert data == expected_range(params, params.start, params.size)
-    assert guest.self_check(timeout=120.0) == (True, None)
+    assert guest.self_check(timeout=120.0)
     print(f"{machine}/{accel}: ready after {boot:.2f}s")
 
 
@@ -114,11 +115,11 @@ def test_tiny_self_check_catches_external_corruption(vm_factory: VmFactory, tiny
     before = guest.vm.memsave(addr, 1)
     _poke(guest.vm, addr, bytes([before[0] ^ 0x40]))
     assert guest.vm.memsave(addr, 1) != before
-    ok, bad = guest.self_check()
-    assert (ok, bad) == (False, pfn), guest.last_check_line()
+    verdict = guest.self_check()
+    assert not verdict and verdict.details["page"] == pfn, guest.last_check_line()
     assert f"why={kind}" in guest.last_check_line()
     host = guest.host_check()
-    assert host is not None and (host.pfn, host.why) == (pfn, kind)
+    assert not host and (host.details["page"], host.details["why"]) == (pfn, kind)
 
 
 def test_tiny_dirty_mode_keeps_the_invariant(vm_factory: VmFactory, tiny_elf: Path) -> None:
@@ -128,11 +129,11 @@ def test_tiny_dirty_mode_keeps_the_invariant(vm_factory: VmFactory, tiny_elf: Pa
     first = guest.ping()
     time.sleep(0.3)
     assert guest.ping() > first, "generations do not advance"
-    assert guest.self_check() == (True, None)
+    assert guest.self_check()
     gen = guest.stop_dirtying()
     assert gen >= 1
-    assert guest.host_check() is None
-    assert guest.self_check() == (True, None)
+    assert guest.host_check()
+    assert guest.self_check()
     assert guest.ping() == gen
     assert "DIRTYING" in guest.start_dirtying()
 
@@ -150,14 +151,13 @@ def test_tiny_survives_mapped_ram_save_and_load(vm_factory: VmFactory, tiny_elf:
     dst = vm_factory.destination(snapshot)
     load_snapshot(dst, snapshot.path, offset=snapshot.offset)
     data = dst.memsave(params.start, params.size)
-    bad = check_range(params, data, params.start)
-    assert bad is None, str(bad)
+    assert check_range(params, data, params.start)
     if not live:
         assert data == guest.read_range()
     dst.qmp("cont")
     restored = TinyGuest(dst, params)
     restored.ping()
-    assert restored.self_check() == (True, None)
+    assert restored.self_check()
 
 
 def test_linux_guest_boots_and_checks_its_memory(vm_factory: VmFactory,
@@ -172,11 +172,31 @@ def test_linux_guest_boots_and_checks_its_memory(vm_factory: VmFactory,
     print(f"linux ready after {time.monotonic() - t0:.1f}s: {ready}")
     assert "pages=8192" in ready
     assert guest.ping() == 1
-    assert guest.check() == (True, None)
+    assert guest.self_check()
     snapshot = snapshot_factory(vm)
     dst = vm_factory.destination(snapshot)
     load_snapshot(dst, snapshot.path, offset=snapshot.offset)
     dst.qmp("cont")
     restored = LinuxGuest(dst)
     assert restored.ping() == 2
-    assert restored.check() == (True, None)
+    assert restored.self_check()
+
+
+def test_restored_guest_self_check_fails_on_a_corrupted_page(
+        guest: Guest, vm_factory: VmFactory, snapshot_factory: SnapshotFactory) -> None:
+    """``assert restored.self_check()`` on a restored guest with one corrupted
+    pattern page fails, and the failure names that page and its address."""
+    params = guest.params
+    assert params is not None
+    snap = snapshot_factory(guest.vm)
+    with restore("qemu-precopy", snap.path, snap.device_args, vm_factory) as restored:
+        assert restored.self_check()            # intact: passes
+        pfn = next(p for p in range(params.first_pfn + 1031 % params.pages,
+                                    params.first_pfn + params.pages)
+                   if not page_is_zero(params, p))
+        addr = pfn * PAGE_SIZE
+        _poke(restored.vm, addr + 0x80, bytes([restored.vm.memsave(addr + 0x80, 1)[0] ^ 1]))
+        with pytest.raises(AssertionError) as failed:
+            assert restored.self_check()
+        assert f"self-check failed at page {pfn} (gpa {addr:#x}): why=content" \
+            in str(failed.value)

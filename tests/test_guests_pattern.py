@@ -16,6 +16,7 @@ from pytest_fastsnap.guests.pattern import (
     check_range,
     expected_digest,
     expected_range,
+    first_bad_page,
     mix,
     page_content,
     page_is_dirty,
@@ -70,17 +71,20 @@ def test_digest_matches_range() -> None:
 def test_check_range_finds_the_first_bad_page() -> None:
     params = TinyParams(seed=2, size=64 * PAGE_SIZE, zero_ratio=0.3)
     data = bytearray(expected_range(params, params.start, params.size))
-    assert check_range(params, bytes(data), params.start) is None
+    assert check_range(params, bytes(data), params.start)
     content_pfn = next(p for p in range(params.first_pfn + 10, params.first_pfn + 64)
                        if not page_is_zero(params, p))
     zero_pfn = next(p for p in range(params.first_pfn + 20, params.first_pfn + 64)
                     if page_is_zero(params, p))
     data[(zero_pfn - params.first_pfn) * PAGE_SIZE + 100] ^= 1
     data[(content_pfn - params.first_pfn) * PAGE_SIZE + 200] ^= 1
-    bad = check_range(params, bytes(data), params.start)
-    assert bad is not None
+    verdict = check_range(params, bytes(data), params.start)
+    assert not verdict
+    bad = verdict.details["bad_page"]
     assert bad.pfn == min(content_pfn, zero_pfn)
     assert bad.why == ("content" if bad.pfn == content_pfn else "zero")
+    assert str(verdict).startswith(f"pattern check failed at page {bad.pfn} "
+                                   f"(gpa {bad.pfn * PAGE_SIZE:#x}): {bad.why}")
 
 
 def _dirty_image(params: TinyParams, gens: dict[int, int]) -> bytes:
@@ -94,23 +98,23 @@ def test_dirty_set_edge_invariant() -> None:
     assert len(dirty) > 10
     # mid-pass: the first 5 dirty pages at 9, the rest at 8
     good = {p: 9 if i < 5 else 8 for i, p in enumerate(dirty)}
-    assert check_range(params, _dirty_image(params, good), params.start) is None
+    assert check_range(params, _dirty_image(params, good), params.start)
     # a page the save missed: stale generation 7 after the edge
     stale = dict(good)
     stale[dirty[7]] = 7
-    bad = check_range(params, _dirty_image(params, stale), params.start)
+    bad = first_bad_page(params, _dirty_image(params, stale), params.start)
     assert bad is not None and (bad.pfn, bad.why) == (dirty[7], "gen")
     # a page that stayed at the old generation before the edge
     early = dict(good)
     early[dirty[2]] = 8
-    bad = check_range(params, _dirty_image(params, early), params.start)
+    bad = first_bad_page(params, _dirty_image(params, early), params.start)
     assert bad is not None and bad.pfn == dirty[3]
     # a page outside the dirty set must stay at generation 0
     clean = next(p for p in range(params.first_pfn, params.first_pfn + params.pages)
                  if not page_is_zero(params, p) and not page_is_dirty(params, p))
     moved = dict(good)
     moved[clean] = 1
-    bad = check_range(params, _dirty_image(params, moved), params.start)
+    bad = first_bad_page(params, _dirty_image(params, moved), params.start)
     assert bad is not None and (bad.pfn, bad.why) == (clean, "gen")
 
 
@@ -149,9 +153,9 @@ def test_one_torn_page_at_the_edge_is_accepted() -> None:
         data[offset + 16:offset + 2048] = new[16:2048]
 
     tear(dirty[4])
-    assert check_range(params, bytes(data), params.start) is None
-    bad = check_range(params, bytes(data), params.start, allow_torn=False)
+    assert check_range(params, bytes(data), params.start)
+    bad = first_bad_page(params, bytes(data), params.start, allow_torn=False)
     assert bad is not None and (bad.pfn, bad.why) == (dirty[4], "content")
     tear(dirty[6])      # a second torn page, away from the edge
-    bad = check_range(params, bytes(data), params.start)
+    bad = first_bad_page(params, bytes(data), params.start)
     assert bad is not None and (bad.pfn, bad.why) == (dirty[6], "content")

@@ -28,9 +28,38 @@ def test_help() -> None:
     assert res.returncode == 0 and "verify FILE" in res.stdout and "serve" in res.stdout
 
 
-def test_missing_file_is_internal_error(tmp_path: Path) -> None:
-    res = run_loader(["verify", str(tmp_path / "nope")], timeout=10)
-    assert res.returncode == 1
+@pytest.mark.parametrize("what,name", [("missing", "E_OPEN"), ("directory", "E_NOT_FILE")])
+@pytest.mark.parametrize("command", [["inspect"], ["verify"], ["load", "--mode", "lazy"],
+                                     ["serve", "--describe"]])
+def test_unreadable_input_is_bad_input(tmp_path: Path, what: str, name: str,
+                                       command: list[str]) -> None:
+    """A missing file or a directory is bad input (exit 2) with the same name
+    as the Python reader's, not an internal error."""
+    from pytest_fastsnap.snapshot.errors import FormatError
+    from pytest_fastsnap.snapshot.format import parse
+
+    path = tmp_path / "nope" if what == "missing" else tmp_path
+    res = run_loader([command[0], str(path), *command[1:]], timeout=10)
+    assert res.returncode == 2, res.stderr
+    assert f": {name}: {path}" in res.stderr and len(res.stderr.splitlines()) == 1, res.stderr
+    with pytest.raises(FormatError) as err:
+        parse(path)
+    assert f"E_{err.value.name}" == name
+
+
+def test_max_length_takes_size_suffixes(tmp_path: Path) -> None:
+    """`--max-length pc.ram=64M` (the README's example) means 64 MiB: a block
+    of 16 KiB passes it and fails `pc.ram=8K`; sizes that overflow are refused."""
+    from pytest_fastsnap.snapshot.writer import write_snapshot
+
+    path = write_snapshot(tmp_path / "s.img", "pc-q35-10.0", [("pc.ram", bytes(4096) * 4)])
+    for limit, code in (("64M", 0), ("16K", 0), ("0x4000", 0), ("8K", 2), ("8k", 2)):
+        res = run_loader(["verify", str(path), "--max-length", f"pc.ram={limit}"], timeout=10)
+        assert res.returncode == code, (limit, res.stderr)
+        assert code == 0 or "E_MAX_LENGTH" in res.stderr
+    for bad in ("64X", "64MB", "16777216T", "18446744073709551616", "-1", " 1"):
+        res = run_loader(["verify", str(path), "--max-length", f"pc.ram={bad}"], timeout=10)
+        assert res.returncode == 2 and "needs ID=SIZE" in res.stderr, (bad, res.stderr)
 
 
 @pytest.mark.parametrize("data,name", [

@@ -15,7 +15,9 @@ SUITES = Path(__file__).resolve().parent.parent / "suites"
 
 
 def _suite(pytester: pytest.Pytester, name: str) -> None:
-    pytester.makepyfile(**{name: (SUITES / f"{name}.py").read_text()})
+    """Copy one suite file, with the helper module the suites import."""
+    pytester.makepyfile(**{name: (SUITES / f"{name}.py").read_text(),
+                           "reference_snapshot": (SUITES / "reference_snapshot.py").read_text()})
 
 
 def test_capability_suite_catches_a_wrong_expectation(pytester: pytest.Pytester) -> None:
@@ -39,12 +41,43 @@ def test_header_suite_catches_a_loader_that_accepts_corruption(
     fake.write_text('#!/bin/sh\necho \'{"valid": true}\'\nexit 0\n')
     fake.chmod(0o755)
     monkeypatch.setenv("FASTSNAP_LOADER", str(fake))
-    # Selects pc.ram:page_size=0 (the other page_size ids contain 512 or 0x).
+    # Selects loader-local with pc.ram:page_size=0 (the other page_size values
+    # contain 1, 512 or 0x).
     result = pytester.runpytest_subprocess(
-        "--fastsnap", "-k",
-        "test_loader_rejects and release and page_size and pc.ram and not 512 and not 0x")
+        "--fastsnap", "-k", "test_hostile_header and loader-local and page_size and pc.ram "
+        "and not 512 and not 0x and not 1")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*loader accepted pc.ram:page_size=0*"])
+    result.stdout.fnmatch_lines(["*want the loader to refuse pc.ram:page_size=0 with "
+                                 "E_PAGE_SIZE*"])
+
+
+def test_fast_load_suite_catches_stale_data_under_clear_bits(pytester: pytest.Pytester) -> None:
+    """A reader that ignores clear bits (here: every bit set in the file just
+    before the restore) must fail the zero-page check through the guest."""
+    _suite(pytester, "test_fast_load")
+    pytester.makeconftest(
+        """
+        from pytest_fastsnap.snapshot.format import parse
+
+        def pytest_collection_modifyitems(items):
+            for item in items:
+                module = item.module
+                if getattr(module, "leaky", False):
+                    continue
+                real = module.restore
+
+                def leaky(strategy, path, *args, **kwargs):
+                    blk = parse(path, offset=kwargs.get("offset", 0)).blocks[0]
+                    with open(path, "r+b") as f:
+                        f.seek(blk.bitmap_range.start)
+                        f.write(b"\\xff" * blk.bitmap_size)
+                    return real(strategy, path, *args, **kwargs)
+                module.restore, module.leaky = leaky, True
+        """)
+    result = pytester.runpytest_subprocess(
+        "--fastsnap", "-k", "test_zero_pages_served_as_zeros and loader-bridge-on-request")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*stale data reached the guest*"])
 
 
 def test_bitmap_suite_catches_a_flipped_bit(pytester: pytest.Pytester) -> None:

@@ -66,10 +66,12 @@ def _err(what: str, message: str, code: int) -> int:
     return code
 
 
-def _new_out(path: Path) -> Path | None:
+def _new_out(path: Path, create: bool = True) -> Path | None:
+    """*path* as a new or empty directory (created unless *create* is false), or None."""
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         return None
-    path.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 
@@ -94,17 +96,24 @@ def run_qemu(args: argparse.Namespace) -> int:
         return _err("qemu", "--jobs, --execs, --max-edits, --timeout and --duration must be "
                     "positive", 2)
     duration = args.duration if args.duration is not None or args.execs else 60.0
+    given = None
+    if args.snapshot:  # checked before anything is created
+        try:
+            given = snapshot_from_manifest(Path(args.snapshot).resolve())
+        except TargetError as err:
+            return _err("qemu", str(err), err.exit_code)
     try:
         qemu = probe(args.qemu_binary)
     except ProbeError as err:
         return _err("qemu", str(err), 2)
-    out = _new_out(Path(args.out).resolve())
-    if out is None:
+    if _new_out(Path(args.out).resolve(), create=False) is None:
         return _err("qemu", f"--out {args.out} exists and is not an empty directory", 2)
+    out = _new_out(Path(args.out).resolve())
+    assert out is not None
     campaign = None
     try:
-        if args.snapshot:
-            path, offset, device_args = snapshot_from_manifest(Path(args.snapshot).resolve())
+        if given:
+            path, offset, device_args = given
         else:
             path, offset, device_args = guest_snapshot(args.guest or "tiny", qemu.binary, out)
         snap = parse(path, offset, lenient=True)
@@ -159,15 +168,17 @@ def run_repro(args: argparse.Namespace) -> int:
 
 def run_merge(args: argparse.Namespace) -> int:
     from pytest_fastsnap.fuzz.merge import merge
+    from pytest_fastsnap.fuzz.report import read_findings
 
+    try:
+        for d in args.dirs:  # all of them readable before anything is created
+            read_findings(Path(d))
+    except ValueError as err:
+        return _err("merge", str(err), 2)
     out = _new_out(Path(args.out).resolve())
     if out is None:
         return _err("merge", f"--out {args.out} exists and is not an empty directory", 2)
-    try:
-        summary, findings = merge([Path(d) for d in args.dirs], out)
-    except ValueError as err:
-        shutil.rmtree(out, ignore_errors=True)
-        return _err("merge", str(err), 2)
+    summary, findings = merge([Path(d) for d in args.dirs], out)
     print(f"merged {len(args.dirs)} campaign(s): {summary['execs']} inputs, "
           f"{len(findings)} distinct finding(s): {out / 'findings.md'}")
     return 0

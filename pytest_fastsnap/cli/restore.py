@@ -5,71 +5,107 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from pytest_fastsnap.restore.manifest import read_manifest
-from pytest_fastsnap.restore.strategies import (
-    RestoreFailed,
-    RestoreUnsupported,
-    machine_factory,
-    restore,
+from pytest_fastsnap.cli.common import (
+    CliError,
+    UsageError,
+    cli_error,
+    existing_file,
+    one_line,
+    temp_workdir,
+    validate_qemu_binary,
 )
+
+if TYPE_CHECKING:
+    from pytest_fastsnap.restore.manifest import Manifest
 
 
 def restore_cli(snapshot: Path, qemu_binary: str | None = None, *,
                 strategy: str = "loader-bridge", keep_running: bool = False,
                 out: TextIO = sys.stdout) -> int:
     """Restore *snapshot* on the system QEMU with the arguments recorded in
-    ``SNAPSHOT.json``; print time to running and time to fully loaded.
+    ``<snapshot>.json``; print time to running and time to fully loaded.
 
-    Returns 0 on success, 2 for a missing/invalid manifest or an unsupported
-    strategy, 1 for a failed restore.  With *keep_running* the guest stays up
-    until Ctrl-C (or until it exits).
+    Returns 0 on success, 2 for bad input (a missing or invalid snapshot or
+    manifest, an unusable QEMU binary, an unsupported strategy), 1 for a
+    failed restore; errors are one line on stderr.  With *keep_running* the
+    guest stays up until Ctrl-C (or until it exits).
     """
+    try:
+        return _restore(snapshot, qemu_binary, strategy, keep_running, out)
+    except CliError as err:
+        cli_error("restore", err)
+        return err.exit_code
+
+
+def _checked_inputs(snapshot: Path, qemu_binary: str | None) -> tuple[Manifest, str]:
+    """The manifest and the QEMU binary, once the snapshot, its manifest and
+    the binary all check out; UsageError naming the first that does not."""
+    from pytest_fastsnap.restore.manifest import read_manifest
+    from pytest_fastsnap.snapshot.errors import FormatError
+    from pytest_fastsnap.snapshot.format import parse
+
+    snapshot = existing_file(snapshot, "snapshot")
     try:
         manifest = read_manifest(snapshot)
     except ValueError as err:
-        print(f"fastsnap restore: {err}", file=sys.stderr)
-        return 2
-    binary = qemu_binary or manifest.binary
-    workdir = Path(tempfile.mkdtemp(prefix="fastsnap-restore-", dir="/tmp"))
-    guest = None
+        raise UsageError(str(err)) from None
     try:
-        guest = restore(strategy, snapshot, manifest.qemu_args,
-                        machine_factory(binary, workdir), offset=manifest.offset)
-        print(f"{strategy}: guest running after {guest.time_to_running:.3f} s "
-              f"(QEMU start-up {guest.launch_seconds:.3f} s before that)", file=out, flush=True)
-        loaded = guest.wait_loaded()
-        print(f"{strategy}: fully loaded after {loaded:.3f} s", file=out, flush=True)
-        stats = guest.loader_stats
-        if stats:
-            lat = stats.get("latency_us", {})
-            print(f"loader: {stats.get('requests_served', 0)} page requests served "
-                  f"(p50 {lat.get('p50', 0):.0f} us, p99 {lat.get('p99', 0):.0f} us), "
-                  f"{stats.get('pages_eager', 0)} pages eagerly at "
-                  f"{stats.get('eager_throughput_mib_s', 0):.0f} MiB/s", file=out, flush=True)
-        if keep_running:
-            print(f"guest running (QEMU pid {guest.vm.pid}, log {guest.vm.log_path}); "
-                  "Ctrl-C stops it", file=out, flush=True)
-            with contextlib.suppress(KeyboardInterrupt):
-                while guest.vm.is_running():
-                    time.sleep(0.5)
-        return 0
-    except RestoreUnsupported as err:
-        print(f"fastsnap restore: {err}", file=sys.stderr)
-        return 2
-    except (RestoreFailed, OSError) as err:
-        print(f"fastsnap restore: {err}", file=sys.stderr)
-        return 1
-    finally:
-        if guest is not None:
-            guest.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+        parse(snapshot, manifest.offset)
+    except FormatError as err:
+        raise UsageError(f"snapshot {snapshot}: not a mapped-ram snapshot at offset "
+                         f"{manifest.offset:#x}: {err}") from None
+    return manifest, validate_qemu_binary(qemu_binary or manifest.binary)
+
+
+def _restore(snapshot: Path, qemu_binary: str | None, strategy: str, keep_running: bool,
+             out: TextIO) -> int:
+    from pytest_fastsnap.qemu.machine import QemuError
+    from pytest_fastsnap.restore.strategies import (
+        RestoreFailed,
+        RestoreRefused,
+        RestoreUnsupported,
+        machine_factory,
+        restore,
+    )
+
+    manifest, binary = _checked_inputs(snapshot, qemu_binary)
+    with temp_workdir("fastsnap-restore-") as workdir:
+        guest = None
+        try:
+            guest = restore(strategy, snapshot, manifest.qemu_args,
+                            machine_factory(binary, workdir), offset=manifest.offset)
+            print(f"{strategy}: guest running after {guest.time_to_running:.3f} s "
+                  f"(QEMU start-up {guest.launch_seconds:.3f} s before that)", file=out,
+                  flush=True)
+            loaded = guest.wait_loaded()
+            print(f"{strategy}: fully loaded after {loaded:.3f} s", file=out, flush=True)
+            stats = guest.loader_stats
+            if stats:
+                lat = stats.get("latency_us", {})
+                print(f"loader: {stats.get('requests_served', 0)} page requests served "
+                      f"(p50 {lat.get('p50', 0):.0f} us, p99 {lat.get('p99', 0):.0f} us), "
+                      f"{stats.get('pages_eager', 0)} pages eagerly at "
+                      f"{stats.get('eager_throughput_mib_s', 0):.0f} MiB/s", file=out,
+                      flush=True)
+            if keep_running:
+                print(f"guest running (QEMU pid {guest.vm.pid}, log {guest.vm.log_path}); "
+                      "Ctrl-C stops it", file=out, flush=True)
+                with contextlib.suppress(KeyboardInterrupt):
+                    while guest.vm.is_running():
+                        time.sleep(0.5)
+            return 0
+        except (RestoreUnsupported, RestoreRefused) as err:  # unusable binary / invalid file
+            raise UsageError(one_line(err)) from None
+        except (RestoreFailed, QemuError, OSError) as err:
+            raise CliError(one_line(err)) from None
+        finally:
+            if guest is not None:
+                guest.close()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,10 +114,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("restore", help="run a guest from a snapshot, RAM loaded lazily")
-    p.add_argument("snapshot")
+    p = sub.add_parser("restore", help="run a guest from a snapshot, RAM loaded lazily",
+                       description="Start a QEMU with the arguments recorded in "
+                       "<snapshot>.json and restore SNAPSHOT into it; print time to running "
+                       "and time to fully loaded, then stop the guest (--keep-running "
+                       "leaves it up).")
+    p.add_argument("snapshot", help="a snapshot written by `fastsnap save` or "
+                   "snapshot_factory (<snapshot>.json next to it)")
     p.add_argument("--qemu-binary", default=os.environ.get("QEMU_BINARY"),
-                   help="default: the binary recorded in SNAPSHOT.json")
+                   help="default: $QEMU_BINARY, else the binary recorded in <snapshot>.json")
     p.add_argument("--strategy", default="loader-bridge",
                    choices=("loader-bridge", "qemu-precopy", "qemu-fast"))
     p.add_argument("--keep-running", action="store_true",

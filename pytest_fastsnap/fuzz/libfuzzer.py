@@ -257,8 +257,9 @@ def run(args: argparse.Namespace) -> int:
         print("fastsnap fuzz loader: --duration must be positive", file=sys.stderr)
         return 2
     for path in args.seed_file:
-        if not path.is_file():
-            print(f"fastsnap fuzz loader: --seed-file {path}: no such file", file=sys.stderr)
+        if not path.is_file() or not parse(path, lenient=True).ok:
+            print(f"fastsnap fuzz loader: --seed-file {path}: not a valid mapped-ram snapshot",
+                  file=sys.stderr)
             return 2
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

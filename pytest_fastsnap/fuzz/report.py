@@ -21,6 +21,8 @@ def write_report(out: Path, summary: dict[str, Any], findings: Sequence[dict[str
 
 def read_findings(out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The summary and findings of a campaign directory; ValueError if it is not one."""
+    if not out.is_dir():
+        raise ValueError(f"{out}: not a campaign directory (not a directory)")
     try:
         summary = json.loads((out / "summary.json").read_text())
         findings = json.loads((out / "findings.json").read_text())

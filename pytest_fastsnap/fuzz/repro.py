@@ -23,6 +23,8 @@ class ReproError(Exception):
 def repro(finding_dir: Path, binary: str | None, timeout: float) -> tuple[bool, str]:
     """Re-run *finding_dir*; return (reproduced, one line saying what happened)."""
     meta_path = finding_dir / "finding.json"
+    if not finding_dir.is_dir():
+        raise ReproError(f"{finding_dir}: not a finding directory (not a directory)")
     try:
         meta = json.loads(meta_path.read_text())
         target = Target.from_json(meta["target"])

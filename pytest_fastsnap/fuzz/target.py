@@ -1,15 +1,14 @@
 """The snapshot a campaign mutates, how to load it, and its reference memory.
 
-A target comes from ``--guest tiny`` (the suites' cached q35 tiny-guest
-snapshot, so regression tests rebuild findings from the same file), from
-``--guest linux|firmware`` (made by ``fastsnap save``), or from an existing
-``fastsnap save`` snapshot and its manifest.  Its reference memory digests
+A target comes from ``--guest tiny|linux|firmware`` (a new q35 snapshot made
+by ``fastsnap save``; the tiny one has the block layout of the suites'
+reference snapshot, so regression tests re-apply findings' edits there) or
+from an existing ``fastsnap save`` snapshot and its manifest.  Its reference memory digests
 come from loading the unmutated file once into the QEMU under test.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import tempfile
@@ -20,7 +19,6 @@ from typing import Any
 from pytest_fastsnap.qemu.machine import QemuError, QemuMachine
 from pytest_fastsnap.qemu.migration import MigrationFailed, load_snapshot
 from pytest_fastsnap.restore.manifest import read_manifest
-from pytest_fastsnap.suite_inputs import base_snapshot, ram_ranges
 
 __all__ = ["Target", "TargetError", "guest_snapshot", "reference_target"]
 
@@ -66,19 +64,24 @@ def mem_bytes(device_args: tuple[str, ...]) -> int:
     return int(m[1]) << {"": 20, "K": 10, "M": 20, "G": 30, "T": 40}[m[2]]
 
 
+def ram_ranges(mem_bytes: int) -> list[tuple[int, int]]:
+    """``(start, length)`` of a q35/pc guest's plain RAM below *mem_bytes*: a dump
+    of 0xa0000-0xfffff shows VGA/firmware, not the RAM block underneath."""
+    return [(0, 0xA0000), (0x100000, mem_bytes - 0x100000)]
+
+
 def guest_snapshot(guest: str, binary: str, workdir: Path) -> tuple[Path, int, tuple[str, ...]]:
-    """A snapshot of *guest*: the cached tiny base, or a new ``fastsnap save``."""
-    if guest == "tiny":
-        base = base_snapshot(binary, "tcg")
-        return base.path, 0, base.device_args
-    from pytest_fastsnap.cli import save  # the same code path as `fastsnap save`
+    """A new snapshot of *guest* (q35, TCG; 64 MiB for the tiny guest, the size of the
+    suites' reference snapshot, 128 MiB for the others) made by ``fastsnap save``."""
+    from pytest_fastsnap.cli import main  # `fastsnap save`, argv and all
 
     out = workdir / f"{guest}.img"
-    args = argparse.Namespace(output=str(out), guest=guest, mem="128M", machine="q35",
-                              qemu_binary=binary, accel="tcg", offset=0, multifd=False,
-                              live=False)
-    if save.run(args) != 0:
-        raise TargetError(f"could not save a {guest} guest snapshot with {binary}")
+    mem = "64M" if guest == "tiny" else "128M"
+    code = main(["save", str(out), "--guest", guest, "--machine", "q35", "--mem", mem,
+                 "--accel", "tcg", "--qemu-binary", binary])
+    if code != 0:
+        raise TargetError(f"`fastsnap save --guest {guest}` with {binary} failed (exit {code})",
+                          2 if code == 2 else 1)
     manifest = read_manifest(out)
     return out, manifest.offset, manifest.qemu_args
 

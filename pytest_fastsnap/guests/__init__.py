@@ -11,7 +11,43 @@ build-images``); tests call the same functions and reuse that cache.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pytest_fastsnap.guests.linux import LinuxGuest
+    from pytest_fastsnap.guests.tiny import TinyGuest
+    from pytest_fastsnap.qemu.machine import QemuMachine
+
+
+def _arg(args: Sequence[str], flag: str) -> str | None:
+    for i, arg in enumerate(args[:-1]):
+        if arg == flag:
+            return args[i + 1]
+    return None
+
+
+def guest_agent(vm: QemuMachine) -> TinyGuest | LinuxGuest:
+    """The agent of the test guest *vm* runs, told from its arguments alone.
+
+    Works for any QEMU with a test guest's definition: one from
+    ``guest_factory``, a destination (``device_args`` repeat the source's) or a
+    guest restored with :func:`pytest_fastsnap.restore.restore`.  Both agents
+    have ``self_check() -> Verdict``.  ValueError for any other guest.
+    """
+    from pytest_fastsnap.guests.linux import LinuxGuest
+    from pytest_fastsnap.guests.tiny import KERNEL_NAME, TinyGuest, TinyParams
+
+    kernel = _arg(vm.device_args, "-kernel")
+    append = _arg(vm.device_args, "-append") or ""
+    if kernel is not None and Path(kernel).name == KERNEL_NAME:
+        return TinyGuest(vm, TinyParams.from_cmdline(append))
+    if kernel is not None and "fastsnap.mem=" in append:
+        return LinuxGuest(vm)
+    raise ValueError(f"{vm.name}: not a pytest-fastsnap test guest (neither the tiny guest "
+                     f"kernel {KERNEL_NAME} nor the Linux workload in its arguments), so it "
+                     "has no self-check")
 
 
 def build_all_images(cache_dir: Path | None = None) -> dict[str, Path]:

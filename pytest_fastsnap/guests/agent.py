@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from pytest_fastsnap.verdict import Verdict
 
 if TYPE_CHECKING:
     from pytest_fastsnap.qemu.console import Console
@@ -37,9 +39,26 @@ class ConsoleAgent:
             .splitlines()[-1]
 
 
-def check_verdict(line: str) -> tuple[bool, int | None]:
-    """``CHECK OK ...`` -> (True, None); ``CHECK FAIL page=N ...`` -> (False, N)."""
-    if "CHECK OK" in line:
-        return True, None
-    found = re.search(r"page=(\d+)", line)
-    return False, int(found.group(1)) if found else None
+def check_verdict(line: str, who: str) -> Verdict:
+    """A guest's ``CHECK OK ...`` / ``CHECK FAIL page=N ...`` line as a :class:`Verdict`.
+
+    The failure reason names the page and, when the guest reports it
+    (``addr=``), its guest-physical address; ``details`` holds every
+    ``key=value`` of the line (ints where they parse) and the raw ``line``.
+    """
+    line = line.strip()
+    fields: dict[str, Any] = {}
+    for key, value in re.findall(r"(\w+)=(\S+)", line):
+        try:
+            fields[key] = int(value, 0)
+        except ValueError:
+            fields[key] = value
+    if line.startswith("CHECK OK"):
+        return Verdict.pass_(f"{who}: self-check passed ({line})", line=line, **fields)
+    if "page" not in fields:
+        return Verdict.fail(f"{who}: self-check failed: {line!r}", line=line, **fields)
+    where = f" (gpa {fields['addr']:#x})" if isinstance(fields.get("addr"), int) else ""
+    rest = " ".join(f"{k}={v}" for k, v in re.findall(r"(\w+)=(\S+)", line)
+                    if k not in ("page", "addr"))
+    return Verdict.fail(f"{who}: self-check failed at page {fields['page']}{where}"
+                        + (f": {rest}" if rest else ""), line=line, **fields)

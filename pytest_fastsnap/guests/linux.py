@@ -28,15 +28,12 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from filelock import FileLock
 
 from pytest_fastsnap.guests.agent import CHECK_RE, ConsoleAgent, check_verdict
 from pytest_fastsnap.guests.tiny import default_cache_dir
-
-if TYPE_CHECKING:
-    pass
+from pytest_fastsnap.verdict import Verdict
 
 SOURCE_DIR = Path(__file__).with_name("linux")
 SOURCES = ("init", "fastsnap-mem.c")
@@ -230,5 +227,7 @@ class LinuxGuest(ConsoleAgent):
     def ping(self, timeout: float = 30.0) -> int:
         return int(self.command("ping", r"pong \d+\r?\n", timeout).split()[-1])
 
-    def check(self, timeout: float = 60.0) -> tuple[bool, int | None]:
-        return check_verdict(self.command("check", CHECK_RE, timeout))
+    def self_check(self, timeout: float = 60.0) -> Verdict:
+        """The workload checks its memory; falsy on failure, naming the first
+        bad page (an index into the workload's buffer, ``details["page"]``)."""
+        return check_verdict(self.command("check", CHECK_RE, timeout), self.vm.name)

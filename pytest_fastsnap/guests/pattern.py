@@ -27,6 +27,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
+from pytest_fastsnap.verdict import Verdict
+
 PAGE_SIZE = 4096
 WORDS = PAGE_SIZE // 8
 MASK64 = (1 << 64) - 1
@@ -148,7 +150,7 @@ class BadPage:
 
 
 def check_range(params: PatternParams, data: bytes, start: int,
-                allow_torn: bool = True) -> BadPage | None:
+                allow_torn: bool = True) -> Verdict:
     """Verify guest memory *data* read from guest-physical *start*.
 
     Every zero page must be zero; every other page must equal the pattern at
@@ -160,8 +162,23 @@ def check_range(params: PatternParams, data: bytes, start: int,
     still says p-1 while each other word holds generation p-1 or p.  With
     *allow_torn* exactly one such page is accepted, and only where the guest
     can be writing: at the edge (the first page after the p run, or the first
-    dirty page).  Returns the first bad page or None.
+    dirty page).  Returns a :class:`Verdict`, falsy on failure, naming the first
+    bad page (``details["bad_page"]`` is its :class:`BadPage`).
     """
+    bad = first_bad_page(params, data, start, allow_torn)
+    if bad is None:
+        return Verdict.pass_(f"pattern check passed: {len(data) // PAGE_SIZE} pages from "
+                             f"{start:#x}")
+    return Verdict.fail(f"pattern check failed at page {bad.pfn} (gpa {bad.addr:#x}): "
+                        f"{bad.why}, generation {bad.generation}"
+                        + (f"; {bad.detail}" if bad.detail else ""),
+                        page=bad.pfn, addr=bad.addr, why=bad.why, bad_page=bad)
+
+
+def first_bad_page(params: PatternParams, data: bytes, start: int,
+                   allow_torn: bool = True) -> BadPage | None:
+    """The first page of *data* that breaks the pattern, or None (the search
+    behind :func:`check_range`; see there)."""
     _check_aligned(start, len(data))
     first = start // PAGE_SIZE
     top: int | None = None      # generation of the first dirty page

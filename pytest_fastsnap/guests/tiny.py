@@ -31,9 +31,9 @@ from filelock import FileLock
 
 from pytest_fastsnap.guests.agent import CHECK_RE, ConsoleAgent, check_verdict
 from pytest_fastsnap.guests.pattern import PAGE_SIZE, check_range
+from pytest_fastsnap.verdict import Verdict
 
 if TYPE_CHECKING:
-    from pytest_fastsnap.guests.pattern import BadPage
     from pytest_fastsnap.qemu.machine import QemuMachine
 
 SOURCE_DIR = Path(__file__).with_name("tiny")
@@ -114,6 +114,18 @@ class TinyParams:
         return (f"seed={self.seed:#x} start={self.start:#x} size={self.size:#x} "
                 f"mode={self.mode} zthresh={self.zthresh} zevery={self.zero_every} "
                 f"dstride={self.dirty_stride}")
+
+    @classmethod
+    def from_cmdline(cls, cmdline: str) -> TinyParams:
+        """The parameters :meth:`cmdline` wrote (e.g. a restored VM's ``-append``)."""
+        fields = dict(re.findall(r"(\w+)=(\S+)", cmdline))
+        try:
+            return cls(seed=int(fields["seed"], 0), start=int(fields["start"], 0),
+                       size=int(fields["size"], 0), mode=fields["mode"],
+                       zero_ratio=int(fields["zthresh"]) / 65536,
+                       zero_every=int(fields["zevery"]), dirty_stride=int(fields["dstride"]))
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"not a tiny guest command line: {cmdline!r}") from err
 
     def min_mem(self) -> str:
         """The smallest QEMU ``-m`` (MiB, rounded up, with 2 MiB spare) that holds the range."""
@@ -220,9 +232,10 @@ class TinyGuest(ConsoleAgent):
         """Send a one-byte command; return the reply line matching regex *reply*."""
         return self.exchange(byte, reply, timeout)
 
-    def self_check(self, timeout: float = 60.0) -> tuple[bool, int | None]:
-        """The guest checks its whole range: (True, None) or (False, first bad pfn)."""
-        return check_verdict(self.command(b"C", CHECK_RE, timeout))
+    def self_check(self, timeout: float = 60.0) -> Verdict:
+        """The guest checks its whole range; falsy on failure, naming the first
+        bad page (``details``: ``page`` (pfn), ``addr``, ``why``, ``gen``)."""
+        return check_verdict(self.command(b"C", CHECK_RE, timeout), self.vm.name)
 
     def last_check_line(self) -> str:
         lines = [ln for ln in self.console.text.splitlines() if ln.startswith("CHECK ")]
@@ -245,9 +258,11 @@ class TinyGuest(ConsoleAgent):
         """The whole pattern range through pmemsave."""
         return self.vm.memsave(self.params.start, self.params.size)
 
-    def host_check(self) -> BadPage | None:
-        """Read the range with pmemsave and check it against the Python pattern."""
-        return check_range(self.params, self.read_range(), self.params.start)
+    def host_check(self) -> Verdict:
+        """Read the range with pmemsave and check it against the Python pattern
+        (works on a paused guest); falsy on failure, naming the first bad page."""
+        verdict = check_range(self.params, self.read_range(), self.params.start)
+        return Verdict(verdict.ok, f"{self.vm.name}: {verdict.reason}", verdict.details)
 
 
 def _parse_ready(line: str) -> ReadyInfo:

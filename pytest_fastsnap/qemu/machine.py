@@ -13,7 +13,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,8 @@ class QemuMachine:
         self.qmp_timeout = qmp_timeout
         self.log_path = self.workdir / f"{name}.log"
         self.console_log_path = self.workdir / f"{name}.console.log"
+        self.qmp_log_path = self.workdir / f"{name}.qmp.log"
+        self.shutdown_errors: list[str] = []
         self.args: list[str] = []
         self._proc: subprocess.Popen[bytes] | None = None
         self._qmp: QMPConnection | None = None
@@ -104,7 +106,8 @@ class QemuMachine:
                 con_theirs.close()
         self.console = Console(con_ours, self.console_log_path)
         try:
-            self._qmp = QMPConnection(self.name, qmp_ours, timeout=self.qmp_timeout)
+            self._qmp = QMPConnection(self.name, qmp_ours, timeout=self.qmp_timeout,
+                                      transcript_path=self.qmp_log_path)
             self.transcript = self._qmp.transcript
         except Exception as err:
             self.shutdown()
@@ -134,32 +137,47 @@ class QemuMachine:
             return None
 
     def shutdown(self, timeout: float = 10.0) -> int | None:
-        """Stop QEMU: `quit`, then SIGKILL.  Idempotent; never raises.
+        """Stop QEMU: `quit`, then SIGKILL.  Idempotent; never raises: each step
+        runs even if one before it failed, and failures are kept in
+        ``shutdown_errors`` (and shown in the failure report).
 
         A postcopy-paused QEMU ignores `quit`, so the kill is not optional.
         """
         if self.console is not None:
             # An open console socket can block QEMU's exit; close it first.
-            self.console.close()
+            self._step("closing the console", self.console.close)
         if self._qmp is not None:
+            qmp, self._qmp = self._qmp, None
             if self.is_running():
-                self._qmp.quit(timeout=min(timeout, 5.0))
-            self._qmp.close()
-            self._qmp = None
-        status = None
-        if self._proc is not None:
-            try:
-                status = self._proc.wait(timeout)
-                process.forget(self._proc)
-            except subprocess.TimeoutExpired:
-                status = process.kill(self._proc)
-        return status
-
-    def kill(self) -> int | None:
-        """SIGKILL QEMU at once (e.g. a hung or postcopy-paused destination)."""
+                self._step("sending quit", lambda: qmp.quit(timeout=min(timeout, 5.0)))
+            self._step("closing QMP", qmp.close)
         if self._proc is None:
             return None
-        status = process.kill(self._proc)
+        proc = self._proc
+        try:
+            status: int | None = proc.wait(timeout)
+            process.forget(proc)
+        except subprocess.TimeoutExpired:
+            status = self._step("killing QEMU", lambda: process.kill(proc))
+        except Exception as err:  # never raise, see above
+            self.shutdown_errors.append(f"waiting for QEMU: {err!r}")
+            status = self._step("killing QEMU", lambda: process.kill(proc))
+        return status
+
+    def _step(self, what: str, step: Callable[[], Any]) -> Any:
+        try:
+            return step()
+        except Exception as err:  # shutdown must go on
+            self.shutdown_errors.append(f"{what}: {err!r}")
+            return None
+
+    def kill(self) -> int | None:
+        """SIGKILL QEMU at once (e.g. a hung or postcopy-paused destination);
+        never raises (see :meth:`shutdown`)."""
+        if self._proc is None:
+            return None
+        proc = self._proc
+        status = self._step("killing QEMU", lambda: process.kill(proc))
         self.shutdown()
         return status
 
@@ -180,8 +198,27 @@ class QemuMachine:
 
     def wait_event(self, name: str, match: dict[str, Any] | None = None,
                    timeout: float = 30.0, since: int = 0) -> dict[str, Any]:
-        return self.qmp_connection.wait_event(name, match, timeout, since,
-                                              alive=self.is_running)
+        """Wait for QMP event *name* (data matching *match*) received since
+        event index *since*; TimeoutError otherwise.  QEMU sends MIGRATION and
+        MIGRATION_PASS only with the ``events`` migration capability on."""
+        try:
+            return self.qmp_connection.wait_event(name, match, timeout, since,
+                                                  alive=self.is_running)
+        except TimeoutError as err:
+            if name in ("MIGRATION", "MIGRATION_PASS") and not self._migration_events_on():
+                raise TimeoutError(
+                    f"{err}: QEMU sends {name} events only with the 'events' migration "
+                    "capability, which is off on this QEMU; load_snapshot() and "
+                    "wait_migration() (pytest_fastsnap.qemu.migration) poll query-migrate "
+                    "instead, or set the capability before migrating") from None
+            raise
+
+    def _migration_events_on(self) -> bool:
+        try:
+            caps = self.qmp("query-migrate-capabilities", timeout=5)
+        except Exception:  # QEMU gone: the timeout is the news, not this
+            return True
+        return any(c.get("capability") == "events" and c.get("state") for c in caps)
 
     def status(self) -> str:
         return str(self.qmp("query-status")["status"])
@@ -247,8 +284,9 @@ class QemuMachine:
 
     def report(self) -> dict[str, str]:
         """Sections for a failure report: log, QMP transcript, console."""
+        errors = "".join(f"\n# shutdown: {e}" for e in self.shutdown_errors)
         return {
-            f"qemu {self.name} ({_signal_name(self.exitcode)}) log": self.log_tail(200),
+            f"qemu {self.name} ({_signal_name(self.exitcode)}) log": self.log_tail(200) + errors,
             f"qemu {self.name} qmp": "\n".join(self.transcript[-200:]),
             f"qemu {self.name} console": self.console.tail(200) if self.console else "",
         }

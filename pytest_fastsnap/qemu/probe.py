@@ -6,10 +6,13 @@ xdist workers and repeated runs probe once.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
@@ -79,20 +82,62 @@ class QemuProbe:
 
 def resolve_binary(binary: str) -> str:
     """Absolute path of *binary* (a name on PATH or a path), or ProbeError."""
+    hint = "(install qemu-system-x86 >= 9.0, or pass --qemu-binary=PATH / set QEMU_BINARY)"
+    if not binary:
+        raise ProbeError(f"QEMU binary: empty name {hint}")
+    if os.sep in binary:
+        if not os.path.exists(binary):
+            raise ProbeError(f"QEMU binary not found: {binary!r} (no such file) {hint}")
+        if os.path.isdir(binary):
+            raise ProbeError(f"QEMU binary {binary!r} is a directory, not a program")
+        if not os.access(binary, os.X_OK):
+            raise ProbeError(f"QEMU binary {binary!r} is not executable")
     found = shutil.which(binary)
     if found is None:
-        raise ProbeError(f"QEMU binary not found: {binary!r} (install qemu-system-x86 >= 9.0, "
-                         "or pass --qemu-binary=PATH / set QEMU_BINARY)")
+        raise ProbeError(f"QEMU binary not found: {binary!r} {hint}")
     return os.path.abspath(found)
 
 
-def _version(binary: str) -> tuple[tuple[int, int, int], str]:
-    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30,
-                         check=False).stdout
+def _run_binary(binary: str, args: list[str], timeout: float) -> str:
+    """stdout of ``binary args``.  In its own process group, so a timeout kills
+    whatever it started too (a wrapper script's children); ProbeError when it
+    cannot be run or does not finish within *timeout* seconds."""
+    try:
+        proc = subprocess.Popen([binary, *args], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                errors="replace", start_new_session=True)
+    except OSError as err:
+        why = err.strerror or str(err)
+        if err.errno == errno.ENOEXEC:
+            why += " (not a program; a script needs a #! line)"
+        raise ProbeError(f"QEMU binary {binary} cannot be run: {why}") from None
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise ProbeError(f"QEMU binary {binary} did not answer within {timeout:g} s "
+                         f"({' '.join(args)})") from None
+    return out
+
+
+def _version(binary: str, timeout: float = 30.0) -> tuple[tuple[int, int, int], str]:
+    out = _run_binary(binary, ["--version"], timeout)
     m = re.search(r"version (\d+)\.(\d+)\.(\d+)", out)
     if not m:
-        raise ProbeError(f"{binary} --version printed no QEMU version: {out[:200]!r}")
+        first = out.strip().splitlines()[0][:100] if out.strip() else ""
+        raise ProbeError(f"QEMU binary {binary}: --version printed no QEMU version "
+                         f"({f'first line: {first!r}' if first else 'nothing'})")
     return (int(m[1]), int(m[2]), int(m[3])), out.splitlines()[0].strip()
+
+
+def check_binary(binary: str, timeout: float = 30.0) -> tuple[str, tuple[int, int, int], str]:
+    """(absolute path, version, version line) of a QEMU binary that runs and
+    answers ``--version`` within *timeout* seconds; ProbeError otherwise."""
+    path = resolve_binary(binary)
+    version, text = _version(path, timeout)
+    return path, version, text
 
 
 def _machines(binary: str) -> tuple[str, ...]:
@@ -156,8 +201,9 @@ def _migration_facts(binary: str, workdir: Path) -> tuple[tuple[str, ...], tuple
         vm.shutdown()
 
 
-def probe(binary: str, cache_dir: Path | None = None) -> QemuProbe:
-    """Probe *binary* (cached by path, size, mtime and probe format)."""
+def probe(binary: str, cache_dir: Path | None = None, *, timeout: float = 30.0) -> QemuProbe:
+    """Probe *binary* (cached by path, size, mtime and probe format).  *timeout*
+    bounds ``--version``, which runs first: a binary that hangs is killed."""
     path = resolve_binary(binary)
     st = os.stat(path)
     cache_dir = cache_dir or default_cache_dir()
@@ -169,15 +215,15 @@ def probe(binary: str, cache_dir: Path | None = None) -> QemuProbe:
             data = json.loads(cache.read_text())
             if data.get("key") == key:
                 return _from_json(data["probe"])
-        result = _probe_now(path)
+        result = _probe_now(path, timeout)
         tmp = cache.with_suffix(".tmp")
         tmp.write_text(json.dumps({"key": key, "probe": asdict(result)}))
         os.replace(tmp, cache)
         return result
 
 
-def _probe_now(path: str) -> QemuProbe:
-    version, text = _version(path)
+def _probe_now(path: str, timeout: float = 30.0) -> QemuProbe:
+    version, text = _version(path, timeout)
     with tempfile.TemporaryDirectory(prefix="fastsnap-probe-") as tmp:
         kvm_ok, kvm_reason = _kvm(path, Path(tmp))
         caps, params, fast, fast_reason = _migration_facts(path, Path(tmp))

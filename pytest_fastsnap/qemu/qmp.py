@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Coroutine, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
@@ -108,16 +109,34 @@ def _match(event: Mapping[str, Any], match: Mapping[str, Any]) -> bool:
     return True
 
 
+class Transcript(list[str]):
+    """QMP traffic, one line per command, reply and event: kept in memory (for
+    failure reports) and, given a *path*, appended to that file as it happens
+    (so it is among the kept artifacts of a failed test, even of a crash)."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        super().__init__()
+        self.path = path
+
+    def append(self, line: str) -> None:
+        super().append(line)
+        if self.path is not None:
+            with contextlib.suppress(OSError), open(self.path, "a") as out:
+                out.write(line + "\n")
+
+
 class QMPConnection:
     """One QMP session with a QEMU process, used synchronously.
 
-    Every command and reply is kept in ``transcript`` (for failure reports).
+    Every command and reply is kept in ``transcript`` (for failure reports),
+    and written to *transcript_path* when given.
     """
 
-    def __init__(self, name: str, sock: socket.socket, timeout: float = 30.0) -> None:
+    def __init__(self, name: str, sock: socket.socket, timeout: float = 30.0,
+                 transcript_path: Path | None = None) -> None:
         self.name = name
         self.timeout = timeout
-        self.transcript: list[str] = []
+        self.transcript = Transcript(transcript_path)
         self._events: list[dict[str, Any]] = []
         self._client = QMPClient(name)
         self._listener = EventListener()

@@ -13,13 +13,15 @@ mapped-ram, then restore it with each strategy ``repeat`` times and report
   pages (HMP ``xp``) while the eager stream is going (an idle firmware
   guest faults on almost nothing by itself).
 
-    fastsnap bench -- --sizes 256M,1G,4G --repeat 3
+    fastsnap bench --sizes 256M,1G,4G --repeat 3
     python benchmarks/bench_restore.py --sizes 256M
+
+The PNG needs matplotlib (``pip install 'pytest-fastsnap[bench]'``); without
+it the table and the JSON are still written.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -32,9 +34,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pytest_fastsnap.guests.fill import fill_guest_ram
 from pytest_fastsnap.qemu.machine import QemuMachine
 from pytest_fastsnap.qemu.migration import save_snapshot
-from pytest_fastsnap.restore.fill import data_ranges, fill_guest_ram
 from pytest_fastsnap.restore.strategies import (
     RestoredGuest,
     RestoreUnsupported,
@@ -45,13 +47,17 @@ from pytest_fastsnap.restore.strategies import (
 from pytest_fastsnap.snapshot.format import parse
 
 MiB = 1 << 20
-DEFAULT_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+DEFAULT_RESULTS = Path("fastsnap-bench-results")  # relative: under the current directory
 
 
-def parse_size(text: str) -> int:
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = {"K": 1 << 10, "M": MiB, "G": 1 << 30}.get(text[-1:], 1)
-    return int(text[:-1] if text[-1:] in "KMG" else text) * mult
+def matplotlib_missing() -> str | None:
+    """None when the PNG can be drawn, else why not (one line, with the fix)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return ("matplotlib is not installed: writing the table and JSON, no PNG "
+                "(pip install 'pytest-fastsnap[bench]')")
+    return None
 
 
 def _pc_ram_region(path: Path) -> tuple[int, int]:
@@ -222,7 +228,18 @@ def format_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def log_limits(values: Sequence[float]) -> tuple[float, float]:
+    """Log-axis limits that show every positive value: half the smallest below,
+    and room above the largest for its label (x4: about two label heights on
+    the plot's scale)."""
+    positive = [v for v in values if v and v > 0]
+    if not positive:
+        return 0.1, 1.0
+    return min(positive) / 2, max(positive) * 4
+
+
 def plot(results: list[dict[str, Any]], path: Path) -> None:
+    """Bar charts of time to running and to fully loaded, saved to *path*."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -230,24 +247,25 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 
     sizes = [f"{r['size_bytes'] >> 20} MiB" for r in results]
     strategies = sorted({s for r in results for s in r["strategies"]})
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), layout="constrained")
     width = 0.8 / max(1, len(strategies))
     for ax, key, title in ((axes[0], "time_to_running_s", "time to running"),
                            (axes[1], "time_to_loaded_s", "time to fully loaded")):
+        shown: list[float] = []
         for i, strategy in enumerate(strategies):
             vals = [(r["strategies"].get(strategy) or {}).get(key) or 0 for r in results]
+            shown += vals
             xs = [x + i * width for x in range(len(results))]
             bars = ax.bar(xs, vals, width, label=strategy)
-            ax.bar_label(bars, labels=[f"{v:.3g}" for v in vals], fontsize=8)
+            ax.bar_label(bars, labels=[f"{v:.3g}" if v else "" for v in vals], fontsize=8)
         ax.set_xticks([x + width * (len(strategies) - 1) / 2 for x in range(len(results))],
                       sizes)
         ax.set_yscale("log")
-        ax.set_ylim(bottom=0.01)
+        ax.set_ylim(*log_limits(shown))
         ax.set_ylabel("seconds (log)")
         ax.set_title(title)
-        ax.legend()
+        ax.legend(loc="upper left", fontsize=8)
     fig.suptitle("mapped-ram restore: QEMU full load vs loader bridge (TCG, warm cache)")
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -256,14 +274,16 @@ def run_bench(sizes: Sequence[int] = (256 * MiB, 1 << 30, 4 << 30), *,
               binary: str = "qemu-system-x86_64", repeat: int = 3,
               strategies: Sequence[str] = ("qemu-precopy", "loader-bridge"),
               probes: int = 200, results_dir: Path | None = None,
-              workdir: Path | None = None, verbose: bool = True) -> dict[str, Any]:
-    """Run the benchmark; write JSON and a PNG to *results_dir*; return the report."""
+              workdir: Path | None = None, verbose: bool = True,
+              draw: bool = True) -> dict[str, Any]:
+    """Run the benchmark; write JSON and (with *draw*) a PNG to *results_dir*
+    (default ``./fastsnap-bench-results``); return the report."""
     def log(msg: str) -> None:
         if verbose:
             print(msg, flush=True)
 
     binary = shutil.which(binary) or binary
-    results_dir = Path(results_dir) if results_dir else DEFAULT_RESULTS
+    results_dir = (Path(results_dir) if results_dir else DEFAULT_RESULTS).absolute()
     results_dir.mkdir(parents=True, exist_ok=True)
     own_workdir = workdir is None
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fsbench-", dir="/var/tmp"))
@@ -281,33 +301,11 @@ def run_bench(sizes: Sequence[int] = (256 * MiB, 1 << 30, 4 << 30), *,
               "results": results, "table": format_table(results)}
     json_path = results_dir / f"bench-restore-{stamp}.json"
     json_path.write_text(json.dumps(report, indent=2) + "\n")
-    png_path = results_dir / f"bench-restore-{stamp}.png"
-    plot(results, png_path)
-    report["json_path"], report["png_path"] = str(json_path), str(png_path)
+    report["json_path"] = str(json_path)
+    if draw:
+        png_path = results_dir / f"bench-restore-{stamp}.png"
+        plot(results, png_path)
+        report["png_path"] = str(png_path)
     log("\n" + report["table"])
-    log(f"\nwrote {json_path}\n      {png_path}")
+    log(f"\nwrote {json_path}" + (f"\n      {report['png_path']}" if draw else ""))
     return report
-
-
-def bench_cli(argv: Sequence[str]) -> int:
-    argv = list(argv)
-    if argv[:1] == ["--"]:
-        argv = argv[1:]
-    p = argparse.ArgumentParser(prog="fastsnap bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="256M,1G,4G", help="guest RAM sizes (default %(default)s)")
-    p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--strategies", default="qemu-precopy,loader-bridge")
-    p.add_argument("--probes", type=int, default=200,
-                   help="demand reads in the latency run (0: no latency run)")
-    p.add_argument("--qemu-binary", default=os.environ.get("QEMU_BINARY", "qemu-system-x86_64"))
-    p.add_argument("--results-dir", default=None)
-    args = p.parse_args(argv)
-    sizes = [parse_size(s) for s in args.sizes.split(",") if s]
-    for size in sizes:
-        if not data_ranges("q35", size):
-            p.error(f"size {size} too small to hold data (need > 18 MiB)")
-    run_bench(sizes, binary=args.qemu_binary, repeat=args.repeat,
-              strategies=[s for s in args.strategies.split(",") if s], probes=args.probes,
-              results_dir=Path(args.results_dir) if args.results_dir else None)
-    return 0

@@ -1,6 +1,7 @@
 """The command line a snapshot was saved with, recorded next to it.
 
-``SNAPSHOT.json`` = ``{"qemu_args": [...], "binary": "...", "offset": N}``:
+``<snapshot>.json`` next to the snapshot (``snap.img`` -> ``snap.img.json``) =
+``{"qemu_args": [...], "binary": "...", "offset": N}``:
 ``qemu_args`` are the guest-defining arguments (machine, accelerator,
 memory, devices) that a destination must repeat verbatim; QemuMachine adds
 the QMP monitor and serial console itself.
@@ -42,13 +43,16 @@ def write_manifest(snapshot: str | Path, vm: QemuMachine, offset: int = 0) -> Pa
 
 
 def read_manifest(snapshot: str | Path) -> Manifest:
-    """Read ``SNAPSHOT.json``; ValueError naming the file on anything malformed."""
+    """Read ``<snapshot>.json``; ValueError naming the file on anything malformed."""
     path = manifest_path(snapshot)
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ValueError(f"{path}: no manifest next to the snapshot (the QEMU arguments the "
-                         "snapshot was saved with); write one with write_manifest()") from None
+        raise ValueError(f"{path}: no manifest next to the snapshot (the QEMU arguments it "
+                         "was saved with; `fastsnap save` and snapshot_factory write it)") \
+            from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: manifest is a directory, not a file") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not JSON: {err}") from None
     args = data.get("qemu_args") if isinstance(data, dict) else None

@@ -36,18 +36,41 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pytest_fastsnap.qemu import process
 from pytest_fastsnap.qemu.machine import QemuMachine, QMPCommandError
 from pytest_fastsnap.qemu.migration import file_uri, set_capabilities
+from pytest_fastsnap.restore.manifest import manifest_path, read_manifest
+from pytest_fastsnap.verdict import Verdict
 from pytest_fastsnap.workdirs import SUN_PATH_MAX
 
+if TYPE_CHECKING:
+    from pytest_fastsnap.guests.linux import LinuxGuest
+    from pytest_fastsnap.guests.tiny import TinyGuest
+
 STRATEGIES = ("qemu-precopy", "qemu-fast", "loader-bridge")
+# A migration stream starts with QEMU_VM_FILE_MAGIC "QEVM" and version 3.
+STREAM_START = b"QEVM\x00\x00\x00\x03"
+STREAM_SCAN = 64 << 20      # how far a failed restore looks for a stream start
 
 
 class RestoreFailed(Exception):
     """A restore did not produce a running, fully loaded guest."""
+
+
+class RestoreTimeout(RestoreFailed):
+    """The restore neither finished nor failed in time: a hang."""
+
+
+class RestoreRefused(RestoreFailed):
+    """The native loader refused the file (``error_name``: its ``E_`` rule)
+    before any QEMU was started."""
+
+    def __init__(self, strategy: str, error_name: str, message: str) -> None:
+        self.strategy = strategy
+        self.error_name = error_name
+        super().__init__(f"{strategy}: {error_name}: {message}")
 
 
 class RestoreUnsupported(RestoreFailed):
@@ -129,7 +152,7 @@ class RestoredGuest:
                 return ev
         return None
 
-    def _failure(self, what: str) -> RestoreFailed:
+    def _failure(self, what: str, kind: type[RestoreFailed] = RestoreFailed) -> RestoreFailed:
         parts = [f"{self.strategy}: {what}"]
         if self.loader is not None:
             rc = self.loader.poll()
@@ -143,7 +166,7 @@ class RestoredGuest:
         else:
             parts.append(f"destination exited ({self.vm.exitcode})")
         parts.append("destination log tail:\n" + self.vm.log_tail(15))
-        return RestoreFailed("; ".join(parts))
+        return kind("; ".join(parts))
 
     def _loader_stderr(self) -> str:
         if self.out_dir is not None:
@@ -167,7 +190,7 @@ class RestoredGuest:
             if self.loader is not None and self.loader.poll() not in (None, 0):
                 raise self._failure(f"loader failed while waiting for {what}")
             if time.monotonic() > deadline:
-                raise self._failure(f"no {what} within {timeout:.0f}s")
+                raise self._failure(f"no {what} within {timeout:.0f}s", RestoreTimeout)
             time.sleep(0.002)
 
     def wait_running(self, timeout: float = 60.0) -> float:
@@ -201,7 +224,8 @@ class RestoredGuest:
             try:
                 rc = self.loader.wait(timeout)
             except subprocess.TimeoutExpired:
-                raise self._failure(f"loader still serving after {timeout:.0f}s") from None
+                raise self._failure(f"loader still serving after {timeout:.0f}s",
+                                    RestoreTimeout) from None
             process.forget(self.loader)
             self._read_loader_stats()
             if rc != 0:
@@ -230,6 +254,31 @@ class RestoredGuest:
                 "time_to_loaded_s": self.time_to_loaded,
                 "loader_spawned_at_s": self.loader_spawned_at if self.loader else None,
                 "loader": self.loader_stats or None}
+
+    def __repr__(self) -> str:
+        loader = f" loader pid {self.loader.pid}" if self.loader is not None else ""
+        return f"<RestoredGuest {self.strategy} {self.vm.name}{loader}>"
+
+    # -- the guest ----------------------------------------------------------------
+
+    @property
+    def agent(self) -> TinyGuest | LinuxGuest:
+        """The restored test guest's agent (tiny or Linux, told from the QEMU
+        arguments the snapshot was saved with); ValueError for other guests."""
+        from pytest_fastsnap.guests import guest_agent
+
+        return guest_agent(self.vm)
+
+    def self_check(self, timeout: float = 60.0) -> Verdict:
+        """The restored guest checks its own memory: falsy on failure, naming the
+        first bad page.  The guest must run (restored ``paused``: ``cont`` first)."""
+        agent = self.agent
+        status = self.vm.status()
+        if status != "running":
+            raise RestoreFailed(f"{self.strategy}: {self.vm.name} is {status!r}, so its guest "
+                                "cannot check itself; `cont` it first "
+                                "(vm.qmp('cont')), or restore with paused=False")
+        return agent.self_check(timeout)
 
     # -- cleanup ----------------------------------------------------------------
 
@@ -267,15 +316,41 @@ class RestoredGuest:
 
 def _socket_dir() -> tuple[Path, Path]:
     """A short private directory under /tmp for the migration socket."""
-    sock_dir = Path(tempfile.mkdtemp(prefix="fsb-", dir="/tmp"))
+    # Our pid in the name lets workdirs.sweep_stale remove it if we are SIGKILLed.
+    sock_dir = Path(tempfile.mkdtemp(prefix=f"fsb-{os.getpid()}-", dir="/tmp"))
     sock = sock_dir / "m.sock"
     if len(os.fsencode(sock)) > SUN_PATH_MAX:  # pragma: no cover - /tmp is short
         raise RestoreFailed(f"socket path {sock} over the {SUN_PATH_MAX}-byte limit")
     return sock_dir, sock
 
 
+def _stream_offset_hint(path: Path, offset: int) -> str:
+    """Why a restore at *offset* may have failed: no stream starts there, but the
+    manifest or the file itself says where one does.  "" when offset looks right."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            if f.read(len(STREAM_START)) == STREAM_START:
+                return ""
+            f.seek(0)
+            head = f.read(STREAM_SCAN)
+    except OSError:
+        return ""
+    with contextlib.suppress(ValueError):
+        recorded = read_manifest(path).offset
+        if recorded != offset:
+            return (f"no migration stream starts at offset {offset:#x}; "
+                    f"{manifest_path(path).name} says it starts at {recorded:#x}: "
+                    f"pass offset={recorded:#x}")
+    found = head.find(STREAM_START)
+    if found >= 0:
+        return (f"no migration stream starts at offset {offset:#x}, one starts at "
+                f"{found:#x}: pass offset={found:#x}")
+    return f"no migration stream starts at offset {offset:#x}"
+
+
 def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str],
-            vm_factory: Any, offset: int = 0, *, paused: bool = False,
+            vm_factory: Any, offset: int | None = None, *, paused: bool = False,
             wait: bool = True, timeout: float = 120.0,
             loader_args: Sequence[str] = (), transport: str = "unix") -> RestoredGuest:
     """Restore *snapshot_path* with *strategy* into a new destination QEMU.
@@ -287,24 +362,60 @@ def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str]
     only): ``unix`` lets the loader connect to the socket itself, ``fd``
     connects here and hands the loader the connected descriptor (``fd:N``).  On any failure the
     destination and loader are killed before the exception propagates.
+
+    *offset* is where the migration stream starts in the file; by default the
+    one the snapshot's manifest (``<snapshot>.json``) records, else 0.  A
+    failed restore says so when no stream starts at *offset* and where one does.
+    The bridge parses the file first: one the loader refuses raises
+    :class:`RestoreRefused` before any QEMU is started.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown restore strategy {strategy!r}; one of {STRATEGIES}")
     if transport not in ("unix", "fd"):
         raise ValueError(f"transport must be 'unix' or 'fd', not {transport!r}")
     path = Path(snapshot_path).resolve()
+    if offset is None:
+        try:
+            offset = read_manifest(path).offset
+        except ValueError:
+            offset = 0
+    if strategy == "loader-bridge":
+        _loader_accepts(strategy, path, offset)
     t_launch = time.monotonic()
     vm = _as_factory(vm_factory)(device_args, paused=paused)
     guest = RestoredGuest(strategy=strategy, vm=vm, t0_wall=0.0, event_mark=0, paused=paused,
                           launch_seconds=time.monotonic() - t_launch)
+    own = getattr(vm_factory, "own", None)
+    if own is not None:     # the vm_factory fixture closes it at teardown
+        own(guest)
     try:
         _start(guest, path, offset, loader_args, transport)
         if wait:
             guest.wait_running(timeout)
-    except BaseException:
+    except BaseException as err:
         guest.close(kill=True)
+        if type(err) is RestoreFailed:
+            hint = _stream_offset_hint(path, offset)
+            if hint:
+                err.args = (f"{err.args[0] if err.args else err}\nhint: {hint}",)
         raise
     return guest
+
+
+def _loader_accepts(strategy: str, path: Path, offset: int) -> None:
+    """Parse *path* as the loader will (``serve --describe``) before a destination
+    is started for it: an invalid file costs no QEMU and leaves none waiting."""
+    proc = subprocess.run([str(loader_binary()), "serve", str(path), "--offset", str(offset),
+                           "--describe", "--json"], capture_output=True, text=True,
+                          timeout=60, check=False)
+    if proc.returncode == 0:
+        return
+    try:
+        verdict = json.loads(proc.stdout)
+    except ValueError:
+        verdict = {}
+    raise RestoreRefused(strategy, verdict.get("error_name") or f"exit {proc.returncode}",
+                         verdict.get("error") or proc.stderr.strip())
 
 
 def _caps(guest: RestoredGuest, caps: dict[str, bool]) -> None:

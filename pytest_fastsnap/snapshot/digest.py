@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from pytest_fastsnap.snapshot.bitmap import bit_is_set, coalesce, iter_runs
 from pytest_fastsnap.snapshot.format import Block, Snapshot
@@ -117,6 +117,19 @@ def restored_memory_range(snapshot: Snapshot, block_id: str | Block, start: int,
     """Restored bytes ``[start, start+size)`` of a block, to compare with a pmemsave
     (for ``pc.ram`` below 4 GiB the block offset equals the guest-physical address)."""
     return b"".join(bytes(p) for p in iter_restored(snapshot, block_id, start, size))
+
+
+def range_digests(read: Callable[[int, int], bytes], ranges: Sequence[tuple[int, int]],
+                  chunk: int = 16 << 20) -> dict[str, str]:
+    """sha256 per *chunk* of each ``(start, length)`` range, keyed ``"start+length"``
+    (hex), of the bytes ``read(start, length)`` returns: the shape of
+    :meth:`QemuMachine.memory_digests`, for memory read some other way."""
+    out = {}
+    for start, length in ranges:
+        for a in range(start, start + length, chunk):
+            n = min(chunk, start + length - a)
+            out[f"{a:#x}+{n:#x}"] = hashlib.sha256(read(a, n)).hexdigest()
+    return out
 
 
 def read_page(snapshot: Snapshot, block: str | Block, index: int, *,

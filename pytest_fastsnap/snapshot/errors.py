@@ -7,6 +7,7 @@ them.  See :mod:`pytest_fastsnap.snapshot.format` for when each one is raised.
 from __future__ import annotations
 
 ERROR_NAMES: tuple[str, ...] = (
+    "OPEN", "NOT_FILE",
     "MAGIC", "VERSION", "CONFIG", "RAM_SECTION", "TOTAL", "BLOCK_ID", "BLOCK_LENGTH",
     "HDR_VERSION", "PAGE_SIZE", "BITMAP_OFFSET", "PAGES_OFFSET", "PAGES_ALIGN", "OVERLAP",
     "TRUNCATED", "FOOTER", "RECORD", "EOF", "VMDESC",

@@ -9,6 +9,8 @@ Strict by default: the first broken rule raises :class:`FormatError` whose
 ``name`` is one of (checked in this order, per block in file order):
 
 =============== ===========================================================
+OPEN            the file cannot be opened (missing, no permission)
+NOT_FILE        the path is a directory or another non-regular file
 MAGIC           stream magic is not ``QEVM``
 VERSION         stream version is not 3
 CONFIG          no ``0x07`` configuration record; bad machine-name length;
@@ -45,7 +47,8 @@ EOF             the byte before the VM description is not ``0x00``
 VMDESC          the VM description is not valid JSON
 =============== ===========================================================
 
-``parse(..., lenient=True)`` never raises FormatError: it records each problem
+``parse(..., lenient=True)`` raises FormatError only for OPEN and NOT_FILE
+(there is nothing to read); otherwise it records each problem
 in ``Snapshot.problems`` and parses on as far as the layout allows (fields it
 could not reach are ``None``), so mutation helpers work on broken files.
 
@@ -61,6 +64,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -810,9 +814,16 @@ class _Parser:
 def parse(path: str | os.PathLike[str], offset: int = 0, *, lenient: bool = False) -> Snapshot:
     """Parse the mapped-ram stream at *offset* of *path* (see the module docstring)."""
     path = Path(path)
-    fd = os.open(path, os.O_RDONLY)
     try:
-        size = os.fstat(fd).st_size
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as err:
+        raise FormatError("OPEN", f"{path}: cannot open: {err.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FormatError("NOT_FILE", f"{path}: " + ("is a directory, not a snapshot file"
+                              if stat.S_ISDIR(st.st_mode) else "not a regular file"))
+        size = st.st_size
         parser = _Parser(fd, size, lenient)
         with contextlib.suppress(_Stop):
             parser.parse(offset)

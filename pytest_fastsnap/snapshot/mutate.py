@@ -45,6 +45,7 @@ __all__ = [
     "TRUNCATION_REGIONS",
     "Mutation",
     "all_header_mutations",
+    "boundary_values",
     "corrupt_magic",
     "expected_header_error",
     "set_bitmap_bit",
@@ -171,7 +172,34 @@ def _expected_length_error(snapshot: Snapshot, blk: Block, value: int) -> str | 
             return "PAGES_OFFSET"
     if po + value > snapshot.file_size:
         return "TRUNCATED"
+    last = snapshot.blocks[-1]
+    if blk is not last and po + value == last.pages_range.end:
+        # The stream resumes exactly at the block list's EOS: the later blocks
+        # are silently dropped and only the MEM_SIZE total can tell.
+        kept = sum(b.used_length.value for b in snapshot.blocks[:blk.index]) + value
+        return None if snapshot.ram is not None and kept == snapshot.ram.total else "TOTAL"
     return "BLOCK_LENGTH"  # the stream resumes in the middle of page data
+
+
+def _expected_total_error(snapshot: Snapshot, value: int) -> str | None:
+    assert snapshot.ram is not None
+    if value & (snapshot.page_size - 1):
+        return "RAM_SECTION"  # the low bits are record flags: no longer a MEM_SIZE record
+    return None if value == snapshot.ram.total else "TOTAL"
+
+
+def boundary_values(old: int, width: int, file_size: int, page_size: int) -> list[int]:
+    """The boundary values of a *width*-byte unsigned field now holding *old*:
+    0, 1, -1 (all ones), 2**31, 2**32, 2**63, 2**64-1, the file size, and *old*
+    plus or minus a page and 1 MiB; those that fit, differ from *old*, in order."""
+    top = 1 << (8 * width)
+    candidates = (0, 1, top - 1, 1 << 31, 1 << 32, 1 << 63, (1 << 64) - 1, file_size,
+                  old + page_size, old - page_size, old + ALIGN, old - ALIGN)
+    out: list[int] = []
+    for v in candidates:
+        if 0 <= v < top and v != old and v not in out:
+            out.append(v)
+    return out
 
 
 # -- single-field helpers -------------------------------------------------------------------
@@ -214,12 +242,8 @@ def set_mem_size_total(src: Pathish, dst: Pathish, value: int, *,
     fld = snap.ram.mem_size
     flags = fld.value & (snap.page_size - 1)
     _copy_and_patch(src, dst, fld.offset, struct.pack(">Q", value | flags))
-    if value & (snap.page_size - 1):
-        expected: str | None = "RAM_SECTION"
-    else:
-        expected = None if value == snap.ram.total else "TOTAL"
     return Mutation(f"total{value - snap.ram.total:+#x}", "mem_size_total", fld.offset,
-                    snap.ram.total, value, expected)
+                    snap.ram.total, value, _expected_total_error(snap, value))
 
 
 def set_block_id(src: Pathish, dst: Pathish, block_id: str | Block, new_id: str, *,
@@ -354,8 +378,10 @@ def all_header_mutations(snapshot: Snapshot) -> Iterator[Mutation]:
     bitmap_offset past EOF, 0, misplaced (+8), overlapping the previous block's
     pages; pages_offset misaligned (+512), past EOF, before the bitmap, misplaced
     (+1 MiB), overlapping the previous block's pages; used_length +4096, -4096,
-    0, +512; empty id; duplicate id; truncation inside header, bitmap, pages.
-    Global: MEM_SIZE total +-4096, magic, stream version 2 and 4, truncation
+    0, +512; empty id; duplicate id; truncation inside header, bitmap, pages;
+    then every numeric field (the four header fields, used_length) at each of
+    :func:`boundary_values`.  Global: MEM_SIZE total +-4096 and its boundary
+    values, magic, stream version 2 and 4, truncation
     inside device state, before EOF and inside the VM description.
     Nothing is written until ``mutation.apply(dst)``.
     """
@@ -379,6 +405,20 @@ def _standard_mutations(snapshot: Snapshot) -> Iterator[Mutation]:
                        expected_header_error(snapshot, blk, name, value), blk.name)
         return _planned(src, so, pre, set_header_field, blk.name, name, value)
 
+    def length(blk: Block, v: int) -> Mutation:
+        old = blk.used_length.value
+        label = f"{v - old:+#x}" if v else "0"
+        pre = _preview(f"{blk.name}:length{label}", "used_length", blk.used_length.offset,
+                       old, v, _expected_length_error(snapshot, blk, v), blk.name)
+        return _planned(src, so, pre, set_block_length, blk.name, v)
+
+    def total(v: int) -> Mutation:
+        assert snapshot.ram is not None
+        old = snapshot.ram.total
+        pre = _preview(f"total{v - old:+#x}", "mem_size_total", snapshot.ram.mem_size.offset,
+                       old, v, _expected_total_error(snapshot, v))
+        return _planned(src, so, pre, set_mem_size_total, v)
+
     for blk in blocks:
         prev = blocks[blocks.index(blk) - 1] if blocks.index(blk) > 0 else None
         for v in (0, 2, 0xFFFFFFFF):
@@ -395,13 +435,9 @@ def _standard_mutations(snapshot: Snapshot) -> Iterator[Mutation]:
             yield header(blk, "pages_offset", v)
         if prev is not None:
             yield header(blk, "pages_offset", prev.header.pages_offset.value)
-        length = blk.used_length.value
-        for v in (length + ps, length - ps, 0, length + 512):
-            delta = v - length
-            label = f"{delta:+#x}" if v else "0"
-            pre = _preview(f"{blk.name}:length{label}", "used_length", blk.used_length.offset,
-                           length, v, _expected_length_error(snapshot, blk, v), blk.name)
-            yield _planned(src, so, pre, set_block_length, blk.name, v)
+        used = blk.used_length.value
+        for v in (used + ps, used - ps, 0, used + 512):
+            yield length(blk, v)
         for new_id in ("", *[b.name for b in blocks if b is not blk][:1]):
             label = "empty-id" if not new_id else f"id={new_id}"
             pre = _preview(f"{blk.name}:{label}", "id", blk.id.offset, blk.name, new_id,
@@ -412,12 +448,16 @@ def _standard_mutations(snapshot: Snapshot) -> Iterator[Mutation]:
             pre = _preview(f"truncate:{blk.name}:{region}", "file_size", cut, size, cut,
                            "TRUNCATED", blk.name)
             yield _planned(src, so, pre, truncate_at, region, blk.name)
+        # Boundary values of every numeric field (duplicates of the above are dropped).
+        for name, width in HEADER_FIELDS.items():
+            for v in boundary_values(blk.header.field(name).value, width, size, ps):
+                yield header(blk, name, v)
+        for v in boundary_values(used, 8, size, ps):
+            yield length(blk, v)
     assert snapshot.ram is not None and snapshot.header is not None
-    total = snapshot.ram.total
-    for v in (total + ps, total - ps):
-        pre = _preview(f"total{v - total:+#x}", "mem_size_total", snapshot.ram.mem_size.offset,
-                       total, v, "TOTAL")
-        yield _planned(src, so, pre, set_mem_size_total, v)
+    for v in (snapshot.ram.total + ps, snapshot.ram.total - ps,
+              *boundary_values(snapshot.ram.total, 8, size, ps)):
+        yield total(v)
     pre = _preview("magic=5145564e", "magic", so, "5145564d", "5145564e", "MAGIC")
     yield _planned(src, so, pre, corrupt_magic, b"QEVN")
     for v in (2, 4):

@@ -1132,6 +1132,7 @@ int bridge_main(int argc, char **argv)
         argv++;
     }
     optind = 1;
+    opterr = 0;     /* one error line, ours */
     int c;
     char *end;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
@@ -1162,12 +1163,17 @@ int bridge_main(int argc, char **argv)
         case 'c': b->connect_timeout = strtod(optarg, NULL); break;
         case 'b': b->max_bandwidth = strtod(optarg, NULL) * (1 << 20); break;
         case 'h': usage(stdout); free(b); return 0;
-        default: usage(stderr); free(b); return 2;
+        default:
+            fprintf(stderr, "fastsnap-loader serve: unknown option or missing value: %s "
+                    "(--help shows the usage)\n", argv[optind - 1]);
+            free(b);
+            return 2;
         }
     }
     if (optind != argc - 1 || (!b->to && !b->describe_only) || b->io_timeout <= 0 ||
         b->shut_timeout <= 0) {
-        usage(stderr);
+        fputs("fastsnap-loader serve: needs one FILE and --to unix:PATH|fd:N (or --describe); "
+              "timeouts > 0 (--help shows the usage)\n", stderr);
         free(b);
         return 2;
     }

@@ -128,12 +128,11 @@ static int load_block(struct br_snap *s, mr_core_block *core, struct br_block *b
 int br_snap_open(struct br_snap *s, const char *path, uint64_t offset)
 {
     memset(s, 0, sizeof(*s));
-    s->fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (s->fd < 0)
-        return fail(s, "open-failed", "%s: %s", path, strerror(errno));
     mr_snapshot *ms = &s->ms;
     mr_error me;
-    int rc = mr_parse(s->fd, offset, NULL, ms, &me);
+    int rc = mr_open(path, &s->fd, &me);
+    if (rc == MR_OK)
+        rc = mr_parse(s->fd, offset, NULL, ms, &me);
     if (rc != MR_OK) {
         s->internal = rc == MR_INTERNAL;
         snprintf(s->err_name_buf, sizeof(s->err_name_buf), "%s", me.name);

@@ -5,6 +5,7 @@
 #include "mr_format.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -809,6 +810,31 @@ static void tail(pctx *c, uint64_t dev_start)
             fail(c, "E_FOOTER", "device state [%#" PRIx64 ", %#" PRIx64 ") does not end with a "
                  "section footer", dev_start, eof);
     }
+}
+
+int mr_open(const char *path, int *fd, mr_error *err)
+{
+    struct stat st;
+    memset(err, 0, sizeof *err);
+    *fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (*fd < 0) {
+        snprintf(err->name, sizeof err->name, "E_OPEN");
+        snprintf(err->msg, sizeof err->msg, "cannot open: %s", strerror(errno));
+        return MR_INVALID;
+    }
+    if (fstat(*fd, &st) < 0) {
+        snprintf(err->name, sizeof err->name, "E_OPEN");
+        snprintf(err->msg, sizeof err->msg, "cannot stat: %s", strerror(errno));
+    } else if (S_ISREG(st.st_mode)) {
+        return MR_OK;
+    } else {
+        snprintf(err->name, sizeof err->name, "E_NOT_FILE");
+        snprintf(err->msg, sizeof err->msg, "%s", S_ISDIR(st.st_mode)
+                 ? "is a directory, not a snapshot file" : "not a regular file");
+    }
+    close(*fd);
+    *fd = -1;
+    return MR_INVALID;
 }
 
 int mr_parse(int fd, uint64_t stream_offset, const mr_limits *limits, mr_snapshot *out,

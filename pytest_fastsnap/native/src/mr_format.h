@@ -88,6 +88,12 @@ typedef struct mr_snapshot {
     uint64_t vmdesc_len;
 } mr_snapshot;
 
+/* Open path read-only for mr_parse: MR_OK with *fd set, or MR_INVALID with
+ * err "E_OPEN" (cannot be opened: missing, no permission) or "E_NOT_FILE"
+ * (a directory or another non-regular file); the message does not repeat
+ * the path. */
+int mr_open(const char *path, int *fd, mr_error *err);
+
 /* 0 valid, 2 invalid (err filled), 1 internal error (err filled, name "E_INTERNAL"). */
 int mr_parse(int fd, uint64_t stream_offset, const mr_limits *limits, mr_snapshot *out,
              mr_error *err);

@@ -2,6 +2,7 @@
  * (bridge.h); inspect, verify, load and uffd-bench are here.  Exit status:
  * 0 ok, 2 invalid snapshot or bad usage, 1 internal/run-time failure. */
 #define _GNU_SOURCE
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -19,12 +20,13 @@
 static const char USAGE[] =
     "usage: fastsnap-loader COMMAND ...\n"
     "  inspect FILE [--offset N] [--json]\n"
-    "  verify FILE [--offset N] [--max-length ID=BYTES]... [--json]\n"
-    "  load FILE [--offset N] [--max-length ID=BYTES]... --mode lazy|fault-only|eager|sync\n"
+    "  verify FILE [--offset N] [--max-length ID=SIZE]... [--json]\n"
+    "  load FILE [--offset N] [--max-length ID=SIZE]... --mode lazy|fault-only|eager|sync\n"
     "       [--access none|seq|random|all] [--threads N] [--seed N] [--baseline] [--json]\n"
     "  uffd-bench FILE [--pages N] [--json]\n"
     "  serve FILE [--offset N] --to unix:PATH|fd:N ...   (postcopy bridge, see bridge.h)\n"
-    "exit status: 0 ok, 2 invalid snapshot or usage, 1 run-time failure\n";
+    "SIZE: bytes, or with a K/M/G/T suffix (powers of 1024): pc.ram=64M\n"
+    "exit status: 0 ok, 2 invalid snapshot, missing file or bad usage, 1 run-time failure\n";
 
 typedef struct cli {
     const char *cmd;
@@ -45,22 +47,41 @@ static int usage_error(const char *fmt, ...)
     va_start(ap, fmt);
     vfprintf(stderr, fmt, ap);
     va_end(ap);
-    fputs("\n", stderr);
-    fputs(USAGE, stderr);
+    fputs(" (fastsnap-loader --help shows the usage)\n", stderr);
     return 2;
+}
+
+/* A number (decimal or 0x hex), then, with suffixes, an optional K/M/G/T
+ * (powers of 1024); nothing else, no overflow. */
+static int parse_number(const char *s, uint64_t *out, int suffixes)
+{
+    char *end;
+    if (!s || !isdigit((unsigned char)*s))
+        return -1;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 0);
+    if (errno)
+        return -1;
+    if (suffixes && *end) {
+        static const char units[] = "KMGT";
+        const char *u = strchr(units, toupper((unsigned char)*end));
+        if (!u || end[1])
+            return -1;
+        unsigned shift = 10u * (unsigned)(u - units + 1);
+        if (v > (UINT64_MAX >> shift))
+            return -1;
+        v <<= shift;
+        end++;
+    }
+    if (*end)
+        return -1;
+    *out = v;
+    return 0;
 }
 
 static int parse_u64(const char *s, uint64_t *out)
 {
-    char *end;
-    if (!s || !*s || *s == '-')
-        return -1;
-    errno = 0;
-    unsigned long long v = strtoull(s, &end, 0);
-    if (errno || *end)
-        return -1;
-    *out = v;
-    return 0;
+    return parse_number(s, out, 0);
 }
 
 static int parse_args(int argc, char **argv, cli *c)
@@ -80,8 +101,9 @@ static int parse_args(int argc, char **argv, cli *c)
             i++;
         } else if (strcmp(a, "--max-length") == 0) {
             const char *eq = v ? strrchr(v, '=') : NULL;
-            if (!eq || eq == v || eq - v > 255 || parse_u64(eq + 1, &n) < 0)
-                return usage_error("--max-length needs ID=BYTES, not %s", v ? v : "nothing");
+            if (!eq || eq == v || eq - v > 255 || parse_number(eq + 1, &n, 1) < 0)
+                return usage_error("--max-length needs ID=SIZE (bytes, or 64M, 1G ...), not %s",
+                                   v ? v : "nothing");
             if (c->limits.count >= MR_MAX_LIMITS)
                 return usage_error("more than %u --max-length options", MR_MAX_LIMITS);
             mr_limit *l = &c->limits.item[c->limits.count++];
@@ -157,12 +179,15 @@ static void report_invalid(const cli *c, const mr_error *e)
 static int open_and_parse(const cli *c, int *fd, mr_snapshot *snap)
 {
     mr_error e;
-    *fd = open(c->file, O_RDONLY | O_CLOEXEC);
-    if (*fd < 0) {
-        fprintf(stderr, "fastsnap-loader: %s: %s\n", c->file, strerror(errno));
-        return 1;
+    int rc = mr_open(c->file, fd, &e);
+    if (rc != MR_OK) {
+        char msg[128];
+        snprintf(msg, sizeof msg, "%.100s", e.msg);
+        snprintf(e.msg, sizeof e.msg, "%.300s: %.100s", c->file, msg);
+        report_invalid(c, &e);
+        return rc;
     }
-    int rc = mr_parse(*fd, c->offset, &c->limits, snap, &e);
+    rc = mr_parse(*fd, c->offset, &c->limits, snap, &e);
     if (rc != MR_OK) {
         report_invalid(c, &e);
         close(*fd);

@@ -1,5 +1,8 @@
 """Reference snapshots the suites derive their parametrisations from.
 
+Only the suites use this, so it lives beside them (``suites/`` is on
+``sys.path`` while pytest collects them: ``from reference_snapshot import ...``).
+
 A suite that has one test per header field of every block needs a real
 snapshot at collection time.  It is made once per QEMU binary (keyed like the
 probe: path, size, mtime) under a file lock, so xdist workers, which must
