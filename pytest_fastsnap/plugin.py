@@ -45,6 +45,7 @@ def pytest_configure(config: pytest.Config) -> None:
     fs_config = get_config(config)
     config.stash[CONFIG_KEY] = fs_config
     config.pluginmanager.register(fixtures, "fastsnap-fixtures")
+    config.pluginmanager.import_plugin("pytest_fastsnap.libvirt_fixtures")
     config.pluginmanager.register(_Summary(), "fastsnap-summary")
     if not fs_config.enabled:
         return

@@ -34,6 +34,49 @@ else
     trap 'bash "$0"' EXIT
 fi
 
+ensure_bookworm_backports() {
+    local src=/etc/apt/sources.list.d/bookworm-backports.sources
+    [ -f "$src" ] && return 0
+    echo "install-system-deps: adding bookworm-backports for $1"
+    $SUDO tee "$src" >/dev/null <<SRC
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+}
+
+# --- libvirt (libvirt sparse save images suite, suites/test_libvirt.py) ---------------
+# `virsh save --image-format sparse` needs libvirt >= 11.2: bookworm-backports on
+# Debian 12 (no recommends: QEMU and libc stay as they are), the distribution's own on
+# 13.  The daemons are not started here; the suite starts private instances.
+# FASTSNAP_SKIP_LIBVIRT=1 leaves libvirt out.
+install_libvirt() {
+    [ "${FASTSNAP_SKIP_LIBVIRT:-0}" = 1 ] && return 0
+    local lp=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients) p lmissing=()
+    for p in "${lp[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" \
+            || lmissing+=("$p")
+    done
+    if [ ${#lmissing[@]} -eq 0 ]; then
+        echo "install-system-deps: libvirt present ($(virsh --version))"
+        return 0
+    fi
+    . /etc/os-release
+    local target=()
+    if [ "${VERSION_CODENAME:-}" = bookworm ]; then
+        ensure_bookworm_backports "libvirt >= 11.2"
+        target=(-t bookworm-backports)
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq --no-install-recommends "${target[@]}" "${lp[@]}"
+    echo "install-system-deps: libvirt $(virsh --version)"
+}
+install_libvirt
+# --- end libvirt -------------------------------------------------------------------------
+
 if ! need_qemu && [ ${#missing[@]} -eq 0 ]; then
     echo "install-system-deps: everything present ($(qemu-system-x86_64 --version | head -1))"
     exit 0
@@ -44,17 +87,7 @@ qemu_target=()
 if need_qemu; then
     case "${VERSION_CODENAME:-}" in
         bookworm)
-            src=/etc/apt/sources.list.d/bookworm-backports.sources
-            if [ ! -f "$src" ]; then
-                echo "install-system-deps: adding bookworm-backports for QEMU >= 9.0"
-                $SUDO tee "$src" >/dev/null <<SRC
-Types: deb
-URIs: http://deb.debian.org/debian
-Suites: bookworm-backports
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
-            fi
+            ensure_bookworm_backports "QEMU >= 9.0"
             qemu_target=(-t bookworm-backports)
             ;;
         *) ;;

@@ -145,3 +145,15 @@ def test_vm_description_must_be_json_like_the_python_reader(
             failures.append(f"{body[:40]!r}: C exit {res.returncode} {got}, Python {py}, "
                             f"want {want}: {res.stderr.strip()[:200]}")
     assert not failures, "\n".join(failures)
+
+
+def test_error_names_match_between_readers() -> None:
+    """The C reader gives exactly the Python reader's names (with E_), plus its own
+    E_MAX_LENGTH (--max-length) and E_INTERNAL (I/O)."""
+    import re
+
+    from pytest_fastsnap.snapshot.errors import ERROR_NAMES
+    src = Path(__file__).parents[1] / "pytest_fastsnap" / "native" / "src"
+    c_names = {n for f in ("mr_format.c", "mr_libvirt.c")
+               for n in re.findall(r'"E_([A-Z0-9_]+)"', (src / f).read_text())}
+    assert c_names - {"MAX_LENGTH", "INTERNAL"} == set(ERROR_NAMES)

@@ -337,8 +337,9 @@ def test_format_error_is_stable() -> None:
         FormatError("NOT_A_NAME", "x")
     assert len(set(ERROR_NAMES)) == len(ERROR_NAMES)
     import pytest_fastsnap.snapshot.format as fmt
+    import pytest_fastsnap.snapshot.libvirt as libvirt
     for name in ERROR_NAMES:
-        assert name in (fmt.__doc__ or ""), f"{name} not documented"
+        assert name in (fmt.__doc__ or "") + (libvirt.__doc__ or ""), f"{name} not documented"
 
 
 def test_summary_is_json(snap: Snapshot) -> None:

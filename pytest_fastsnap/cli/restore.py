@@ -45,13 +45,14 @@ def restore_cli(snapshot: Path, qemu_binary: str | None = None, *,
 def _checked_inputs(snapshot: Path, qemu_binary: str | None) -> tuple[Manifest, str]:
     """The manifest and the QEMU binary, once the snapshot, its manifest and
     the binary all check out; UsageError naming the first that does not."""
+    from pytest_fastsnap.restore.libvirt_image import libvirt_manifest
     from pytest_fastsnap.restore.manifest import read_manifest
     from pytest_fastsnap.snapshot.errors import FormatError
     from pytest_fastsnap.snapshot.format import parse
 
     snapshot = existing_file(snapshot, "snapshot")
-    try:
-        manifest = read_manifest(snapshot)
+    try:  # a libvirt save image carries its domain XML: no <snapshot>.json needed
+        manifest = libvirt_manifest(snapshot) or read_manifest(snapshot)
     except ValueError as err:
         raise UsageError(str(err)) from None
     try:

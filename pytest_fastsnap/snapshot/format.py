@@ -68,9 +68,12 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pytest_fastsnap.snapshot.errors import FormatError
+
+if TYPE_CHECKING:
+    from pytest_fastsnap.snapshot.libvirt import LibvirtHeader
 
 __all__ = [
     "ALIGN",
@@ -340,6 +343,7 @@ class Snapshot:
     eof_offset: int | None = None
     vmdesc: VmDescription | None = None
     problems: tuple[FormatError, ...] = ()
+    libvirt: LibvirtHeader | None = None  # parse() without offset of a libvirt save image
 
     @property
     def ok(self) -> bool:
@@ -811,8 +815,13 @@ class _Parser:
                           eof - 5, fatal=False)
 
 
-def parse(path: str | os.PathLike[str], offset: int = 0, *, lenient: bool = False) -> Snapshot:
-    """Parse the mapped-ram stream at *offset* of *path* (see the module docstring)."""
+def parse(path: str | os.PathLike[str], offset: int | None = None, *,
+          lenient: bool = False) -> Snapshot:
+    """Parse the mapped-ram stream at *offset* of *path* (see the module docstring).
+
+    Without *offset*: a libvirt save image (:mod:`.libvirt`) is read from the end of
+    libvirt's header (``Snapshot.libvirt``), any other file from offset 0.
+    """
     path = Path(path)
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -826,11 +835,26 @@ def parse(path: str | os.PathLike[str], offset: int = 0, *, lenient: bool = Fals
         size = st.st_size
         parser = _Parser(fd, size, lenient)
         with contextlib.suppress(_Stop):
+            if offset is None:
+                parser.out["libvirt"] = _libvirt_header(parser)
+                offset = parser.out["libvirt"].stream_offset if parser.out["libvirt"] else 0
             parser.parse(offset)
     finally:
         os.close(fd)
-    return Snapshot(path=path, stream_offset=offset, file_size=size, lenient=lenient,
+    return Snapshot(path=path, stream_offset=offset or 0, file_size=size, lenient=lenient,
                     problems=tuple(parser.problems), **parser.out)
+
+
+def _libvirt_header(parser: _Parser) -> LibvirtHeader | None:
+    from pytest_fastsnap.snapshot import libvirt
+
+    if not libvirt.is_libvirt_image(parser.fd):
+        return None
+    try:
+        return libvirt.read_header(parser.fd)
+    except FormatError as err:
+        parser.fail(err.name, err.message, err.offset)
+        raise  # not reached: fail() raises
 
 
 def iter_regions(snapshot: Snapshot) -> Iterator[tuple[str, ByteRange]]:

@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "mr_format.h"
+#include "mr_libvirt.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
@@ -76,7 +77,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     limits.count = 1;
     strcpy(limits.item[0].id, "pc.ram");
     limits.item[0].max_length = 1ull << 40;
-    int rc = mr_parse(fd, 0, &limits, &snap, &err);
+    int rc = mr_parse_auto(fd, NULL, &limits, &snap, NULL, &err); /* libvirt header too */
     if (rc == MR_OK) {
         /* A valid parse must describe a consistent layout. */
         for (size_t i = 0; i < snap.nblocks; i++) {

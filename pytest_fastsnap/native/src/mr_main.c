@@ -15,6 +15,7 @@
 #include "bridge.h"
 #include "mr_core.h"
 #include "mr_format.h"
+#include "mr_libvirt.h"
 #include "mr_local.h"
 
 static const char USAGE[] =
@@ -32,6 +33,8 @@ typedef struct cli {
     const char *cmd;
     const char *file;
     uint64_t offset;
+    int have_offset;        /* else: libvirt save image header, or 0 */
+    mr_libvirt *lv;         /* what that header said */
     int json;
     mr_limits limits;
     mr_load_opts load;
@@ -98,6 +101,7 @@ static int parse_args(int argc, char **argv, cli *c)
         } else if (strcmp(a, "--offset") == 0) {
             if (parse_u64(v, &c->offset) < 0)
                 return usage_error("--offset needs a number, not %s", v ? v : "nothing");
+            c->have_offset = 1;
             i++;
         } else if (strcmp(a, "--max-length") == 0) {
             const char *eq = v ? strrchr(v, '=') : NULL;
@@ -187,7 +191,7 @@ static int open_and_parse(const cli *c, int *fd, mr_snapshot *snap)
         report_invalid(c, &e);
         return rc;
     }
-    rc = mr_parse(*fd, c->offset, &c->limits, snap, &e);
+    rc = mr_parse_auto(*fd, c->have_offset ? &c->offset : NULL, &c->limits, snap, c->lv, &e);
     if (rc != MR_OK) {
         report_invalid(c, &e);
         close(*fd);
@@ -204,9 +208,11 @@ static int cmd_verify(const cli *c)
     if (rc)
         return rc;
     if (c->json)
-        printf("{\"valid\":true,\"blocks\":%zu}\n", snap.nblocks);
+        printf("{\"valid\":true,\"blocks\":%zu,\"stream_offset\":%" PRIu64 "}\n",
+               snap.nblocks, snap.stream_offset);
     else
-        printf("%s: valid mapped-ram snapshot (%zu blocks)\n", c->file, snap.nblocks);
+        printf("%s: valid mapped-ram snapshot (%zu blocks)%s\n", c->file, snap.nblocks,
+               c->lv->present ? " in a libvirt save image" : "");
     mr_snapshot_free(&snap);
     close(fd);
     return 0;
@@ -238,7 +244,9 @@ static int cmd_inspect(const cli *c)
         return 1;
     }
     if (c->json) {
-        printf("{\"valid\":true,\"machine\":");
+        printf("{\"valid\":true,\"libvirt\":");
+        mr_libvirt_json(stdout, c->lv);
+        printf(",\"machine\":");
         mr_json_string(stdout, s.machine);
         printf(",\"configuration\":{\"start\":%" PRIu64 ",\"end\":%" PRIu64
                ",\"capabilities\":[", s.config.start, s.config.end);
@@ -283,6 +291,12 @@ static int cmd_inspect(const cli *c)
         else
             printf("null}\n");
     } else {
+        if (c->lv->present)
+            printf("libvirt save image: domain %s, format %s, was_running %" PRIu32
+                   ", domain XML %" PRIu64 " bytes, QEMU stream at %#" PRIx64 " (%" PRIu64 ")\n",
+                   c->lv->domain_name, mr_libvirt_format_name(c->lv->format),
+                   c->lv->was_running, c->lv->xml_len, c->lv->stream_offset,
+                   c->lv->stream_offset);
         printf("machine %s, stream at %#" PRIx64 ", %zu blocks, total %#" PRIx64 "\n", s.machine,
                s.stream_offset, s.nblocks, s.total);
         for (size_t i = 0; i < s.nblocks; i++) {
@@ -332,8 +346,10 @@ int main(int argc, char **argv)
     if (strcmp(cmd, "serve") == 0)
         return bridge_main(argc - 1, argv + 1);
     cli c;
+    mr_libvirt lv;
     memset(&c, 0, sizeof c);
     c.cmd = cmd;
+    c.lv = &lv;
     if (strcmp(cmd, "inspect") && strcmp(cmd, "verify") && strcmp(cmd, "load") &&
         strcmp(cmd, "uffd-bench"))
         return usage_error("unknown command %s", cmd);
