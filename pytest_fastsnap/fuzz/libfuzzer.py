@@ -101,11 +101,12 @@ def build_fuzzer(variant: str, target: str = "format") -> Path:
                    LIB_FUZZING_ENGINE="-fsanitize=fuzzer", OUT=str(tmp))
         res = subprocess.run(["bash", str(BUILD_SH)], capture_output=True, text=True,
                              env=env, check=False)
-        if res.returncode != 0:
+        if res.returncode != 0 or not (tmp / HARNESS[target]).exists():
             shutil.rmtree(tmp, ignore_errors=True)
             hint = " (apt-get install libclang-rt-dev for libclang_rt.fuzzer)" \
                 if "libclang_rt.fuzzer" in res.stderr else ""
             raise FuzzerBuildError(f"build.sh ({variant}) failed{hint}:\n{res.stderr[-3000:]}")
+        shutil.rmtree(out, ignore_errors=True)  # a broken earlier build, under this lock
         os.replace(tmp, out)
     return binary
 
