@@ -94,6 +94,16 @@ CASES: list[tuple[str, int]] = [
     ("qemu bogus", USAGE),
     *file_cases("qemu build mine --source {}"),
     *file_cases("report {}"),
+    # fuzz: the snapshot and its manifest, the binary, the campaign dirs, the seeds
+    *file_cases("fuzz qemu {} --out {out}"),
+    *binary_cases("fuzz qemu --qemu-binary {} --out {out}"),
+    ("fuzz qemu {snapshot} --guest tiny --out {out}", USAGE),
+    ("fuzz qemu --jobs 0 --out {out}", USAGE),
+    *file_cases("fuzz repro {}"),
+    *file_cases("fuzz merge {} --out {out}"),
+    *file_cases("fuzz loader --duration 1 --seed-file {} --out {out}"),
+    ("fuzz loader --duration 0 --out {out}", USAGE),
+    # A new subcommand adds its line here (test_every_subcommand_has_cases).
 ]
 
 HANG = """#!/bin/sh

@@ -40,6 +40,7 @@ COMMAND_MODULES = (
     "pytest_fastsnap.cli.build",
     "pytest_fastsnap.cli.qemu",
     "pytest_fastsnap.cli.report",
+    "pytest_fastsnap.cli.fuzz",
 )
 
 

@@ -38,8 +38,11 @@ TRUNCATED       the file ends inside a field or region, or without the EOF
 FOOTER          EOS or a ``7e sid`` section footer missing or with the wrong
                 section id (RAM records; the last device section)
 RECORD          unexpected record between RAM START and RAM END (another
-                iterative section, RAM flags other than EOS), or the device
-                state does not start with a FULL section
+                iterative section, RAM flags other than EOS, a command other
+                than SWITCHOVER_START with length 0: QEMU's
+                qemu_loadvm_state_main runs any command there, but every other
+                one needs a return path or postcopy, which a file lacks), or
+                the device state does not start with a FULL section
 EOF             the byte before the VM description is not ``0x00``
 VMDESC          the VM description is not valid JSON
 =============== ===========================================================
@@ -741,6 +744,12 @@ class _Parser:
             elif kind.value == VM_COMMAND:
                 cmd = self.uint(pos + 1, 2, "command")
                 length = self.uint(pos + 3, 2, "command length")
+                if cmd.value != CMD_SWITCHOVER_START or length.value != 0:
+                    # qemu_loadvm_state_main runs any command it meets, but on a
+                    # file stream every other one needs a return path or postcopy.
+                    self.fail("RECORD", f"command {cmd.value:#x} length {length.value} at "
+                              f"{pos:#x} (only SWITCHOVER_START 08 000b 0000 is allowed "
+                              "before RAM END)", pos)
                 self.read(length.end, length.value, "command data")
                 com = Command(pos, cmd, length, ByteRange(length.end, length.end + length.value))
                 records.append(com)

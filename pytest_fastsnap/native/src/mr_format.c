@@ -268,9 +268,13 @@ static uint64_t find_ram_start(pctx *c, uint64_t pos)
             internal(c, "out of memory (%" PRIu64 " bytes)", n);
         if (peek(c, pos, (size_t)n, c->window)) {
             unsigned char *w = c->window;
+            /* memmem, not a byte loop: up to 16 MiB of early setup per file. */
             for (uint64_t at = 5; at + 4 <= n; at++) {
-                if (w[at] == 3 && w[at + 1] == 'r' && w[at + 2] == 'a' && w[at + 3] == 'm' &&
-                    w[at - 5] == VM_START) {
+                unsigned char *hit = memmem(w + at, (size_t)(n - at), "\003ram", 4);
+                if (!hit)
+                    break;
+                at = (uint64_t)(hit - w);
+                if (w[at - 5] == VM_START) {
                     free(c->window);
                     c->window = NULL;
                     return pos + at - 5;
@@ -779,11 +783,18 @@ static void tail(pctx *c, uint64_t dev_start)
         }
         if (!good) {
             int in_vmdesc = 0;
-            for (uint64_t i = wlen; i >= 2 && !in_vmdesc; i--)
-                if (w[i - 2] == 0 && w[i - 1] == VM_VMDESC) {
-                    in_vmdesc = i + 4 < wlen && w[i + 4] == '{';
+            /* The last "00 06" (memrchr: the window can be megabytes). */
+            for (uint64_t at = wlen; at >= 2;) {
+                unsigned char *hit = memrchr(w + 1, VM_VMDESC, (size_t)(at - 1));
+                if (!hit)
+                    break;
+                uint64_t h = (uint64_t)(hit - w);
+                if (w[h - 1] == 0) {
+                    in_vmdesc = h + 5 < wlen && w[h + 5] == '{';
                     break;
                 }
+                at = h;
+            }
             fail(c, "E_TRUNCATED", "the file ends %s (size %#" PRIx64 ")",
                  in_vmdesc ? "inside the VM description" : "without the EOF byte", size);
         }
