@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from pytest_fastsnap.snapshot.digest import block_digest
 from pytest_fastsnap.snapshot.errors import FormatError
 from pytest_fastsnap.snapshot.format import parse
 from pytest_fastsnap.snapshot.libvirt import build_header
-from pytest_fastsnap.snapshot.mutate import all_header_mutations
+from pytest_fastsnap.snapshot.mutate import all_header_mutations, set_block_id
 
 pytestmark = pytest.mark.fastsnap
 
@@ -272,3 +273,27 @@ def test_max_length_and_asan_load(vm_factory: VmFactory,
                           "--threads", "3", "--json"], variant="asan", timeout=120)
         assert res.returncode == 0, res.stderr[-3000:]
         _check_digests(saved, res.stdout)
+
+
+@pytest.mark.parametrize("make_id", [
+    pytest.param(lambda blk, first: "\0" + blk[1:], id="leading-nul"),
+    pytest.param(lambda blk, first: first + "\0x", id="earlier-id-then-nul"),
+])
+def test_block_id_ends_at_nul_in_both_readers(
+        vm_factory: VmFactory, snapshot_factory: SnapshotFactory, tmp_path: Path,
+        make_id: Callable[[str, str], str]) -> None:
+    """QEMU reads a block id into a C string and finds the RAMBlock with strcmp,
+    so the id ends at its first NUL: "\\0c.rom" is empty and "pc.ram\\0x" is a
+    second pc.ram.  Both readers must say E_BLOCK_ID (libFuzzer found the Python
+    reader reading on past the NUL and reporting E_BLOCK_LENGTH instead)."""
+    saved = _save(vm_factory, snapshot_factory, "q35")
+    snap = parse(saved.path, saved.offset)
+    blk = snap.blocks[2]
+    dst = tmp_path / "nul.img"
+    set_block_id(saved.path, dst, blk.name, make_id(blk.name, snap.blocks[0].name),
+                 stream_offset=saved.offset)
+    res = _verify(dst, saved.offset)
+    with pytest.raises(FormatError) as py:
+        parse(dst, saved.offset)
+    assert res.returncode == 2, res.stderr
+    assert (json.loads(res.stdout)["error"], f"E_{py.value.name}") == ("E_BLOCK_ID", "E_BLOCK_ID")

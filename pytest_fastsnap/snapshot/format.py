@@ -610,10 +610,14 @@ class _Parser:
 
     def block(self, index: int, pos: int, previous: list[Block]) -> Block:
         ident = self.str8(pos, "block id")
-        if not ident.value:
+        # QEMU reads the id into a C string and looks the RAMBlock up with
+        # strcmp, so an id ends at its first NUL: "\0x" is empty and
+        # "pc.ram\0x" is pc.ram (the C parser sees the same).
+        effective = ident.value.split("\0", 1)[0]
+        if not effective:
             self.fail("BLOCK_ID", f"block {index} has an empty id", pos, fatal=False)
-        elif any(b.name == ident.value for b in previous):
-            self.fail("BLOCK_ID", f"duplicate block id {ident.value!r}", pos, fatal=False)
+        elif any(b.name.split("\0", 1)[0] == effective for b in previous):
+            self.fail("BLOCK_ID", f"duplicate block id {effective!r}", pos, fatal=False)
         length = self.uint(ident.end, 8, "block used_length")
         if length.value == 0 or length.value % self.tps:
             self.fail("BLOCK_LENGTH", f"block {ident.value!r} used_length {length.value:#x} "
