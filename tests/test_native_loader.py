@@ -9,9 +9,11 @@ parsers must agree on each mutated file.
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import subprocess
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -236,7 +238,11 @@ def test_fuzz_parser(vm_factory: VmFactory, snapshot_factory: SnapshotFactory,
         except FormatError as err:
             py_error = f"E_{err.name}"
         if c_error != py_error:
-            disagreements.append(f"{path.name}: C {c_error} vs Python {py_error}")
+            # The corpus dies with tmp_path: keep the input in the report, small
+            # enough to paste (zlib + base64) into a regression test.
+            packed = base64.b64encode(zlib.compress(path.read_bytes(), 9)).decode()
+            disagreements.append(f"{path.name}: C {c_error} vs Python {py_error}; input "
+                                 f"zlib+base64: {packed[:20000]}")
     assert not disagreements, "\n".join(disagreements)
 
 
