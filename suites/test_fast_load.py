@@ -152,7 +152,7 @@ def _loader_fails_and_says_why(guest: RestoredGuest, agent: TinyGuest) -> str:
     with pytest.raises(RestoreFailed, match="snapshot file is short"):
         guest.wait_loaded(timeout=5)
     assert rc == 1, f"loader exit {rc}"
-    assert guest.loader_stats.get("error_name") == "file-short", guest.loader_stats
+    assert guest.loader_stats.get("error_name") == "E_FILE_SHORT", guest.loader_stats
     deadline = time.monotonic() + 30
     while True:
         status = guest.vm.qmp("query-migrate", timeout=5).get("status", "")
