@@ -187,9 +187,11 @@ class PrivateLibvirt:
 
     def virsh(self, *args: str, check: bool = True, timeout: float = 120.0
               ) -> subprocess.CompletedProcess[str]:
-        """``virsh -c URI ARGS``; *check* raises LibvirtError with virsh's stderr."""
+        """``virsh -c URI ARGS``; *check* raises LibvirtError with virsh's stderr.
+        Output is decoded leniently: libvirt quotes hostile image bytes (a mutated
+        domain XML) in its errors, which need not be UTF-8."""
         res = subprocess.run(["virsh", "-c", self.uri, *args], capture_output=True, text=True,
-                             timeout=timeout, check=False)
+                             errors="replace", timeout=timeout, check=False)
         if check and res.returncode != 0:
             raise LibvirtError(f"virsh {' '.join(args)}: exit {res.returncode}: "
                                f"{res.stderr.strip()}")

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from pytest_fastsnap.fixtures import VmFactory
 from pytest_fastsnap.guests.pattern import page_content, page_is_zero
 from pytest_fastsnap.guests.tiny import TinyGuest
 from pytest_fastsnap.libvirt_fixtures import TinyDomainFactory
@@ -29,7 +28,7 @@ from pytest_fastsnap.libvirtd import (
 )
 from pytest_fastsnap.native.loader import run_loader
 from pytest_fastsnap.restore.libvirt_image import libvirt_manifest
-from pytest_fastsnap.restore.strategies import restore
+from pytest_fastsnap.restore.strategies import machine_factory, restore
 from pytest_fastsnap.snapshot.bitmap import bit_is_set, diff_pages, expected_bitmap
 from pytest_fastsnap.snapshot.digest import read_page
 from pytest_fastsnap.snapshot.errors import FormatError
@@ -314,7 +313,6 @@ def test_private_libvirt_leaves_nothing(private_libvirt: PrivateLibvirt,
 
 
 def test_fastsnap_restore_of_a_libvirt_image(libvirt_tiny_domain: TinyDomainFactory,
-                                            vm_factory: VmFactory,
                                             fastsnap_workdir: Path) -> None:
     """The image's own domain XML -> QEMU arguments (libvirt's embedded driver), the
     stream fed through the loader bridge: paused, every page loaded, memory equals what
@@ -332,7 +330,10 @@ def test_fastsnap_restore_of_a_libvirt_image(libvirt_tiny_domain: TinyDomainFact
     manifest = libvirt_manifest(image)
     assert manifest is not None and manifest.offset == parse(image).stream_offset
     assert not any("charmonitor" in a or "masterKey" in a for a in manifest.qemu_args)
-    with restore("loader-bridge", image, manifest.qemu_args, vm_factory,
+    # libvirt's arguments are for libvirt's emulator (e.g. -sandbox where it has
+    # seccomp), not necessarily for the binary under test: restore with that one.
+    with restore("loader-bridge", image, manifest.qemu_args,
+                 machine_factory(manifest.binary, fastsnap_workdir),
                  offset=manifest.offset, paused=True) as dst:
         dst.wait_loaded()
         assert dst.vm.memsave(0, MEM_MIB << 20) == by_libvirt

@@ -99,7 +99,7 @@ def libvirt_manifest(snapshot: str | Path, embed_root: Path | None = None,
         tmp.flush()
         res = subprocess.run(["virsh", "-c", f"qemu:///embed?root={root}", "domxml-to-native",
                               "qemu-argv", "--xml", tmp.name], capture_output=True, text=True,
-                             timeout=timeout, check=False)
+                             errors="replace", timeout=timeout, check=False)
     if res.returncode != 0:
         raise LibvirtArgvError(f"virsh domxml-to-native: {res.stderr.strip()}")
     binary, args = qemu_args_from_argv(res.stdout)

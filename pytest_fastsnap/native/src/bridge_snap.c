@@ -44,19 +44,13 @@ static int rd(struct br_snap *s, uint64_t off, void *buf, size_t n, const char *
         return fail(s, E_TRUNCATED, "%s at offset %#llx (+%zu) is past the end of the file "
                     "(%llu bytes)", what, (unsigned long long)off, n,
                     (unsigned long long)s->file_size);
-    size_t done = 0;
-    while (done < n) {
-        ssize_t r = pread(s->fd, (char *)buf + done, n - done, (off_t)(off + done));
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0)
-            return fail(s, E_IO, "reading %s at %#llx: %s", what,
-                        (unsigned long long)(off + done), strerror(errno));
-        if (r == 0)
-            return fail(s, E_TRUNCATED, "reading %s at %#llx: file ended early", what,
-                        (unsigned long long)(off + done));
-        done += (size_t)r;
-    }
+    ssize_t got = mr_pread_upto(s->fd, buf, n, off);
+    if (got < 0)
+        return fail(s, E_IO, "reading %s at %#llx: %s", what, (unsigned long long)off,
+                    strerror(errno));
+    if ((size_t)got < n)
+        return fail(s, E_TRUNCATED, "reading %s at %#llx: file ended early", what,
+                    (unsigned long long)(off + (uint64_t)got));
     return 0;
 }
 

@@ -94,20 +94,29 @@ static void internal(pctx *c, const char *fmt, ...)
 
 /* Up to n bytes at off straight from the file; returns the count read (short
  * only at the real end of the file). */
-static size_t pread_upto(pctx *c, uint64_t off, size_t n, void *buf)
+/* See mr_format.h. */
+ssize_t mr_pread_upto(int fd, void *buf, size_t n, uint64_t off)
 {
     size_t got = 0;
     while (got < n) {
-        ssize_t r = pread(c->fd, (char *)buf + got, n - got, (off_t)(off + got));
+        ssize_t r = pread(fd, (char *)buf + got, n - got, (off_t)(off + got));
         if (r < 0 && errno == EINTR)
             continue;
         if (r < 0)
-            internal(c, "pread at %#" PRIx64 ": %s", off + got, strerror(errno));
+            return -1;
         if (r == 0)
             break;
         got += (size_t)r;
     }
-    return got;
+    return (ssize_t)got;
+}
+
+static size_t pread_upto(pctx *c, uint64_t off, size_t n, void *buf)
+{
+    ssize_t got = mr_pread_upto(c->fd, buf, n, off);
+    if (got < 0)
+        internal(c, "pread at %#" PRIx64 ": %s", off, strerror(errno));
+    return (size_t)got;
 }
 
 /* Exactly n bytes at offset or 0 (no error).  Small reads go through a

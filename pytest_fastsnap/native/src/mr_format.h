@@ -14,6 +14,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #define MR_HEADER_SIZE 28u
 #define MR_ALIGN 0x100000ull
@@ -103,5 +104,10 @@ static inline uint64_t mr_bitmap_size(uint64_t num_pages)
 {
     return ((num_pages + 63) / 64) * 8;
 }
+
+/* The loader's one pread loop: up to n bytes at off, retrying EINTR and short
+ * reads; returns the count read (short only at the end of the file), or -1
+ * with errno on an I/O error.  Callers decide what a short count means. */
+ssize_t mr_pread_upto(int fd, void *buf, size_t n, uint64_t off);
 
 #endif

@@ -36,23 +36,6 @@ static int invalid(mr_error *err, int status, const char *name, const char *fmt,
     return status;
 }
 
-/* Exactly n bytes at off, or fewer at EOF; -1 on an I/O error. */
-static ssize_t pread_full(int fd, void *buf, size_t n, uint64_t off)
-{
-    size_t got = 0;
-    while (got < n) {
-        ssize_t r = pread(fd, (char *)buf + got, n - got, (off_t)(off + got));
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0)
-            return -1;
-        if (r == 0)
-            break;
-        got += (size_t)r;
-    }
-    return (ssize_t)got;
-}
-
 static uint32_t le32(const unsigned char *p)
 {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
@@ -83,7 +66,7 @@ int mr_libvirt_read(int fd, mr_libvirt *out, mr_error *err)
         return invalid(err, MR_INTERNAL, "E_INTERNAL", "fstat: %s", strerror(errno));
     uint64_t size = (uint64_t)st.st_size;
     unsigned char h[MR_LV_HEADER_SIZE];
-    ssize_t got = pread_full(fd, h, sizeof h, 0);
+    ssize_t got = mr_pread_upto(fd, h, sizeof h, 0);
     if (got < 0)
         return invalid(err, MR_INTERNAL, "E_INTERNAL", "pread: %s", strerror(errno));
     if (got < 16 || (memcmp(h, LV_MAGIC, 16) && memcmp(h, LV_PARTIAL, 16)))
@@ -133,7 +116,7 @@ int mr_libvirt_read(int fd, mr_libvirt *out, mr_error *err)
     if (!xml)
         return invalid(err, MR_INTERNAL, "E_INTERNAL", "out of memory (%" PRIu32 " bytes)",
                        xml_len);
-    got = pread_full(fd, xml, xml_len, MR_LV_HEADER_SIZE);
+    got = mr_pread_upto(fd, xml, xml_len, MR_LV_HEADER_SIZE);
     if (got != (ssize_t)xml_len) {
         free(xml);
         return invalid(err, MR_INTERNAL, "E_INTERNAL", "reading the domain XML: %s",

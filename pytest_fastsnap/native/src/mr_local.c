@@ -136,22 +136,14 @@ static void set_fail(lctx *c, const char *name, const char *fmt, ...)
     request_stop(c);
 }
 
+/* Exactly n bytes at off: a validated file covers every region, so a short
+ * read means the file shrank (EIO). */
 static int pread_full(int fd, void *buf, size_t n, uint64_t off)
 {
-    size_t got = 0;
-    while (got < n) {
-        ssize_t r = pread(fd, (char *)buf + got, n - got, (off_t)(off + got));
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0)
-            return -1;
-        if (r == 0) { /* a validated file covers every region; a shrunk file does not */
-            errno = EIO;
-            return -1;
-        }
-        got += (size_t)r;
-    }
-    return 0;
+    ssize_t r = mr_pread_upto(fd, buf, n, off);
+    if (r >= 0 && (size_t)r < n)
+        errno = EIO;
+    return r >= 0 && (size_t)r == n ? 0 : -1;
 }
 
 /* Places npages at dst (data from src, or zero pages if src is NULL), handling
