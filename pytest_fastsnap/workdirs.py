@@ -73,3 +73,13 @@ def keep(directory: Path, artifacts_root: Path, nodeid: str) -> Path:
 
 def remove(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
+
+
+def cache_dir(sub: str = "") -> Path:
+    """The one cache root of every build and probe result, with *sub* below it:
+    ``$FASTSNAP_CACHE_DIR``, else ``$XDG_CACHE_HOME/pytest-fastsnap``, else
+    ``~/.cache/pytest-fastsnap``."""
+    base = os.environ.get("FASTSNAP_CACHE_DIR")
+    root = Path(base) if base else \
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pytest-fastsnap"
+    return root / sub if sub else root

@@ -32,6 +32,7 @@ from filelock import FileLock
 from pytest_fastsnap.guests.agent import CHECK_RE, ConsoleAgent, check_verdict
 from pytest_fastsnap.guests.pattern import PAGE_SIZE, check_range
 from pytest_fastsnap.verdict import Verdict
+from pytest_fastsnap.workdirs import cache_dir
 
 if TYPE_CHECKING:
     from pytest_fastsnap.qemu.machine import QemuMachine
@@ -141,12 +142,8 @@ def source_hash() -> str:
 
 
 def default_cache_dir() -> Path:
-    """``$FASTSNAP_CACHE_DIR/images``, else ``$XDG_CACHE_HOME/pytest-fastsnap/images``."""
-    base = os.environ.get("FASTSNAP_CACHE_DIR")
-    if base:
-        return Path(base) / "images"
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg) / "pytest-fastsnap" / "images"
+    """``<cache>/images`` (see :func:`pytest_fastsnap.workdirs.cache_dir`)."""
+    return cache_dir("images")
 
 
 def tiny_kernel(cache_dir: Path | None = None) -> Path:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from pytest_fastsnap.workdirs import cache_dir
+
 SOURCE_DIR = Path(__file__).with_name("src")
 BINARY_NAME = "fastsnap-loader"
 COMMON_FLAGS = ("-std=c11", "-Wall", "-Wextra", "-Werror", "-pthread")
@@ -53,11 +55,7 @@ def sources() -> list[Path]:
 
 
 def _cache_root() -> Path:
-    base = os.environ.get("FASTSNAP_CACHE_DIR")
-    if base:
-        return Path(base) / "native"
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return Path(xdg) / "pytest-fastsnap" / "native"
+    return cache_dir("native")
 
 
 def build_key(variant: str, cc: str) -> str:

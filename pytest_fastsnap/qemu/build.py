@@ -35,6 +35,8 @@ from typing import TextIO
 
 from filelock import FileLock
 
+from pytest_fastsnap.workdirs import cache_dir
+
 BINARY = "qemu-system-x86_64"
 INFO = "BUILD-INFO.json"
 DEB_SRC_SUITES = ("unstable",)
@@ -74,12 +76,8 @@ class BuiltQemu:
 
 
 def cache_root() -> Path:
-    """``$FASTSNAP_CACHE_DIR/qemu``, else ``$XDG_CACHE_HOME/pytest-fastsnap/qemu``."""
-    base = os.environ.get("FASTSNAP_CACHE_DIR")
-    if base:
-        return Path(base) / "qemu"
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return Path(xdg) / "pytest-fastsnap" / "qemu"
+    """``<cache>/qemu`` (see :func:`pytest_fastsnap.workdirs.cache_dir`)."""
+    return cache_dir("qemu")
 
 
 def check_version_label(version: str, *, source: Path | None) -> None:

@@ -23,6 +23,7 @@ from filelock import FileLock
 from pytest_fastsnap.qemu.machine import QemuError, QemuMachine
 from pytest_fastsnap.qemu.qmp import QMPCommandError
 from pytest_fastsnap.qemu.uffd import probe_userfaultfd
+from pytest_fastsnap.workdirs import cache_dir
 
 PROBE_FORMAT = 4
 POSTCOPY_CONFLICT = "Mapped-ram migration is incompatible with postcopy"
@@ -271,5 +272,4 @@ def hash_text(text: str) -> int:
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return Path(base) / "pytest-fastsnap"
+    return cache_dir()
