@@ -117,7 +117,10 @@ class TestWithQemu:
             def test_list():
                 assert False
             """)
-        result = pytester.runpytest_subprocess("--fastsnap", "-p", "no:cacheprovider")
+        # The inner run must test the same binary (.ci/run's cells pass --qemu-binary).
+        result = pytester.runpytest_subprocess(
+            "--fastsnap", "-p", "no:cacheprovider",
+            f"--qemu-binary={qemu_probe.binary}")  # type: ignore[attr-defined]
         result.assert_outcomes(xfailed=3)
 
     def test_feature_skips_point_at_each_test(self, pytester: pytest.Pytester) -> None:
