@@ -205,6 +205,12 @@ def test_header_mutants_refused_by_libvirt_and_readers(
     assert len(refused) >= len(outcomes) // 2
 
 
+def _apply_mutation(image: Path, snap: Snapshot, label: str, dst: Path) -> None:
+    """Write the libvirt header mutation named *label* of *image* to *dst*."""
+    assert snap.libvirt is not None
+    next(m for m in libvirt_header_mutations(image, snap.libvirt) if str(m) == label).apply(dst)
+
+
 @pytest.mark.xfail(libvirt_version() == "11.3.0", strict=True, raises=AssertionError,
                    reason="libvirt 11.3.0: a cookie offset past data_len aborts libvirtd "
                           "(GLib: failed to allocate ~2^64 bytes)")
@@ -216,8 +222,7 @@ def test_cookie_offset_past_data_refused_cleanly(sparse_image: SavedDomain,
     _, _, image, snap = sparse_image
     assert snap.libvirt is not None
     dst = fastsnap_workdir / "cookie.img"
-    wanted = f"cookie_offset={snap.libvirt.data_len.value + 1:#x}"
-    next(m for m in libvirt_header_mutations(image, snap.libvirt) if str(m) == wanted).apply(dst)
+    _apply_mutation(image, snap, f"cookie_offset={snap.libvirt.data_len.value + 1:#x}", dst)
     assert _crashes_libvirt(dst)
     with private_libvirt.sibling("lv-").start() as own:
         res = own.virsh("restore", str(dst), check=False, timeout=60)
@@ -236,8 +241,7 @@ def test_compressed_label_on_sparse_stream(sparse_image: SavedDomain,
     _, _, image, snap = sparse_image
     assert snap.libvirt is not None
     dst = fastsnap_workdir / "gzip.img"
-    next(m for m in libvirt_header_mutations(image, snap.libvirt)
-         if str(m) == "format=0x1").apply(dst)
+    _apply_mutation(image, snap, "format=0x1", dst)
     with private_libvirt.sibling("lv-").start() as own:
         try:
             res = own.virsh("restore", str(dst), check=False, timeout=60)

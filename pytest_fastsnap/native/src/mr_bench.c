@@ -183,14 +183,12 @@ static int seq_read(int fd, uint64_t off, uint64_t len, unsigned char *buf, uint
     uint64_t t0 = mr_now_ns(), done = 0;
     while (done < len) {
         size_t want = len - done < (1u << 20) ? (size_t)(len - done) : (1u << 20);
-        ssize_t r = pread(fd, buf, want, (off_t)(off + done));
-        if (r < 0 && errno == EINTR)
-            continue;
+        ssize_t r = mr_pread_upto(fd, buf, want, off + done);
         if (r < 0)
             return -1;
-        if (r == 0)
-            break;
         done += (uint64_t)r;
+        if ((size_t)r < want)
+            break; /* end of file */
     }
     *bytes += done;
     *ns += mr_now_ns() - t0;
