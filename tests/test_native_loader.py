@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import subprocess
 import zlib
@@ -221,14 +222,17 @@ def test_fuzz_parser(vm_factory: VmFactory, snapshot_factory: SnapshotFactory,
     # libvirt's save-image header in front (the stream behind it is misplaced).
     (corpus / "libvirt").write_bytes(build_header(b"<domain><name>f</name></domain>")
                                      + (corpus / "real").read_bytes())
-    run = subprocess.run([str(binary), str(corpus), "-max_total_time=20", "-timeout=10",
+    # FASTSNAP_LIBFUZZER_SECONDS lengthens the run for a soak (default 20 s).
+    seconds = int(os.environ.get("FASTSNAP_LIBFUZZER_SECONDS", "20"))
+    run = subprocess.run([str(binary), str(corpus), f"-max_total_time={seconds}", "-timeout=10",
                           "-rss_limit_mb=2048", "-max_len=4000000"],
-                         capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path)
+                         capture_output=True, text=True, timeout=seconds + 100, check=False,
+                         cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-4000:]
     assert "Done" in run.stderr or "DONE" in run.stderr
     # Differential check: on what the fuzzer kept, C and Python agree on the verdict.
     disagreements = []
-    for path in sorted(corpus.iterdir())[:200]:
+    for path in sorted(corpus.iterdir())[:2000]:
         res = run_loader(["verify", str(path), "--json"], timeout=10)  # offset: auto
         assert res.returncode in (0, 2), (path.name, res.stderr)
         c_error = json.loads(res.stdout)["error"] if res.returncode == 2 else None

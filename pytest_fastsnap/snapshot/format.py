@@ -129,6 +129,11 @@ def bitmap_size_for(num_pages: int) -> int:
     return roundup(num_pages, 64) // 8
 
 
+def _c_string(text: str) -> str:
+    """What QEMU's strcmp() sees of a counted string: up to its first NUL."""
+    return text.split("\0", 1)[0]
+
+
 @dataclass(frozen=True)
 class Field(Generic[T]):
     """A decoded value and the absolute file bytes ``[offset, offset+size)`` it came from."""
@@ -493,12 +498,15 @@ class _Parser:
             name = self.str8(cur + 1, "subsection name")
             vid = self.uint(name.end, 4, "subsection version")
             body = vid.end
-            if name.value == "configuration/target-page-bits":
+            # QEMU copies the name into a NUL-terminated buffer and strcmp()s
+            # it, so a name ends at its first NUL (as a block id does).
+            wanted = _c_string(name.value)
+            if wanted == "configuration/target-page-bits":
                 page_bits = self.uint(body, 4, "target-page-bits")
                 if not 9 <= page_bits.value <= 16:
                     self.fail("CONFIG", f"target-page-bits {page_bits.value} not in 9..16", body)
                 end = page_bits.end
-            elif name.value == "configuration/capabilities":
+            elif wanted == "configuration/capabilities":
                 caps_count = self.uint(body, 4, "capability count")
                 if caps_count.value > MAX_CAPABILITIES:
                     self.fail("CONFIG", f"{caps_count.value} capabilities (> "
@@ -508,7 +516,7 @@ class _Parser:
                     cap = self.str8(end, "capability name")
                     caps.append(cap)
                     end = cap.end
-            elif name.value == "configuration/uuid":
+            elif wanted == "configuration/uuid":
                 raw = self.read(body, 16, "uuid")
                 uuid = Field(raw, body, 16)
                 end = body + 16
@@ -519,7 +527,7 @@ class _Parser:
             cur = end
         if page_bits is not None:
             self.tps = 1 << page_bits.value
-        names = [c.value for c in caps]
+        names = [_c_string(c.value) for c in caps]
         self.ignore_shared = "x-ignore-shared" in names
         if "mapped-ram" not in names:
             self.fail("CONFIG", f"capabilities {names} do not include 'mapped-ram'", cur,
@@ -613,10 +621,10 @@ class _Parser:
         # QEMU reads the id into a C string and looks the RAMBlock up with
         # strcmp, so an id ends at its first NUL: "\0x" is empty and
         # "pc.ram\0x" is pc.ram (the C parser sees the same).
-        effective = ident.value.split("\0", 1)[0]
+        effective = _c_string(ident.value)
         if not effective:
             self.fail("BLOCK_ID", f"block {index} has an empty id", pos, fatal=False)
-        elif any(b.name.split("\0", 1)[0] == effective for b in previous):
+        elif any(_c_string(b.name) == effective for b in previous):
             self.fail("BLOCK_ID", f"duplicate block id {effective!r}", pos, fatal=False)
         length = self.uint(ident.end, 8, "block used_length")
         if length.value == 0 or length.value % self.tps:
