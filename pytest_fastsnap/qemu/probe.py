@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -226,16 +227,47 @@ def probe(binary: str, cache_dir: Path | None = None, *, timeout: float = 30.0) 
     cache_dir.mkdir(parents=True, exist_ok=True)
     key = f"{PROBE_FORMAT}-{path}-{st.st_size}-{st.st_mtime_ns}-{os.access('/dev/kvm', os.W_OK)}"
     cache = cache_dir / f"probe-{abs(hash_text(key)):x}.json"
-    with FileLock(str(cache) + ".lock"):
+    _sweep_stale_entries(cache_dir)
+    lock = Path(str(cache) + ".lock")
+    with FileLock(str(lock)):
         if cache.exists():
             data = json.loads(cache.read_text())
             if data.get("key") == key:
                 return _from_json(data["probe"])
-        result = _probe_now(path, timeout)
-        tmp = cache.with_suffix(".tmp")
+        try:
+            result = _probe_now(path, timeout)
+        except BaseException:
+            # Nothing is cached for a binary that fails: leave no lock file behind
+            # (a waiter then probes again, which is what it would do anyway).
+            lock.unlink(missing_ok=True)
+            raise
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"key": key, "probe": asdict(result)}))
         os.replace(tmp, cache)
         return result
+
+
+STALE_LOCK_AGE_S = 3600.0
+
+
+def _sweep_stale_entries(cache_dir: Path) -> None:
+    """Drop cached probes of binaries that are gone (tests probe copies in temp
+    directories) and lock files left by probes that died an hour ago or more."""
+    now = time.time()
+    for entry in cache_dir.glob("probe-*.json"):
+        try:
+            binary = json.loads(entry.read_text())["probe"]["binary"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not os.path.exists(binary):
+            entry.unlink(missing_ok=True)
+    for lock in cache_dir.glob("probe-*.json.lock"):
+        try:
+            old = now - lock.stat().st_mtime > STALE_LOCK_AGE_S
+        except OSError:
+            continue
+        if old and not lock.with_suffix("").exists():
+            lock.unlink(missing_ok=True)
 
 
 def _probe_now(path: str, timeout: float = 30.0) -> QemuProbe:
