@@ -32,7 +32,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 from pytest_fastsnap.qemu.console import Console
-from pytest_fastsnap.workdirs import socket_path
+from pytest_fastsnap.workdirs import NAMESPACE_MARKER, mount_namespace, socket_path
 
 TOOLS = ("libvirtd", "virtlogd", "virsh", "unshare")
 MIN_VERSION = (11, 2)  # virsh save --image-format sparse
@@ -86,13 +86,6 @@ def unavailable_reason() -> str | None:
         if not os.path.isdir(target):
             return f"{target} does not exist: the libvirt-daemon package creates it"
     return None
-
-
-def _mnt_ns(pid: int) -> str | None:
-    try:
-        return os.readlink(f"/proc/{pid}/ns/mnt")
-    except OSError:
-        return None
 
 
 def process_cmdline(pid: int) -> str:
@@ -149,9 +142,10 @@ class PrivateLibvirt:
                 ["unshare", "-m", "--propagation", "private", "--", "sh", "-c", script],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True)
-        self.namespace = _mnt_ns(self.proc.pid)
+        self.namespace = mount_namespace(self.proc.pid)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            self._mark_namespace()
             if self.proc.poll() is not None:
                 raise LibvirtError(f"libvirtd exited with status {self.proc.returncode}: "
                                    f"{self.log_tail()}")
@@ -159,10 +153,19 @@ class PrivateLibvirt:
                 res = self.virsh("version", check=False, timeout=max(1.0, deadline
                                                                       - time.monotonic()))
                 if res.returncode == 0:
-                    self.namespace = _mnt_ns(self.proc.pid) or self.namespace
+                    self.namespace = mount_namespace(self.proc.pid) or self.namespace
                     return self
             time.sleep(0.2)
         raise LibvirtError(f"libvirtd did not answer within {timeout:.0f} s: {self.log_tail(5)}")
+
+    def _mark_namespace(self) -> None:
+        """Once the daemons run in their own namespace, name it in *root*, so a
+        later session's workdirs.sweep_stale can kill them if we are SIGKILLed."""
+        ns = mount_namespace(self.proc.pid) if self.proc is not None else None
+        marker = self.root / NAMESPACE_MARKER
+        if ns is not None and ns != mount_namespace(os.getpid()) and not marker.exists():
+            self.namespace = ns
+            marker.write_text(ns)
 
     def sibling(self, prefix: str) -> PrivateLibvirt:
         """Another instance (not started) next to this one, sharing its QEMU cache."""
@@ -207,7 +210,8 @@ class PrivateLibvirt:
         if self.namespace is None:
             return []
         return [int(p) for p in os.listdir("/proc")
-                if p.isdigit() and int(p) != os.getpid() and _mnt_ns(int(p)) == self.namespace]
+                if p.isdigit() and int(p) != os.getpid()
+                and mount_namespace(int(p)) == self.namespace]
 
     def stop(self) -> list[str]:
         """Destroy the domains, stop the daemons, remove *root*.  Returns what had to be

@@ -7,9 +7,11 @@ when it failed and --fastsnap-keep-artifacts is on.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -35,13 +37,43 @@ STALE_PATTERNS = (("fastsnap-*-*-*", re.compile(r"fastsnap-.+-(\d+)-[^-]+")),
                   ("fsb-*-*", re.compile(r"fsb-(\d+)-[^-]+")))
 
 
+# A file naming the mount namespace (``mnt:[N]``) of daemons a session started
+# in a private namespace (libvirtd, virtlogd and their QEMUs double-fork out of
+# our process tree, so only their namespace ties them to the session).
+NAMESPACE_MARKER = "mnt-namespace"
+
+
+def mount_namespace(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/mnt")
+    except OSError:
+        return None
+
+
+def kill_namespace(namespace: str) -> list[int]:
+    """SIGKILL every process in mount namespace *namespace* (never our own)."""
+    if namespace == mount_namespace(os.getpid()):
+        return []
+    killed = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and mount_namespace(int(entry)) == namespace:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry), signal.SIGKILL)
+                killed.append(int(entry))
+    return killed
+
+
 def sweep_stale() -> list[Path]:
-    """Remove directories of processes that no longer exist (a SIGKILLed pytest)."""
+    """Remove directories of processes that no longer exist (a SIGKILLed pytest),
+    first killing the daemons their namespace markers name."""
     removed = []
     for glob, pattern in STALE_PATTERNS:
         for path in SESSION_ROOT.glob(glob):
             m = pattern.fullmatch(path.name)
             if m and not Path(f"/proc/{m[1]}").exists():
+                for marker in path.glob(f"*/{NAMESPACE_MARKER}"):
+                    with contextlib.suppress(OSError):
+                        kill_namespace(marker.read_text().strip())
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
     return removed

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -19,7 +20,7 @@ import pytest
 from pytest_fastsnap.fixtures import TeardownError, VmFactory
 from pytest_fastsnap.qemu import process
 from pytest_fastsnap.qemu.machine import QemuMachine
-from pytest_fastsnap.workdirs import sweep_stale
+from pytest_fastsnap.workdirs import NAMESPACE_MARKER, mount_namespace, sweep_stale
 
 
 def _alive(pid: int) -> bool:
@@ -202,3 +203,32 @@ def test_factory_owns_the_loader_and_socket_dir_of_a_restore(pytester: pytest.Py
     result.assert_outcomes(passed=2)
     pid, sock_dir = record.read_text().split()
     assert not _alive(int(pid)) and not Path(sock_dir).exists()
+
+
+def test_sweep_kills_daemons_a_dead_session_left_in_their_namespace() -> None:
+    """libvirtd and virtlogd double-fork out of pytest's tree: a SIGKILLed session
+    leaves them running, tied to it only by the namespace its marker names."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = Path(tempfile.mkdtemp(prefix=f"fastsnap-gw9-{dead.pid}-", dir="/tmp"))
+    daemon = subprocess.Popen(["unshare", "-m", "--propagation", "private", "--",
+                               "sleep", "600"], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        ns = None
+        while time.monotonic() < deadline:
+            ns = mount_namespace(daemon.pid)
+            if ns is not None and ns != mount_namespace(os.getpid()):
+                break
+            time.sleep(0.05)
+        assert ns is not None and ns != mount_namespace(os.getpid())
+        (stale / "libvirt-1").mkdir()
+        (stale / "libvirt-1" / NAMESPACE_MARKER).write_text(ns)
+        removed = sweep_stale()
+        assert stale in removed and not stale.exists()
+        assert daemon.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        shutil.rmtree(stale, ignore_errors=True)
