@@ -116,6 +116,7 @@ struct bridge {
     mr_error rp_error;          /* why the return path closed, if it named an E_* */
     struct br_resume resume;    /* --resume: recovery handshake state (rp_lock) */
     double t_bitmaps, t_resume_ack;
+    double wall_resume_ack;     /* CLOCK_REALTIME at RESUME_ACK, for kill -> ACK */
 
     /* Statistics. */
     double t_package_loaded;
@@ -810,6 +811,22 @@ static int send_setup(struct bridge *b)
     return 0;
 }
 
+/* Debug knob for recovery tests: FASTSNAP_LOADER_INJECT=serve-hang-in-package:FLAG
+ * makes the loader that removes FLAG (one loader only, also across restarts)
+ * stop after half the package is on the wire, so a test's SIGKILL lands
+ * while the destination is still reading it. */
+static void inject_hang_in_package(struct bridge *b)
+{
+    static const char key[] = "serve-hang-in-package:";
+    const char *v = getenv("FASTSNAP_LOADER_INJECT");
+    if (!v || strncmp(v, key, sizeof key - 1) != 0 || unlink(v + sizeof key - 1) != 0)
+        return;
+    if (flush(b) < 0)
+        return;
+    for (;;)
+        pause();
+}
+
 static int send_package(struct bridge *b)
 {
     const struct br_snap *s = &b->snap;
@@ -838,6 +855,8 @@ static int send_package(struct bridge *b)
             got += (size_t)r;
         }
         done += want;
+        if (done >= s->dev_len / 2 && done - want < s->dev_len / 2)
+            inject_hang_in_package(b);
     }
     put_be32(p, PING_PACKAGE_LOADED);
     if (emit_cmd(b, CMD_PING, p, 4) < 0 || emit_cmd(b, CMD_RUN, NULL, 0) < 0 || flush(b) < 0)
@@ -1026,6 +1045,9 @@ static int resume_handshake(struct bridge *b)
         wait_resume(b, 1) < 0)
         return -1;
     b->t_resume_ack = now_s(b);
+    struct timespec wall;
+    clock_gettime(CLOCK_REALTIME, &wall);
+    b->wall_resume_ack = (double)wall.tv_sec + (double)wall.tv_nsec / 1e9;
     pthread_mutex_lock(&b->rp_lock);
     b->package_loaded = 1;      /* RUN was processed before the destination paused */
     pthread_mutex_unlock(&b->rp_lock);
@@ -1161,9 +1183,11 @@ static void write_stats(struct bridge *b, FILE *f, int rc)
             (unsigned long long)b->requests_duplicate, (unsigned long long)b->rp_bad_requests,
             b->pongs, b->send_seconds, b->read_seconds, (unsigned long long)b->double_sends);
     fprintf(f, "\"resume\": %s, \"pages_present\": %llu, \"pages_present_zero\": %llu, "
-            "\"time_bitmaps_s\": %.6f, \"time_resume_ack_s\": %.6f, ",
+            "\"time_bitmaps_s\": %.6f, \"time_resume_ack_s\": %.6f, "
+            "\"resume_ack_unix_s\": %.6f, ",
             b->resume.active ? "true" : "false", (unsigned long long)b->resume.pages_present,
-            (unsigned long long)b->resume.pages_present_zero, b->t_bitmaps, b->t_resume_ack);
+            (unsigned long long)b->resume.pages_present_zero, b->t_bitmaps, b->t_resume_ack,
+            b->wall_resume_ack);
     fputs("\"latency_us\": ", f);
     mr_samples_json(f, &b->lat);
     fputs("}\n", f);
