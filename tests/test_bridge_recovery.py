@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -251,3 +254,55 @@ def test_unrecoverable_guest_ends_with_one_error(
     assert g.sock_dir is not None and not g.sock_dir.exists()
     t = tracked.pop()
     t.close()
+
+
+def _loaders_of(snapshot: Path) -> list[tuple[int, str]]:
+    """(pid, command line) of every live ``fastsnap-loader serve`` of *snapshot*."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if len(args) > 2 and args[0].endswith(b"fastsnap-loader") and args[1] == b"serve" \
+                and args[2] == os.fsencode(snapshot) and _alive(int(proc.name)):
+            found.append((int(proc.name), b" ".join(args).decode(errors="replace")))
+    return found
+
+
+@pytest.mark.parametrize("point, kind", [("package", "restart"), ("eager", "resume")])
+def test_fastsnap_restore_recovers_a_killed_loader(
+        guest_factory: GuestFactory, snapshot_factory: SnapshotFactory, tmp_path: Path,
+        point: str, kind: str) -> None:
+    """`fastsnap restore` (default --recover-attempts 3): its loader, stopped in
+    the package or half-way through the eager stream and SIGKILLed there, is
+    recovered (a fresh start before RUN, QEMU's postcopy recovery after); the
+    command says so, finishes with exit 0 and leaves no loader behind."""
+    ts = tiny_snapshot(guest_factory, snapshot_factory)
+    flag = tmp_path / "hang"
+    flag.touch()
+    env = {**os.environ, "FASTSNAP_LOADER_INJECT": f"serve-hang-in-{point}:{flag}"}
+    cli = subprocess.Popen([sys.executable, "-m", "pytest_fastsnap.cli", "restore",
+                            str(ts.snap.path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while flag.exists():
+            assert cli.poll() is None, cli.communicate()
+            assert time.monotonic() < deadline, "the loader never reached the hang point"
+            time.sleep(0.005)
+        (pid, cmd), = _loaders_of(ts.snap.path)
+        assert "--resume" not in cmd
+        os.kill(pid, signal.SIGKILL)
+        out, err = cli.communicate(timeout=240)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.communicate()
+    print(out)
+    assert cli.returncode == 0, err
+    assert f"recovery 1: {kind} after loader exited with -9" in out, out
+    assert "fully loaded after" in out
+    assert not _loaders_of(ts.snap.path)

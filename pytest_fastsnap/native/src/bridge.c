@@ -811,15 +811,20 @@ static int send_setup(struct bridge *b)
     return 0;
 }
 
-/* Debug knob for recovery tests: FASTSNAP_LOADER_INJECT=serve-hang-in-package:FLAG
+/* Debug knob for recovery tests: FASTSNAP_LOADER_INJECT=serve-hang-in-POINT:FLAG
  * makes the loader that removes FLAG (one loader only, also across restarts)
- * stop after half the package is on the wire, so a test's SIGKILL lands
- * while the destination is still reading it. */
-static void inject_hang_in_package(struct bridge *b)
+ * stop at POINT (`package`: half the package is on the wire, so the
+ * destination is still reading it; `eager`: half the eager pages are), so a
+ * test's SIGKILL lands there. */
+static void inject_hang(struct bridge *b, const char *point)
 {
-    static const char key[] = "serve-hang-in-package:";
+    static const char key[] = "serve-hang-in-";
     const char *v = getenv("FASTSNAP_LOADER_INJECT");
-    if (!v || strncmp(v, key, sizeof key - 1) != 0 || unlink(v + sizeof key - 1) != 0)
+    size_t n = strlen(point);
+    if (!v || strncmp(v, key, sizeof key - 1) != 0 || strncmp(v + sizeof key - 1, point, n) != 0 ||
+        v[sizeof key - 1 + n] != ':' || unlink(v + sizeof key + n) != 0)
+        return;
+    if (b->in_section && section_end(b) < 0)
         return;
     if (flush(b) < 0)
         return;
@@ -856,7 +861,7 @@ static int send_package(struct bridge *b)
         }
         done += want;
         if (done >= s->dev_len / 2 && done - want < s->dev_len / 2)
-            inject_hang_in_package(b);
+            inject_hang(b, "package");
     }
     put_be32(p, PING_PACKAGE_LOADED);
     if (emit_cmd(b, CMD_PING, p, 4) < 0 || emit_cmd(b, CMD_RUN, NULL, 0) < 0 || flush(b) < 0)
@@ -890,7 +895,9 @@ static int send_pages(struct bridge *b)
 {
     const struct br_snap *s = &b->snap;
     b->t_eager0 = now_s(b);
-    uint64_t max_run = max_run_pages(b);
+    uint64_t max_run = max_run_pages(b), half = 0;
+    for (uint32_t bi = 0; bi < s->nblocks; bi++)
+        half += s->blocks[bi].set_pages / 2;
     for (uint32_t bi = 0; bi < s->nblocks; bi++) {
         struct br_block *blk = &s->blocks[bi];
         uint64_t p = 0;
@@ -947,6 +954,8 @@ static int send_pages(struct bridge *b)
                     return -1;
                 b->pages_eager += k;
                 p += k;
+                if (b->pages_eager >= half && b->pages_eager - k < half)
+                    inject_hang(b, "eager");
             }
             if (b->in_section && b->section_pages >= SECTION_PAGES && section_end(b) < 0)
                 return -1;
