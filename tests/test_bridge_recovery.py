@@ -306,3 +306,53 @@ def test_fastsnap_restore_recovers_a_killed_loader(
     assert f"recovery 1: {kind} after loader exited with -9" in out, out
     assert "fully loaded after" in out
     assert not _loaders_of(ts.snap.path)
+
+
+@pytest.mark.parametrize("point", ["eager", "requests"])
+def test_asan_loader_resumes(vm_factory: VmFactory, guest_factory: GuestFactory,
+                             snapshot_factory: SnapshotFactory, tracked: list[Tracked],
+                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                             point: str) -> None:
+    """The ASan+UBSan loader (first and resumed) under a real recovery: stopped
+    half-way through the eager stream and killed there, with the guest idle
+    (`eager`) or checking its memory meanwhile (`requests`); the resumed
+    loader exits 0 (a sanitizer report would exit 98/99), memory is exact."""
+    from pytest_fastsnap.native.loader import ASAN_ENV, loader_path
+
+    monkeypatch.setenv("FASTSNAP_LOADER", str(loader_path("asan")))
+    for key, value in ASAN_ENV.items():
+        monkeypatch.setenv(key, value)
+    flag = tmp_path / "hang"
+    flag.touch()
+    monkeypatch.setenv("FASTSNAP_LOADER_INJECT", f"serve-hang-in-eager:{flag}")
+    ts = tiny_snapshot(guest_factory, snapshot_factory)
+    g = bridge(ts, vm_factory, tracked, paused=point == "eager", bandwidth="0")
+    g.wait_running()
+    checked: list[Verdict] = []
+    checker = None
+    if point == "requests":
+        agent = g.agent
+        checker = threading.Thread(target=lambda: checked.append(agent.self_check(240)),
+                                   daemon=True)
+        checker.start()
+    deadline = time.monotonic() + 60
+    while flag.exists():
+        assert time.monotonic() < deadline, "the loader never reached the eager stream's middle"
+        time.sleep(0.002)
+    time.sleep(0.2)     # let the checking guest fault on pages that are not there
+    assert g.loader is not None and "/asan-" in str(g.loader.args[0])
+    assert g.kill_loader() == -9
+    g.wait_loaded(timeout=240)
+    assert "/asan-" in str(g.loader.args[0])     # the resumed loader too
+    assert g.recovery is not None and [a.kind for a in g.recovery.attempts] == ["resume"]
+    stats = g.recovery.attempts[0].loader_stats()
+    assert stats["ok"] and stats["double_sends"] == 0 and stats["pages_present"] > 0, stats
+    if checker is not None:
+        checker.join(timeout=300)
+        assert checked and checked[0], checked
+        assert stats["requests_served"] > 0, stats
+    else:
+        assert g.vm.memory_digests([(0, ts.mem)]) == ts.want
+        g.vm.qmp("cont")
+        g.vm.wait_status("running")
+        assert g.self_check()
