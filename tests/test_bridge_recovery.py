@@ -362,3 +362,28 @@ def test_asan_loader_resumes(vm_factory: VmFactory, guest_factory: GuestFactory,
         g.vm.qmp("cont")
         g.vm.wait_status("running")
         assert g.self_check()
+
+
+def test_connection_dropped_by_the_destination_recovers(
+        vm_factory: VmFactory, guest_factory: GuestFactory,
+        snapshot_factory: SnapshotFactory, tracked: list[Tracked]) -> None:
+    """The loader lives but its connection drops (QMP `migrate-pause` on the
+    destination shuts the migration socket mid-stream): the loader exits 1
+    (E_DEST_GONE), the restore resumes on a new socket, RAM equals the source's."""
+    ts = tiny_snapshot(guest_factory, snapshot_factory)
+    g = bridge(ts, vm_factory, tracked, paused=True)
+    g.wait_running()
+    time.sleep(0.3)
+    first = g.loader
+    assert first is not None and first.poll() is None, "loader finished too early"
+    g.vm.qmp("migrate-pause")
+    g.wait_loaded(timeout=240)
+    assert first.poll() == 1
+    assert g.recovery is not None
+    (a,) = g.recovery.attempts
+    assert a.kind == "resume" and "E_DEST_GONE" in a.cause, a
+    assert a.loader_stats()["pages_present"] > 0
+    assert g.vm.memory_digests([(0, ts.mem)]) == ts.want
+    g.vm.qmp("cont")
+    g.vm.wait_status("running")
+    assert g.self_check()
