@@ -16,6 +16,9 @@ destination did next decides:
   is done by the thread waiting on the guest (``wait_running`` /
   ``wait_loaded``), which owns the QEMU handle.
 
+A loader that stopped on its input (exit 2, or ``E_FILE_SHORT``: the file
+shrank under it) is not recovered: a new loader would fail the same way, so
+the waiting call reports that loader's own error, as without recovery.
 Every attempt of either kind counts against the guest's bound
 (``recover_attempts``).  When they are used up, or the loader refuses its
 input (exit 2: e.g. the snapshot was removed), the destination and loader
@@ -43,6 +46,8 @@ if TYPE_CHECKING:
 DEFAULT_RECOVER_ATTEMPTS = 3
 SETTLE_TIMEOUT = 15.0       # s for a destination to pause, fail or exit after a loss
 POLL = 0.005
+# Run-time loader errors about its input, not a lost loader or connection.
+INPUT_ERRORS = ("E_FILE_SHORT",)
 
 
 @dataclass
@@ -90,6 +95,7 @@ class BridgeRecovery:
         self.error: Exception | None = None
         self.restart_cause: str | None = None
         self.finished = False
+        self.not_a_loss: str | None = None
         self._spawn_resume = spawn_resume   # (to, tag) -> spawns the --resume loader
         self._relaunch = relaunch           # new destination + loader from scratch
         self._error_type = error_type
@@ -126,6 +132,9 @@ class BridgeRecovery:
                 return
             t_lost = time.time()
             cause = self._cause(rc)
+            if not self.attempts and self._input_failed(rc):
+                self.not_a_loss = cause     # the waiter reports the loader's own error
+                return
             outcome = self._settle()
             if self._stop.is_set():
                 return
@@ -142,6 +151,14 @@ class BridgeRecovery:
                 self.give_up(f"{cause}; all {self.max_attempts} recovery attempts used")
                 return
             self._resume(cause, t_lost)
+
+    def _input_failed(self, rc: int) -> bool:
+        """The loader stopped on its input (exit 2, or the file shrank under
+        it: E_FILE_SHORT), not on a loss: a resumed loader would fail the same."""
+        if rc == 2:
+            return True
+        self.guest._read_loader_stats()
+        return self.guest.loader_stats.get("error_name") in INPUT_ERRORS
 
     def _cause(self, rc: int) -> str:
         err = self.guest._loader_stderr().strip().splitlines()
