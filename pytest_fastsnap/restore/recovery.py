@@ -10,8 +10,11 @@ destination did next decides:
   --resume`` on it, which learns the pages the destination has from
   RECV_BITMAP, resumes (POSTCOPY_RESUME / RESUME_ACK), serves the requests
   the destination re-sends first and streams the rest, each page once.
-* gone or failed before the guest ever ran (the loader died before RUN:
-  QEMU 10.0 fails such an incoming migration and exits): **restart**.  No
+* gone or failed before the guest ever ran, after the loader itself was
+  lost (killed, crashed, an error of its own; the loader died before RUN:
+  QEMU 10.0 fails such an incoming migration and exits): **restart**.  If
+  instead the loader exited because the destination closed or refused the
+  stream, that failure is reported as without recovery.  No
   guest instruction ran, so a new destination restores from scratch; this
   is done by the thread waiting on the guest (``wait_running`` /
   ``wait_loaded``), which owns the QEMU handle.
@@ -48,6 +51,10 @@ SETTLE_TIMEOUT = 15.0       # s for a destination to pause, fail or exit after a
 POLL = 0.005
 # Run-time loader errors about its input, not a lost loader or connection.
 INPUT_ERRORS = ("E_FILE_SHORT",)
+# Loader errors that say the destination went away or refused: a restart only
+# follows a loader that was lost (killed, crashed, an error of its own).
+DEST_ERRORS = ("E_DEST_GONE", "E_DEST_FAILED", "E_DEST_STALLED", "E_DEST_PROTOCOL",
+               "E_TIMEOUT")
 
 
 @dataclass
@@ -132,7 +139,8 @@ class BridgeRecovery:
                 return
             t_lost = time.time()
             cause = self._cause(rc)
-            if not self.attempts and self._input_failed(rc):
+            error_name = self._loader_error()
+            if not self.attempts and (rc == 2 or error_name in INPUT_ERRORS):
                 self.not_a_loss = cause     # the waiter reports the loader's own error
                 return
             outcome = self._settle()
@@ -142,6 +150,9 @@ class BridgeRecovery:
                 self.finished = True
                 return
             if outcome != "postcopy-paused":
+                if rc > 0 and error_name in DEST_ERRORS:
+                    self.not_a_loss = f"{cause}; destination {outcome}"
+                    return      # the destination refused the stream: not ours to redo
                 self.restart_cause = f"{cause}; destination {outcome}"
                 return
             if rc == 2 and self.attempts:
@@ -152,13 +163,15 @@ class BridgeRecovery:
                 return
             self._resume(cause, t_lost)
 
-    def _input_failed(self, rc: int) -> bool:
-        """The loader stopped on its input (exit 2, or the file shrank under
-        it: E_FILE_SHORT), not on a loss: a resumed loader would fail the same."""
-        if rc == 2:
-            return True
-        self.guest._read_loader_stats()
-        return self.guest.loader_stats.get("error_name") in INPUT_ERRORS
+    def _loader_error(self) -> str | None:
+        """The E_* name the current (exited) loader wrote to its stats file."""
+        g = self.guest
+        if g.out_dir is None:
+            return None
+        with contextlib.suppress(OSError, ValueError):
+            name = json.loads((g.out_dir / g.stats_file).read_text()).get("error_name")
+            return str(name) if name else None
+        return None
 
     def _cause(self, rc: int) -> str:
         err = self.guest._loader_stderr().strip().splitlines()
