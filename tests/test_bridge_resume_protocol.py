@@ -266,3 +266,15 @@ def test_bitmap_outside_a_resume_is_refused(snap: Path, variant: str) -> None:
     rc, err, _, _ = serve_resume(snap, variant, reply(bitmap("pc.ram", RAM_PAGES, set())),
                                      extra=())
     assert rc == 1 and "E_DEST_PROTOCOL" in err and "not a --resume run" in err, err
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_silent_destination_times_out(snap: Path, variant: str) -> None:
+    """No answer to RECV_BITMAP (not paused, or migrate-recover not listening on
+    --to): E_TIMEOUT after --io-timeout, naming what it waited for."""
+    def answer(sock: socket.socket, received: bytearray, cond: threading.Condition) -> None:
+        wait_for(received, cond, b"\x07pc.bios")    # read it, say nothing
+
+    rc, err, _, _ = serve_resume(snap, variant, answer, extra=("--resume", "--io-timeout", "0.5"))
+    assert rc == 1, err
+    assert "E_TIMEOUT: no RECV_BITMAP for every block from the destination within" in err, err
