@@ -357,6 +357,9 @@ def test_asan_loader_resumes(vm_factory: VmFactory, guest_factory: GuestFactory,
         checker.join(timeout=300)
         assert checked and checked[0], checked
         assert stats["requests_served"] > 0, stats
+        # The vCPU waited on a page since the loader hung: QEMU re-sent that
+        # request after RESUME_ACK and it left before any eager page.
+        assert stats["resume_requests_first"] >= 1, stats
     else:
         assert g.vm.memory_digests([(0, ts.mem)]) == ts.want
         g.vm.qmp("cont")

@@ -54,6 +54,7 @@
 #define FLUSH_AT (128u << 10)      /* eager bytes buffered before a send */
 #define CHUNK_PAGES 32u            /* pages per eager pread */
 #define SECTION_PAGES 256u         /* pages per PART section */
+#define RESUME_GRACE_S 0.002       /* --resume: wait for re-sent requests after the ACK */
 
 enum { RAM_ZERO = 0x02, RAM_MEM_SIZE = 0x04, RAM_PAGE = 0x08, RAM_EOS = 0x10,
        RAM_CONTINUE = 0x20 };
@@ -117,6 +118,7 @@ struct bridge {
     struct br_resume resume;    /* --resume: recovery handshake state (rp_lock) */
     double t_bitmaps, t_resume_ack;
     double wall_resume_ack;     /* CLOCK_REALTIME at RESUME_ACK, for kill -> ACK */
+    uint64_t resume_requests_first; /* requests served before the first eager page */
 
     /* Statistics. */
     double t_package_loaded;
@@ -1057,10 +1059,22 @@ static int resume_handshake(struct bridge *b)
     struct timespec wall;
     clock_gettime(CLOCK_REALTIME, &wall);
     b->wall_resume_ack = (double)wall.tv_sec + (double)wall.tv_nsec / 1e9;
+    /* QEMU re-sends every request still pending right after its ACK: give
+     * the first one RESUME_GRACE_S to arrive, so they go out before any
+     * eager page (the faulting vCPUs have waited since the loss). */
+    struct timespec dl;
+    deadline_in(&dl, RESUME_GRACE_S);
     pthread_mutex_lock(&b->rp_lock);
     b->package_loaded = 1;      /* RUN was processed before the destination paused */
+    int rc = 0;
+    while (b->q_len == 0 && atomic_load(&b->rp_state) == 0 && rc == 0)
+        rc = pthread_cond_timedwait(&b->rp_cond, &b->rp_lock, &dl);
     pthread_mutex_unlock(&b->rp_lock);
-    return serve_requests(b);
+    atomic_fetch_add(&b->q_pending, 1);     /* rp_queue may not have raised it yet */
+    if (serve_requests(b) < 0)
+        return -1;
+    b->resume_requests_first = b->requests_served;
+    return 0;
 }
 
 static int send_end(struct bridge *b)
@@ -1193,10 +1207,10 @@ static void write_stats(struct bridge *b, FILE *f, int rc)
             b->pongs, b->send_seconds, b->read_seconds, (unsigned long long)b->double_sends);
     fprintf(f, "\"resume\": %s, \"pages_present\": %llu, \"pages_present_zero\": %llu, "
             "\"time_bitmaps_s\": %.6f, \"time_resume_ack_s\": %.6f, "
-            "\"resume_ack_unix_s\": %.6f, ",
+            "\"resume_ack_unix_s\": %.6f, \"resume_requests_first\": %llu, ",
             b->resume.active ? "true" : "false", (unsigned long long)b->resume.pages_present,
             (unsigned long long)b->resume.pages_present_zero, b->t_bitmaps, b->t_resume_ack,
-            b->wall_resume_ack);
+            b->wall_resume_ack, (unsigned long long)b->resume_requests_first);
     fputs("\"latency_us\": ", f);
     mr_samples_json(f, &b->lat);
     fputs("}\n", f);
