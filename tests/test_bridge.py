@@ -84,9 +84,11 @@ def _alive(pid: int) -> bool:
 
 
 def bridge(fs: FilledSnapshot, vm_factory: VmFactory, guests: list[RestoredGuest], *,
-           paused: bool = False, loader_args: tuple[str, ...] = ()) -> RestoredGuest:
+           paused: bool = False, loader_args: tuple[str, ...] = (),
+           recover_attempts: int = 3) -> RestoredGuest:
     g = restore("loader-bridge", fs.snap.path, fs.snap.device_args, vm_factory,
-                offset=fs.snap.offset, paused=paused, loader_args=loader_args)
+                offset=fs.snap.offset, paused=paused, loader_args=loader_args,
+                recover_attempts=recover_attempts)
     guests.append(g)
     return g
 
@@ -188,10 +190,13 @@ def _block_info(path: Path, block: str) -> int:
 
 def test_loader_killed_mid_restore(vm_factory: VmFactory, snapshot_factory: SnapshotFactory,
                                    guests: list[RestoredGuest]) -> None:
-    """SIGKILL the loader while pages are still streaming: the destination
-    pauses postcopy (or fails), says why, and everything is cleaned up."""
+    """With recovery off (recover_attempts=0; tests/test_bridge_recovery.py has
+    it on), SIGKILL the loader while pages are still streaming: the
+    destination pauses postcopy (or fails), says why, and everything is
+    cleaned up."""
     fs = make_snapshot(vm_factory, snapshot_factory, 128)
-    g = bridge(fs, vm_factory, guests, loader_args=("--max-bandwidth", "16"))
+    g = bridge(fs, vm_factory, guests, loader_args=("--max-bandwidth", "16"),
+               recover_attempts=0)
     time.sleep(0.3)
     assert g.loader is not None and g.loader.poll() is None, "loader finished too early"
     g.kill_loader()
@@ -208,9 +213,11 @@ def test_file_truncated_mid_restore(vm_factory: VmFactory, snapshot_factory: Sna
                                     guests: list[RestoredGuest]) -> None:
     """Cut the snapshot file short while the eager stream is in the middle of
     pc.ram: the loader stops with a clear error and a non-zero exit, the
-    destination is left paused/failed, and cleanup leaves nothing behind."""
+    destination is left paused/failed, and cleanup leaves nothing behind
+    (recovery off: a resumed loader would refuse the cut file, exit 2)."""
     fs = make_snapshot(vm_factory, snapshot_factory, 128)
-    g = bridge(fs, vm_factory, guests, loader_args=("--max-bandwidth", "16"))
+    g = bridge(fs, vm_factory, guests, loader_args=("--max-bandwidth", "16"),
+               recover_attempts=0)
     pages_offset = _block_info(fs.snap.path, "pc.ram")
     os.truncate(fs.snap.path, pages_offset + fs.mem // 2)
     assert g.loader is not None

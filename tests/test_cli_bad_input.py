@@ -67,6 +67,10 @@ CASES: list[tuple[str, int]] = [
     ("restore {nomanifest}", USAGE),
     ("restore {badformat}", USAGE),
     ("restore {snapshot} --strategy bogus", USAGE),
+    ("restore {snapshot} --recover-attempts -1", USAGE),
+    ("restore {snapshot} --recover-attempts 3x", USAGE),
+    ("restore {snapshot} --recover-attempts 101", USAGE),
+    ("restore {snapshot} --strategy qemu-precopy --recover-attempts 2", USAGE),
     *binary_cases("restore {snapshot} --qemu-binary {}"),
     # bench: all of it before the first guest boots
     *binary_cases("bench --sizes 32M --qemu-binary {}"),
@@ -86,6 +90,7 @@ CASES: list[tuple[str, int]] = [
     ("verify {random} --offset -5", USAGE),
     ("serve {random}", USAGE),
     ("serve {random} --bogus", USAGE),
+    ("serve {random} --resume", USAGE),
     # build steps
     ("build-native --variant bogus", USAGE),
     ("build-images --cache-dir {empty}", USAGE),

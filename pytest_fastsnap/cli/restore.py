@@ -15,6 +15,7 @@ from pytest_fastsnap.cli.common import (
     UsageError,
     cli_error,
     existing_file,
+    int_arg,
     one_line,
     temp_workdir,
     validate_qemu_binary,
@@ -26,17 +27,23 @@ if TYPE_CHECKING:
 
 def restore_cli(snapshot: Path, qemu_binary: str | None = None, *,
                 strategy: str = "loader-bridge", keep_running: bool = False,
-                out: TextIO = sys.stdout) -> int:
+                recover_attempts: int | None = None, out: TextIO = sys.stdout) -> int:
     """Restore *snapshot* on the system QEMU with the arguments recorded in
     ``<snapshot>.json``; print time to running and time to fully loaded.
 
     Returns 0 on success, 2 for bad input (a missing or invalid snapshot or
     manifest, an unusable QEMU binary, an unsupported strategy), 1 for a
     failed restore; errors are one line on stderr.  With *keep_running* the
-    guest stays up until Ctrl-C (or until it exits).
+    guest stays up until Ctrl-C (or until it exits).  *recover_attempts*
+    (loader-bridge only; default 3, 0 = off) bounds how often a lost loader
+    is recovered; each recovery is printed.
     """
     try:
-        return _restore(snapshot, qemu_binary, strategy, keep_running, out)
+        if recover_attempts is not None and strategy != "loader-bridge":
+            raise UsageError(f"--recover-attempts applies to --strategy loader-bridge only, "
+                             f"not {strategy}")
+        return _restore(snapshot, qemu_binary, strategy, keep_running, out,
+                        recover_attempts)
     except CliError as err:
         cli_error("restore", err)
         return err.exit_code
@@ -64,8 +71,9 @@ def _checked_inputs(snapshot: Path, qemu_binary: str | None) -> tuple[Manifest, 
 
 
 def _restore(snapshot: Path, qemu_binary: str | None, strategy: str, keep_running: bool,
-             out: TextIO) -> int:
+             out: TextIO, recover_attempts: int | None = None) -> int:
     from pytest_fastsnap.qemu.machine import QemuError
+    from pytest_fastsnap.restore.recovery import DEFAULT_RECOVER_ATTEMPTS
     from pytest_fastsnap.restore.strategies import (
         RestoreFailed,
         RestoreRefused,
@@ -78,13 +86,21 @@ def _restore(snapshot: Path, qemu_binary: str | None, strategy: str, keep_runnin
     with temp_workdir("fastsnap-restore-") as workdir:
         guest = None
         try:
+            attempts = DEFAULT_RECOVER_ATTEMPTS if recover_attempts is None else recover_attempts
             guest = restore(strategy, snapshot, manifest.qemu_args,
-                            machine_factory(binary, workdir), offset=manifest.offset)
+                            machine_factory(binary, workdir), offset=manifest.offset,
+                            **({"recover_attempts": attempts}
+                               if strategy == "loader-bridge" else {}))
             print(f"{strategy}: guest running after {guest.time_to_running:.3f} s "
                   f"(QEMU start-up {guest.launch_seconds:.3f} s before that)", file=out,
                   flush=True)
             loaded = guest.wait_loaded()
             print(f"{strategy}: fully loaded after {loaded:.3f} s", file=out, flush=True)
+            for a in guest.recovery.attempts if guest.recovery is not None else ():
+                ack = a.resume_ack_at
+                print(f"recovery {a.number}: {a.kind} after {a.cause}"
+                      + (f"; RESUME_ACK {ack - a.t_lost:.3f} s after the loss was seen"
+                         if ack else ""), file=out, flush=True)
             stats = guest.loader_stats
             if stats:
                 lat = stats.get("latency_us", {})
@@ -111,7 +127,8 @@ def _restore(snapshot: Path, qemu_binary: str | None, strategy: str, keep_runnin
 
 def run(args: argparse.Namespace) -> int:
     return restore_cli(Path(args.snapshot), qemu_binary=args.qemu_binary,
-                       strategy=args.strategy, keep_running=args.keep_running)
+                       strategy=args.strategy, keep_running=args.keep_running,
+                       recover_attempts=args.recover_attempts)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -128,4 +145,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    choices=("loader-bridge", "qemu-precopy", "qemu-fast"))
     p.add_argument("--keep-running", action="store_true",
                    help="leave the guest running until Ctrl-C")
+    p.add_argument("--recover-attempts", type=int_arg(minimum=0, maximum=100), default=None,
+                   metavar="N", help="loader-bridge: recover a loader that dies or loses its "
+                   "connection up to N times (QEMU postcopy recovery; default 3, 0 = off)")
     p.set_defaults(func=run)

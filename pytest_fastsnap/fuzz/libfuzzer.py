@@ -57,12 +57,20 @@ SANITIZERS = {
 }
 MAX_LEN = {"format": 256_000, "bridge-rp": 4096}
 HARNESS = {"format": "fuzz_format", "bridge-rp": "fuzz_bridge_rp"}
-# Return-path seeds: SHUT 0, PONG 3 (package loaded), REQ_PAGES_ID pc.ram page 1, REQ_PAGES.
+# Return-path seeds: SHUT 0, PONG 3 (package loaded), REQ_PAGES_ID pc.ram page 1, REQ_PAGES;
+# RECV_BITMAP of pc.ram (64 pages: 8 bytes, end mark), of pc.bios with padding bits set,
+# and RESUME_ACK 1 (--resume).
 RP_SEEDS = {
     "shut": bytes.fromhex("00010004" "00000000"),
     "pong": bytes.fromhex("00020004" "00000003"),
     "req": bytes.fromhex("00030013" "0000000000001000" "00001000" "06") + b"pc.ram"
            + bytes.fromhex("0004000c" "0000000000002000" "00001000"),
+    "bitmap": bytes.fromhex("00050007" "06") + b"pc.ram"
+              + bytes.fromhex("0000000000000008" "0f000000000000f0" "0123456789abcdef"),
+    "bitmap-bios": bytes.fromhex("00050008" "07") + b"pc.bios"     # 16 pages; bits 16-23 are
+                   + bytes.fromhex("0000000000000008" "ffffff0000000000"  # padding to ignore
+                                   "0123456789abcdef"),
+    "ack": bytes.fromhex("00060004" "00000001"),
 }
 EXECS = re.compile(r"stat::number_of_executed_units:\s*(\d+)")
 DONE = re.compile(r"#(\d+)\s+DONE")

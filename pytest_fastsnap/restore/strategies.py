@@ -15,7 +15,11 @@ Strategies:
 - ``loader-bridge``: the native loader is the *source* of a postcopy
   migration into a stock destination (``postcopy-ram``, ``migrate-incoming
   unix:``); the guest runs as soon as the device state is in and RAM follows
-  on demand and eagerly.
+  on demand and eagerly.  If the loader dies or loses its connection, the
+  restore recovers by itself up to ``recover_attempts`` times
+  (:mod:`pytest_fastsnap.restore.recovery`: QEMU's postcopy recovery, or a
+  fresh start when the guest had not run yet); ``guest.recovery.attempts``
+  says what happened.
 
 Times are taken from QMP event timestamps (``events`` capability), so they
 do not include our polling.  ``time_to_running`` for a destination restored
@@ -42,6 +46,11 @@ from pytest_fastsnap.qemu import process
 from pytest_fastsnap.qemu.machine import QemuMachine, QMPCommandError
 from pytest_fastsnap.qemu.migration import file_uri, set_capabilities
 from pytest_fastsnap.restore.manifest import manifest_path, read_manifest
+from pytest_fastsnap.restore.recovery import (
+    DEFAULT_RECOVER_ATTEMPTS,
+    BridgeRecovery,
+    RecoveryFailed,
+)
 from pytest_fastsnap.verdict import Verdict
 from pytest_fastsnap.workdirs import SUN_PATH_MAX
 
@@ -71,6 +80,12 @@ class RestoreRefused(RestoreFailed):
         self.strategy = strategy
         self.error_name = error_name
         super().__init__(f"{strategy}: {error_name}: {message}")
+
+
+class RestoreNotRecovered(RestoreFailed, RecoveryFailed):
+    """The bridge's loader was lost and the guest could not be recovered
+    (attempts used up, or the loader refused its input); everything of the
+    guest was killed."""
 
 
 class RestoreUnsupported(RestoreFailed):
@@ -141,6 +156,9 @@ class RestoredGuest:
     loader_stderr: str = ""
     sock_dir: Path | None = None
     out_dir: Path | None = None
+    recovery: BridgeRecovery | None = None
+    stats_file: str = "loader.json"     # the current loader's files in out_dir
+    err_file: str = "loader.err"
 
     # -- waiting ----------------------------------------------------------------
 
@@ -171,7 +189,7 @@ class RestoredGuest:
     def _loader_stderr(self) -> str:
         if self.out_dir is not None:
             with contextlib.suppress(OSError):
-                self.loader_stderr = (self.out_dir / "loader.err").read_text(errors="replace")
+                self.loader_stderr = (self.out_dir / self.err_file).read_text(errors="replace")
         return self.loader_stderr
 
     def _wait_for(self, ready: Callable[[], dict[str, Any] | None], what: str,
@@ -181,6 +199,12 @@ class RestoredGuest:
             ev = ready()
             if ev is not None:
                 return ev
+            if self.recovery is not None and self.recovery.handle():
+                if time.monotonic() > deadline:
+                    raise self._failure(f"still recovering the loader after {timeout:.0f}s "
+                                        f"while waiting for {what}", RestoreTimeout)
+                time.sleep(0.005)
+                continue
             failed = self._event("MIGRATION", {"failed", "cancelled"})
             if failed is not None:
                 raise self._failure(f"migration {failed['data']['status']} while waiting "
@@ -221,6 +245,12 @@ class RestoredGuest:
         if self.time_to_loaded is not None and self.loader is None:
             return self.time_to_loaded
         if self.loader is not None:
+            if self.recovery is not None:
+                try:
+                    self.recovery.wait_finished(timeout)
+                except TimeoutError:
+                    raise self._failure(f"loader still serving or recovering after "
+                                        f"{timeout:.0f}s", RestoreTimeout) from None
             try:
                 rc = self.loader.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -239,7 +269,7 @@ class RestoredGuest:
         if self.out_dir is None:
             return
         with contextlib.suppress(OSError, ValueError):
-            self.loader_stats = json.loads((self.out_dir / "loader.json").read_text())
+            self.loader_stats = json.loads((self.out_dir / self.stats_file).read_text())
         self._loader_stderr()
 
     @property
@@ -283,6 +313,7 @@ class RestoredGuest:
     # -- cleanup ----------------------------------------------------------------
 
     def kill_loader(self) -> int | None:
+        """SIGKILL the current loader (a recovering guest starts another)."""
         if self.loader is None:
             return None
         rc = process.kill(self.loader)
@@ -293,6 +324,8 @@ class RestoredGuest:
         """Stop the loader and QEMU and remove the socket directory.  A
         destination left in postcopy (paused or still loading) ignores
         ``quit``, so it is SIGKILLed."""
+        if self.recovery is not None:
+            self.recovery.stop()
         self.kill_loader()
         in_postcopy = False
         if not kill and self.vm.is_running():
@@ -352,7 +385,8 @@ def _stream_offset_hint(path: Path, offset: int) -> str:
 def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str],
             vm_factory: Any, offset: int | None = None, *, paused: bool = False,
             wait: bool = True, timeout: float = 120.0,
-            loader_args: Sequence[str] = (), transport: str = "unix") -> RestoredGuest:
+            loader_args: Sequence[str] = (), transport: str = "unix",
+            recover_attempts: int = DEFAULT_RECOVER_ATTEMPTS) -> RestoredGuest:
     """Restore *snapshot_path* with *strategy* into a new destination QEMU.
 
     *vm_factory* is the ``vm_factory`` fixture or a :class:`DestinationFactory`.
@@ -367,12 +401,18 @@ def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str]
     one the snapshot's manifest (``<snapshot>.json``) records, else 0.  A
     failed restore says so when no stream starts at *offset* and where one does.
     The bridge parses the file first: one the loader refuses raises
-    :class:`RestoreRefused` before any QEMU is started.
+    :class:`RestoreRefused` before any QEMU is started.  *recover_attempts*
+    (bridge only; 0 turns recovery off) bounds how often a lost loader is
+    recovered (:mod:`pytest_fastsnap.restore.recovery`); a guest that cannot
+    be recovered raises :class:`RestoreNotRecovered` from the waiting call.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown restore strategy {strategy!r}; one of {STRATEGIES}")
     if transport not in ("unix", "fd"):
         raise ValueError(f"transport must be 'unix' or 'fd', not {transport!r}")
+    if isinstance(recover_attempts, bool) or not isinstance(recover_attempts, int) \
+            or recover_attempts < 0:
+        raise ValueError(f"recover_attempts must be an int >= 0, not {recover_attempts!r}")
     path = Path(snapshot_path).resolve()
     if offset is None:
         try:
@@ -388,6 +428,17 @@ def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str]
     own = getattr(vm_factory, "own", None)
     if own is not None:     # the vm_factory fixture closes it at teardown
         own(guest)
+    if strategy == "loader-bridge" and recover_attempts:
+        factory = _as_factory(vm_factory)
+
+        def relaunch() -> None:
+            guest.vm = factory(device_args, paused=paused)
+            _start(guest, path, offset, loader_args, transport)
+
+        guest.recovery = BridgeRecovery(
+            guest, recover_attempts,
+            lambda to, tag: _spawn_loader(guest, path, offset, to, loader_args, tag),
+            relaunch, RestoreNotRecovered)
     try:
         _start(guest, path, offset, loader_args, transport)
         if wait:
@@ -446,7 +497,6 @@ def _start(guest: RestoredGuest, path: Path, offset: int, loader_args: Sequence[
         _caps(guest, {"postcopy-ram": True, "events": True})
         guest.sock_dir, sock = _socket_dir()
         guest.out_dir = guest.sock_dir
-        binary = loader_binary()
         _incoming(guest, f"unix:{sock}")
         conn = None
         to = f"unix:{sock}"
@@ -454,15 +504,28 @@ def _start(guest: RestoredGuest, path: Path, offset: int, loader_args: Sequence[
             conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             conn.connect(str(sock))
             to = f"fd:{conn.fileno()}"
-        args = [str(binary), "serve", str(path), "--offset", str(offset), "--to", to, "--json",
-                "--stats-file", str(guest.out_dir / "loader.json"), *loader_args]
         try:
-            with open(guest.out_dir / "loader.out", "wb") as out, \
-                    open(guest.out_dir / "loader.err", "wb") as err:
-                guest.loader = process.spawn(
-                    args, stdout=out.fileno(), stderr=err.fileno(),
-                    pass_fds=(conn.fileno(),) if conn is not None else ())
+            _spawn_loader(guest, path, offset, to, loader_args, "",
+                          pass_fds=(conn.fileno(),) if conn is not None else ())
         finally:
             if conn is not None:
                 conn.close()    # the loader holds its own copy
         guest.loader_spawned_at = time.time() - guest.t0_wall
+        if guest.recovery is not None:
+            guest.recovery.watch()
+
+
+def _spawn_loader(guest: RestoredGuest, path: Path, offset: int, to: str,
+                  loader_args: Sequence[str], tag: str, pass_fds: tuple[int, ...] = ()) -> None:
+    """Start ``serve`` into *guest.loader*; *tag* non-empty: a ``--resume``
+    loader of that recovery attempt, with its own output files."""
+    assert guest.out_dir is not None
+    suffix = f"-{tag}" if tag else ""
+    guest.stats_file, guest.err_file = f"loader{suffix}.json", f"loader{suffix}.err"
+    args = [str(loader_binary()), "serve", str(path), "--offset", str(offset), "--to", to,
+            "--json", "--stats-file", str(guest.out_dir / guest.stats_file), *loader_args,
+            *(["--resume"] if tag else [])]
+    with open(guest.out_dir / f"loader{suffix}.out", "wb") as out, \
+            open(guest.out_dir / guest.err_file, "wb") as err:
+        guest.loader = process.spawn(args, stdout=out.fileno(), stderr=err.fileno(),
+                                     pass_fds=pass_fds)

@@ -18,10 +18,16 @@
  * is already in the socket buffer, never behind a whole bulk transfer.
  * Every section is built under out_lock, so records never interleave even
  * if another thread starts sending.
+ *
+ * --resume (bridge_resume.[ch]): instead of the preamble and package, the
+ * postcopy recovery handshake with a destination paused on a lost source
+ * (RECV_BITMAP per block, POSTCOPY_RESUME, RESUME_ACK); the pages it
+ * already has are claimed, then the same request-first page stream runs.
  */
 #define _GNU_SOURCE
 #include "bridge.h"
 
+#include "bridge_resume.h"
 #include "bridge_snap.h"
 #include "mr_errors.h"
 #include "mr_json.h"
@@ -48,6 +54,7 @@
 #define FLUSH_AT (128u << 10)      /* eager bytes buffered before a send */
 #define CHUNK_PAGES 32u            /* pages per eager pread */
 #define SECTION_PAGES 256u         /* pages per PART section */
+#define RESUME_GRACE_S 0.002       /* --resume: wait for re-sent requests after the ACK */
 
 enum { RAM_ZERO = 0x02, RAM_MEM_SIZE = 0x04, RAM_PAGE = 0x08, RAM_EOS = 0x10,
        RAM_CONTINUE = 0x20 };
@@ -107,6 +114,11 @@ struct bridge {
     uint32_t pongs;
     int package_loaded;         /* PONG for the PING just before RUN arrived */
     uint64_t rp_bad_requests;
+    mr_error rp_error;          /* why the return path closed, if it named an E_* */
+    struct br_resume resume;    /* --resume: recovery handshake state (rp_lock) */
+    double t_bitmaps, t_resume_ack;
+    double wall_resume_ack;     /* CLOCK_REALTIME at RESUME_ACK, for kill -> ACK */
+    uint64_t resume_requests_first; /* requests served before the first eager page */
 
     /* Statistics. */
     double t_package_loaded;
@@ -195,6 +207,16 @@ static void rp_close(struct bridge *b, const char *fmt, ...)
     pthread_cond_broadcast(&b->rp_cond);
     pthread_mutex_unlock(&b->rp_lock);
     atomic_fetch_add(&b->q_pending, 1);  /* wake the sender's check */
+}
+
+/* The return path ends on a named error (bridge_resume.c's checks). */
+static void rp_fail(struct bridge *b, const mr_error *e)
+{
+    pthread_mutex_lock(&b->rp_lock);
+    if (atomic_load(&b->rp_state) == 0)
+        b->rp_error = *e;
+    pthread_mutex_unlock(&b->rp_lock);
+    rp_close(b, "%s", e->msg);
 }
 
 static void rp_queue(struct bridge *b, uint32_t block, uint64_t start, uint32_t len)
@@ -302,8 +324,33 @@ static void *rp_main(void *arg)
             rp_queue(b, (uint32_t)cur_block, start, rlen);
             break;
         }
+        case BR_RP_RECV_BITMAP: {
+            struct br_bitmap_got got;
+            mr_error e = {0};
+            if (br_resume_read_bitmap(&b->resume, &b->snap, b->sock, payload, len, &got, &e) < 0) {
+                rp_fail(b, &e);
+                return NULL;
+            }
+            pthread_mutex_lock(&b->rp_lock);
+            br_resume_commit(&b->resume, &got);
+            pthread_cond_broadcast(&b->rp_cond);
+            pthread_mutex_unlock(&b->rp_lock);
+            break;
+        }
+        case BR_RP_RESUME_ACK: {
+            mr_error e = {0};
+            pthread_mutex_lock(&b->rp_lock);
+            int r = br_resume_ack(&b->resume, payload, len, &e);
+            pthread_cond_broadcast(&b->rp_cond);
+            pthread_mutex_unlock(&b->rp_lock);
+            if (r < 0) {
+                rp_fail(b, &e);
+                return NULL;
+            }
+            break;
+        }
         default:
-            break;      /* RESUME_ACK, SWITCHOVER_ACK...: not expected, harmless */
+            break;      /* SWITCHOVER_ACK...: not expected, harmless */
         }
     }
 }
@@ -595,6 +642,8 @@ static int check_rp(struct bridge *b)
     if (st == 1 && b->shut_value != 0)
         return fail(b, E_DEST_FAILED, "destination reported a failed migration "
                     "(SHUT %u); see the destination's log", b->shut_value);
+    if (st == 2 && b->rp_error.name[0])
+        return fail(b, b->rp_error.name, "%s", b->rp_error.msg);
     if (st == 2)
         return fail(b, E_DEST_GONE, "%s", b->rp_err[0] ? b->rp_err
                     : "return path closed by the destination");
@@ -764,6 +813,27 @@ static int send_setup(struct bridge *b)
     return 0;
 }
 
+/* Debug knob for recovery tests: FASTSNAP_LOADER_INJECT=serve-hang-in-POINT:FLAG
+ * makes the loader that removes FLAG (one loader only, also across restarts)
+ * stop at POINT (`package`: half the package is on the wire, so the
+ * destination is still reading it; `eager`: half the eager pages are), so a
+ * test's SIGKILL lands there. */
+static void inject_hang(struct bridge *b, const char *point)
+{
+    static const char key[] = "serve-hang-in-";
+    const char *v = getenv("FASTSNAP_LOADER_INJECT");
+    size_t n = strlen(point);
+    if (!v || strncmp(v, key, sizeof key - 1) != 0 || strncmp(v + sizeof key - 1, point, n) != 0 ||
+        v[sizeof key - 1 + n] != ':' || unlink(v + sizeof key + n) != 0)
+        return;
+    if (b->in_section && section_end(b) < 0)
+        return;
+    if (flush(b) < 0)
+        return;
+    for (;;)
+        pause();
+}
+
 static int send_package(struct bridge *b)
 {
     const struct br_snap *s = &b->snap;
@@ -792,6 +862,8 @@ static int send_package(struct bridge *b)
             got += (size_t)r;
         }
         done += want;
+        if (done >= s->dev_len / 2 && done - want < s->dev_len / 2)
+            inject_hang(b, "package");
     }
     put_be32(p, PING_PACKAGE_LOADED);
     if (emit_cmd(b, CMD_PING, p, 4) < 0 || emit_cmd(b, CMD_RUN, NULL, 0) < 0 || flush(b) < 0)
@@ -825,7 +897,9 @@ static int send_pages(struct bridge *b)
 {
     const struct br_snap *s = &b->snap;
     b->t_eager0 = now_s(b);
-    uint64_t max_run = max_run_pages(b);
+    uint64_t max_run = max_run_pages(b), half = 0;
+    for (uint32_t bi = 0; bi < s->nblocks; bi++)
+        half += s->blocks[bi].set_pages / 2;
     for (uint32_t bi = 0; bi < s->nblocks; bi++) {
         struct br_block *blk = &s->blocks[bi];
         uint64_t p = 0;
@@ -882,6 +956,8 @@ static int send_pages(struct bridge *b)
                     return -1;
                 b->pages_eager += k;
                 p += k;
+                if (b->pages_eager >= half && b->pages_eager - k < half)
+                    inject_hang(b, "eager");
             }
             if (b->in_section && b->section_pages >= SECTION_PAGES && section_end(b) < 0)
                 return -1;
@@ -937,6 +1013,68 @@ static int wait_package_loaded(struct bridge *b)
             return fail(b, E_TIMEOUT, "destination did not finish loading the "
                         "device state within %.0f s", b->io_timeout);
     }
+}
+
+/* --resume: wait until every block's RECV_BITMAP (ack 0) or the RESUME_ACK (ack 1) arrived. */
+static int wait_resume(struct bridge *b, int ack)
+{
+    struct timespec dl;
+    deadline_in(&dl, b->io_timeout);
+    pthread_mutex_lock(&b->rp_lock);
+    int rc = 0;
+    while (atomic_load(&b->rp_state) == 0 && rc == 0 &&
+           (ack ? !b->resume.acked : b->resume.ngot < b->snap.nblocks))
+        rc = pthread_cond_timedwait(&b->rp_cond, &b->rp_lock, &dl);
+    int done = ack ? b->resume.acked : b->resume.ngot == b->snap.nblocks;
+    pthread_mutex_unlock(&b->rp_lock);
+    if (done)
+        return 0;
+    if (check_rp(b) < 0)
+        return -1;
+    return fail(b, E_TIMEOUT, "no %s from the destination within %.0f s (is it paused in "
+                "postcopy, with migrate-recover listening on --to?)",
+                ack ? "RESUME_ACK" : "RECV_BITMAP for every block", b->io_timeout);
+}
+
+/* --resume: the recovery handshake (bridge_resume.h); then requests the
+ * destination re-sends after its ACK are served before any eager page. */
+static int resume_handshake(struct bridge *b)
+{
+    uint8_t p[256];
+    for (size_t i = 0; i < b->snap.nblocks; i++) {
+        size_t n = br_resume_bitmap_cmd(&b->snap.blocks[i], p);
+        if (emit_cmd(b, BR_CMD_RECV_BITMAP, p, (uint16_t)n) < 0)
+            return -1;
+    }
+    if (flush(b) < 0 || wait_resume(b, 0) < 0)
+        return -1;
+    b->t_bitmaps = now_s(b);
+    pthread_mutex_lock(&b->rp_lock);
+    b->resume.resume_sent = 1;
+    pthread_mutex_unlock(&b->rp_lock);
+    if (emit_cmd(b, BR_CMD_POSTCOPY_RESUME, NULL, 0) < 0 || flush(b) < 0 ||
+        wait_resume(b, 1) < 0)
+        return -1;
+    b->t_resume_ack = now_s(b);
+    struct timespec wall;
+    clock_gettime(CLOCK_REALTIME, &wall);
+    b->wall_resume_ack = (double)wall.tv_sec + (double)wall.tv_nsec / 1e9;
+    /* QEMU re-sends every request still pending right after its ACK: give
+     * the first one RESUME_GRACE_S to arrive, so they go out before any
+     * eager page (the faulting vCPUs have waited since the loss). */
+    struct timespec dl;
+    deadline_in(&dl, RESUME_GRACE_S);
+    pthread_mutex_lock(&b->rp_lock);
+    b->package_loaded = 1;      /* RUN was processed before the destination paused */
+    int rc = 0;
+    while (b->q_len == 0 && atomic_load(&b->rp_state) == 0 && rc == 0)
+        rc = pthread_cond_timedwait(&b->rp_cond, &b->rp_lock, &dl);
+    pthread_mutex_unlock(&b->rp_lock);
+    atomic_fetch_add(&b->q_pending, 1);     /* rp_queue may not have raised it yet */
+    if (serve_requests(b) < 0)
+        return -1;
+    b->resume_requests_first = b->requests_served;
+    return 0;
 }
 
 static int send_end(struct bridge *b)
@@ -1067,6 +1205,12 @@ static void write_stats(struct bridge *b, FILE *f, int rc)
             (unsigned long long)b->requests, (unsigned long long)b->requests_served,
             (unsigned long long)b->requests_duplicate, (unsigned long long)b->rp_bad_requests,
             b->pongs, b->send_seconds, b->read_seconds, (unsigned long long)b->double_sends);
+    fprintf(f, "\"resume\": %s, \"pages_present\": %llu, \"pages_present_zero\": %llu, "
+            "\"time_bitmaps_s\": %.6f, \"time_resume_ack_s\": %.6f, "
+            "\"resume_ack_unix_s\": %.6f, \"resume_requests_first\": %llu, ",
+            b->resume.active ? "true" : "false", (unsigned long long)b->resume.pages_present,
+            (unsigned long long)b->resume.pages_present_zero, b->t_bitmaps, b->t_resume_ack,
+            b->wall_resume_ack, (unsigned long long)b->resume_requests_first);
     fputs("\"latency_us\": ", f);
     mr_samples_json(f, &b->lat);
     fputs("}\n", f);
@@ -1079,7 +1223,7 @@ static void usage(FILE *f)
     fputs("usage: fastsnap-loader serve FILE [--offset N] --to unix:PATH|fd:N [--json]\n"
           "       [--stats-file F] [--zero-pages requested|all] [--io-timeout S]\n"
           "       [--shut-timeout S] [--connect-timeout S] [--max-bandwidth MIB_S]\n"
-          "       [--sndbuf BYTES] [--host-page-size ID=SIZE]...\n"
+          "       [--sndbuf BYTES] [--host-page-size ID=SIZE]... [--resume]\n"
           "   or: fastsnap-loader serve FILE [--offset N] --describe\n", f);
 }
 
@@ -1140,13 +1284,17 @@ static int run(struct bridge *b)
         describe(&b->snap, stdout);
         return 0;
     }
-    if (connect_to(b) < 0 || send_preamble(b) < 0)
+    if (b->resume.active && br_resume_init(&b->resume, b->snap.nblocks, &b->err) < 0)
+        return -1;
+    if (connect_to(b) < 0 || (!b->resume.active && send_preamble(b) < 0))
         return -1;
     if (pthread_create(&b->rp_thread, NULL, rp_main, b) != 0)
         return fail(b, E_INTERNAL, "cannot start the return-path thread");
     b->rp_started = 1;
-    if (send_setup(b) < 0 || send_package(b) < 0 || send_pages(b) < 0 || send_end(b) < 0 ||
-        wait_shut(b) < 0)
+    if (b->resume.active ? resume_handshake(b) < 0
+                         : send_setup(b) < 0 || send_package(b) < 0)
+        return -1;
+    if (send_pages(b) < 0 || send_end(b) < 0 || wait_shut(b) < 0)
         return -1;
     return 0;
 }
@@ -1166,6 +1314,7 @@ static int parse_options(struct bridge *b, int argc, char **argv, int *json,
         {"describe", no_argument, NULL, 'd'},
         {"sndbuf", required_argument, NULL, 'B'},
         {"host-page-size", required_argument, NULL, 'H'},
+        {"resume", no_argument, NULL, 'r'},
         {"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
     /* Called as bridge_main(argc - 1, argv + 1) ("serve" in argv[0]); also
      * accept the whole command line ("fastsnap-loader serve ..."). */
@@ -1184,6 +1333,7 @@ static int parse_options(struct bridge *b, int argc, char **argv, int *json,
         case 't': b->to = optarg; break;
         case 'j': *json = 1; break;
         case 'd': b->describe_only = 1; break;
+        case 'r': b->resume.active = 1; break;
         case 'B':
             ok = mr_parse_u64(optarg, &n) == 0 && n <= INT32_MAX;
             b->sndbuf = (int)n;
@@ -1255,6 +1405,7 @@ static void bridge_free(struct bridge *b)
     free(b->stage);
     mr_samples_free(&b->lat);
     free(b->q);
+    br_resume_free(&b->resume);
     if (b->in_section)      /* a failure left a section open */
         pthread_mutex_unlock(&b->out_lock);
     pthread_mutex_destroy(&b->out_lock);

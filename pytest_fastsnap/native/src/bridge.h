@@ -7,7 +7,7 @@
  *                   [--json] [--stats-file F] [--zero-pages requested|all]
  *                   [--io-timeout S] [--shut-timeout S] [--connect-timeout S]
  *                   [--max-bandwidth MIB_S] [--sndbuf BYTES]
- *                   [--host-page-size ID=SIZE]...
+ *                   [--host-page-size ID=SIZE]... [--resume]
  *   fastsnap-loader serve FILE [--offset N] --describe   (parse only, JSON)
  *
  * --zero-pages: clear-bit (zero) pages are sent only when requested by
@@ -20,6 +20,11 @@
  * START that block's page size, the discard covers a whole host page, and
  * every host page's target pages are sent consecutively (ZERO records
  * included), on request and eagerly, never interleaved with another.
+ *
+ * --resume: the destination is paused in postcopy after losing its source
+ * and listens on --to (QMP migrate-recover); instead of the stream header
+ * and package, ask for its received-page bitmaps, resume, and send every
+ * page it still lacks, each once (bridge_resume.h).
  *
  * Exit status (mr_errors.h, the same for every subcommand): 0 migration
  * completed (SHUT 0 received) or --describe printed; 2 unusable input (bad

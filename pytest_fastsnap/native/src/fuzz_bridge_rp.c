@@ -1,9 +1,14 @@
 /* libFuzzer harness for the postcopy bridge's return-path message parser
- * (rp_main in bridge.c: SHUT, PONG, REQ_PAGES, REQ_PAGES_ID from QEMU):
- *   clang -fsanitize=fuzzer,address,undefined fuzz_bridge_rp.c bridge_snap.c mr_*.c
+ * (rp_main in bridge.c: SHUT, PONG, REQ_PAGES, REQ_PAGES_ID from QEMU, and
+ * in a --resume run RECV_BITMAP with its out-of-frame bitmap and RESUME_ACK,
+ * parsed by bridge_resume.c):
+ *   clang -fsanitize=fuzzer,address,undefined fuzz_bridge_rp.c bridge_snap.c
+ *         bridge_resume.c mr_*.c
  * bridge.c is included so its static parser runs as is, on a socketpair
- * holding the input, against a snapshot of two blocks.  Every request it
- * queues must lie inside its block, page aligned; it must stop at EOF.
+ * holding the input, against a snapshot of two blocks, as a resumed bridge
+ * that has sent POSTCOPY_RESUME.  Every request it queues must lie inside
+ * its block, page aligned; bitmaps claim only pages inside their block and
+ * at most once; it must stop at EOF.
  * Not part of the loader binary (loader.py skips fuzz_*.c). */
 #include "bridge.c"
 
@@ -38,8 +43,26 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     blocks[1].idlen = 7;
     blocks[1].length = 16 * PS;
 
+    mr_core_block core[2];
+    memset(core, 0, sizeof core);
+    for (int i = 0; i < 2; i++) {
+        blocks[i].npages = blocks[i].length / PS;
+        core[i].num_pages = blocks[i].npages;
+        core[i].nwords = (blocks[i].npages + 63) / 64;
+        core[i].file_bits = calloc(core[i].nwords, sizeof(uint64_t));
+        core[i].claimed = calloc(core[i].nwords, sizeof(uint64_t));
+        if (!core[i].file_bits || !core[i].claimed)
+            abort();
+        core[i].file_bits[0] = 0x5555555555555555ull;  /* every other page has data */
+        blocks[i].core = &core[i];
+    }
+
     struct bridge *b = calloc(1, sizeof *b);
     if (!b)
+        abort();
+    b->resume.active = 1;
+    b->resume.resume_sent = 1;
+    if (br_resume_init(&b->resume, 2, &b->err) < 0)
         abort();
     b->sock = sv[0];
     b->snap.tps = PS;
@@ -62,6 +85,24 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             r->len > blk->length - r->start)
             abort();
     }
+    uint64_t claimed = 0;
+    for (int i = 0; i < 2; i++) {
+        for (uint64_t w = 0; w < core[i].nwords; w++) {
+            uint64_t word = atomic_load(&core[i].claimed[w]);
+            if (w == core[i].nwords - 1 && blocks[i].npages % 64 &&
+                word >> (blocks[i].npages % 64))
+                abort();    /* a claim past the block's last page */
+            claimed += (uint64_t)__builtin_popcountll(word);
+        }
+    }
+    if (b->resume.ngot > 2 || b->resume.pages_present > claimed ||
+        b->resume.pages_present_zero > b->resume.pages_present)
+        abort();
+    for (int i = 0; i < 2; i++) {
+        free(core[i].file_bits);
+        free((void *)core[i].claimed);
+    }
+    br_resume_free(&b->resume);
     free(b->q);
     pthread_mutex_destroy(&b->rp_lock);
     pthread_cond_destroy(&b->rp_cond);

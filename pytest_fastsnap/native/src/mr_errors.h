@@ -72,6 +72,7 @@
 #define E_DEST_FAILED "E_DEST_FAILED"   /* destination reported a failed migration */
 #define E_DEST_STALLED "E_DEST_STALLED" /* destination stopped reading */
 #define E_TIMEOUT "E_TIMEOUT"           /* a wait for the destination timed out */
+#define E_DEST_PROTOCOL "E_DEST_PROTOCOL" /* destination sent a malformed or unexpected message */
 
 #define E_UFFD "E_UFFD"                 /* userfaultfd unavailable or an ioctl failed */
 
