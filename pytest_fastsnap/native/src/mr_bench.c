@@ -104,9 +104,8 @@ static int uffd_round_trip(unsigned long pages, unsigned nt, mr_samples *lat, mr
     int rc = -1, uffd = -1;
     size_t len = (size_t)pages * PAGE;
     unsigned char *region = MAP_FAILED, *src = aligned_alloc(PAGE, PAGE);
-    const char *inject = getenv("FASTSNAP_LOADER_INJECT");
     bench_ctx b = {.uffd = -1, .stop_efd = eventfd(0, EFD_CLOEXEC),
-                   .inject_copy_fail = inject && strcmp(inject, "uffd-copy-fail") == 0};
+                   .inject_copy_fail = mr_inject("uffd-copy-fail")};
     pthread_t th;
     if (!src || b.stop_efd < 0) {
         mr_error_set(err, E_INTERNAL, "%s", src ? "eventfd failed" : "out of memory");

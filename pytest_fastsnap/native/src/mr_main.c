@@ -145,16 +145,23 @@ static int parse_args(int argc, char **argv, cli *c)
     return 0;
 }
 
-static void report_invalid(const cli *c, const mr_error *e)
+/* The one error report: one line on stderr (`what` prefixes the message,
+ * e.g. "load"), and with --json the error object on stdout.  Returns the
+ * exit status for e's name. */
+static int report_error(const cli *c, const char *what, const mr_error *e)
 {
-    fprintf(stderr, "fastsnap-loader: %s: %s\n", e->name, e->msg);
+    fprintf(stderr, "fastsnap-loader: %s: %s%s%s\n", e->name, what ? what : "", what ? ": " : "",
+            e->msg);
     if (c->json) {
+        char msg[sizeof e->msg + 32];
+        snprintf(msg, sizeof msg, "%s%s%s", what ? what : "", what ? ": " : "", e->msg);
         printf("{\"valid\":false,\"error\":");
         mr_json_string(stdout, e->name);
         printf(",\"message\":");
-        mr_json_string(stdout, e->msg);
+        mr_json_string(stdout, msg);
         printf("}\n");
     }
+    return mr_error_exit(e->name);
 }
 
 static int open_and_parse(const cli *c, int *fd, mr_snapshot *snap)
@@ -165,12 +172,11 @@ static int open_and_parse(const cli *c, int *fd, mr_snapshot *snap)
         char msg[128];
         snprintf(msg, sizeof msg, "%.100s", e.msg);
         snprintf(e.msg, sizeof e.msg, "%.300s: %.100s", c->file, msg);
-        report_invalid(c, &e);
-        return rc;
+        return report_error(c, NULL, &e);
     }
     rc = mr_parse_auto(*fd, c->have_offset ? &c->offset : NULL, &c->limits, snap, c->lv, &e);
     if (rc != MR_OK) {
-        report_invalid(c, &e);
+        report_error(c, NULL, &e);
         close(*fd);
         *fd = -1;
     }
@@ -204,13 +210,18 @@ static int cmd_inspect(const cli *c)
         return rc;
     mr_core_block *cb = calloc(s.nblocks ? s.nblocks : 1, sizeof *cb);
     if (!cb || mr_core_init(fd, &s, cb) < 0) {
-        fprintf(stderr, "fastsnap-loader: reading bitmaps: %s\n", strerror(errno));
+        mr_error e;
+        if (cb)
+            mr_error_set(&e, E_IO, "reading bitmaps: %s", strerror(errno));
+        else
+            mr_error_set(&e, E_INTERNAL, "out of memory");
+        rc = report_error(c, "inspect", &e);
         if (cb)
             mr_core_free(cb, s.nblocks);
         free(cb);
         mr_snapshot_free(&s);
         close(fd);
-        return 1;
+        return rc;
     }
     if (c->json) {
         printf("{\"valid\":true,\"libvirt\":");
@@ -295,9 +306,7 @@ static int cmd_load(cli *c)
         return rc;
     mr_error e;
     c->load.json = c->json;
-    rc = mr_local_load(fd, &s, &c->load, stdout, &e) < 0 ? mr_error_exit(e.name) : 0;
-    if (rc)
-        fprintf(stderr, "fastsnap-loader: %s: load: %s\n", e.name, e.msg);
+    rc = mr_local_load(fd, &s, &c->load, stdout, &e) < 0 ? report_error(c, "load", &e) : 0;
     mr_snapshot_free(&s);
     close(fd);
     return rc;
@@ -339,6 +348,5 @@ int main(int argc, char **argv)
     mr_error e;
     if (mr_uffd_bench(c.file, c.pages, c.load.threads, c.json, stdout, &e) == 0)
         return 0;
-    fprintf(stderr, "fastsnap-loader: %s: uffd-bench: %s\n", e.name, e.msg);
-    return mr_error_exit(e.name);
+    return report_error(&c, "uffd-bench", &e);
 }
