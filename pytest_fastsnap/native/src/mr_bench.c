@@ -235,7 +235,7 @@ int mr_uffd_bench(const char *path, unsigned long pages, unsigned touchers, int 
         return mr_error_set(err, E_USAGE, "--pages must be 1..1048576");
     struct stat st;
     int rc = -1, fd;
-    if (mr_open(path, &fd, err) != MR_OK) {     /* E_OPEN / E_NOT_FILE */
+    if (mr_open(path, &fd, err) < 0) {     /* E_OPEN / E_NOT_FILE */
         mr_error e = *err;  /* the path first, like the other subcommands */
         return mr_error_set(err, e.name, "%.200s: %.200s", path, e.msg);
     }

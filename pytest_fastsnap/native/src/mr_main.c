@@ -164,23 +164,23 @@ static int report_error(const cli *c, const char *what, const mr_error *e)
     return mr_error_exit(e->name);
 }
 
+/* 0 with *fd open and *snap parsed, or the reported error's exit status. */
 static int open_and_parse(const cli *c, int *fd, mr_snapshot *snap)
 {
     mr_error e;
-    int rc = mr_open(c->file, fd, &e);
-    if (rc != MR_OK) {
+    if (mr_open(c->file, fd, &e) < 0) {
         char msg[128];
         snprintf(msg, sizeof msg, "%.100s", e.msg);
         snprintf(e.msg, sizeof e.msg, "%.300s: %.100s", c->file, msg);
         return report_error(c, NULL, &e);
     }
-    rc = mr_parse_auto(*fd, c->have_offset ? &c->offset : NULL, &c->limits, snap, c->lv, &e);
-    if (rc != MR_OK) {
-        report_error(c, NULL, &e);
+    if (mr_parse_auto(*fd, c->have_offset ? &c->offset : NULL, &c->limits, snap, c->lv,
+                      &e) < 0) {
         close(*fd);
         *fd = -1;
+        return report_error(c, NULL, &e);
     }
-    return rc;
+    return 0;
 }
 
 static int cmd_verify(const cli *c)
