@@ -24,7 +24,8 @@ static const char USAGE[] =
     "  inspect FILE [--offset N] [--json]\n"
     "  verify FILE [--offset N] [--max-length ID=SIZE]... [--json]\n"
     "  load FILE [--offset N] [--max-length ID=SIZE]... --mode lazy|fault-only|eager|sync\n"
-    "       [--access none|seq|random|all] [--threads N] [--fault-threads N] [--seed N]\n"
+    "       [--access none|seq|random|all] [--threads N] [--fault-threads N]\n"
+    "       [--fault-spin-us N] [--seed N]"
     "       [--hugepages] [--baseline] [--json]\n"
     "  uffd-bench FILE [--pages N] [--threads N] [--json]\n"
     "  serve FILE [--offset N] --to unix:PATH|fd:N ...   (postcopy bridge, see bridge.h)\n"
@@ -60,6 +61,7 @@ static int parse_args(int argc, char **argv, cli *c)
 {
     c->load.threads = 1;
     c->load.fault_threads = 1;
+    c->load.fault_spin_us = MR_FAULT_SPIN_US;
     c->load.access = MR_ACCESS_NONE;
     c->pages = 4096;
     for (int i = 2; i < argc; i++) {
@@ -117,6 +119,11 @@ static int parse_args(int argc, char **argv, cli *c)
             if (mr_parse_u64(v, &n) < 0 || n < 1 || n > 16)
                 return usage_error("--fault-threads must be 1..16");
             c->load.fault_threads = (unsigned)n;
+            i++;
+        } else if (strcmp(a, "--fault-spin-us") == 0) {
+            if (mr_parse_u64(v, &n) < 0 || n > 1000)
+                return usage_error("--fault-spin-us must be 0..1000");
+            c->load.fault_spin_us = (unsigned)n;
             i++;
         } else if (strcmp(a, "--hugepages") == 0) {
             c->load.hugepages = 1;
