@@ -122,5 +122,7 @@ def test_fault_data_sources_and_spin_restore_the_same_memory(
     st = out["stats"]
     assert out["blocks"][0]["sha256"] == hashlib.sha256(content).hexdigest()
     assert st["pages_loaded"] == st["total_pages"] == 512 and st["double_loads"] == 0
+    assert st["fault_source"] == ("pread" if source else "mmap")
+    assert st["fault_spin_us"] == int(spin)
     if mode == "fault-only":  # lazy: the eager thread may place 2 MiB before any fault
         assert st["faults"] > 0 and st["fault_stages_us"]["copy"]["count"] > 0

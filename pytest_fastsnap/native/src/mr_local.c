@@ -889,8 +889,9 @@ static void report_json(lctx *c, FILE *out, char digests[][65], const mr_baselin
     mr_samples_json(out, &c->fault_lat);
     fputs(",\"touch_latency_us\":", out);
     mr_samples_json(out, &c->touch_lat);
-    fprintf(out, ",\"fault_threads\":%u,\"fault_stages_us\":{\"event_read\":",
-            c->opts->fault_threads);
+    fprintf(out, ",\"fault_threads\":%u,\"fault_spin_us\":%u,\"fault_source\":\"%s\","
+            "\"fault_stages_us\":{\"event_read\":", c->opts->fault_threads,
+            c->opts->fault_spin_us, c->fmap ? "mmap" : "pread");
     mr_samples_json(out, &c->st_event);
     fputs(",\"claim\":", out);
     mr_samples_json(out, &c->st_claim);
