@@ -1,6 +1,7 @@
 /* Owns `uffd-bench` and the `load --baseline` reference numbers: the raw
- * userfaultfd round trip (one toucher, one handler answering with a 4 KiB
- * UFFDIO_COPY from memory, no file I/O) and a sequential 1 MiB pread. */
+ * userfaultfd round trip (N touching threads, one handler blocking in poll()
+ * and answering each fault with a 4 KiB UFFDIO_COPY from memory, no file
+ * I/O) and a sequential 1 MiB pread. */
 #define _GNU_SOURCE
 #include "mr_local.h"
 

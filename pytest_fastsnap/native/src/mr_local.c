@@ -1,7 +1,9 @@
-/* Owns `load`: local restore through userfaultfd (a fault thread, an eager
- * thread, access-driver threads; pages claimed through mr_core so each is
- * placed exactly once) and the sync pread mode.  All state lives in one lctx
- * per load.  userfaultfd set-up is mr_uffd.c, uffd-bench/--baseline mr_bench.c. */
+/* Owns `load`: local restore through userfaultfd (fault threads copying from
+ * a read-only mapping of the file, an eager thread, access-driver threads;
+ * pages claimed through mr_core so each is placed exactly once), the sync
+ * pread mode, and the load's FASTSNAP_LOADER_INJECT failure paths.  All
+ * state lives in one lctx per load.  userfaultfd set-up is mr_uffd.c,
+ * uffd-bench/--baseline mr_bench.c. */
 #define _GNU_SOURCE
 #include "mr_local.h"
 

@@ -1,4 +1,5 @@
-/* Owns the userfaultfd plumbing (see mr_uffd.h). */
+/* Owns the userfaultfd plumbing and the FASTSNAP_LOADER_INJECT knob reader
+ * (see mr_uffd.h). */
 #define _GNU_SOURCE
 #include "mr_uffd.h"
 
