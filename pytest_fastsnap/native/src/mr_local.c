@@ -402,19 +402,16 @@ static void *fault_thread(void *arg)
     uint64_t spin_ns = (uint64_t)c->opts->fault_spin_us * 1000, last_event = 0;
     while (!atomic_load(&c->stop)) {
         /* Right after an event the next one tends to follow within a few µs
-         * (the toucher resumes and faults again): read the (non-blocking)
-         * uffd for up to spin_ns before blocking, which saves the fault
-         * thread's wake-up (yielding between reads, so a toucher woken on
-         * this CPU is not kept waiting by the spin).  Then block until a fault or a stop request
-         * (stop_efd). */
-        ssize_t r = -1;
-        errno = EAGAIN;
+         * (the toucher resumes and faults again): read the non-blocking uffd
+         * for up to spin_ns, yielding between reads so a toucher woken on
+         * this CPU is not kept waiting, which saves the fault thread's
+         * wake-up.  Then block until a fault or a stop request (stop_efd). */
+        ssize_t r;
         if (spin_ns && mr_now_ns() - last_event < spin_ns) {
             r = read(c->uffd, msgs, sizeof msgs);
             if (r < 0 && errno == EAGAIN)
-                sched_yield(); /* the woken toucher may be queued on this CPU */
-        }
-        if (r < 0 && errno == EAGAIN && !(spin_ns && mr_now_ns() - last_event < spin_ns)) {
+                sched_yield();
+        } else {
             struct pollfd pfd[2] = {{.fd = c->uffd, .events = POLLIN},
                                     {.fd = c->stop_efd, .events = POLLIN}};
             int pr = poll(pfd, 2, -1);
