@@ -17,6 +17,8 @@ from pytest_fastsnap.snapshot.writer import write_snapshot
                                                     "--access", "sideways"],
     ["load", "x", "--mode", "lazy", "--threads", "0"], ["verify", "x", "--max-length", "pc.ram"],
     ["inspect", "x", "--what"], ["uffd-bench", "x", "--pages", "0"],
+    ["load", "x", "--mode", "lazy", "--fault-spin-us", "abc"],
+    ["load", "x", "--mode", "lazy", "--fault-spin-us", "1001"],
 ])
 def test_bad_usage_exits_2(args: list[str]) -> None:
     res = run_loader(args, timeout=10)

@@ -148,12 +148,17 @@ def test_vm_description_must_be_json_like_the_python_reader(
 
 
 def test_error_names_match_between_readers() -> None:
-    """The C reader gives exactly the Python reader's names (with E_), plus its own
-    E_MAX_LENGTH (--max-length) and E_INTERNAL (I/O)."""
+    """The C reader raises exactly the Python reader's names (with E_), plus its
+    own E_MAX_LENGTH (--max-length) and E_INTERNAL (I/O).  It raises them as
+    mr_errors.h identifiers, never as string literals, so a misspelt name
+    does not compile."""
     import re
 
     from pytest_fastsnap.snapshot.errors import ERROR_NAMES
     src = Path(__file__).parents[1] / "pytest_fastsnap" / "native" / "src"
-    c_names = {n for f in ("mr_format.c", "mr_libvirt.c")
-               for n in re.findall(r'"E_([A-Z0-9_]+)"', (src / f).read_text())}
+    c_names: set[str] = set()
+    for f in ("mr_format.c", "mr_libvirt.c"):
+        code = re.sub(r"/\*.*?\*/", "", (src / f).read_text(), flags=re.S)
+        assert not re.findall(r'"E_[A-Z0-9_]+"', code), f"{f} spells an error name as a string"
+        c_names |= set(re.findall(r"\bE_([A-Z0-9_]+)\b", code))
     assert c_names - {"MAX_LENGTH", "INTERNAL"} == set(ERROR_NAMES)

@@ -204,7 +204,8 @@ def test_fuzz_parser(vm_factory: VmFactory, snapshot_factory: SnapshotFactory,
     binary = tmp_path / "fuzz_format"
     cmd = [clang, "-std=c11", "-g", "-O1", "-fsanitize=fuzzer,address,undefined",
            "-fno-sanitize-recover=all", "-o", str(binary), str(FUZZ_SRC / "fuzz_format.c"),
-           str(FUZZ_SRC / "mr_format.c"), str(FUZZ_SRC / "mr_libvirt.c")]
+           str(FUZZ_SRC / "mr_format.c"), str(FUZZ_SRC / "mr_libvirt.c"),
+           str(FUZZ_SRC / "mr_errors.c")]
     build = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if build.returncode != 0 and "libclang_rt.fuzzer" in build.stderr:
         pytest.skip("clang is installed but its libFuzzer runtime (libclang_rt.fuzzer) is "

@@ -120,8 +120,7 @@ int br_snap_open(struct br_snap *s, const char *path, uint64_t offset)
 {
     memset(s, 0, sizeof(*s));
     mr_snapshot *ms = &s->ms;
-    if (mr_open(path, &s->fd, &s->err) != MR_OK ||
-        mr_parse(s->fd, offset, NULL, ms, &s->err) != MR_OK)
+    if (mr_open(path, &s->fd, &s->err) < 0 || mr_parse(s->fd, offset, NULL, ms, &s->err) < 0)
         return -1;
     s->file_size = ms->file_size;
     s->base = offset;

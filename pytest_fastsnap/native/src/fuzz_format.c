@@ -12,6 +12,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "mr_errors.h"
 #include "mr_format.h"
 #include "mr_libvirt.h"
 
@@ -78,7 +79,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     strcpy(limits.item[0].id, "pc.ram");
     limits.item[0].max_length = 1ull << 40;
     int rc = mr_parse_auto(fd, NULL, &limits, &snap, NULL, &err); /* libvirt header too */
-    if (rc == MR_OK) {
+    if (rc == 0) {
         /* A valid parse must describe a consistent layout. */
         for (size_t i = 0; i < snap.nblocks; i++) {
             const mr_block *b = &snap.blocks[i];
@@ -89,9 +90,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (snap.eof_offset >= snap.file_size || snap.dev_start > snap.eof_offset)
             abort();
         mr_snapshot_free(&snap);
-    } else if (rc == MR_INVALID) {
-        if (strncmp(err.name, "E_", 2) != 0 || !err.msg[0])
-            abort();
+    } else if (rc != -1 || strncmp(err.name, "E_", 2) != 0 || !err.msg[0] ||
+               (mr_error_exit(err.name) != 2 && strcmp(err.name, E_INTERNAL) != 0)) {
+        abort(); /* -1 with a named error: a format name, or E_INTERNAL */
     }
     close(fd);
     return 0;

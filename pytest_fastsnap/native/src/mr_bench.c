@@ -1,6 +1,7 @@
 /* Owns `uffd-bench` and the `load --baseline` reference numbers: the raw
- * userfaultfd round trip (one toucher, one handler answering with a 4 KiB
- * UFFDIO_COPY from memory, no file I/O) and a sequential 1 MiB pread. */
+ * userfaultfd round trip (N touching threads, one handler blocking in poll()
+ * and answering each fault with a 4 KiB UFFDIO_COPY from memory, no file
+ * I/O) and a sequential 1 MiB pread. */
 #define _GNU_SOURCE
 #include "mr_local.h"
 
@@ -104,9 +105,8 @@ static int uffd_round_trip(unsigned long pages, unsigned nt, mr_samples *lat, mr
     int rc = -1, uffd = -1;
     size_t len = (size_t)pages * PAGE;
     unsigned char *region = MAP_FAILED, *src = aligned_alloc(PAGE, PAGE);
-    const char *inject = getenv("FASTSNAP_LOADER_INJECT");
     bench_ctx b = {.uffd = -1, .stop_efd = eventfd(0, EFD_CLOEXEC),
-                   .inject_copy_fail = inject && strcmp(inject, "uffd-copy-fail") == 0};
+                   .inject_copy_fail = mr_inject("uffd-copy-fail")};
     pthread_t th;
     if (!src || b.stop_efd < 0) {
         mr_error_set(err, E_INTERNAL, "%s", src ? "eventfd failed" : "out of memory");
@@ -236,7 +236,7 @@ int mr_uffd_bench(const char *path, unsigned long pages, unsigned touchers, int 
         return mr_error_set(err, E_USAGE, "--pages must be 1..1048576");
     struct stat st;
     int rc = -1, fd;
-    if (mr_open(path, &fd, err) != MR_OK) {     /* E_OPEN / E_NOT_FILE */
+    if (mr_open(path, &fd, err) < 0) {     /* E_OPEN / E_NOT_FILE */
         mr_error e = *err;  /* the path first, like the other subcommands */
         return mr_error_set(err, e.name, "%.200s: %.200s", path, e.msg);
     }

@@ -76,10 +76,10 @@
 
 #define E_UFFD "E_UFFD"                 /* userfaultfd unavailable or an ioctl failed */
 
-/* The internal return convention: a function that fails fills an mr_error
+/* The internal return convention, everywhere (the parser, the libvirt
+ * header, the loader, the bridge): a function that fails fills an mr_error
  * (name + message) and returns -1; mr_error_set does both in one statement
- * (`return mr_error_set(err, E_IO, "...", ...);`).  mr_parse keeps its
- * documented 0/1/2 (MR_OK/MR_INTERNAL/MR_INVALID) with the same mr_error. */
+ * (`return mr_error_set(err, E_IO, "...", ...);`). */
 __attribute__((format(printf, 3, 4)))
 int mr_error_set(mr_error *e, const char *name, const char *fmt, ...);
 int mr_error_vset(mr_error *e, const char *name, const char *fmt, va_list ap);

@@ -1,19 +1,26 @@
 /* Strict mapped-ram parser: see mr_format.h.  Rules and their order follow
  * pytest_fastsnap/snapshot/format.py (the independent Python reader), so the
- * two agree on every file; README.md lists the error names. */
+ * two agree on every file; README.md lists the error names.
+ *
+ * Error convention, the loader's one (mr_errors.h): a function that finds a
+ * broken rule fills c->err through fail() (an E_* identifier from
+ * mr_errors.h, so the compiler checks the name) or internal() and returns
+ * -1; every caller passes -1 up with TRY().  Values come back through out
+ * parameters.  No setjmp/longjmp. */
 #define _GNU_SOURCE
 #include "mr_format.h"
 
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
-#include <setjmp.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#include "mr_errors.h"
 
 #define MAGIC 0x5145564Du
 #define STREAM_VERSION 3u
@@ -39,12 +46,17 @@
 #define CACHE_SIZE (64u << 10) /* read-ahead for the small framing reads */
 #define JSON_MAX_DEPTH 1000u   /* about where Python's json.loads gives up */
 
+/* Pass a failure (-1, c->err already filled) up to the caller. */
+#define TRY(expr)                                                                                 \
+    do {                                                                                          \
+        if ((expr) < 0)                                                                           \
+            return -1;                                                                            \
+    } while (0)
+
 typedef struct pctx {
     int fd;
     uint64_t size;
-    jmp_buf jb;
     mr_error *err;
-    int status;
     const mr_limits *limits;
     mr_snapshot *snap;
     unsigned char *window;  /* freed by mr_parse */
@@ -64,36 +76,28 @@ static uint64_t roundup_align(uint64_t v)
     return r == UINT64_MAX ? UINT64_MAX : r - r % MR_ALIGN;
 }
 
-static void failv(pctx *c, int status, const char *name, const char *fmt, va_list ap)
-{
-    snprintf(c->err->name, sizeof c->err->name, "%s", name);
-    vsnprintf(c->err->msg, sizeof c->err->msg, fmt, ap);
-    c->status = status;
-    longjmp(c->jb, 1);
-}
-
-__attribute__((format(printf, 3, 4), noreturn))
-static void fail(pctx *c, const char *name, const char *fmt, ...)
+/* A broken format rule: name (E_MAGIC ... E_VMDESC) and message; -1. */
+__attribute__((format(printf, 3, 4)))
+static int fail(pctx *c, const char *name, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
-    failv(c, MR_INVALID, name, fmt, ap);
+    mr_error_vset(c->err, name, fmt, ap);
     va_end(ap);
-    abort();
+    return -1;
 }
 
-__attribute__((format(printf, 2, 3), noreturn))
-static void internal(pctx *c, const char *fmt, ...)
+/* Not the file's fault (out of memory, a read error): E_INTERNAL; -1. */
+__attribute__((format(printf, 2, 3)))
+static int internal(pctx *c, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
-    failv(c, MR_INTERNAL, "E_INTERNAL", fmt, ap);
+    mr_error_vset(c->err, E_INTERNAL, fmt, ap);
     va_end(ap);
-    abort();
+    return -1;
 }
 
-/* Up to n bytes at off straight from the file; returns the count read (short
- * only at the real end of the file). */
 /* See mr_format.h. */
 ssize_t mr_pread_upto(int fd, void *buf, size_t n, uint64_t off)
 {
@@ -111,29 +115,37 @@ ssize_t mr_pread_upto(int fd, void *buf, size_t n, uint64_t off)
     return (ssize_t)got;
 }
 
-static size_t pread_upto(pctx *c, uint64_t off, size_t n, void *buf)
+/* Up to n bytes at off into buf, *got = the count (short only at the end of
+ * the file); -1 on a read error. */
+static int pread_upto(pctx *c, uint64_t off, size_t n, void *buf, size_t *got)
 {
-    ssize_t got = mr_pread_upto(c->fd, buf, n, off);
-    if (got < 0)
-        internal(c, "pread at %#" PRIx64 ": %s", off, strerror(errno));
-    return (size_t)got;
+    ssize_t r = mr_pread_upto(c->fd, buf, n, off);
+    if (r < 0)
+        return internal(c, "pread at %#" PRIx64 ": %s", off, strerror(errno));
+    *got = (size_t)r;
+    return 0;
 }
 
-/* Exactly n bytes at offset or 0 (no error).  Small reads go through a
- * read-ahead cache: the framing is millions of tiny fields in a hostile file
- * (e.g. a flood of 18-byte RAM PART records), and one pread per field made
- * verify take ~5 s per million records. */
+/* Exactly n bytes at offset: 1, or 0 if they are not in the file (no error
+ * set), or -1 on a read error.  Small reads go through a read-ahead cache:
+ * the framing is millions of tiny fields in a hostile file (e.g. a flood of
+ * 18-byte RAM PART records), and one pread per field made verify take ~5 s
+ * per million records. */
 static int peek(pctx *c, uint64_t off, size_t n, void *buf)
 {
+    size_t got = 0;
     if (off > c->size || n > c->size - off)
         return 0;
-    if (n > CACHE_SIZE / 2)
-        return pread_upto(c, off, n, buf) == n;
+    if (n > CACHE_SIZE / 2) {
+        TRY(pread_upto(c, off, n, buf, &got));
+        return got == n;
+    }
     if (off < c->cache_off || off + n > c->cache_off + c->cache_len) {
         uint64_t want = c->size - off < CACHE_SIZE ? c->size - off : CACHE_SIZE;
         c->cache_off = off;
-        c->cache_len = 0; /* stays empty if pread_upto longjmps */
-        c->cache_len = pread_upto(c, off, (size_t)want, c->cache);
+        c->cache_len = 0; /* stays empty if the read fails */
+        TRY(pread_upto(c, off, (size_t)want, c->cache, &got));
+        c->cache_len = got;
         if (n > c->cache_len)
             return 0; /* the file shrank after fstat */
     }
@@ -141,13 +153,17 @@ static int peek(pctx *c, uint64_t off, size_t n, void *buf)
     return 1;
 }
 
-static void rd(pctx *c, uint64_t off, size_t n, void *buf, const char *what)
+/* Exactly n bytes at off, or E_TRUNCATED naming `what`. */
+static int rd(pctx *c, uint64_t off, size_t n, void *buf, const char *what)
 {
     if (off > c->size || n > c->size - off)
-        fail(c, "E_TRUNCATED", "%s needs bytes [%#" PRIx64 ", %#" PRIx64 ") but the file "
-             "ends at %#" PRIx64, what, off, sadd(off, n), c->size);
-    if (!peek(c, off, n, buf))
-        fail(c, "E_TRUNCATED", "%s: short read at %#" PRIx64, what, off);
+        return fail(c, E_TRUNCATED, "%s needs bytes [%#" PRIx64 ", %#" PRIx64 ") but the file "
+                    "ends at %#" PRIx64, what, off, sadd(off, n), c->size);
+    int r = peek(c, off, n, buf);
+    TRY(r);
+    if (!r)
+        return fail(c, E_TRUNCATED, "%s: short read at %#" PRIx64, what, off);
+    return 0;
 }
 
 static uint64_t be(const unsigned char *p, size_t n)
@@ -158,20 +174,24 @@ static uint64_t be(const unsigned char *p, size_t n)
     return v;
 }
 
-static uint64_t uint_at(pctx *c, uint64_t off, size_t n, const char *what)
+/* Big-endian n-byte unsigned at off into *v. */
+static int uint_at(pctx *c, uint64_t off, size_t n, const char *what, uint64_t *v)
 {
     unsigned char b[8];
-    rd(c, off, n, b, what);
-    return be(b, n);
+    TRY(rd(c, off, n, b, what));
+    *v = be(b, n);
+    return 0;
 }
 
-/* str8 at off into out (NUL-terminated, 256 bytes); returns the offset after it. */
-static uint64_t str8(pctx *c, uint64_t off, char *out, const char *what)
+/* str8 at off into out (NUL-terminated, 256 bytes); *next = the offset after it. */
+static int str8(pctx *c, uint64_t off, char *out, const char *what, uint64_t *next)
 {
-    unsigned n = (unsigned)uint_at(c, off, 1, what);
-    rd(c, off + 1, n, out, what);
+    uint64_t n = 0;
+    TRY(uint_at(c, off, 1, what, &n));
+    TRY(rd(c, off + 1, (size_t)n, out, what));
     out[n] = 0;
-    return off + 1 + n;
+    *next = off + 1 + n;
+    return 0;
 }
 
 /* Printable copy of a block id for messages. */
@@ -189,46 +209,55 @@ static const char *pid(const char *id, char *buf, size_t len)
     return buf;
 }
 
-static uint64_t configuration(pctx *c, uint64_t pos)
+/* The configuration record at pos; *end = the byte after it. */
+static int configuration(pctx *c, uint64_t pos, uint64_t *end_out)
 {
     mr_snapshot *s = c->snap;
-    unsigned kind = (unsigned)uint_at(c, pos, 1, "configuration record");
+    uint64_t kind = 0, len = 0;
+    TRY(uint_at(c, pos, 1, "configuration record", &kind));
     if (kind != VM_CONFIGURATION)
-        fail(c, "E_CONFIG", "configuration record missing at %#" PRIx64 ": byte %#04x != 0x07",
-             pos, kind);
-    uint64_t len = uint_at(c, pos + 1, 4, "machine name length");
+        return fail(c, E_CONFIG, "configuration record missing at %#" PRIx64 ": byte %#04x != "
+                    "0x07", pos, (unsigned)kind);
+    TRY(uint_at(c, pos + 1, 4, "machine name length", &len));
     if (len == 0 || len > MAX_MACHINE_NAME)
-        fail(c, "E_CONFIG", "configuration: machine name length %" PRIu64 " not in 1..%u",
-             len, MAX_MACHINE_NAME);
+        return fail(c, E_CONFIG, "configuration: machine name length %" PRIu64 " not in 1..%u",
+                    len, MAX_MACHINE_NAME);
     s->config.start = pos;
-    rd(c, pos + 5, (size_t)len, s->machine, "machine name");
+    TRY(rd(c, pos + 5, (size_t)len, s->machine, "machine name"));
     s->machine[len] = 0;
     uint64_t cur = pos + 5 + len;
     int have_mapped_ram = 0, have_bits = 0;
     unsigned bits = 12;
-    while (uint_at(c, cur, 1, "configuration subsection") == VM_SUBSECTION) {
+    for (;;) {
+        uint64_t mark = 0, vid_at = 0, version = 0;
+        TRY(uint_at(c, cur, 1, "configuration subsection", &mark));
+        if (mark != VM_SUBSECTION)
+            break;
         char name[256];
-        uint64_t vid_at = str8(c, cur + 1, name, "subsection name");
-        uint_at(c, vid_at, 4, "subsection version");
+        TRY(str8(c, cur + 1, name, "subsection name", &vid_at));
+        TRY(uint_at(c, vid_at, 4, "subsection version", &version));
         uint64_t body = vid_at + 4, end;
         mr_range *range;
         if (strcmp(name, "configuration/target-page-bits") == 0) {
-            uint64_t v = uint_at(c, body, 4, "target-page-bits");
+            uint64_t v = 0;
+            TRY(uint_at(c, body, 4, "target-page-bits", &v));
             if (v < 9 || v > 16)
-                fail(c, "E_CONFIG", "configuration/target-page-bits %" PRIu64 " not in 9..16", v);
+                return fail(c, E_CONFIG, "configuration/target-page-bits %" PRIu64
+                            " not in 9..16", v);
             bits = (unsigned)v;
             have_bits = 1;
             end = body + 4;
             range = &s->sub_target_page_bits;
         } else if (strcmp(name, "configuration/capabilities") == 0) {
-            uint64_t n = uint_at(c, body, 4, "capability count");
+            uint64_t n = 0;
+            TRY(uint_at(c, body, 4, "capability count", &n));
             if (n > MAX_CAPABILITIES)
-                fail(c, "E_CONFIG", "configuration/capabilities count %" PRIu64 " > %u", n,
-                     MAX_CAPABILITIES);
+                return fail(c, E_CONFIG, "configuration/capabilities count %" PRIu64 " > %u", n,
+                            MAX_CAPABILITIES);
             end = body + 4;
             for (uint64_t i = 0; i < n; i++) {
                 char cap[256];
-                end = str8(c, end, cap, "capability name");
+                TRY(str8(c, end, cap, "capability name", &end));
                 if (s->ncaps < MR_MAX_CAPS) /* a repeated subsection adds more */
                     memcpy(s->caps[s->ncaps++], cap, sizeof cap);
                 if (strcmp(cap, "mapped-ram") == 0)
@@ -239,15 +268,15 @@ static uint64_t configuration(pctx *c, uint64_t pos)
             range = &s->sub_capabilities;
         } else if (strcmp(name, "configuration/uuid") == 0) {
             unsigned char uuid[16];
-            rd(c, body, 16, uuid, "uuid");
+            TRY(rd(c, body, 16, uuid, "uuid"));
             end = body + 16;
             memcpy(s->uuid, uuid, 16);
             s->has_uuid = 1;
             range = &s->sub_uuid;
         } else {
             char p[256 * 4 + 8];
-            fail(c, "E_CONFIG", "unknown configuration subsection \"%s\" at %#" PRIx64,
-                 pid(name, p, sizeof p), cur);
+            return fail(c, E_CONFIG, "unknown configuration subsection \"%s\" at %#" PRIx64,
+                        pid(name, p, sizeof p), cur);
         }
         range->start = cur; /* a repeated subsection: the range of the last one */
         range->end = end;
@@ -259,23 +288,31 @@ static uint64_t configuration(pctx *c, uint64_t pos)
     if (have_bits)
         s->page_size = 1ull << bits;
     if (!have_mapped_ram)
-        fail(c, "E_CONFIG", "configuration/capabilities does not list mapped-ram");
-    return cur;
+        return fail(c, E_CONFIG, "configuration/capabilities does not list mapped-ram");
+    *end_out = cur;
+    return 0;
 }
 
-static uint64_t find_ram_start(pctx *c, uint64_t pos)
+/* The RAM START record at or after pos (within SEARCH_WINDOW) into *at. */
+static int find_ram_start(pctx *c, uint64_t pos, uint64_t *at_out)
 {
     unsigned char b[9];
-    if (peek(c, pos, 9, b) && b[0] == VM_START && memcmp(b + 5, "\x03ram", 4) == 0)
-        return pos;
+    int r = peek(c, pos, 9, b);
+    TRY(r);
+    if (r && b[0] == VM_START && memcmp(b + 5, "\x03ram", 4) == 0) {
+        *at_out = pos;
+        return 0;
+    }
     uint64_t n = c->size - pos;
     if (n > SEARCH_WINDOW)
         n = SEARCH_WINDOW;
     if (n >= 9) {
         c->window = malloc((size_t)n);
         if (!c->window)
-            internal(c, "out of memory (%" PRIu64 " bytes)", n);
-        if (peek(c, pos, (size_t)n, c->window)) {
+            return internal(c, "out of memory (%" PRIu64 " bytes)", n);
+        r = peek(c, pos, (size_t)n, c->window);
+        TRY(r);
+        if (r) {
             unsigned char *w = c->window;
             /* memmem, not a byte loop: up to 16 MiB of early setup per file. */
             for (uint64_t at = 5; at + 4 <= n; at++) {
@@ -286,31 +323,38 @@ static uint64_t find_ram_start(pctx *c, uint64_t pos)
                 if (w[at - 5] == VM_START) {
                     free(c->window);
                     c->window = NULL;
-                    return pos + at - 5;
+                    *at_out = pos + at - 5;
+                    return 0;
                 }
             }
         }
         free(c->window);
         c->window = NULL;
     }
-    fail(c, "E_RAM_SECTION", "no RAM START record (01 sid 03 'ram') after the configuration "
-         "at %#" PRIx64, pos);
+    return fail(c, E_RAM_SECTION, "no RAM START record (01 sid 03 'ram') after the "
+                "configuration at %#" PRIx64, pos);
 }
 
+/* 1 if the RAM START EOS + footer of sid is at pos, 0 if not, -1 on error. */
 static int is_eos(pctx *c, uint64_t pos, uint32_t sid)
 {
     unsigned char b[13];
-    return peek(c, pos, 13, b) && be(b, 8) == RAM_EOS && b[8] == VM_FOOTER && be(b + 9, 4) == sid;
+    int r = peek(c, pos, 13, b);
+    TRY(r);
+    return r && be(b, 8) == RAM_EOS && b[8] == VM_FOOTER && be(b + 9, 4) == sid;
 }
 
+/* 1 if a block entry plausibly starts at pos, 0 if not, -1 on error. */
 static int plausible_block(pctx *c, uint64_t pos)
 {
     unsigned char n, raw[MR_HEADER_SIZE];
-    if (!peek(c, pos, 1, &n))
-        return 0;
+    int r = peek(c, pos, 1, &n);
+    if (r <= 0)
+        return r;
     uint64_t hdr = pos + 1 + n + 8 + (c->snap->ignore_shared ? 8 : 0);
-    if (!peek(c, hdr, MR_HEADER_SIZE, raw))
-        return 0;
+    r = peek(c, hdr, MR_HEADER_SIZE, raw);
+    if (r <= 0)
+        return r;
     uint64_t version = be(raw, 4), ps = be(raw + 4, 8), bo = be(raw + 12, 8),
              po = be(raw + 20, 8);
     int score = (version == HDR_VERSION) + (ps == c->snap->page_size) +
@@ -318,16 +362,20 @@ static int plausible_block(pctx *c, uint64_t pos)
     return score >= 2;
 }
 
-static void need_entry(pctx *c, uint64_t pos)
+/* E_TRUNCATED unless a whole block entry (or the EOS) fits at pos. */
+static int need_entry(pctx *c, uint64_t pos)
 {
     unsigned char n;
-    if (!peek(c, pos, 1, &n))
-        fail(c, "E_TRUNCATED", "file ends at %#" PRIx64 " where a block entry or the EOS "
-             "should start", c->size);
+    int r = peek(c, pos, 1, &n);
+    TRY(r);
+    if (!r)
+        return fail(c, E_TRUNCATED, "file ends at %#" PRIx64 " where a block entry or the EOS "
+                    "should start", c->size);
     uint64_t need = 1u + n + 8u + (c->snap->ignore_shared ? 8u : 0u) + MR_HEADER_SIZE;
     if (pos + (need < 13 ? need : 13) > c->size || (pos + need > c->size && n > 0))
-        fail(c, "E_TRUNCATED", "file ends at %#" PRIx64 " inside the block entry at %#" PRIx64,
-             c->size, pos);
+        return fail(c, E_TRUNCATED, "file ends at %#" PRIx64 " inside the block entry at %#"
+                    PRIx64, c->size, pos);
+    return 0;
 }
 
 static int ranges_overlap(uint64_t a0, uint64_t a1, uint64_t b0, uint64_t b1)
@@ -348,40 +396,43 @@ static int overlaps_earlier(pctx *c, size_t index, uint64_t s, uint64_t e)
     return 0;
 }
 
-static void block(pctx *c, size_t index, uint64_t pos)
+/* Block entry `index` at pos: id, length, MappedRamHeader, regions. */
+static int block(pctx *c, size_t index, uint64_t pos)
 {
     mr_snapshot *s = c->snap;
     mr_block *b = &s->blocks[index];
     char p[256 * 4 + 8];
     memset(b, 0, sizeof *b);
     b->entry_offset = pos;
-    uint64_t cur = str8(c, pos, b->id, "block id");
+    uint64_t cur = 0;
+    TRY(str8(c, pos, b->id, "block id", &cur));
     const char *name = pid(b->id, p, sizeof p);
     if (!b->id[0])
-        fail(c, "E_BLOCK_ID", "block %zu at %#" PRIx64 ": id is empty", index, pos);
+        return fail(c, E_BLOCK_ID, "block %zu at %#" PRIx64 ": id is empty", index, pos);
     for (size_t i = 0; i < index; i++)
         if (strcmp(s->blocks[i].id, b->id) == 0)
-            fail(c, "E_BLOCK_ID", "block %zu \"%s\": duplicate id (also block %zu)", index,
-                 name, i);
-    b->used_length = uint_at(c, cur, 8, "block used_length");
+            return fail(c, E_BLOCK_ID, "block %zu \"%s\": duplicate id (also block %zu)", index,
+                        name, i);
+    TRY(uint_at(c, cur, 8, "block used_length", &b->used_length));
     if (b->used_length == 0 || b->used_length % s->page_size)
-        fail(c, "E_BLOCK_LENGTH", "block \"%s\" used_length %#" PRIx64 " is 0 or not a "
-             "multiple of %" PRIu64, name, b->used_length, s->page_size);
+        return fail(c, E_BLOCK_LENGTH, "block \"%s\" used_length %#" PRIx64 " is 0 or not a "
+                    "multiple of %" PRIu64, name, b->used_length, s->page_size);
     if (c->limits)
         for (size_t i = 0; i < c->limits->count; i++)
             if (strcmp(c->limits->item[i].id, b->id) == 0 &&
                 b->used_length > c->limits->item[i].max_length)
-                fail(c, "E_MAX_LENGTH", "block \"%s\" used_length %#" PRIx64 " exceeds "
-                     "max_length %#" PRIx64, name, b->used_length, c->limits->item[i].max_length);
+                return fail(c, E_MAX_LENGTH, "block \"%s\" used_length %#" PRIx64 " exceeds "
+                            "max_length %#" PRIx64, name, b->used_length,
+                            c->limits->item[i].max_length);
     cur += 8;
     if (s->ignore_shared) {
-        b->gpa = uint_at(c, cur, 8, "block GPA");
+        TRY(uint_at(c, cur, 8, "block GPA", &b->gpa));
         cur += 8;
     }
     unsigned char h[MR_HEADER_SIZE];
     char what[300];
-    snprintf(what, sizeof what, "MappedRamHeader of block \"%s\"", name);
-    rd(c, cur, MR_HEADER_SIZE, h, what);
+    snprintf(what, sizeof what, "MappedRamHeader of block \"%.250s\"", name);
+    TRY(rd(c, cur, MR_HEADER_SIZE, h, what));
     b->hdr_offset = cur;
     b->hdr_version = (uint32_t)be(h, 4);
     b->page_size = be(h + 4, 8);
@@ -389,101 +440,116 @@ static void block(pctx *c, size_t index, uint64_t pos)
     b->pages_offset = be(h + 20, 8);
     uint64_t hend = cur + MR_HEADER_SIZE;
     if (b->hdr_version != HDR_VERSION)
-        fail(c, "E_HDR_VERSION", "block \"%s\" header version %" PRIu32 " != 1", name,
-             b->hdr_version);
+        return fail(c, E_HDR_VERSION, "block \"%s\" header version %" PRIu32 " != 1", name,
+                    b->hdr_version);
     if (b->page_size != s->page_size)
-        fail(c, "E_PAGE_SIZE", "block \"%s\" header page_size %" PRIu64 " != %" PRIu64, name,
-             b->page_size, s->page_size);
+        return fail(c, E_PAGE_SIZE, "block \"%s\" header page_size %" PRIu64 " != %" PRIu64,
+                    name, b->page_size, s->page_size);
     b->num_pages = b->used_length / s->page_size;
     b->bitmap_size = mr_bitmap_size(b->num_pages);
     uint64_t bo = b->bitmap_offset, po = b->pages_offset;
     if (s->ignore_shared && bo == 0 && po == 0) {
         b->ignored = 1;
-        return;
+        return 0;
     }
     uint64_t bend = sadd(bo, b->bitmap_size);
     if (bo >= c->size)
-        fail(c, "E_BITMAP_OFFSET", "block \"%s\" bitmap_offset %#" PRIx64 " at/after EOF (%#"
-             PRIx64 ")", name, bo, c->size);
-    else if (bend > c->size)
-        fail(c, "E_TRUNCATED", "block \"%s\" bitmap [%#" PRIx64 ", %#" PRIx64 ") runs past EOF "
-             "(%#" PRIx64 ")", name, bo, bend, c->size);
-    else if (overlaps_earlier(c, index, bo, bend))
-        fail(c, "E_OVERLAP", "block \"%s\" bitmap [%#" PRIx64 ", %#" PRIx64 ") overlaps an "
-             "earlier block's region", name, bo, bend);
-    else if (bo != hend)
-        fail(c, "E_BITMAP_OFFSET", "block \"%s\" bitmap_offset %#" PRIx64 " is not right after "
-             "its header (%#" PRIx64 ")", name, bo, hend);
+        return fail(c, E_BITMAP_OFFSET, "block \"%s\" bitmap_offset %#" PRIx64 " at/after EOF "
+                    "(%#" PRIx64 ")", name, bo, c->size);
+    if (bend > c->size)
+        return fail(c, E_TRUNCATED, "block \"%s\" bitmap [%#" PRIx64 ", %#" PRIx64 ") runs past "
+                    "EOF (%#" PRIx64 ")", name, bo, bend, c->size);
+    if (overlaps_earlier(c, index, bo, bend))
+        return fail(c, E_OVERLAP, "block \"%s\" bitmap [%#" PRIx64 ", %#" PRIx64 ") overlaps an "
+                    "earlier block's region", name, bo, bend);
+    if (bo != hend)
+        return fail(c, E_BITMAP_OFFSET, "block \"%s\" bitmap_offset %#" PRIx64 " is not right "
+                    "after its header (%#" PRIx64 ")", name, bo, hend);
     uint64_t pend = sadd(po, b->used_length);
     uint64_t want = roundup_align(sadd(hend, b->bitmap_size));
     if (po % MR_ALIGN)
-        fail(c, "E_PAGES_ALIGN", "block \"%s\" pages_offset %#" PRIx64 " is not 1 MiB aligned",
-             name, po);
-    else if (po >= c->size)
-        fail(c, "E_PAGES_OFFSET", "block \"%s\" pages_offset %#" PRIx64 " at/after EOF (%#"
-             PRIx64 ")", name, po, c->size);
-    else if (po < sadd(hend, b->bitmap_size) || overlaps_earlier(c, index, po, pend))
-        fail(c, "E_OVERLAP", "block \"%s\" pages [%#" PRIx64 ", %#" PRIx64 ") overlap its "
-             "header/bitmap or an earlier block", name, po, pend);
-    else if (po != want)
-        fail(c, "E_PAGES_OFFSET", "block \"%s\" pages_offset %#" PRIx64 " != roundup(bitmap "
-             "end, 1 MiB) = %#" PRIx64, name, po, want);
+        return fail(c, E_PAGES_ALIGN, "block \"%s\" pages_offset %#" PRIx64 " is not 1 MiB "
+                    "aligned", name, po);
+    if (po >= c->size)
+        return fail(c, E_PAGES_OFFSET, "block \"%s\" pages_offset %#" PRIx64 " at/after EOF (%#"
+                    PRIx64 ")", name, po, c->size);
+    if (po < sadd(hend, b->bitmap_size) || overlaps_earlier(c, index, po, pend))
+        return fail(c, E_OVERLAP, "block \"%s\" pages [%#" PRIx64 ", %#" PRIx64 ") overlap its "
+                    "header/bitmap or an earlier block", name, po, pend);
+    if (po != want)
+        return fail(c, E_PAGES_OFFSET, "block \"%s\" pages_offset %#" PRIx64 " != roundup("
+                    "bitmap end, 1 MiB) = %#" PRIx64, name, po, want);
     if (pend > c->size)
-        fail(c, "E_TRUNCATED", "block \"%s\" pages [%#" PRIx64 ", %#" PRIx64 ") run past EOF "
-             "(%#" PRIx64 ")", name, po, pend, c->size);
+        return fail(c, E_TRUNCATED, "block \"%s\" pages [%#" PRIx64 ", %#" PRIx64 ") run past "
+                    "EOF (%#" PRIx64 ")", name, po, pend, c->size);
+    return 0;
 }
 
-static uint64_t footer(pctx *c, uint64_t pos, uint32_t sid, const char *what)
+/* The section footer (7e sid) at pos; *next = pos + 5. */
+static int footer(pctx *c, uint64_t pos, uint32_t sid, const char *what, uint64_t *next)
 {
     char w[64];
     snprintf(w, sizeof w, "%s footer", what);
-    unsigned mark = (unsigned)uint_at(c, pos, 1, w);
-    uint64_t fsid = uint_at(c, pos + 1, 4, w);
+    uint64_t mark = 0, fsid = 0;
+    TRY(uint_at(c, pos, 1, w, &mark));
+    TRY(uint_at(c, pos + 1, 4, w, &fsid));
     if (mark != VM_FOOTER || fsid != sid)
-        fail(c, "E_FOOTER", "%s: expected footer 7e %#x at %#" PRIx64 ", got %#04x %#" PRIx64,
-             what, sid, pos, mark, fsid);
-    return pos + 5;
+        return fail(c, E_FOOTER, "%s: expected footer 7e %#x at %#" PRIx64 ", got %#04x %#"
+                    PRIx64, what, sid, pos, (unsigned)mark, fsid);
+    *next = pos + 5;
+    return 0;
 }
 
-static uint64_t ram_start(pctx *c, uint64_t pos)
+/* Grows s->blocks for one more block (geometrically; the count is capped). */
+static int grow_blocks(pctx *c, size_t *cap)
+{
+    mr_snapshot *s = c->snap;
+    if (s->nblocks >= MR_MAX_BLOCKS)
+        return fail(c, E_RAM_SECTION, "more than %u blocks", MR_MAX_BLOCKS);
+    if (s->nblocks < *cap)
+        return 0;
+    size_t ncap = *cap ? *cap * 2 : 8;
+    mr_block *nb = realloc(s->blocks, ncap * sizeof *nb);
+    if (!nb)
+        return internal(c, "out of memory");
+    s->blocks = nb;
+    *cap = ncap;
+    return 0;
+}
+
+/* RAM START at pos: section header, MEM_SIZE, the block list, EOS, footer;
+ * *next = the byte after its footer. */
+static int ram_start(pctx *c, uint64_t pos, uint64_t *next_out)
 {
     mr_snapshot *s = c->snap;
     char idstr[256];
+    uint64_t sid = 0, cur = 0, instance = 0, version = 0, mem = 0;
     s->ram_start = pos;
-    s->ram_sid = (uint32_t)uint_at(c, pos + 1, 4, "RAM section id");
-    uint64_t cur = str8(c, pos + 5, idstr, "RAM section idstr");
-    uint64_t instance = uint_at(c, cur, 4, "RAM instance id");
-    uint64_t version = uint_at(c, cur + 4, 4, "RAM section version");
+    TRY(uint_at(c, pos + 1, 4, "RAM section id", &sid));
+    s->ram_sid = (uint32_t)sid;
+    TRY(str8(c, pos + 5, idstr, "RAM section idstr", &cur));
+    TRY(uint_at(c, cur, 4, "RAM instance id", &instance));
+    TRY(uint_at(c, cur + 4, 4, "RAM section version", &version));
     if (instance != 0)
-        fail(c, "E_RAM_SECTION", "RAM START instance id %" PRIu64 " != 0", instance);
+        return fail(c, E_RAM_SECTION, "RAM START instance id %" PRIu64 " != 0", instance);
     if (version != RAM_SECTION_VERSION)
-        fail(c, "E_RAM_SECTION", "RAM START section version %" PRIu64 " != 4", version);
+        return fail(c, E_RAM_SECTION, "RAM START section version %" PRIu64 " != 4", version);
     uint64_t mem_at = cur + 8;
-    uint64_t mem = uint_at(c, mem_at, 8, "MEM_SIZE");
+    TRY(uint_at(c, mem_at, 8, "MEM_SIZE", &mem));
     uint64_t flags = mem & (s->page_size - 1), total = mem & ~(s->page_size - 1);
     s->total = total;
     if (flags != RAM_MEM_SIZE)
-        fail(c, "E_RAM_SECTION", "RAM START first record flags %#" PRIx64 " are not MEM_SIZE "
-             "(0x4)", flags);
+        return fail(c, E_RAM_SECTION, "RAM START first record flags %#" PRIx64 " are not "
+                    "MEM_SIZE (0x4)", flags);
     if (total == 0)
-        fail(c, "E_TOTAL", "RAM START MEM_SIZE total is 0");
-    /* The caller limits block count; the array grows geometrically. */
+        return fail(c, E_TOTAL, "RAM START MEM_SIZE total is 0");
     size_t cap = 0;
     uint64_t summed = 0;
     cur = mem_at + 8;
     for (;;) {
-        if (s->nblocks >= MR_MAX_BLOCKS)
-            fail(c, "E_RAM_SECTION", "more than %u blocks", MR_MAX_BLOCKS);
-        if (s->nblocks == cap) {
-            size_t ncap = cap ? cap * 2 : 8;
-            mr_block *nb = realloc(s->blocks, ncap * sizeof *nb);
-            if (!nb)
-                internal(c, "out of memory");
-            s->blocks = nb;
-            cap = ncap;
-        }
+        TRY(grow_blocks(c, &cap));
         size_t index = s->nblocks;
-        block(c, index, cur);
+        TRY(block(c, index, cur));
         s->nblocks++;
         mr_block *b = &s->blocks[index];
         char p[256 * 4 + 8];
@@ -491,73 +557,86 @@ static uint64_t ram_start(pctx *c, uint64_t pos)
         uint64_t next = b->ignored ? b->hdr_offset + MR_HEADER_SIZE
                                    : sadd(b->pages_offset, b->used_length);
         if (next > c->size)
-            fail(c, "E_TRUNCATED", "block \"%s\" region ends past EOF", pid(b->id, p, sizeof p));
+            return fail(c, E_TRUNCATED, "block \"%s\" region ends past EOF",
+                        pid(b->id, p, sizeof p));
         if (next <= b->entry_offset)
-            fail(c, "E_BLOCK_LENGTH", "block \"%s\" at %#" PRIx64 " sends the stream back to %#"
-                 PRIx64, pid(b->id, p, sizeof p), b->entry_offset, next);
+            return fail(c, E_BLOCK_LENGTH, "block \"%s\" at %#" PRIx64 " sends the stream back "
+                        "to %#" PRIx64, pid(b->id, p, sizeof p), b->entry_offset, next);
         cur = next;
         int eos = is_eos(c, cur, s->ram_sid);
-        int plausible = !eos && plausible_block(c, cur);
+        TRY(eos);
+        int plausible = eos ? 0 : plausible_block(c, cur);
+        TRY(plausible);
         if (!eos && !plausible)
-            need_entry(c, cur);
+            TRY(need_entry(c, cur));
         if (eos) {
             if (summed != total)
-                fail(c, "E_TOTAL", "RAM START blocks sum to %#" PRIx64 " but MEM_SIZE total is %#"
-                     PRIx64, summed, total);
+                return fail(c, E_TOTAL, "RAM START blocks sum to %#" PRIx64 " but MEM_SIZE "
+                            "total is %#" PRIx64, summed, total);
             break;
         }
         if (plausible) {
             if (summed >= total)
-                fail(c, "E_TOTAL", "another block follows at %#" PRIx64 " but the blocks already"
-                     " sum to %#" PRIx64 " >= MEM_SIZE total %#" PRIx64, cur, summed, total);
+                return fail(c, E_TOTAL, "another block follows at %#" PRIx64 " but the blocks "
+                            "already sum to %#" PRIx64 " >= MEM_SIZE total %#" PRIx64, cur,
+                            summed, total);
             continue;
         }
         unsigned char f[8];
-        if (summed == total && peek(c, cur, 8, f) && be(f, 8) == RAM_EOS)
+        int r = summed == total ? peek(c, cur, 8, f) : 0;
+        TRY(r);
+        if (r && be(f, 8) == RAM_EOS)
             break;
-        fail(c, "E_BLOCK_LENGTH", "block \"%s\" used_length %#" PRIx64 " ends at %#" PRIx64
-             ", where neither a block nor the EOS follows", pid(b->id, p, sizeof p),
-             b->used_length, cur);
+        return fail(c, E_BLOCK_LENGTH, "block \"%s\" used_length %#" PRIx64 " ends at %#"
+                    PRIx64 ", where neither a block nor the EOS follows",
+                    pid(b->id, p, sizeof p), b->used_length, cur);
     }
-    uint_at(c, cur, 8, "RAM START EOS");
-    return footer(c, cur + 8, s->ram_sid, "RAM START");
+    uint64_t eos_flags = 0;
+    TRY(uint_at(c, cur, 8, "RAM START EOS", &eos_flags));
+    return footer(c, cur + 8, s->ram_sid, "RAM START", next_out);
 }
 
-static uint64_t ram_records(pctx *c, uint64_t pos)
+/* RAM PART/END records (and SWITCHOVER_START) up to RAM END's footer;
+ * *next = the byte after it. */
+static int ram_records(pctx *c, uint64_t pos, uint64_t *next_out)
 {
     uint32_t sid = c->snap->ram_sid;
     for (;;) {
-        unsigned kind = (unsigned)uint_at(c, pos, 1, "record type");
+        uint64_t kind = 0;
+        TRY(uint_at(c, pos, 1, "record type", &kind));
         if (kind == VM_PART || kind == VM_END) {
             const char *label = kind == VM_PART ? "RAM PART" : "RAM END";
-            uint64_t rsid = uint_at(c, pos + 1, 4, "record section id");
+            uint64_t rsid = 0, flags = 0;
+            TRY(uint_at(c, pos + 1, 4, "record section id", &rsid));
             if (rsid != sid)
-                fail(c, "E_RECORD", "record %#04x at %#" PRIx64 " for section %" PRIu64 " (only "
-                     "the RAM section %u is allowed before RAM END)", kind, pos, rsid, sid);
-            uint64_t flags = uint_at(c, pos + 5, 8, "RAM record flags");
+                return fail(c, E_RECORD, "record %#04x at %#" PRIx64 " for section %" PRIu64
+                            " (only the RAM section %u is allowed before RAM END)",
+                            (unsigned)kind, pos, rsid, sid);
+            TRY(uint_at(c, pos + 5, 8, "RAM record flags", &flags));
             if (flags != RAM_EOS)
-                fail(c, "E_RECORD", "%s at %#" PRIx64 ": flags %#" PRIx64 " (only EOS is allowed"
-                     " in a mapped-ram stream)", label, pos, flags);
-            pos = footer(c, pos + 13, sid, label);
-            if (kind == VM_END)
-                return pos;
+                return fail(c, E_RECORD, "%s at %#" PRIx64 ": flags %#" PRIx64 " (only EOS is "
+                            "allowed in a mapped-ram stream)", label, pos, flags);
+            TRY(footer(c, pos + 13, sid, label, &pos));
+            if (kind == VM_END) {
+                *next_out = pos;
+                return 0;
+            }
         } else if (kind == VM_COMMAND) {
-            uint64_t cmd = uint_at(c, pos + 1, 2, "command");
-            uint64_t len = uint_at(c, pos + 3, 2, "command length");
+            uint64_t cmd = 0, len = 0;
+            TRY(uint_at(c, pos + 1, 2, "command", &cmd));
+            TRY(uint_at(c, pos + 3, 2, "command length", &len));
             if (cmd != CMD_SWITCHOVER_START || len != 0)
-                fail(c, "E_RECORD", "command %#" PRIx64 " length %" PRIu64 " at %#" PRIx64
-                     " (only SWITCHOVER_START 08 000b 0000 is allowed before RAM END)",
-                     cmd, len, pos);
+                return fail(c, E_RECORD, "command %#" PRIx64 " length %" PRIu64 " at %#" PRIx64
+                            " (only SWITCHOVER_START 08 000b 0000 is allowed before RAM END)",
+                            cmd, len, pos);
             pos += 5;
         } else {
-            fail(c, "E_RECORD", "unexpected record type %#04x at %#" PRIx64 " before RAM END",
-                 kind, pos);
+            return fail(c, E_RECORD, "unexpected record type %#04x at %#" PRIx64 " before RAM "
+                        "END", (unsigned)kind, pos);
         }
     }
 }
 
-/* Strict UTF-8 (no overlongs, surrogates or code points past U+10FFFF), as
- * Python's bytes.decode("utf-8").  Returns n if valid, else the bad offset. */
 static size_t utf8_check(const unsigned char *p, size_t n)
 {
     size_t i = 0;
@@ -729,7 +808,10 @@ bad:
     return -1;
 }
 
-static void tail(pctx *c, uint64_t dev_start)
+
+/* Device state from dev_start, the EOF byte and the VM description (the
+ * last up to VMDESC_MAX bytes are searched for it). */
+static int tail(pctx *c, uint64_t dev_start)
 {
     mr_snapshot *s = c->snap;
     uint64_t size = c->size;
@@ -739,10 +821,14 @@ static void tail(pctx *c, uint64_t dev_start)
     uint64_t wlen = size > ws ? size - ws : 0;
     c->window = malloc(wlen ? (size_t)wlen : 1);
     if (!c->window)
-        internal(c, "out of memory (%" PRIu64 " bytes)", wlen);
+        return internal(c, "out of memory (%" PRIu64 " bytes)", wlen);
     unsigned char *w = c->window;
-    if (wlen && !peek(c, ws, (size_t)wlen, w))
-        wlen = 0;
+    if (wlen) {
+        int r = peek(c, ws, (size_t)wlen, w);
+        TRY(r);
+        if (!r)
+            wlen = 0;
+    }
     int found = 0;
     uint64_t fpos = 0;
     uint64_t at = wlen;
@@ -763,21 +849,23 @@ static void tail(pctx *c, uint64_t dev_start)
     uint64_t eof;
     if (found) {
         if (fpos < 1 || fpos - 1 < dev_start)
-            fail(c, "E_EOF", "VM description at %#" PRIx64 " without an EOF byte before it", fpos);
+            return fail(c, E_EOF, "VM description at %#" PRIx64 " without an EOF byte before it",
+                        fpos);
         eof = fpos - 1;
-        unsigned eb = (unsigned)uint_at(c, eof, 1, "EOF");
+        uint64_t eb = 0;
+        TRY(uint_at(c, eof, 1, "EOF", &eb));
         if (eb != VM_EOF)
-            fail(c, "E_EOF", "byte %#" PRIx64 " before the VM description is %#04x, not EOF (00)",
-                 eof, eb);
+            return fail(c, E_EOF, "byte %#" PRIx64 " before the VM description is %#04x, not "
+                        "EOF (00)", eof, (unsigned)eb);
         /* Like the Python reader: the description must be UTF-8 JSON. */
         const unsigned char *body = w + (fpos - ws) + 5;
         size_t blen = (size_t)(size - fpos - 5), bad = utf8_check(body, blen);
         if (bad < blen)
-            fail(c, "E_VMDESC", "VM description at %#" PRIx64 " is not UTF-8 (byte %#" PRIx64
-                 ")", fpos, fpos + 5 + bad);
+            return fail(c, E_VMDESC, "VM description at %#" PRIx64 " is not UTF-8 (byte %#"
+                        PRIx64 ")", fpos, fpos + 5 + bad);
         if (json_check(body, blen, &bad) < 0)
-            fail(c, "E_VMDESC", "VM description at %#" PRIx64 " is not JSON (at byte %#" PRIx64
-                 ")", fpos, fpos + 5 + bad);
+            return fail(c, E_VMDESC, "VM description at %#" PRIx64 " is not JSON (at byte %#"
+                        PRIx64 ")", fpos, fpos + 5 + bad);
         s->has_vmdesc = 1;
         s->vmdesc_offset = fpos;
         s->vmdesc_len = size - fpos - 5;
@@ -804,21 +892,26 @@ static void tail(pctx *c, uint64_t dev_start)
                 }
                 at = h;
             }
-            fail(c, "E_TRUNCATED", "the file ends %s (size %#" PRIx64 ")",
-                 in_vmdesc ? "inside the VM description" : "without the EOF byte", size);
+            return fail(c, E_TRUNCATED, "the file ends %s (size %#" PRIx64 ")",
+                        in_vmdesc ? "inside the VM description" : "without the EOF byte", size);
         }
         eof = size - 1;
     }
     s->dev_start = dev_start;
     s->eof_offset = eof;
     if (eof > dev_start) {
-        if (uint_at(c, dev_start, 1, "device state") != VM_FULL)
-            fail(c, "E_RECORD", "device state at %#" PRIx64 " does not start with a FULL section "
-                 "(04)", dev_start);
-        if (eof < 5 || eof - 5 < dev_start || uint_at(c, eof - 5, 1, "footer") != VM_FOOTER)
-            fail(c, "E_FOOTER", "device state [%#" PRIx64 ", %#" PRIx64 ") does not end with a "
-                 "section footer", dev_start, eof);
+        uint64_t first = 0, last = 0;
+        TRY(uint_at(c, dev_start, 1, "device state", &first));
+        if (first != VM_FULL)
+            return fail(c, E_RECORD, "device state at %#" PRIx64 " does not start with a FULL "
+                        "section (04)", dev_start);
+        if (eof >= 5 && eof - 5 >= dev_start)
+            TRY(uint_at(c, eof - 5, 1, "footer", &last));
+        if (eof < 5 || eof - 5 < dev_start || last != VM_FOOTER)
+            return fail(c, E_FOOTER, "device state [%#" PRIx64 ", %#" PRIx64 ") does not end "
+                        "with a section footer", dev_start, eof);
     }
+    return 0;
 }
 
 int mr_open(const char *path, int *fd, mr_error *err)
@@ -826,60 +919,49 @@ int mr_open(const char *path, int *fd, mr_error *err)
     struct stat st;
     memset(err, 0, sizeof *err);
     *fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (*fd < 0) {
-        snprintf(err->name, sizeof err->name, "E_OPEN");
-        snprintf(err->msg, sizeof err->msg, "cannot open: %s", strerror(errno));
-        return MR_INVALID;
-    }
-    if (fstat(*fd, &st) < 0) {
-        snprintf(err->name, sizeof err->name, "E_OPEN");
-        snprintf(err->msg, sizeof err->msg, "cannot stat: %s", strerror(errno));
-    } else if (S_ISREG(st.st_mode)) {
-        return MR_OK;
-    } else {
-        snprintf(err->name, sizeof err->name, "E_NOT_FILE");
-        snprintf(err->msg, sizeof err->msg, "%s", S_ISDIR(st.st_mode)
-                 ? "is a directory, not a snapshot file" : "not a regular file");
-    }
+    if (*fd < 0)
+        return mr_error_set(err, E_OPEN, "cannot open: %s", strerror(errno));
+    if (fstat(*fd, &st) < 0)
+        mr_error_set(err, E_OPEN, "cannot stat: %s", strerror(errno));
+    else if (S_ISREG(st.st_mode))
+        return 0;
+    else
+        mr_error_set(err, E_NOT_FILE, "%s", S_ISDIR(st.st_mode)
+                     ? "is a directory, not a snapshot file" : "not a regular file");
     close(*fd);
     *fd = -1;
-    return MR_INVALID;
+    return -1;
 }
 
-/* The only function that calls setjmp.  Everything a longjmp can leave
- * changed lives behind `c` (in mr_parse's frame), never in a local of this
- * function, so nothing is indeterminate after the jump (C11 7.13.2.1p3). */
-static int parse_guarded(pctx *c)
+/* The stream from its header to the VM description, in file order. */
+static int parse_stream(pctx *c)
 {
-    if (setjmp(c->jb))
-        return c->status;
     c->cache = malloc(CACHE_SIZE);
     if (!c->cache)
-        internal(c, "out of memory (%u bytes)", CACHE_SIZE);
+        return internal(c, "out of memory (%u bytes)", CACHE_SIZE);
     struct stat st;
     if (fstat(c->fd, &st) < 0)
-        internal(c, "fstat: %s", strerror(errno));
+        return internal(c, "fstat: %s", strerror(errno));
     c->size = c->snap->file_size = (uint64_t)st.st_size;
-    uint64_t s = c->snap->stream_offset;
+    uint64_t s = c->snap->stream_offset, magic = 0, version = 0, pos = 0;
     if (s > c->size)
-        fail(c, "E_TRUNCATED", "stream offset %#" PRIx64 " beyond the file (%#" PRIx64 ")", s,
-             c->size);
-    uint64_t magic = uint_at(c, s, 4, "stream magic");
+        return fail(c, E_TRUNCATED, "stream offset %#" PRIx64 " beyond the file (%#" PRIx64 ")",
+                    s, c->size);
+    TRY(uint_at(c, s, 4, "stream magic", &magic));
     if (magic != MAGIC)
-        fail(c, "E_MAGIC", "stream header at %#" PRIx64 ": magic %#010" PRIx64 " != 0x5145564d "
-             "(QEVM)", s, magic);
-    uint64_t version = uint_at(c, s + 4, 4, "stream version");
+        return fail(c, E_MAGIC, "stream header at %#" PRIx64 ": magic %#010" PRIx64 " != "
+                    "0x5145564d (QEVM)", s, magic);
+    TRY(uint_at(c, s + 4, 4, "stream version", &version));
     if (version != STREAM_VERSION)
-        fail(c, "E_VERSION", "stream header: version %" PRIu64 " != 3%s", version,
-             version == 2 ? " (v2 is obsolete)" : "");
-    uint64_t pos = configuration(c, s + 8);
-    pos = find_ram_start(c, pos);
+        return fail(c, E_VERSION, "stream header: version %" PRIu64 " != 3%s", version,
+                    version == 2 ? " (v2 is obsolete)" : "");
+    TRY(configuration(c, s + 8, &pos));
+    TRY(find_ram_start(c, pos, &pos));
     c->snap->early_setup.start = c->snap->config.end;
     c->snap->early_setup.end = pos;
-    pos = ram_start(c, pos);
-    pos = ram_records(c, pos);
-    tail(c, pos);
-    return MR_OK;
+    TRY(ram_start(c, pos, &pos));
+    TRY(ram_records(c, pos, &pos));
+    return tail(c, pos);
 }
 
 int mr_parse(int fd, uint64_t stream_offset, const mr_limits *limits, mr_snapshot *out,
@@ -895,10 +977,10 @@ int mr_parse(int fd, uint64_t stream_offset, const mr_limits *limits, mr_snapsho
     c.snap = out;
     out->page_size = 4096;
     out->stream_offset = stream_offset;
-    int rc = parse_guarded(&c);
+    int rc = parse_stream(&c);
     free(c.window);
     free(c.cache);
-    if (rc != MR_OK)
+    if (rc < 0)
         mr_snapshot_free(out);
     return rc;
 }

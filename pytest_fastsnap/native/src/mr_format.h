@@ -5,6 +5,8 @@
  * device state, EOF, VM description) before anything is used.  The first
  * broken rule wins; its stable name (E_MAGIC ... E_VMDESC, table in
  * README.md) and a message naming the block and field land in mr_error.
+ * Return convention, the loader's one (mr_errors.h): 0 ok, -1 with the
+ * mr_error filled; the exit status is mr_error_exit(err->name).
  * No allocation is sized by an unchecked field: every length is compared
  * with the file size first, block count is capped at MR_MAX_BLOCKS.
  * The rules and their order mirror pytest_fastsnap/snapshot/format.py.
@@ -21,8 +23,6 @@
 #define MR_MAX_BLOCKS 1024u
 #define MR_MAX_LIMITS 64u
 #define MR_MAX_CAPS 64u
-
-enum { MR_OK = 0, MR_INTERNAL = 1, MR_INVALID = 2 };
 
 typedef struct mr_error {
     char name[24];          /* "E_PAGE_SIZE" ... */
@@ -89,13 +89,13 @@ typedef struct mr_snapshot {
     uint64_t vmdesc_len;
 } mr_snapshot;
 
-/* Open path read-only for mr_parse: MR_OK with *fd set, or MR_INVALID with
- * err "E_OPEN" (cannot be opened: missing, no permission) or "E_NOT_FILE"
- * (a directory or another non-regular file); the message does not repeat
- * the path. */
+/* Open path read-only for mr_parse: 0 with *fd set, or -1 with err E_OPEN
+ * (cannot be opened: missing, no permission) or E_NOT_FILE (a directory or
+ * another non-regular file); the message does not repeat the path. */
 int mr_open(const char *path, int *fd, mr_error *err);
 
-/* 0 valid, 2 invalid (err filled), 1 internal error (err filled, name "E_INTERNAL"). */
+/* 0 valid; -1 with err filled: a format name (invalid file, exit 2) or
+ * E_INTERNAL (out of memory, read error: exit 1). */
 int mr_parse(int fd, uint64_t stream_offset, const mr_limits *limits, mr_snapshot *out,
              mr_error *err);
 void mr_snapshot_free(mr_snapshot *snap);

@@ -23,12 +23,12 @@ typedef struct mr_libvirt {
 } mr_libvirt;
 
 /* Reads libvirt's header if the file starts with its magic.  0: not a
- * libvirt image (present = 0) or a valid sparse one (present = 1);
- * 2 invalid (err filled); 1 internal error. */
+ * libvirt image (present = 0) or a valid sparse one (present = 1); -1 with
+ * err filled (an E_LIBVIRT_* name, or E_INTERNAL for a read error). */
 int mr_libvirt_read(int fd, mr_libvirt *out, mr_error *err);
 
 /* mr_parse of the stream at *offset when given, else where mr_libvirt_read
- * says (0 for a plain QEMU file).  lv may be NULL. */
+ * says (0 for a plain QEMU file).  lv may be NULL.  0, or -1 with err. */
 int mr_parse_auto(int fd, const uint64_t *offset, const mr_limits *limits, mr_snapshot *out,
                   mr_libvirt *lv, mr_error *err);
 

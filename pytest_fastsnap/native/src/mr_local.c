@@ -1,7 +1,9 @@
-/* Owns `load`: local restore through userfaultfd (a fault thread, an eager
- * thread, access-driver threads; pages claimed through mr_core so each is
- * placed exactly once) and the sync pread mode.  All state lives in one lctx
- * per load.  userfaultfd set-up is mr_uffd.c, uffd-bench/--baseline mr_bench.c. */
+/* Owns `load`: local restore through userfaultfd (fault threads copying from
+ * a read-only mapping of the file, an eager thread, access-driver threads;
+ * pages claimed through mr_core so each is placed exactly once), the sync
+ * pread mode, and the load's FASTSNAP_LOADER_INJECT failure paths.  All
+ * state lives in one lctx per load.  userfaultfd set-up is mr_uffd.c,
+ * uffd-bench/--baseline mr_bench.c. */
 #define _GNU_SOURCE
 #include "mr_local.h"
 
@@ -68,6 +70,8 @@ typedef struct lctx {
     uint64_t unit;                  /* pages placed as one host page: 1, or 512 (2 MiB) */
     _Atomic int pending_faults;
     _Atomic int stop;
+    const unsigned char *fmap;      /* the file mapped read-only (4 KiB units), or NULL */
+    uint64_t fmap_len;
     int stop_efd;                   /* readable once stop is set: wakes the fault thread */
     _Atomic int failed;
     mr_error err;                   /* first failure: E_* name and message */
@@ -90,6 +94,18 @@ typedef struct lctx {
     mr_samples st_event, st_resume;
     /* access threads' cold touches, merged after they are joined */
     mr_samples touch_lat;
+    /* debug knobs (FASTSNAP_LOADER_INJECT, read once at start; README.md) */
+    struct {
+        int fault_abandon;   /* a fault thread leaves its first events pending and fails */
+        int dup_events;      /* every pagefault event is handled twice (as when two
+                              * threads fault on one page): the second one wakes */
+        int place_twice;     /* a fault thread places each page again: EEXIST -> wake */
+        int wake_fail;       /* UFFDIO_WAKE gets an empty range: the kernel says EINVAL */
+        int no_fmap;         /* pread-fault: the fault path preads instead of copying
+                              * from the file mapping (A/B measurement) */
+        int event_remove;    /* request UFFD_FEATURE_EVENT_REMOVE and MADV_DONTNEED a
+                              * placed page: a non-pagefault event reaches the fault thread */
+    } inj;
 } lctx;
 
 typedef struct access_arg {
@@ -136,6 +152,15 @@ static void set_fail(lctx *c, const char *name, const char *fmt, ...)
     request_stop(c);
 }
 
+/* UFFDIO_WAKE of [addr, addr+len); 0 or -1 with errno. */
+static int wake(lctx *c, void *addr, uint64_t len)
+{
+    int rc = mr_uffd_wake(c->uffd, addr, c->inj.wake_fail ? 0 : len);
+    if (rc == 0)
+        atomic_fetch_add(&c->wakes, 1);
+    return rc;
+}
+
 /* Exactly n bytes at off: a validated file covers every region, so a short
  * read means the file shrank (EIO). */
 static int pread_full(int fd, void *buf, size_t n, uint64_t off)
@@ -179,9 +204,8 @@ static int place(lctx *c, unsigned char *dst, const unsigned char *src, uint64_t
         }
         if (e == EEXIST) {
             /* The next host page is already present: wake its waiters and move on. */
-            if (mr_uffd_wake(c->uffd, dst + done, c->unit * PAGE) < 0)
+            if (wake(c, dst + done, c->unit * PAGE) < 0)
                 return -1;
-            atomic_fetch_add(&c->wakes, 1);
             done += c->unit * PAGE;
             continue;
         }
@@ -275,11 +299,16 @@ static int load_one(lctx *c, mr_core_block *b, uint64_t page, unsigned char *buf
         return rc;
     }
     if (mr_core_bit(b, page)) {
-        if (pread_full(c->fd, buf, PAGE, b->meta->pages_offset + page * PAGE) < 0)
+        /* From the file mapping the kernel copies straight out of the page
+         * cache: no pread (~1.3 us of the fault path here, native/README.md). */
+        const unsigned char *src = buf;
+        if (c->fmap)
+            src = c->fmap + b->meta->pages_offset + page * PAGE;
+        else if (pread_full(c->fd, buf, PAGE, b->meta->pages_offset + page * PAGE) < 0)
             return -1;
         *t_read_done = mr_now_ns();
         atomic_fetch_add(&c->bytes_read, PAGE);
-        if (place(c, dst, buf, 1) < 0)
+        if (place(c, dst, src, 1) < 0)
             return -1;
         account(c, b, page, 1, 1);
     } else {
@@ -288,6 +317,76 @@ static int load_one(lctx *c, mr_core_block *b, uint64_t page, unsigned char *buf
         account(c, b, page, 1, 0);
     }
     return 0;
+}
+
+/* Handles one event a fault thread read (counted in pending_faults by the
+ * reader; uncounted here).  Only UFFD_EVENT_PAGEFAULT is expected: no other
+ * event was requested, so anything else is a kernel contract this loader
+ * does not understand and fails the load rather than being skipped. */
+static void handle_event(fault_worker *w, const struct uffd_msg *m, unsigned char *buf)
+{
+    lctx *c = w->c;
+    uint64_t t0 = mr_now_ns();
+    if (m->event != UFFD_EVENT_PAGEFAULT) {
+        set_fail(c, E_INTERNAL, "fault thread: unexpected userfaultfd event %#x", m->event);
+        atomic_fetch_sub(&c->pending_faults, 1);
+        return;
+    }
+    uintptr_t addr = (uintptr_t)m->arg.pagefault.address & ~(uintptr_t)(PAGE - 1);
+    uint64_t page;
+    size_t bi;
+    mr_core_block *b = find_block(c, addr, &page, &bi);
+    w->faults++;
+    if (b && c->unit > 1) {     /* the host page's first page stands for it */
+        page -= page % c->unit;
+        addr = (uintptr_t)(b->mem + page * PAGE);
+    }
+    if (!b) {
+        set_fail(c, E_INTERNAL, "fault at %#" PRIxPTR " outside every block", addr);
+    } else if (mr_core_claim(b, page)) {
+        uint64_t t_claimed = mr_now_ns(), t_data;
+        if (load_one(c, b, page, buf, &t_data) < 0) {
+            set_fail(c, E_UFFD, "fault thread: block %s page %" PRIu64 ": %s",
+                     b->meta->id, page, strerror(errno));
+        } else {
+            uint64_t t_placed = mr_now_ns();
+            mr_samples_add(&w->claim, t_claimed - t0);
+            mr_samples_add(&w->pread, t_data - t_claimed);
+            mr_samples_add(&w->copy, t_placed - t_data);
+            atomic_store_explicit(&c->stamps[bi][page].read, t0, memory_order_relaxed);
+            atomic_store_explicit(&c->stamps[bi][page].placed, t_placed, memory_order_release);
+            if (c->inj.place_twice && c->unit == 1 && place(c, (void *)addr, NULL, 1) < 0)
+                set_fail(c, E_UFFD, "fault thread: block %s page %" PRIu64
+                         ": placing it again (injected): %s", b->meta->id, page, strerror(errno));
+        }
+    } else if (atomic_load(&b->loads[page])) {
+        /* Placed already (its copy woke the faulter; a wake is cheap and
+         * covers any path that placed without waking). */
+        if (wake(c, (void *)addr, c->unit * PAGE) < 0)
+            set_fail(c, E_UFFD, "fault thread: UFFDIO_WAKE block %s page %" PRIu64 ": %s",
+                     b->meta->id, page, strerror(errno));
+    } else {
+        /* Claimed by another thread, not placed yet: its waking
+         * UFFDIO_COPY/ZEROPAGE will wake the faulter.  Waking now
+         * would only make it fault again and spin until then. */
+        w->dedup++;
+        atomic_fetch_sub(&c->pending_faults, 1);
+        return;
+    }
+    mr_samples_add(&w->lat, mr_now_ns() - t0);
+    atomic_fetch_sub(&c->pending_faults, 1);
+}
+
+/* Nobody will resolve faults any more: unregister so waiters wake (they
+ * read zeros; the load reports failure and prints no digest). */
+static void unregister_all(lctx *c)
+{
+    for (size_t i = 0; i < c->nblocks; i++)
+        if (c->blocks[i].mem) {
+            struct uffdio_range r = {.start = (uintptr_t)c->blocks[i].mem,
+                                     .len = map_len(c, &c->blocks[i])};
+            ioctl(c->uffd, UFFDIO_UNREGISTER, &r);
+        }
 }
 
 static void *fault_thread(void *arg)
@@ -300,93 +399,61 @@ static void *fault_thread(void *arg)
         set_fail(c, E_INTERNAL, "fault thread: out of memory");
         return NULL;
     }
+    uint64_t spin_ns = (uint64_t)c->opts->fault_spin_us * 1000, last_event = 0;
     while (!atomic_load(&c->stop)) {
-        /* Blocks until a fault or a stop request (stop_efd), no polling. */
-        struct pollfd pfd[2] = {{.fd = c->uffd, .events = POLLIN},
-                                {.fd = c->stop_efd, .events = POLLIN}};
-        int pr = poll(pfd, 2, -1);
-        if (pr < 0 && errno != EINTR) {
-            set_fail(c, E_UFFD, "fault thread: poll: %s", strerror(errno));
-            break;
+        /* Right after an event the next one tends to follow within a few µs
+         * (the toucher resumes and faults again): read the non-blocking uffd
+         * for up to spin_ns, yielding between reads so a toucher woken on
+         * this CPU is not kept waiting, which saves the fault thread's
+         * wake-up.  Then block until a fault or a stop request (stop_efd). */
+        ssize_t r;
+        if (spin_ns && mr_now_ns() - last_event < spin_ns) {
+            r = read(c->uffd, msgs, sizeof msgs);
+            if (r < 0 && errno == EAGAIN)
+                sched_yield();
+        } else {
+            struct pollfd pfd[2] = {{.fd = c->uffd, .events = POLLIN},
+                                    {.fd = c->stop_efd, .events = POLLIN}};
+            int pr = poll(pfd, 2, -1);
+            if (pr < 0 && errno != EINTR) {
+                set_fail(c, E_UFFD, "fault thread: poll: %s", strerror(errno));
+                break;
+            }
+            if (pr <= 0 || !(pfd[0].revents & POLLIN))
+                continue;
+            r = read(c->uffd, msgs, sizeof msgs);
         }
-        if (pr <= 0 || !(pfd[0].revents & POLLIN))
-            continue;
-        ssize_t r = read(c->uffd, msgs, sizeof msgs);
         if (r < 0) {
             if (errno == EAGAIN || errno == EINTR)
                 continue;
             set_fail(c, E_UFFD, "fault thread: read: %s", strerror(errno));
             break;
         }
+        last_event = mr_now_ns();
         size_t n = (size_t)r / sizeof msgs[0];
         atomic_fetch_add(&c->pending_faults, (int)n);
         atomic_fetch_add(&c->fault_seq, n);
+        if (c->inj.fault_abandon) {
+            /* A fault thread that dies holding counted events: the eager
+             * thread waits for them ("faults go first") and must still
+             * see the stop request. */
+            struct timespec ts = {0, 100 * 1000 * 1000};
+            nanosleep(&ts, NULL);
+            set_fail(c, E_INTERNAL, "fault thread: abandoned %zu events (injected)", n);
+            break;
+        }
         for (size_t i = 0; i < n; i++) {
-            uint64_t t0 = mr_now_ns();
-            if (msgs[i].event != UFFD_EVENT_PAGEFAULT) {
-                /* No event feature was requested: anything else is a kernel
-                 * contract we do not understand, not something to skip. */
-                set_fail(c, E_INTERNAL, "fault thread: unexpected userfaultfd event %u",
-                         msgs[i].event);
-                atomic_fetch_sub(&c->pending_faults, 1);
-                continue;
+            handle_event(w, &msgs[i], buf);
+            if (c->inj.dup_events && msgs[i].event == UFFD_EVENT_PAGEFAULT) {
+                atomic_fetch_add(&c->pending_faults, 1);
+                handle_event(w, &msgs[i], buf);
             }
-            uintptr_t addr = (uintptr_t)msgs[i].arg.pagefault.address & ~(uintptr_t)(PAGE - 1);
-            uint64_t page;
-            size_t bi;
-            mr_core_block *b = find_block(c, addr, &page, &bi);
-            w->faults++;
-            if (b && c->unit > 1) {     /* the host page's first page stands for it */
-                page -= page % c->unit;
-                addr = (uintptr_t)(b->mem + page * PAGE);
-            }
-            if (!b) {
-                set_fail(c, E_INTERNAL, "fault at %#" PRIxPTR " outside every block", addr);
-            } else if (mr_core_claim(b, page)) {
-                uint64_t t_claimed = mr_now_ns(), t_data;
-                if (load_one(c, b, page, buf, &t_data) < 0) {
-                    set_fail(c, E_UFFD, "fault thread: block %s page %" PRIu64 ": %s",
-                             b->meta->id, page, strerror(errno));
-                } else {
-                    uint64_t t_placed = mr_now_ns();
-                    mr_samples_add(&w->claim, t_claimed - t0);
-                    mr_samples_add(&w->pread, t_data - t_claimed);
-                    mr_samples_add(&w->copy, t_placed - t_data);
-                    atomic_store_explicit(&c->stamps[bi][page].read, t0, memory_order_relaxed);
-                    atomic_store_explicit(&c->stamps[bi][page].placed, t_placed,
-                                          memory_order_release);
-                }
-            } else if (atomic_load(&b->loads[page])) {
-                /* Placed already (its copy woke the faulter; a wake is cheap and
-                 * covers any path that placed without waking). */
-                if (mr_uffd_wake(c->uffd, (void *)addr, PAGE) < 0)
-                    set_fail(c, E_UFFD, "fault thread: UFFDIO_WAKE block %s page %" PRIu64 ": %s",
-                             b->meta->id, page, strerror(errno));
-                atomic_fetch_add(&c->wakes, 1);
-            } else {
-                /* Claimed by the eager thread, not placed yet: its waking
-                 * UFFDIO_COPY/ZEROPAGE will wake the faulter.  Waking now
-                 * would only make it fault again and spin until then. */
-                w->dedup++;
-                atomic_fetch_sub(&c->pending_faults, 1);
-                continue;
-            }
-            mr_samples_add(&w->lat, mr_now_ns() - t0);
-            atomic_fetch_sub(&c->pending_faults, 1);
         }
         if (atomic_load(&c->failed))
             break;
     }
-    if (atomic_load(&c->failed)) {
-        /* Nobody will resolve faults any more: unregister so waiters wake
-         * (they read zeros; the load reports failure and prints no digest). */
-        for (size_t i = 0; i < c->nblocks; i++)
-            if (c->blocks[i].mem) {
-                struct uffdio_range r = {.start = (uintptr_t)c->blocks[i].mem,
-                                         .len = map_len(c, &c->blocks[i])};
-                ioctl(c->uffd, UFFDIO_UNREGISTER, &r);
-            }
-    }
+    if (atomic_load(&c->failed))
+        unregister_all(c);
     free(buf);
     return NULL;
 }
@@ -674,8 +741,22 @@ static int setup_memory(lctx *c)
     if (mr_core_init(c->fd, c->snap, c->blocks) < 0)
         return mr_error_set(&c->err, E_IO, "loading bitmaps: %s", strerror(errno));
     int use_uffd = c->opts->mode != MR_MODE_SYNC;
-    if (use_uffd && mr_uffd_setup(&c->uffd, &c->err) < 0)
+    if (use_uffd && c->unit == 1 && c->snap->file_size && !c->inj.no_fmap) {
+        /* The fault path's data source (validated offsets only).  A file
+         * that shrinks later makes that UFFDIO_COPY fail (EFAULT), never a
+         * signal: the kernel reads the mapping.  Without a mapping: pread. */
+        void *m = mmap(NULL, (size_t)c->snap->file_size, PROT_READ, MAP_SHARED, c->fd, 0);
+        if (m != MAP_FAILED) {
+            c->fmap = m;
+            c->fmap_len = c->snap->file_size;
+        }
+    }
+    uint64_t features = c->inj.event_remove ? UFFD_FEATURE_EVENT_REMOVE : 0, got = 0;
+    if (use_uffd && mr_uffd_setup_features(&c->uffd, features, &got, &c->err) < 0)
         return -1;
+    if (use_uffd && got != features)
+        return mr_error_set(&c->err, E_UFFD, "userfaultfd features %#" PRIx64 " not offered",
+                            features & ~got);
     if (use_uffd) {
         c->stamps = calloc(c->nblocks ? c->nblocks : 1, sizeof *c->stamps);
         for (size_t i = 0; c->stamps && i < c->nblocks; i++)
@@ -732,6 +813,21 @@ static int start_threads(lctx *c)
     return 0;
 }
 
+/* FASTSNAP_LOADER_INJECT=event-remove: faults in the first page of the first
+ * block, then drops it with MADV_DONTNEED; with UFFD_FEATURE_EVENT_REMOVE
+ * the kernel reports that as UFFD_EVENT_REMOVE (madvise waits until a fault
+ * thread has read it), an event the fault threads do not handle. */
+static void inject_remove_event(lctx *c)
+{
+    for (size_t i = 0; i < c->nblocks; i++)
+        if (c->blocks[i].mem) {
+            volatile unsigned char *m = c->blocks[i].mem;
+            (void)m[0];
+            madvise(c->blocks[i].mem, (size_t)(c->unit * PAGE), MADV_DONTNEED);
+            return;
+        }
+}
+
 /* Ready (threads up or sync load done), access, every page loaded. */
 static int restore(lctx *c)
 {
@@ -739,6 +835,8 @@ static int restore(lctx *c)
     if (c->opts->mode == MR_MODE_SYNC ? sync_load(c) < 0 : start_threads(c) < 0)
         return -1;
     c->t_ready = mr_now_ns();
+    if (c->inj.event_remove && c->opts->mode != MR_MODE_SYNC)
+        inject_remove_event(c);
     if (run_access(c, c->opts->access, c->opts->seed, 1) < 0)
         return -1;
     if (c->et_started) {
@@ -790,8 +888,9 @@ static void report_json(lctx *c, FILE *out, char digests[][65], const mr_baselin
     mr_samples_json(out, &c->fault_lat);
     fputs(",\"touch_latency_us\":", out);
     mr_samples_json(out, &c->touch_lat);
-    fprintf(out, ",\"fault_threads\":%u,\"fault_stages_us\":{\"event_read\":",
-            c->opts->fault_threads);
+    fprintf(out, ",\"fault_threads\":%u,\"fault_spin_us\":%u,\"fault_source\":\"%s\","
+            "\"fault_stages_us\":{\"event_read\":", c->opts->fault_threads,
+            c->opts->fault_spin_us, c->fmap ? "mmap" : "pread");
     mr_samples_json(out, &c->st_event);
     fputs(",\"claim\":", out);
     mr_samples_json(out, &c->st_claim);
@@ -875,6 +974,8 @@ static void teardown(lctx *c)
     }
     if (c->uffd >= 0)
         close(c->uffd);
+    if (c->fmap)
+        munmap((void *)c->fmap, (size_t)c->fmap_len);
     close(c->stop_efd);
     free(c->blocks);
     mr_samples *all[] = {&c->fault_lat, &c->touch_lat, &c->st_claim, &c->st_pread,
@@ -900,6 +1001,12 @@ int mr_local_load(int fd, const mr_snapshot *snap, const mr_load_opts *opts, FIL
     c->opts = opts;
     c->nblocks = snap->nblocks;
     c->unit = opts->hugepages ? HUGE_PAGE / PAGE : 1;
+    c->inj.fault_abandon = mr_inject("fault-abandon");
+    c->inj.dup_events = mr_inject("dup-events");
+    c->inj.place_twice = mr_inject("place-twice");
+    c->inj.wake_fail = mr_inject("uffd-wake-fail");
+    c->inj.event_remove = mr_inject("event-remove");
+    c->inj.no_fmap = mr_inject("pread-fault");
     if (opts->fault_threads < 1 || opts->fault_threads > MAX_FAULT_THREADS) {
         free(c);
         return mr_error_set(err, E_USAGE, "fault threads must be 1..%u", MAX_FAULT_THREADS);

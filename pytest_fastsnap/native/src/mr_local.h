@@ -9,6 +9,8 @@
 #include "mr_format.h"
 #include "mr_json.h" /* mr_json_string, for the CLI front-end */
 
+#define MR_FAULT_SPIN_US 20u        /* --fault-spin-us default (native/README.md: measured) */
+
 typedef enum { MR_MODE_LAZY, MR_MODE_FAULT_ONLY, MR_MODE_EAGER, MR_MODE_SYNC } mr_mode;
 typedef enum { MR_ACCESS_NONE, MR_ACCESS_SEQ, MR_ACCESS_RANDOM, MR_ACCESS_ALL } mr_access;
 
@@ -17,6 +19,8 @@ typedef struct mr_load_opts {
     mr_access access;
     unsigned threads;
     unsigned fault_threads;       /* fault-handling threads (uffd modes), 1..16 */
+    unsigned fault_spin_us;       /* a fault thread polls the uffd this long after its
+                                   * last event before it blocks (0: block at once) */
     int hugepages;                /* restore into 2 MiB hugetlb pages, placed whole */
     unsigned long long seed;
     int json;

@@ -24,7 +24,8 @@ static const char USAGE[] =
     "  inspect FILE [--offset N] [--json]\n"
     "  verify FILE [--offset N] [--max-length ID=SIZE]... [--json]\n"
     "  load FILE [--offset N] [--max-length ID=SIZE]... --mode lazy|fault-only|eager|sync\n"
-    "       [--access none|seq|random|all] [--threads N] [--fault-threads N] [--seed N]\n"
+    "       [--access none|seq|random|all] [--threads N] [--fault-threads N]\n"
+    "       [--fault-spin-us N] [--seed N]"
     "       [--hugepages] [--baseline] [--json]\n"
     "  uffd-bench FILE [--pages N] [--threads N] [--json]\n"
     "  serve FILE [--offset N] --to unix:PATH|fd:N ...   (postcopy bridge, see bridge.h)\n"
@@ -60,6 +61,7 @@ static int parse_args(int argc, char **argv, cli *c)
 {
     c->load.threads = 1;
     c->load.fault_threads = 1;
+    c->load.fault_spin_us = MR_FAULT_SPIN_US;
     c->load.access = MR_ACCESS_NONE;
     c->pages = 4096;
     for (int i = 2; i < argc; i++) {
@@ -118,6 +120,11 @@ static int parse_args(int argc, char **argv, cli *c)
                 return usage_error("--fault-threads must be 1..16");
             c->load.fault_threads = (unsigned)n;
             i++;
+        } else if (strcmp(a, "--fault-spin-us") == 0) {
+            if (mr_parse_u64(v, &n) < 0 || n > 1000)
+                return usage_error("--fault-spin-us must be 0..1000");
+            c->load.fault_spin_us = (unsigned)n;
+            i++;
         } else if (strcmp(a, "--hugepages") == 0) {
             c->load.hugepages = 1;
         } else if (strcmp(a, "--baseline") == 0) {
@@ -145,36 +152,42 @@ static int parse_args(int argc, char **argv, cli *c)
     return 0;
 }
 
-static void report_invalid(const cli *c, const mr_error *e)
+/* The one error report: one line on stderr (`what` prefixes the message,
+ * e.g. "load"), and with --json the error object on stdout.  Returns the
+ * exit status for e's name. */
+static int report_error(const cli *c, const char *what, const mr_error *e)
 {
-    fprintf(stderr, "fastsnap-loader: %s: %s\n", e->name, e->msg);
+    fprintf(stderr, "fastsnap-loader: %s: %s%s%s\n", e->name, what ? what : "", what ? ": " : "",
+            e->msg);
     if (c->json) {
+        char msg[sizeof e->msg + 32];
+        snprintf(msg, sizeof msg, "%s%s%s", what ? what : "", what ? ": " : "", e->msg);
         printf("{\"valid\":false,\"error\":");
         mr_json_string(stdout, e->name);
         printf(",\"message\":");
-        mr_json_string(stdout, e->msg);
+        mr_json_string(stdout, msg);
         printf("}\n");
     }
+    return mr_error_exit(e->name);
 }
 
+/* 0 with *fd open and *snap parsed, or the reported error's exit status. */
 static int open_and_parse(const cli *c, int *fd, mr_snapshot *snap)
 {
     mr_error e;
-    int rc = mr_open(c->file, fd, &e);
-    if (rc != MR_OK) {
+    if (mr_open(c->file, fd, &e) < 0) {
         char msg[128];
         snprintf(msg, sizeof msg, "%.100s", e.msg);
         snprintf(e.msg, sizeof e.msg, "%.300s: %.100s", c->file, msg);
-        report_invalid(c, &e);
-        return rc;
+        return report_error(c, NULL, &e);
     }
-    rc = mr_parse_auto(*fd, c->have_offset ? &c->offset : NULL, &c->limits, snap, c->lv, &e);
-    if (rc != MR_OK) {
-        report_invalid(c, &e);
+    if (mr_parse_auto(*fd, c->have_offset ? &c->offset : NULL, &c->limits, snap, c->lv,
+                      &e) < 0) {
         close(*fd);
         *fd = -1;
+        return report_error(c, NULL, &e);
     }
-    return rc;
+    return 0;
 }
 
 static int cmd_verify(const cli *c)
@@ -204,13 +217,18 @@ static int cmd_inspect(const cli *c)
         return rc;
     mr_core_block *cb = calloc(s.nblocks ? s.nblocks : 1, sizeof *cb);
     if (!cb || mr_core_init(fd, &s, cb) < 0) {
-        fprintf(stderr, "fastsnap-loader: reading bitmaps: %s\n", strerror(errno));
+        mr_error e;
+        if (cb)
+            mr_error_set(&e, E_IO, "reading bitmaps: %s", strerror(errno));
+        else
+            mr_error_set(&e, E_INTERNAL, "out of memory");
+        rc = report_error(c, "inspect", &e);
         if (cb)
             mr_core_free(cb, s.nblocks);
         free(cb);
         mr_snapshot_free(&s);
         close(fd);
-        return 1;
+        return rc;
     }
     if (c->json) {
         printf("{\"valid\":true,\"libvirt\":");
@@ -295,9 +313,7 @@ static int cmd_load(cli *c)
         return rc;
     mr_error e;
     c->load.json = c->json;
-    rc = mr_local_load(fd, &s, &c->load, stdout, &e) < 0 ? mr_error_exit(e.name) : 0;
-    if (rc)
-        fprintf(stderr, "fastsnap-loader: %s: load: %s\n", e.name, e.msg);
+    rc = mr_local_load(fd, &s, &c->load, stdout, &e) < 0 ? report_error(c, "load", &e) : 0;
     mr_snapshot_free(&s);
     close(fd);
     return rc;
@@ -339,6 +355,5 @@ int main(int argc, char **argv)
     mr_error e;
     if (mr_uffd_bench(c.file, c.pages, c.load.threads, c.json, stdout, &e) == 0)
         return 0;
-    fprintf(stderr, "fastsnap-loader: %s: uffd-bench: %s\n", e.name, e.msg);
-    return mr_error_exit(e.name);
+    return report_error(&c, "uffd-bench", &e);
 }

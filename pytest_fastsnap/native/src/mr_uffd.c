@@ -1,4 +1,5 @@
-/* Owns the userfaultfd plumbing (see mr_uffd.h). */
+/* Owns the userfaultfd plumbing and the FASTSNAP_LOADER_INJECT knob reader
+ * (see mr_uffd.h). */
 #define _GNU_SOURCE
 #include "mr_uffd.h"
 
@@ -8,6 +9,7 @@
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/syscall.h>
@@ -37,7 +39,27 @@ int mr_uffd_open(void)
     return (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
 }
 
+int mr_inject(const char *what)
+{
+    const char *v = getenv("FASTSNAP_LOADER_INJECT");
+    size_t n = strlen(what);
+    while (v && *v) {
+        const char *end = strchr(v, ',');
+        size_t len = end ? (size_t)(end - v) : strlen(v);
+        if (len == n && strncmp(v, what, n) == 0)
+            return 1;
+        v = end ? end + 1 : NULL;
+    }
+    return 0;
+}
+
 int mr_uffd_setup(int *out, mr_error *err)
+{
+    uint64_t got;
+    return mr_uffd_setup_features(out, 0, &got, err);
+}
+
+int mr_uffd_setup_features(int *out, uint64_t features, uint64_t *got, mr_error *err)
 {
     int fd = mr_uffd_open();
     if (fd < 0) {
@@ -45,7 +67,20 @@ int mr_uffd_setup(int *out, mr_error *err)
                  "worked; check vm.unprivileged_userfaultfd or CAP_SYS_PTRACE)", strerror(errno));
         return -1;
     }
-    struct uffdio_api api = {.api = UFFD_API, .features = 0};
+    struct uffdio_api api = {.api = UFFD_API, .features = features};
+    if (features) {
+        /* Ask what this kernel offers first (a probe fd: UFFDIO_API can be
+         * called once per fd), then request only those. */
+        int probe = mr_uffd_open();
+        struct uffdio_api q = {.api = UFFD_API, .features = 0};
+        if (probe >= 0 && ioctl(probe, UFFDIO_API, &q) == 0)
+            api.features = features & q.features;
+        else
+            api.features = 0;
+        if (probe >= 0)
+            close(probe);
+    }
+    uint64_t asked = api.features;
     if (ioctl(fd, UFFDIO_API, &api) < 0) {
         mr_error_set(err, E_UFFD, "UFFDIO_API: %s", strerror(errno));
         close(fd);
@@ -57,6 +92,7 @@ int mr_uffd_setup(int *out, mr_error *err)
         close(fd);
         return -1;
     }
+    *got = asked;
     *out = fd;
     return 0;
 }
