@@ -242,6 +242,13 @@ class PrivateLibvirt:
         for pid in self.namespace_pids():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        # SIGKILL is not instant either (a loaded host, a QEMU freeing its RAM):
+        # return only once the namespace is empty, so nothing outlives stop().
+        deadline = time.monotonic() + 30
+        while self.namespace_pids() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        leftovers += [f"pid {pid} survived SIGKILL: {process_cmdline(pid)}"
+                      for pid in self.namespace_pids()]
         shutil.rmtree(self.root, ignore_errors=True)
         return leftovers
 
