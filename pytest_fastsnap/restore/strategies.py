@@ -17,6 +17,12 @@ Strategies:
   unix:``); the guest runs as soon as the device state is in and RAM follows
   on demand and eagerly.
 
+Postcopy strategies (``qemu-fast``, ``loader-bridge``) turn on QEMU's
+``postcopy-blocktime`` capability on the destination:
+:meth:`RestoredGuest.blocktime` reads how long vCPUs were blocked on missing
+pages (QEMU 10.0: ``postcopy-blocktime``, the time *all* vCPUs were blocked at
+once, and ``postcopy-vcpu-blocktime``, per vCPU; both in ms).
+
 Times are taken from QMP event timestamps (``events`` capability), so they
 do not include our polling.  ``time_to_running`` for a destination restored
 ``paused`` is the time until it could be continued.
@@ -141,6 +147,7 @@ class RestoredGuest:
     loader_stderr: str = ""
     sock_dir: Path | None = None
     out_dir: Path | None = None
+    blocktime_info: dict[str, Any] | None = None
 
     # -- waiting ----------------------------------------------------------------
 
@@ -248,12 +255,30 @@ class RestoredGuest:
         t = self.loader_stats.get("time_to_all_sent_s")
         return None if not t else self.loader_spawned_at + float(t)
 
+    def blocktime(self) -> dict[str, Any] | None:
+        """vCPU time blocked on missing pages, from the destination's
+        ``query-migrate``: ``{"total_ms": N, "vcpu_ms": [..], "raw": {every
+        postcopy-* field QEMU gave}}``; None for ``qemu-precopy`` (no postcopy)
+        or a QEMU that reports none.  Read it after :meth:`wait_loaded` for
+        the whole restore (QEMU keeps the figures after completion)."""
+        if self.strategy == "qemu-precopy":
+            return None
+        info = self.vm.qmp("query-migrate", timeout=10)
+        raw = {k: v for k, v in info.items() if k.startswith("postcopy-")}
+        if "postcopy-blocktime" not in raw:
+            return None
+        self.blocktime_info = {"total_ms": raw["postcopy-blocktime"],
+                               "vcpu_ms": list(raw.get("postcopy-vcpu-blocktime", [])),
+                               "raw": raw}
+        return self.blocktime_info
+
     def summary(self) -> dict[str, Any]:
         return {"strategy": self.strategy, "launch_s": self.launch_seconds,
                 "time_to_running_s": self.time_to_running,
                 "time_to_loaded_s": self.time_to_loaded,
                 "loader_spawned_at_s": self.loader_spawned_at if self.loader else None,
-                "loader": self.loader_stats or None}
+                "loader": self.loader_stats or None,
+                "blocktime": self.blocktime_info}
 
     def __repr__(self) -> str:
         loader = f" loader pid {self.loader.pid}" if self.loader is not None else ""
@@ -440,10 +465,11 @@ def _start(guest: RestoredGuest, path: Path, offset: int, loader_args: Sequence[
         _caps(guest, {"mapped-ram": True, "events": True})
         _incoming(guest, file_uri(path, offset))
     elif guest.strategy == "qemu-fast":
-        _caps(guest, {"mapped-ram": True, "postcopy-ram": True, "events": True})
+        _caps(guest, {"mapped-ram": True, "postcopy-ram": True, "postcopy-blocktime": True,
+                      "events": True})
         _incoming(guest, file_uri(path, offset))
     else:
-        _caps(guest, {"postcopy-ram": True, "events": True})
+        _caps(guest, {"postcopy-ram": True, "postcopy-blocktime": True, "events": True})
         guest.sock_dir, sock = _socket_dir()
         guest.out_dir = guest.sock_dir
         binary = loader_binary()
