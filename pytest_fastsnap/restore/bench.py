@@ -26,6 +26,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import statistics
 import tempfile
 import threading
@@ -106,13 +107,20 @@ def _probe_demand(guest: RestoredGuest, ranges: list[tuple[int, int]], count: in
 
 def _one(strategy: str, snap: Path, device_args: Sequence[str], binary: str, workdir: Path,
          *, probes: int = 0, ranges: list[tuple[int, int]] | None = None,
-         workload: Workload | None = None, loader_args: Sequence[str] = ()) -> dict[str, Any]:
+         workload: Workload | None = None, eager_hold: float = 0.0,
+         **restore_kw: Any) -> dict[str, Any]:
+    """One restore; with *eager_hold* the bridge serves only requests until
+    the workload is done (``--eager-delay``, ended by SIGUSR1)."""
+    if eager_hold:
+        restore_kw["loader_args"] = ["--eager-delay", f"{eager_hold:g}"]
     guest = restore(strategy, snap, device_args, machine_factory(binary, workdir, name=strategy),
-                    timeout=600, loader_args=loader_args if strategy == "loader-bridge" else ())
+                    timeout=600, **restore_kw)
     try:
         rtts: list[float] = []
         prober = None
         work = run_workload(guest, workload) if workload is not None else None
+        if eager_hold and guest.loader is not None and guest.loader.poll() is None:
+            guest.loader.send_signal(signal.SIGUSR1)
         if probes and ranges:
             prober = threading.Thread(target=_probe_demand, args=(guest, ranges, probes, rtts))
             prober.start()
@@ -281,20 +289,21 @@ def bench_size(size: int, *, binary: str, workdir: Path, repeat: int,
 def working_set_runs(snap: Path, device_args: Sequence[str], binary: str, workdir: Path,
                      log: Any, workload: Workload) -> dict[str, Any]:
     """Working-set prefetch: a bridge restore running *workload* records the
-    pages it requested (``--record-ws``); then the same restore and workload
-    again without the file, and with it sent before / right after RUN."""
+    pages it requested (``--record-ws``; the eager stream held back until the
+    workload is done, so every page it touched is requested); then the same
+    restore and workload again without the file, and with it sent before /
+    right after RUN."""
     ws_file = workdir / f"{snap.stem}.ws"
     out: dict[str, Any] = {"workload": workload.key}
     try:
         rec = _one("loader-bridge", snap, device_args, binary, workdir, workload=workload,
-                   loader_args=["--record-ws", str(ws_file)])
+                   record_ws=ws_file, eager_hold=600.0)
         out["record"] = rec
         out["ws_pages"] = (rec.get("loader") or {}).get("ws_recorded", 0)
-        for name, args in (("none", []),
-                           ("before-run", ["--ws", str(ws_file), "--ws-mode", "before-run"]),
-                           ("after-run", ["--ws", str(ws_file), "--ws-mode", "after-run"])):
+        for name, kw in (("none", {}), ("before-run", {"ws": ws_file, "ws_mode": "before-run"}),
+                         ("after-run", {"ws": ws_file, "ws_mode": "after-run"})):
             res = _one("loader-bridge", snap, device_args, binary, workdir, workload=workload,
-                       loader_args=args)
+                       **kw)
             out[name] = {"done_s": res["workload"]["done_s"],
                          "blocktime_ms": _blocktime_ms(res), "run": res}
             log(f"  working set {name}: {workload.name} done {res['workload']['done_s']:.3f}s, "

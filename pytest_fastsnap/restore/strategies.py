@@ -377,7 +377,9 @@ def _stream_offset_hint(path: Path, offset: int) -> str:
 def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str],
             vm_factory: Any, offset: int | None = None, *, paused: bool = False,
             wait: bool = True, timeout: float = 120.0,
-            loader_args: Sequence[str] = (), transport: str = "unix") -> RestoredGuest:
+            loader_args: Sequence[str] = (), transport: str = "unix",
+            ws: str | Path | None = None, record_ws: str | Path | None = None,
+            ws_mode: str = "after-run") -> RestoredGuest:
     """Restore *snapshot_path* with *strategy* into a new destination QEMU.
 
     *vm_factory* is the ``vm_factory`` fixture or a :class:`DestinationFactory`.
@@ -393,6 +395,14 @@ def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str]
     failed restore says so when no stream starts at *offset* and where one does.
     The bridge parses the file first: one the loader refuses raises
     :class:`RestoreRefused` before any QEMU is started.
+
+    Working-set prefetch (bridge only): *record_ws* makes the loader write
+    the pages the destination requested, in order, to that file once the
+    restore completes; *ws* sends a file so recorded first on this restore,
+    ``ws_mode`` ``before-run`` (loaded before any vCPU runs) or
+    ``after-run`` (at the head of the eager stream).  An invalid *ws* file,
+    or one recorded on another snapshot layout, raises
+    :class:`RestoreRefused` (``E_WS``) before any QEMU is started.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown restore strategy {strategy!r}; one of {STRATEGIES}")
@@ -404,8 +414,10 @@ def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str]
             offset = read_manifest(path).offset
         except ValueError:
             offset = 0
+    ws_args = _ws_args(strategy, ws, record_ws, ws_mode)
+    loader_args = [*loader_args, *ws_args]
     if strategy == "loader-bridge":
-        _loader_accepts(strategy, path, offset)
+        _loader_accepts(strategy, path, offset, ws_args[:2] if ws is not None else [])
     t_launch = time.monotonic()
     vm = _as_factory(vm_factory)(device_args, paused=paused)
     guest = RestoredGuest(strategy=strategy, vm=vm, t0_wall=0.0, event_mark=0, paused=paused,
@@ -427,11 +439,26 @@ def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str]
     return guest
 
 
-def _loader_accepts(strategy: str, path: Path, offset: int) -> None:
-    """Parse *path* as the loader will (``serve --describe``) before a destination
-    is started for it: an invalid file costs no QEMU and leaves none waiting."""
+def _ws_args(strategy: str, ws: str | Path | None, record_ws: str | Path | None,
+             ws_mode: str) -> list[str]:
+    """The loader options for working-set prefetch (``--ws`` first)."""
+    if ws is None and record_ws is None:
+        return []
+    if strategy != "loader-bridge":
+        raise ValueError(f"ws/record_ws are loader-bridge options, not {strategy}'s")
+    if ws_mode not in ("before-run", "after-run"):
+        raise ValueError(f"ws_mode must be 'before-run' or 'after-run', not {ws_mode!r}")
+    args = ["--ws", str(Path(ws).resolve()), "--ws-mode", ws_mode] if ws is not None else []
+    return args + (["--record-ws", str(Path(record_ws).absolute())] if record_ws else [])
+
+
+def _loader_accepts(strategy: str, path: Path, offset: int,
+                    extra: Sequence[str] = ()) -> None:
+    """Parse *path* (and a ``--ws`` file in *extra*) as the loader will
+    (``serve --describe``) before a destination is started for it: an
+    invalid file costs no QEMU and leaves none waiting."""
     proc = subprocess.run([str(loader_binary()), "serve", str(path), "--offset", str(offset),
-                           "--describe", "--json"], capture_output=True, text=True,
+                           *extra, "--describe", "--json"], capture_output=True, text=True,
                           timeout=60, check=False)
     if proc.returncode == 0:
         return
