@@ -68,6 +68,10 @@ CASES: list[tuple[str, int]] = [
     ("restore {badformat}", USAGE),
     ("restore {snapshot} --strategy bogus", USAGE),
     *binary_cases("restore {snapshot} --qemu-binary {}"),
+    *file_cases("restore {snapshot} --ws {}"),
+    ("restore {snapshot} --ws-mode bogus", USAGE),
+    ("restore {snapshot} --record-ws {dir}", USAGE),
+    ("restore {snapshot} --strategy qemu-precopy --ws {random}", USAGE),
     # bench: all of it before the first guest boots
     *binary_cases("bench --sizes 32M --qemu-binary {}"),
     ("bench --sizes garbage", USAGE),
@@ -75,6 +79,9 @@ CASES: list[tuple[str, int]] = [
     ("bench -- --sizes 8M", USAGE),
     ("bench --repeat 0", USAGE),
     ("bench --strategies bogus", USAGE),
+    ("bench --workloads rand:0", USAGE),
+    ("bench --workloads bogus:10", USAGE),
+    ("bench --workloads rand:10,seq", USAGE),
     ("bench --results-dir {empty}", USAGE),
     # the native loader's commands
     *file_cases("inspect {}"),

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from pytest_fastsnap.cli.common import (
     CliError,
@@ -16,6 +16,7 @@ from pytest_fastsnap.cli.common import (
     cli_error,
     existing_file,
     one_line,
+    output_file,
     temp_workdir,
     validate_qemu_binary,
 )
@@ -26,17 +27,28 @@ if TYPE_CHECKING:
 
 def restore_cli(snapshot: Path, qemu_binary: str | None = None, *,
                 strategy: str = "loader-bridge", keep_running: bool = False,
-                out: TextIO = sys.stdout) -> int:
+                out: TextIO = sys.stdout, ws: Path | None = None,
+                record_ws: Path | None = None, ws_mode: str = "after-run") -> int:
     """Restore *snapshot* on the system QEMU with the arguments recorded in
     ``<snapshot>.json``; print time to running and time to fully loaded.
 
     Returns 0 on success, 2 for bad input (a missing or invalid snapshot or
     manifest, an unusable QEMU binary, an unsupported strategy), 1 for a
     failed restore; errors are one line on stderr.  With *keep_running* the
-    guest stays up until Ctrl-C (or until it exits).
+    guest stays up until Ctrl-C (or until it exits).  *ws* / *record_ws* /
+    *ws_mode*: working-set prefetch of the loader bridge (see
+    :func:`pytest_fastsnap.restore.strategies.restore`).
     """
     try:
-        return _restore(snapshot, qemu_binary, strategy, keep_running, out)
+        if (ws or record_ws) and strategy != "loader-bridge":
+            raise UsageError(f"--ws and --record-ws need --strategy loader-bridge, "
+                             f"not {strategy}")
+        if ws is not None:
+            ws = existing_file(ws, "--ws working-set file")
+        if record_ws is not None:
+            record_ws = output_file(record_ws, "--record-ws")
+        return _restore(snapshot, qemu_binary, strategy, keep_running, out,
+                        {"ws": ws, "record_ws": record_ws, "ws_mode": ws_mode})
     except CliError as err:
         cli_error("restore", err)
         return err.exit_code
@@ -64,7 +76,7 @@ def _checked_inputs(snapshot: Path, qemu_binary: str | None) -> tuple[Manifest, 
 
 
 def _restore(snapshot: Path, qemu_binary: str | None, strategy: str, keep_running: bool,
-             out: TextIO) -> int:
+             out: TextIO, ws_kw: dict[str, Any]) -> int:
     from pytest_fastsnap.qemu.machine import QemuError
     from pytest_fastsnap.restore.strategies import (
         RestoreFailed,
@@ -79,7 +91,7 @@ def _restore(snapshot: Path, qemu_binary: str | None, strategy: str, keep_runnin
         guest = None
         try:
             guest = restore(strategy, snapshot, manifest.qemu_args,
-                            machine_factory(binary, workdir), offset=manifest.offset)
+                            machine_factory(binary, workdir), offset=manifest.offset, **ws_kw)
             print(f"{strategy}: guest running after {guest.time_to_running:.3f} s "
                   f"(QEMU start-up {guest.launch_seconds:.3f} s before that)", file=out,
                   flush=True)
@@ -93,6 +105,13 @@ def _restore(snapshot: Path, qemu_binary: str | None, strategy: str, keep_runnin
                       f"{stats.get('pages_eager', 0)} pages eagerly at "
                       f"{stats.get('eager_throughput_mib_s', 0):.0f} MiB/s", file=out,
                       flush=True)
+                if stats.get("ws_loaded"):
+                    print(f"loader: working set of {stats['ws_loaded']} pages sent "
+                          f"{stats.get('ws_mode')}, {stats.get('pages_ws', 0)} of them not "
+                          "yet sent otherwise", file=out, flush=True)
+                if record_ws_path := ws_kw.get("record_ws"):
+                    print(f"loader: recorded a working set of {stats.get('ws_recorded', 0)} "
+                          f"pages to {record_ws_path}", file=out, flush=True)
             if keep_running:
                 print(f"guest running (QEMU pid {guest.vm.pid}, log {guest.vm.log_path}); "
                       "Ctrl-C stops it", file=out, flush=True)
@@ -111,7 +130,8 @@ def _restore(snapshot: Path, qemu_binary: str | None, strategy: str, keep_runnin
 
 def run(args: argparse.Namespace) -> int:
     return restore_cli(Path(args.snapshot), qemu_binary=args.qemu_binary,
-                       strategy=args.strategy, keep_running=args.keep_running)
+                       strategy=args.strategy, keep_running=args.keep_running,
+                       ws=args.ws, record_ws=args.record_ws, ws_mode=args.ws_mode)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -128,4 +148,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    choices=("loader-bridge", "qemu-precopy", "qemu-fast"))
     p.add_argument("--keep-running", action="store_true",
                    help="leave the guest running until Ctrl-C")
+    p.add_argument("--record-ws", type=Path, default=None, metavar="FILE",
+                   help="loader-bridge: write the pages the guest requested, in order, to "
+                   "FILE once the restore completes")
+    p.add_argument("--ws", type=Path, default=None, metavar="FILE",
+                   help="loader-bridge: send the pages of a --record-ws FILE of this "
+                   "snapshot first")
+    p.add_argument("--ws-mode", default="after-run", choices=("before-run", "after-run"),
+                   help="when --ws pages go: before the guest runs, or at the head of the "
+                   "eager stream (default after-run)")
     p.set_defaults(func=run)

@@ -21,7 +21,6 @@ from pytest_fastsnap.restore.strategies import RestoreFailed
 if TYPE_CHECKING:
     from pytest_fastsnap.restore.strategies import RestoredGuest
 
-DEFAULT_WORKLOADS = "seq:1,seq:10,seq:100,rand:1,rand:10,rand:100"
 
 
 @dataclass(frozen=True)
