@@ -245,7 +245,9 @@ class TinyGuest(ConsoleAgent):
         page, naming it.  ``details``: ``pages`` touched, ``order``, ``line``."""
         send = touch_command(permille, order)
         line = self.command(send, r"TOUCH (OK|FAIL)[^\r\n]*\r?\n", timeout)
-        return check_verdict(line.replace("TOUCH", "CHECK", 1), self.vm.name)
+        verdict = check_verdict(line.replace("TOUCH", "CHECK", 1), self.vm.name)
+        # the guest's own TOUCH line in details
+        return Verdict(verdict.ok, verdict.reason, {**verdict.details, "line": line.strip()})
 
     def last_check_line(self) -> str:
         lines = [ln for ln in self.console.text.splitlines() if ln.startswith("CHECK ")]

@@ -391,7 +391,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def log_limits(values: Sequence[float]) -> tuple[float, float]:
+def log_limits(values: Sequence[float | None]) -> tuple[float, float]:
     """Log-axis limits that show every positive value: half the smallest below,
     and room above the largest for its label (x4: about two label heights on
     the plot's scale)."""
@@ -401,32 +401,74 @@ def log_limits(values: Sequence[float]) -> tuple[float, float]:
     return min(positive) / 2, max(positive) * 4
 
 
+def linear_limits(values: Sequence[float | None]) -> tuple[float, float]:
+    """Linear-axis limits from 0 (a zero bar is its label) to above the largest."""
+    top = max([v for v in values if v is not None] + [0.0])
+    return 0.0, (top * 1.3) if top > 0 else 1.0
+
+
+def _panels(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What each subplot shows: groups (x labels), one value list per series."""
+    sizes = [f"{r['size_bytes'] >> 20} MiB" for r in results]
+    strategies = sorted({s for r in results for s in r["strategies"]})
+    panels = []
+    for key, title in (("time_to_running_s", "time to running"),
+                       ("time_to_loaded_s", "time to fully loaded")):
+        panels.append({"title": title, "log": True, "unit": "s", "groups": sizes,
+                       "series": {s: [(r["strategies"].get(s) or {}).get(key) for r in results]
+                                  for s in strategies}})
+    groups = [(r, w) for r in results for w in r.get("workloads", {})]
+    labels = [f"{r['size_bytes'] >> 20} MiB\n{w}%" for r, w in groups]
+    work_strategies = sorted({s for r, w in groups for s in r["workloads"][w]})
+    panels.append({"title": "workload done (from migrate-incoming)", "log": True, "unit": "s",
+                   "groups": labels,
+                   "series": {s: [(r["workloads"][w].get(s) or {}).get("done_s")
+                                  for r, w in groups] for s in work_strategies}})
+    post = [s for s in work_strategies if s != "qemu-precopy"]
+    panels.append({"title": "vCPU blocktime during the workload", "log": False, "unit": "ms",
+                   "groups": labels,
+                   "series": {s: [(r["workloads"][w].get(s) or {}).get("blocktime_ms")
+                                  for r, w in groups] for s in post}})
+    return [p for p in panels if p["groups"] and p["series"]]
+
+
 def plot(results: list[dict[str, Any]], path: Path) -> None:
-    """Bar charts of time to running and to fully loaded, saved to *path*."""
+    """Bar charts of time to running, time to fully loaded, workload time and
+    blocktime, saved to *path*.  Every bar lies inside its axes: log axes
+    from half the smallest value (a ~0.01 s bar shows), blocktime (which can
+    be 0) on a linear axis from 0; every bar carries its value."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sizes = [f"{r['size_bytes'] >> 20} MiB" for r in results]
-    strategies = sorted({s for r in results for s in r["strategies"]})
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), layout="constrained")
-    width = 0.8 / max(1, len(strategies))
-    for ax, key, title in ((axes[0], "time_to_running_s", "time to running"),
-                           (axes[1], "time_to_loaded_s", "time to fully loaded")):
-        shown: list[float] = []
-        for i, strategy in enumerate(strategies):
-            vals = [(r["strategies"].get(strategy) or {}).get(key) or 0 for r in results]
-            shown += vals
-            xs = [x + i * width for x in range(len(results))]
-            bars = ax.bar(xs, vals, width, label=strategy)
-            ax.bar_label(bars, labels=[f"{v:.3g}" if v else "" for v in vals], fontsize=8)
-        ax.set_xticks([x + width * (len(strategies) - 1) / 2 for x in range(len(results))],
-                      sizes)
-        ax.set_yscale("log")
-        ax.set_ylim(*log_limits(shown))
-        ax.set_ylabel("seconds (log)")
-        ax.set_title(title)
+    panels = _panels(results)
+    rows = (len(panels) + 1) // 2
+    fig, axes = plt.subplots(rows, 2, figsize=(13, 4.8 * rows), layout="constrained",
+                             squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, panel in zip(flat, panels, strict=False):
+        series = panel["series"]
+        width = 0.8 / max(1, len(series))
+        shown: list[float | None] = []
+        for i, (name, vals) in enumerate(series.items()):
+            present = [(x + i * width, v) for x, v in enumerate(vals) if v is not None]
+            shown += [v for _, v in present]    # a missing value draws no bar
+            bars = ax.bar([x for x, _ in present], [v for _, v in present], width,
+                          label=name)
+            ax.bar_label(bars, labels=[f"{v:.3g}" for _, v in present], fontsize=7)
+        ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(panel["groups"]))],
+                      panel["groups"], fontsize=8)
+        if panel["log"]:
+            ax.set_yscale("log")
+            ax.set_ylim(*log_limits(shown))
+            ax.set_ylabel(f"{panel['unit']} (log)")
+        else:
+            ax.set_ylim(*linear_limits(shown))
+            ax.set_ylabel(panel["unit"])
+        ax.set_title(panel["title"])
         ax.legend(loc="upper left", fontsize=8)
     fig.suptitle("mapped-ram restore: QEMU full load vs loader bridge (TCG, warm cache)")
     fig.savefig(path, dpi=110)
