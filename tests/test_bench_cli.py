@@ -152,4 +152,4 @@ def test_bench_reports_what_the_guest_feels(tmp_path: Path) -> None:
     assert ws["ws_pages"] > 0
     for mode in ("none", "before-run", "after-run"):
         assert ws[mode]["done_s"] > 0 and ws[mode]["blocktime_ms"] is not None, (mode, ws)
-    assert ws["before-run"]["run"]["loader"]["pages_ws"] == ws["ws_pages"]
+    assert ws["before-run"]["runs"][0]["loader"]["pages_ws"] == ws["ws_pages"]

@@ -227,15 +227,17 @@ def bench_size(size: int, *, binary: str, workdir: Path, repeat: int,
                 f"loaded {res['time_to_loaded_s']:.3f}s"
                 + (f", blocktime {bt:.0f} ms" if bt is not None else ""))
     work: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for wl in workloads:
-        for strategy in strategies:
-            res = one(strategy, workload=wl)
-            if res is None:
-                continue
-            work.setdefault(wl.key, {}).setdefault(strategy, []).append(res)
-            bt = _blocktime_ms(res)
-            log(f"  workload {wl.name}, {strategy}: done {res['workload']['done_s']:.3f}s"
-                + (f", blocktime {bt:.0f} ms" if bt is not None else ""))
+    for r in range(repeat):
+        for wl in workloads:
+            for strategy in strategies:
+                res = one(strategy, workload=wl)
+                if res is None:
+                    continue
+                work.setdefault(wl.key, {}).setdefault(strategy, []).append(res)
+                bt = _blocktime_ms(res)
+                log(f"  [{r + 1}/{repeat}] workload {wl.name}, {strategy}: done "
+                    f"{res['workload']['done_s']:.3f}s"
+                    + (f", blocktime {bt:.0f} ms" if bt is not None else ""))
     ceil = None
     if ceiling:
         ceil = postcopy_ceiling(snap, device_args, binary, workdir)
@@ -244,7 +246,7 @@ def bench_size(size: int, *, binary: str, workdir: Path, repeat: int,
     ws_runs = None
     if ws and "loader-bridge" in strategies and "loader-bridge" not in skipped:
         ws_runs = working_set_runs(snap, device_args, binary, workdir, log,
-                                   Workload("rand", 100))
+                                   Workload("rand", 100), repeat)
     demand = None
     if probes and "loader-bridge" in strategies and "loader-bridge" not in skipped:
         demand = _one("loader-bridge", snap, device_args, binary, workdir, probes=probes,
@@ -287,12 +289,12 @@ def bench_size(size: int, *, binary: str, workdir: Path, repeat: int,
 
 
 def working_set_runs(snap: Path, device_args: Sequence[str], binary: str, workdir: Path,
-                     log: Any, workload: Workload) -> dict[str, Any]:
+                     log: Any, workload: Workload, repeat: int = 1) -> dict[str, Any]:
     """Working-set prefetch: a bridge restore running *workload* records the
     pages it requested (``--record-ws``; the eager stream held back until the
     workload is done, so every page it touched is requested); then the same
     restore and workload again without the file, and with it sent before /
-    right after RUN."""
+    right after RUN (*repeat* times each, interleaved; medians)."""
     ws_file = workdir / f"{snap.stem}.ws"
     out: dict[str, Any] = {"workload": workload.key}
     try:
@@ -300,14 +302,22 @@ def working_set_runs(snap: Path, device_args: Sequence[str], binary: str, workdi
                    record_ws=ws_file, eager_hold=600.0)
         out["record"] = rec
         out["ws_pages"] = (rec.get("loader") or {}).get("ws_recorded", 0)
-        for name, kw in (("none", {}), ("before-run", {"ws": ws_file, "ws_mode": "before-run"}),
-                         ("after-run", {"ws": ws_file, "ws_mode": "after-run"})):
-            res = _one("loader-bridge", snap, device_args, binary, workdir, workload=workload,
-                       **kw)
-            out[name] = {"done_s": res["workload"]["done_s"],
-                         "blocktime_ms": _blocktime_ms(res), "run": res}
-            log(f"  working set {name}: {workload.name} done {res['workload']['done_s']:.3f}s, "
-                f"blocktime {_blocktime_ms(res) or 0:.0f} ms")
+        modes: list[tuple[str, dict[str, Any]]] = [
+            ("none", {}), ("before-run", {"ws": ws_file, "ws_mode": "before-run"}),
+            ("after-run", {"ws": ws_file, "ws_mode": "after-run"})]
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in modes}
+        for r in range(repeat):
+            for name, kw in modes:
+                res = _one("loader-bridge", snap, device_args, binary, workdir,
+                           workload=workload, **kw)
+                runs[name].append(res)
+                log(f"  [{r + 1}/{repeat}] working set {name}: {workload.name} done "
+                    f"{res['workload']['done_s']:.3f}s, blocktime "
+                    f"{_blocktime_ms(res) or 0:.0f} ms")
+        for name, these in runs.items():
+            out[name] = {"done_s": _med([x["workload"]["done_s"] for x in these]),
+                         "blocktime_ms": _med([_blocktime_ms(x) for x in these]),
+                         "runs": these}
     finally:
         ws_file.unlink(missing_ok=True)
     return out
