@@ -19,7 +19,7 @@ static const char WS_MAGIC[8] = {'F', 'S', 'N', 'A', 'P', 'W', 'S', '1'};
 #define WS_ENTRY 12u
 #define WS_HASH 8u
 
-static uint64_t fnv1a(const uint8_t *p, size_t n)
+uint64_t br_ws_hash(const uint8_t *p, size_t n)
 {
     uint64_t h = 0xcbf29ce484222325ull;
     for (size_t i = 0; i < n; i++) {
@@ -132,7 +132,7 @@ static int ws_parse(struct br_ws *ws, const struct br_snap *snap, const char *pa
                             "block list make %zu (truncated or trailing bytes)", path, size,
                             want);
     uint64_t hash = le64(buf + size - WS_HASH);
-    if (hash != fnv1a(buf, size - WS_HASH))
+    if (hash != br_ws_hash(buf, size - WS_HASH))
         return mr_error_set(err, E_WS, "%s: hash at offset %zu does not match the contents "
                             "(corrupt file)", path, size - WS_HASH);
     size_t off = WS_HEADER;
@@ -258,7 +258,7 @@ int br_ws_write(const struct br_ws *ws, const struct br_snap *snap, const char *
         put_le32(buf + off, ws->e[i].block);
         put_le64(buf + off + 4, ws->e[i].page);
     }
-    put_le64(buf + off, fnv1a(buf, off));
+    put_le64(buf + off, br_ws_hash(buf, off));
     char tmp[4096];
     int rc = -1;
     if ((size_t)snprintf(tmp, sizeof tmp, "%s.tmp", path) >= sizeof tmp) {

@@ -60,5 +60,7 @@ void br_ws_note(struct br_ws *ws, uint32_t block, uint64_t page, uint64_t count)
 int br_ws_write(const struct br_ws *ws, const struct br_snap *snap, const char *path,
                 mr_error *err);
 void br_ws_free(struct br_ws *ws);
+/* The file's trailing hash: 64-bit FNV-1a of n bytes. */
+uint64_t br_ws_hash(const uint8_t *p, size_t n);
 
 #endif
