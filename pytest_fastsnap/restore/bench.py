@@ -453,13 +453,12 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = _panels(results)
-    rows = (len(panels) + 1) // 2
-    fig, axes = plt.subplots(rows, 2, figsize=(13, 4.8 * rows), layout="constrained",
-                             squeeze=False)
-    flat = list(axes.flat)
-    for ax in flat[len(panels):]:
-        ax.set_visible(False)
-    for ax, panel in zip(flat, panels, strict=False):
+    # the two time panels side by side; workload panels (many groups) full width
+    mosaic = [[0, 1]] + [[i, i] for i in range(2, len(panels))]
+    fig, axd = plt.subplot_mosaic(mosaic, figsize=(14, 4.6 * len(mosaic)),
+                                  layout="constrained")
+    for n, panel in enumerate(panels):
+        ax = axd[n]
         series = panel["series"]
         width = 0.8 / max(1, len(series))
         shown: list[float | None] = []

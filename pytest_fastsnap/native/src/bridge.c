@@ -1144,9 +1144,10 @@ static void write_stats(struct bridge *b, FILE *f, int rc)
             (unsigned long long)b->requests, (unsigned long long)b->requests_served,
             (unsigned long long)b->requests_duplicate, (unsigned long long)b->rp_bad_requests,
             b->pongs, b->send_seconds, b->read_seconds, (unsigned long long)b->double_sends);
+    const char *ws_mode = !b->ws_path ? "none" : b->ws_before_run ? "before-run" : "after-run";
     fprintf(f, "\"ws_mode\": \"%s\", \"ws_loaded\": %llu, \"pages_ws\": %llu, "
-            "\"ws_recorded\": %llu, \"eager_hold_end_s\": %.6f, ", !b->ws_path ? "none" : b->ws_before_run ? "before-run"
-            : "after-run", (unsigned long long)b->ws.n, (unsigned long long)b->pages_ws,
+            "\"ws_recorded\": %llu, \"eager_hold_end_s\": %.6f, ", ws_mode,
+            (unsigned long long)b->ws.n, (unsigned long long)b->pages_ws,
             (unsigned long long)b->ws_rec.n, b->t_eager_hold_end);
     fputs("\"latency_us\": ", f);
     mr_samples_json(f, &b->lat);
