@@ -136,6 +136,7 @@ def test_bench_reports_what_the_guest_feels(tmp_path: Path) -> None:
     if "qemu-fast" not in result["strategies"]:
         assert result["skipped"]["qemu-fast"], result["skipped"]
         assert "qemu-fast: skipped: " in res.stdout
+        assert f"64 MiB: qemu-fast skipped: {result['skipped']['qemu-fast']}" in res.stdout
     for key in ("rand:10", "seq:1"):
         per = result["workloads"][key]
         for strategy in ("qemu-precopy", "loader-bridge"):

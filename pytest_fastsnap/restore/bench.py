@@ -385,6 +385,8 @@ def format_table(results: list[dict[str, Any]]) -> str:
         lines += ["", "working-set prefetch (loader-bridge, second restore; ws recorded by "
                   "the first)", *_grid(ws)]
     for res in results:
+        for name, why in (res.get("skipped") or {}).items():
+            lines.append(f"{res['size_bytes'] >> 20} MiB: {name} skipped: {why}")
         ceil = res.get("ceiling")
         bridge = res["strategies"].get("loader-bridge", {}).get("eager_throughput_mib_s")
         if ceil and ceil.get("postcopy_mib_s"):

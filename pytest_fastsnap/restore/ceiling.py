@@ -16,6 +16,7 @@ background stream.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -47,7 +48,8 @@ def postcopy_ceiling(snapshot: Path, device_args: Sequence[str], binary: str, wo
     ``postcopy_bytes``, ``pages`` and the destination's ``blocktime``."""
     source = restore("qemu-precopy", snapshot, device_args,
                      machine_factory(binary, workdir, name="ceiling-src"), timeout=timeout)
-    sock_dir = Path(tempfile.mkdtemp(prefix="fsc-", dir="/tmp"))
+    # our pid in the name: workdirs.sweep_stale removes it if we are SIGKILLed
+    sock_dir = Path(tempfile.mkdtemp(prefix=f"fsb-{os.getpid()}-", dir="/tmp"))
     dst = QemuMachine(binary, workdir, name="ceiling-dst", incoming="defer",
                       device_args=device_args, qmp_timeout=timeout)
     try:
