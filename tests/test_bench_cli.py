@@ -148,6 +148,7 @@ def test_bench_reports_what_the_guest_feels(tmp_path: Path) -> None:
         assert f"workload {key}%: loader-bridge" in res.stdout
     ceiling = result["ceiling"]
     assert ceiling["postcopy_bytes"] > 0 and ceiling["postcopy_mib_s"] > 0, ceiling
+    assert len(ceiling["runs"]) == 1 and ceiling["runs"][0]["blocktime"]["vcpu_ms"], ceiling
     assert "of the ceiling" in res.stdout
     ws = result["working_set"]
     assert ws["ws_pages"] > 0

@@ -82,7 +82,7 @@ def test_working_set_reader_fuzzes_clean(tmp_path: Path) -> None:
     for i, entries in enumerate(([], [(0, 3), (1, 0)], [(0, p) for p in range(64)])):
         (corpus / f"seed{i}").write_bytes(encode_ws(WorkingSet(4096, blocks, entries)))
     res = subprocess.run([str(harness), "-runs=20000", "-max_len=2048", "-seed=1",
-                          str(corpus)], capture_output=True, text=True, timeout=600,
-                         check=False)
+                          f"-artifact_prefix={tmp_path}/", str(corpus)], capture_output=True,
+                         text=True, timeout=600, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Done 20000 runs" in res.stderr, res.stderr[-2000:]

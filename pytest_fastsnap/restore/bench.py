@@ -240,9 +240,15 @@ def bench_size(size: int, *, binary: str, workdir: Path, repeat: int,
                     + (f", blocktime {bt:.0f} ms" if bt is not None else ""))
     ceil = None
     if ceiling:
-        ceil = postcopy_ceiling(snap, device_args, binary, workdir)
-        log(f"  ceiling: QEMU-to-QEMU postcopy {ceil['postcopy_mib_s']:.0f} MiB/s "
-            f"({ceil['postcopy_bytes'] >> 20} MiB in {ceil['postcopy_s']:.2f}s)")
+        ceil_runs = []
+        for r in range(repeat):
+            c = postcopy_ceiling(snap, device_args, binary, workdir)
+            ceil_runs.append(c)
+            log(f"  [{r + 1}/{repeat}] ceiling: QEMU-to-QEMU postcopy "
+                f"{c['postcopy_mib_s']:.0f} MiB/s ({c['postcopy_bytes'] >> 20} MiB in "
+                f"{c['postcopy_s']:.2f}s)")
+        ceil = {"postcopy_mib_s": _med([c["postcopy_mib_s"] for c in ceil_runs]),
+                "postcopy_bytes": ceil_runs[0]["postcopy_bytes"], "runs": ceil_runs}
     ws_runs = None
     if ws and "loader-bridge" in strategies and "loader-bridge" not in skipped:
         ws_runs = working_set_runs(snap, device_args, binary, workdir, log,
