@@ -25,14 +25,24 @@ def test_help_shows_the_options(spelling: list[str]) -> None:
                          check=False)
     assert res.returncode == 0, res.stderr
     for option in ("--sizes", "--repeat", "--strategies", "--probes", "--qemu-binary",
-                   "--results-dir", "--no-plot"):
+                   "--results-dir", "--no-plot", "--workloads", "--no-ceiling", "--no-ws"):
         assert option in res.stdout, option
+
+
+def _with_workloads(res: dict, done: dict[str, dict[str, float]],
+                    blocktime: dict[str, dict[str, float]]) -> dict:
+    res["workloads"] = {w: {name: {"done_s": t, "blocktime_ms": blocktime[w].get(name)}
+                            for name, t in per.items()} for w, per in done.items()}
+    return res
 
 
 def test_plot_shows_every_bar_and_label(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                         ) -> None:
-    """The bridge's time to running (~0.01 s, measured) next to QEMU's seconds:
-    every bar's top lies inside its axes, and every label inside the figure."""
+    """The bridge's time to running (~0.01 s, measured) next to QEMU's seconds,
+    workload times from 0.004 s to 9 s, blocktimes of 0 ms and 3000 ms: four
+    panels, every bar's top inside its axes' limits (a log axis above its
+    floor, blocktime's linear axis from 0), one label per bar, every label
+    inside the figure and below its axes' top."""
     pytest.importorskip("matplotlib", reason="matplotlib (pip install 'pytest-fastsnap[bench]')")
     import matplotlib.pyplot as plt
 
@@ -41,20 +51,37 @@ def test_plot_shows_every_bar_and_label(tmp_path: Path, monkeypatch: pytest.Monk
     figures: list = []
     monkeypatch.setattr(plt, "close", figures.append)  # keep the figure plot() draws
 
-    results = [_result(256, {"qemu-precopy": 0.31, "loader-bridge": 0.009},
-                       {"qemu-precopy": 0.31, "loader-bridge": 0.52}),
-               _result(4096, {"qemu-precopy": 4.8, "loader-bridge": 0.012},
-                       {"qemu-precopy": 4.8, "loader-bridge": 7.9})]
+    results = [
+        _with_workloads(_result(256, {"qemu-precopy": 0.31, "loader-bridge": 0.009},
+                                {"qemu-precopy": 0.31, "loader-bridge": 0.52}),
+                        {"rand:10": {"qemu-precopy": 0.4, "loader-bridge": 0.004},
+                         "seq:100": {"qemu-precopy": 0.9, "loader-bridge": 1.7}},
+                        {"rand:10": {"loader-bridge": 0}, "seq:100": {"loader-bridge": 12}}),
+        _with_workloads(_result(4096, {"qemu-precopy": 4.8, "loader-bridge": 0.012},
+                                {"qemu-precopy": 4.8, "loader-bridge": 7.9}),
+                        {"rand:10": {"qemu-precopy": 5.1, "loader-bridge": 0.6},
+                         "seq:100": {"qemu-precopy": 9.0, "loader-bridge": 8.2}},
+                        {"rand:10": {"loader-bridge": 3000}, "seq:100": {"loader-bridge": 0}}),
+    ]
     plot(results, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 0
     fig = figures[0]
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     page = fig.bbox
-    for ax in fig.axes:
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in shown] == [
+        "time to running", "time to fully loaded", "workload done (from migrate-incoming)",
+        "vCPU blocktime during the workload"]
+    counts = []
+    for ax in shown:
         bottom, top = ax.get_ylim()
         heights = [p.get_height() for p in ax.patches]
-        assert heights and all(bottom < h < top for h in heights), (bottom, top, heights)
+        counts.append(len(heights))
+        if ax.get_yscale() == "log":
+            assert heights and all(bottom < h < top for h in heights), (bottom, top, heights)
+        else:
+            assert heights and all(bottom <= h < top for h in heights), (bottom, top, heights)
         labels = [t for t in ax.texts if t.get_text()]
         assert len(labels) == len(heights)
         for text in labels:
@@ -62,6 +89,7 @@ def test_plot_shows_every_bar_and_label(tmp_path: Path, monkeypatch: pytest.Monk
             assert page.x0 <= box.x0 and box.x1 <= page.x1, text.get_text()
             assert page.y0 <= box.y0 and box.y1 <= page.y1, text.get_text()
             assert box.y1 <= ax.get_window_extent(renderer).y1, f"{text.get_text()} clipped"
+    assert counts == [4, 4, 8, 4], counts      # every value has its bar
 
 
 @pytest.mark.fastsnap
@@ -84,3 +112,46 @@ def test_bench_without_matplotlib_writes_table_and_json(tmp_path: Path) -> None:
     report = json.loads(reports[0].read_text())
     assert report["results"][0]["strategies"]["loader-bridge"]["time_to_loaded_s"] > 0
     assert "loader-bridge" in res.stdout and str(reports[0]) in res.stdout
+
+
+@pytest.mark.fastsnap
+def test_bench_reports_what_the_guest_feels(tmp_path: Path) -> None:
+    """A real run at 64 MiB: workload times for every strategy with the
+    guest's own TOUCH OK, QEMU's blocktime for the bridge, the QEMU-to-QEMU
+    postcopy ceiling with the eager/ceiling ratio, the working-set
+    comparison, and qemu-fast skipped with QEMU's reason (10.0 has no fast
+    load).  Figures present and sane; no timing is asserted."""
+    res = subprocess.run([*FASTSNAP, "bench", "--sizes", "64M", "--repeat", "1", "--probes",
+                          "0", "--workloads", "rand:10,seq:1", "--no-plot", "--strategies",
+                          "qemu-precopy,loader-bridge,qemu-fast"], capture_output=True,
+                         text=True, timeout=600, cwd=tmp_path, check=False)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(next((tmp_path / "fastsnap-bench-results").glob("*.json")).read_text())
+    result = report["results"][0]
+    assert len(report["load_average"]) == 3
+    bridge = result["strategies"]["loader-bridge"]
+    assert bridge["blocktime_ms"] is not None and bridge["blocktime_ms"] >= 0
+    assert bridge["runs"][0]["blocktime"]["vcpu_ms"], bridge["runs"][0]["blocktime"]
+    assert result["strategies"]["qemu-precopy"]["blocktime_ms"] is None   # no postcopy
+    if "qemu-fast" not in result["strategies"]:
+        assert result["skipped"]["qemu-fast"], result["skipped"]
+        assert "qemu-fast: skipped: " in res.stdout
+        assert f"64 MiB: qemu-fast skipped: {result['skipped']['qemu-fast']}" in res.stdout
+    for key in ("rand:10", "seq:1"):
+        per = result["workloads"][key]
+        for strategy in ("qemu-precopy", "loader-bridge"):
+            run = per[strategy]["runs"][0]
+            assert per[strategy]["done_s"] > 0, (key, strategy)
+            assert run["workload"]["line"].startswith("TOUCH OK"), run["workload"]
+            assert run["workload"]["pages"] > 0
+        assert per["loader-bridge"]["blocktime_ms"] is not None
+        assert f"workload {key}%: loader-bridge" in res.stdout
+    ceiling = result["ceiling"]
+    assert ceiling["postcopy_bytes"] > 0 and ceiling["postcopy_mib_s"] > 0, ceiling
+    assert len(ceiling["runs"]) == 1 and ceiling["runs"][0]["blocktime"]["vcpu_ms"], ceiling
+    assert "of the ceiling" in res.stdout
+    ws = result["working_set"]
+    assert ws["ws_pages"] > 0
+    for mode in ("none", "before-run", "after-run"):
+        assert ws[mode]["done_s"] > 0 and ws[mode]["blocktime_ms"] is not None, (mode, ws)
+    assert ws["before-run"]["runs"][0]["loader"]["pages_ws"] == ws["ws_pages"]

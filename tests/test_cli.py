@@ -34,6 +34,28 @@ def test_save_inspect_verify_restore(fastsnap_workdir: Path, fastsnap_accel: str
     assert "fully loaded after" in restored.stdout
 
 
+@pytest.mark.fastsnap
+def test_restore_records_and_replays_a_working_set(fastsnap_workdir: Path,
+                                                   fastsnap_accel: str) -> None:
+    """`fastsnap restore --record-ws` writes a file the Python reader accepts,
+    naming as many pages as it says; `--ws` with it restores again."""
+    from pytest_fastsnap.restore.wsfile import read_ws
+
+    snap, ws = fastsnap_workdir / "s.img", fastsnap_workdir / "s.ws"
+    saved = _run("save", str(snap), "--mem", "64M", "--accel", fastsnap_accel)
+    assert saved.returncode == 0, saved.stderr
+    recorded = _run("restore", str(snap), "--record-ws", str(ws))
+    assert recorded.returncode == 0, recorded.stderr
+    entries = read_ws(ws).entries
+    assert f"recorded a working set of {len(entries)} pages to {ws}" in recorded.stdout
+    for mode in ("before-run", "after-run"):
+        replayed = _run("restore", str(snap), "--ws", str(ws), "--ws-mode", mode)
+        assert replayed.returncode == 0, replayed.stderr
+        assert "fully loaded after" in replayed.stdout
+        if entries:
+            assert f"working set of {len(entries)} pages sent {mode}" in replayed.stdout
+
+
 def test_restore_without_manifest_names_the_problem(tmp_path: Path) -> None:
     snap = tmp_path / "nothing.img"
     snap.write_bytes(b"QEVM")

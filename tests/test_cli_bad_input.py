@@ -72,6 +72,10 @@ CASES: list[tuple[str, int]] = [
     ("restore {snapshot} --recover-attempts 101", USAGE),
     ("restore {snapshot} --strategy qemu-precopy --recover-attempts 2", USAGE),
     *binary_cases("restore {snapshot} --qemu-binary {}"),
+    *file_cases("restore {snapshot} --ws {}"),
+    ("restore {snapshot} --ws-mode bogus", USAGE),
+    ("restore {snapshot} --record-ws {dir}", USAGE),
+    ("restore {snapshot} --strategy qemu-precopy --ws {random}", USAGE),
     # bench: all of it before the first guest boots
     *binary_cases("bench --sizes 32M --qemu-binary {}"),
     ("bench --sizes garbage", USAGE),
@@ -79,6 +83,9 @@ CASES: list[tuple[str, int]] = [
     ("bench -- --sizes 8M", USAGE),
     ("bench --repeat 0", USAGE),
     ("bench --strategies bogus", USAGE),
+    ("bench --workloads rand:0", USAGE),
+    ("bench --workloads bogus:10", USAGE),
+    ("bench --workloads rand:10,seq", USAGE),
     ("bench --results-dir {empty}", USAGE),
     # the native loader's commands
     *file_cases("inspect {}"),

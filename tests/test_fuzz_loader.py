@@ -85,3 +85,26 @@ def test_bridge_rp_campaign_covers_recovery_messages(tmp_path: Path) -> None:
     (summary,) = json.loads((tmp_path / "loader-summary.json").read_text())
     assert summary["target"] == "bridge-rp" and summary["seeds"] >= 6
     assert summary["execs"] > 0 and summary["crashes"] == []
+
+
+@pytest.mark.fastsnap
+def test_working_set_reader_fuzzes_clean(tmp_path: Path) -> None:
+    """libFuzzer on the bridge's --ws reader (src/fuzz_bridge_ws.c) under
+    ASan+UBSan, seeded with valid files from the Python writer: every
+    accepted file lists existing pages once, every refusal is E_WS."""
+    from pytest_fastsnap.restore.wsfile import WorkingSet, encode_ws
+
+    try:
+        harness = build_fuzzer("asan", "bridge-ws")
+    except FuzzerBuildError as err:
+        pytest.skip(f"libFuzzer harness cannot be built: {err}")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    blocks = [("pc.ram", 64 * 4096), ("pc.bios", 4 * 4096)]
+    for i, entries in enumerate(([], [(0, 3), (1, 0)], [(0, p) for p in range(64)])):
+        (corpus / f"seed{i}").write_bytes(encode_ws(WorkingSet(4096, blocks, entries)))
+    res = subprocess.run([str(harness), "-runs=20000", "-max_len=2048", "-seed=1",
+                          f"-artifact_prefix={tmp_path}/", str(corpus)], capture_output=True,
+                         text=True, timeout=600, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Done 20000 runs" in res.stderr, res.stderr[-2000:]

@@ -12,7 +12,14 @@ import pytest
 
 from pytest_fastsnap.fixtures import Guest, SnapshotFactory, VmFactory
 from pytest_fastsnap.guests.linux import LinuxGuest, linux_args, linux_image
-from pytest_fastsnap.guests.pattern import PAGE_SIZE, check_range, expected_range, page_is_zero
+from pytest_fastsnap.guests.pattern import (
+    PAGE_SIZE,
+    check_range,
+    expected_range,
+    page_is_zero,
+    touch_count,
+    touch_order,
+)
 from pytest_fastsnap.guests.tiny import (
     RECOMMENDED_MACHINE,
     TinyGuest,
@@ -136,6 +143,35 @@ def test_tiny_dirty_mode_keeps_the_invariant(vm_factory: VmFactory, tiny_elf: Pa
     assert guest.self_check()
     assert guest.ping() == gen
     assert "DIRTYING" in guest.start_dirtying()
+
+
+def test_tiny_touch_workload_reads_the_pages_it_names(vm_factory: VmFactory,
+                                                      tiny_elf: Path) -> None:
+    """The workload (digits + T/R) checks exactly the pages touch_order()
+    names: a corrupted page inside the random 10% fails it (naming that
+    page), the sequential 10% that does not reach it passes, and 100% in
+    either order finds it."""
+    params = TinyParams(seed=0x5EED_0000_1234, start=0x400000, size=8 << 20, zero_ratio=0.25)
+    order = touch_order(params.seed, params.pages, 1000, True)
+    assert sorted(order) == list(range(params.pages)), "the random order is a permutation"
+    guest = _boot_tiny(vm_factory, tiny_elf, params)
+    for permille, how in ((1000, "rand"), (100, "rand"), (10, "seq"), (0, "seq")):
+        verdict = guest.touch(permille, how)
+        assert verdict, verdict.reason
+        assert verdict.details["pages"] == touch_count(params.pages, permille)
+        assert verdict.details["order"] == how
+    ten = touch_order(params.seed, params.pages, 100, True)
+    # a page the random 10% reads late, beyond the sequential 10%
+    victim = next(i for i in reversed(ten) if i >= touch_count(params.pages, 100)
+                  and not page_is_zero(params, params.first_pfn + i))
+    pfn = params.first_pfn + victim
+    addr = pfn * PAGE_SIZE + 0x200
+    _poke(guest.vm, addr, bytes([guest.vm.memsave(addr, 1)[0] ^ 1]))
+    assert guest.touch(100, "seq")
+    for permille, how in ((100, "rand"), (1000, "seq"), (1000, "rand")):
+        verdict = guest.touch(permille, how)
+        assert not verdict and verdict.details["page"] == pfn, (how, permille, verdict.reason)
+        assert verdict.details["why"] == "content"
 
 
 @pytest.mark.parametrize("live", [False, True], ids=["stopped", "live-dirty"])

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from pytest_fastsnap.cli.common import (
     CliError,
@@ -17,6 +18,7 @@ from pytest_fastsnap.cli.common import (
 )
 
 MiB = 1 << 20
+DEFAULT_WORKLOADS = "seq:1,seq:10,seq:100,rand:1,rand:10,rand:100"
 
 
 def _sizes(text: str) -> list[int]:
@@ -46,6 +48,17 @@ def _strategies(text: str) -> list[str]:
     return names
 
 
+def _workloads(text: str) -> list[Any]:
+    from pytest_fastsnap.restore.workload import parse_workloads
+
+    if text == "none":
+        return []
+    try:
+        return parse_workloads(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def run(args: argparse.Namespace) -> int:
     from pytest_fastsnap.qemu.machine import QemuError
     from pytest_fastsnap.qemu.migration import MigrationFailed
@@ -60,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         run_bench(args.sizes, binary=binary, repeat=args.repeat, strategies=args.strategies,
                   probes=args.probes, results_dir=results_dir,
-                  draw=not (args.no_plot or no_plot))
+                  draw=not (args.no_plot or no_plot), workloads=args.workloads,
+                  ceiling=not args.no_ceiling, ws=not args.no_ws)
     except (OSError, QemuError, RestoreFailed, MigrationFailed) as err:
         raise CliError(one_line(err)) from None
     return 0
@@ -83,6 +97,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where the JSON and PNG go (default ./fastsnap-bench-results)")
     p.add_argument("--no-plot", action="store_true",
                    help="no PNG (also the case, with a note, without matplotlib)")
+    p.add_argument("--workloads", type=_workloads, default=DEFAULT_WORKLOADS,
+                   help="after-restore workloads, ORDER:PERCENT comma-separated (ORDER seq or "
+                   "rand), or none; one restore each per strategy "
+                   "(default seq:1,seq:10,seq:100,rand:1,rand:10,rand:100)")
+    p.add_argument("--no-ceiling", action="store_true",
+                   help="skip the QEMU-to-QEMU postcopy migration (the ceiling)")
+    p.add_argument("--no-ws", action="store_true",
+                   help="skip the working-set prefetch comparison (loader-bridge)")
 
 
 DESCRIPTION = """\
@@ -91,7 +113,13 @@ pages, save it with mapped-ram, restore it --repeat times with each strategy
 (interleaved) and report the medians of time to running and time to fully
 loaded, the bridge's eager throughput against a sequential read of the same
 pages, and page-request latency p50/p99 from an extra bridge run with demand
-reads.  Writes bench-restore-STAMP.json and .png (the PNG needs matplotlib:
+reads.  Then, per workload, one more restore per strategy in which the
+tiny guest reads and checks a share of its memory as soon as it runs (time
+from migrate-incoming to its TOUCH OK, and QEMU's postcopy blocktime); a
+QEMU-to-QEMU postcopy migration of the same guest (the ceiling any postcopy
+source can reach on this destination); and the bridge's working-set
+prefetch (--record-ws, then --ws before/after RUN) on rand:10.
+Writes bench-restore-STAMP.json and .png (the PNG needs matplotlib:
 pip install 'pytest-fastsnap[bench]'; without it, table and JSON only).
 Columns: benchmarks/README.md.
 

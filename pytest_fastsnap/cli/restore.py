@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from pytest_fastsnap.cli.common import (
     CliError,
@@ -17,6 +17,7 @@ from pytest_fastsnap.cli.common import (
     existing_file,
     int_arg,
     one_line,
+    output_file,
     temp_workdir,
     validate_qemu_binary,
 )
@@ -27,7 +28,9 @@ if TYPE_CHECKING:
 
 def restore_cli(snapshot: Path, qemu_binary: str | None = None, *,
                 strategy: str = "loader-bridge", keep_running: bool = False,
-                recover_attempts: int | None = None, out: TextIO = sys.stdout) -> int:
+                recover_attempts: int | None = None, out: TextIO = sys.stdout,
+                ws: Path | None = None, record_ws: Path | None = None,
+                ws_mode: str = "after-run") -> int:
     """Restore *snapshot* on the system QEMU with the arguments recorded in
     ``<snapshot>.json``; print time to running and time to fully loaded.
 
@@ -36,13 +39,23 @@ def restore_cli(snapshot: Path, qemu_binary: str | None = None, *,
     failed restore; errors are one line on stderr.  With *keep_running* the
     guest stays up until Ctrl-C (or until it exits).  *recover_attempts*
     (loader-bridge only; default 3, 0 = off) bounds how often a lost loader
-    is recovered; each recovery is printed.
+    is recovered; each recovery is printed.  *ws* / *record_ws* / *ws_mode*:
+    working-set prefetch of the loader bridge (see
+    :func:`pytest_fastsnap.restore.strategies.restore`).
     """
     try:
         if recover_attempts is not None and strategy != "loader-bridge":
             raise UsageError(f"--recover-attempts applies to --strategy loader-bridge only, "
                              f"not {strategy}")
+        if (ws or record_ws) and strategy != "loader-bridge":
+            raise UsageError(f"--ws and --record-ws need --strategy loader-bridge, "
+                             f"not {strategy}")
+        if ws is not None:
+            ws = existing_file(ws, "--ws working-set file")
+        if record_ws is not None:
+            record_ws = output_file(record_ws, "--record-ws")
         return _restore(snapshot, qemu_binary, strategy, keep_running, out,
+                        {"ws": ws, "record_ws": record_ws, "ws_mode": ws_mode},
                         recover_attempts)
     except CliError as err:
         cli_error("restore", err)
@@ -71,7 +84,7 @@ def _checked_inputs(snapshot: Path, qemu_binary: str | None) -> tuple[Manifest, 
 
 
 def _restore(snapshot: Path, qemu_binary: str | None, strategy: str, keep_running: bool,
-             out: TextIO, recover_attempts: int | None = None) -> int:
+             out: TextIO, ws_kw: dict[str, Any], recover_attempts: int | None = None) -> int:
     from pytest_fastsnap.qemu.machine import QemuError
     from pytest_fastsnap.restore.recovery import DEFAULT_RECOVER_ATTEMPTS
     from pytest_fastsnap.restore.strategies import (
@@ -89,8 +102,8 @@ def _restore(snapshot: Path, qemu_binary: str | None, strategy: str, keep_runnin
             attempts = DEFAULT_RECOVER_ATTEMPTS if recover_attempts is None else recover_attempts
             guest = restore(strategy, snapshot, manifest.qemu_args,
                             machine_factory(binary, workdir), offset=manifest.offset,
-                            **({"recover_attempts": attempts}
-                               if strategy == "loader-bridge" else {}))
+                            **ws_kw, **({"recover_attempts": attempts}
+                                        if strategy == "loader-bridge" else {}))
             print(f"{strategy}: guest running after {guest.time_to_running:.3f} s "
                   f"(QEMU start-up {guest.launch_seconds:.3f} s before that)", file=out,
                   flush=True)
@@ -109,6 +122,13 @@ def _restore(snapshot: Path, qemu_binary: str | None, strategy: str, keep_runnin
                       f"{stats.get('pages_eager', 0)} pages eagerly at "
                       f"{stats.get('eager_throughput_mib_s', 0):.0f} MiB/s", file=out,
                       flush=True)
+                if stats.get("ws_loaded"):
+                    print(f"loader: working set of {stats['ws_loaded']} pages sent "
+                          f"{stats.get('ws_mode')}, {stats.get('pages_ws', 0)} of them not "
+                          "yet sent otherwise", file=out, flush=True)
+                if record_ws_path := ws_kw.get("record_ws"):
+                    print(f"loader: recorded a working set of {stats.get('ws_recorded', 0)} "
+                          f"pages to {record_ws_path}", file=out, flush=True)
             if keep_running:
                 print(f"guest running (QEMU pid {guest.vm.pid}, log {guest.vm.log_path}); "
                       "Ctrl-C stops it", file=out, flush=True)
@@ -128,7 +148,8 @@ def _restore(snapshot: Path, qemu_binary: str | None, strategy: str, keep_runnin
 def run(args: argparse.Namespace) -> int:
     return restore_cli(Path(args.snapshot), qemu_binary=args.qemu_binary,
                        strategy=args.strategy, keep_running=args.keep_running,
-                       recover_attempts=args.recover_attempts)
+                       recover_attempts=args.recover_attempts,
+                       ws=args.ws, record_ws=args.record_ws, ws_mode=args.ws_mode)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -148,4 +169,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--recover-attempts", type=int_arg(minimum=0, maximum=100), default=None,
                    metavar="N", help="loader-bridge: recover a loader that dies or loses its "
                    "connection up to N times (QEMU postcopy recovery; default 3, 0 = off)")
+    p.add_argument("--record-ws", type=Path, default=None, metavar="FILE",
+                   help="loader-bridge: write the pages the guest requested, in order, to "
+                   "FILE once the restore completes")
+    p.add_argument("--ws", type=Path, default=None, metavar="FILE",
+                   help="loader-bridge: send the pages of a --record-ws FILE of this "
+                   "snapshot first")
+    p.add_argument("--ws-mode", default="after-run", choices=("before-run", "after-run"),
+                   help="when --ws pages go: before the guest runs, or at the head of the "
+                   "eager stream (default after-run)")
     p.set_defaults(func=run)

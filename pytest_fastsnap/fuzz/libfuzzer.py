@@ -56,7 +56,7 @@ SANITIZERS = {
     "release": "-O2 -g -fsanitize=fuzzer-no-link",
 }
 MAX_LEN = {"format": 256_000, "bridge-rp": 4096}
-HARNESS = {"format": "fuzz_format", "bridge-rp": "fuzz_bridge_rp"}
+HARNESS = {"format": "fuzz_format", "bridge-rp": "fuzz_bridge_rp", "bridge-ws": "fuzz_bridge_ws"}
 # Return-path seeds: SHUT 0, PONG 3 (package loaded), REQ_PAGES_ID pc.ram page 1, REQ_PAGES;
 # RECV_BITMAP of pc.ram (64 pages: 8 bytes, end mark), of pc.bios with padding bits set,
 # and RESUME_ACK 1 (--resume).

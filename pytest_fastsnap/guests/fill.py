@@ -50,9 +50,11 @@ def ram_hva(vm: QemuMachine) -> int:
 
 
 def fill_guest_ram(vm: QemuMachine, machine: str, ram: int, *, seed: int = 1,
-                   chunk: int = 4 * MiB) -> list[tuple[int, int]]:
+                   chunk: int = 4 * MiB,
+                   only: list[tuple[int, int, int]] | None = None) -> list[tuple[int, int]]:
     """Stop *vm* and fill its RAM with unique pages; return the filled
-    (guest-physical address, length) ranges."""
+    (guest-physical address, length) ranges.  *only*: these
+    (gpa, pc.ram offset, length) ranges instead of all of :func:`data_ranges`."""
     if vm.status() != "paused":
         vm.qmp("stop")
     base = ram_hva(vm)
@@ -62,7 +64,7 @@ def fill_guest_ram(vm: QemuMachine, machine: str, ram: int, *, seed: int = 1,
     assert pid is not None
     fd = os.open(f"/proc/{pid}/mem", os.O_RDWR)
     try:
-        for gpa, off, length in data_ranges(machine, ram):
+        for gpa, off, length in (data_ranges(machine, ram) if only is None else only):
             for pos in range(0, length, chunk):
                 n = min(chunk, length - pos)
                 buf = rnd[:n]

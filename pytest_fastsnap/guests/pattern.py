@@ -246,3 +246,38 @@ def _first_diff(got: bytes | memoryview, want: bytes) -> str:
 def _check_aligned(start: int, size: int) -> None:
     if start % PAGE_SIZE or size % PAGE_SIZE:
         raise ValueError(f"start {start:#x} and size {size:#x} must be multiples of {PAGE_SIZE}")
+
+
+def touch_count(pages: int, permille: int) -> int:
+    """How many pages the tiny guest's ``T``/``R`` workload touches (tiny.c ``touch``)."""
+    return pages // 1000 * permille + pages % 1000 * permille // 1000
+
+
+def touch_order(seed: int, pages: int, permille: int, random: bool) -> list[int]:
+    """Indexes (from the range's first page) the tiny guest touches, in order:
+    ascending for ``T``, tiny.c's seeded permutation for ``R``."""
+    count = touch_count(pages, permille)
+    if not random:
+        return list(range(count))
+    bits = 0
+    while bits < 32 and (1 << bits) < pages:
+        bits += 1
+    mask = (1 << bits) - 1
+    k = (mix(seed & MASK64) & 0xFFFFFFFF) | 1
+    add = (seed >> 32) & 0xFFFFFFFF
+
+    def permute(x: int) -> int:
+        for _ in range(3):
+            x = (x * k) & mask
+            x ^= x >> (bits // 2 + 1)
+            x = (x + add) & mask
+        return x
+
+    out: list[int] = []
+    x = 0
+    while len(out) < count:
+        idx = permute(x)
+        x += 1
+        if idx < pages:
+            out.append(idx)
+    return out

@@ -13,6 +13,10 @@ Console protocol (COM1; the machine class wires ``-serial``):
   page=<pfn> addr=0x.. why=zero|content|gen gen=G want=W``; ``P`` -> ``PONG n=<k>
   gen=<P>``; ``S`` stop dirtying -> ``STOPPED gen=P cursor=0x..``; ``D`` resume ->
   ``DIRTYING gen=P``; ``I`` repeats the READY line.
+* the workload: digits, then ``T`` (ascending) or ``R`` (seeded random order,
+  each page once): read and check that many per mille of the range's pages ->
+  ``TOUCH OK order=seq|rand permille=N pages=K gen=P`` or ``TOUCH FAIL page=...``
+  (as ``CHECK FAIL``); :meth:`TinyGuest.touch`.
 """
 
 from __future__ import annotations
@@ -234,6 +238,17 @@ class TinyGuest(ConsoleAgent):
         bad page (``details``: ``page`` (pfn), ``addr``, ``why``, ``gen``)."""
         return check_verdict(self.command(b"C", CHECK_RE, timeout), self.vm.name)
 
+    def touch(self, permille: int, order: str = "seq", timeout: float = 300.0) -> Verdict:
+        """The workload: the guest reads and checks *permille* per mille of its
+        pages, ascending (``seq``) or in its seeded random order (``rand``,
+        :func:`pytest_fastsnap.guests.pattern.touch_order`); falsy on a bad
+        page, naming it.  ``details``: ``pages`` touched, ``order``, ``line``."""
+        send = touch_command(permille, order)
+        line = self.command(send, r"TOUCH (OK|FAIL)[^\r\n]*\r?\n", timeout)
+        verdict = check_verdict(line.replace("TOUCH", "CHECK", 1), self.vm.name)
+        # the guest's own TOUCH line in details
+        return Verdict(verdict.ok, verdict.reason, {**verdict.details, "line": line.strip()})
+
     def last_check_line(self) -> str:
         lines = [ln for ln in self.console.text.splitlines() if ln.startswith("CHECK ")]
         return lines[-1] if lines else ""
@@ -260,6 +275,15 @@ class TinyGuest(ConsoleAgent):
         (works on a paused guest); falsy on failure, naming the first bad page."""
         verdict = check_range(self.params, self.read_range(), self.params.start)
         return Verdict(verdict.ok, f"{self.vm.name}: {verdict.reason}", verdict.details)
+
+
+def touch_command(permille: int, order: str) -> bytes:
+    """The bytes that start the workload (see :meth:`TinyGuest.touch`)."""
+    if order not in ("seq", "rand"):
+        raise ValueError(f"order must be 'seq' or 'rand', not {order!r}")
+    if not 0 <= permille <= 1000:
+        raise ValueError(f"permille must be within [0, 1000], not {permille}")
+    return f"{permille}{'T' if order == 'seq' else 'R'}".encode()
 
 
 def _parse_ready(line: str) -> ReadyInfo:

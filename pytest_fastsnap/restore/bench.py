@@ -26,6 +26,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import statistics
 import tempfile
 import threading
@@ -34,10 +35,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pytest_fastsnap.guests.fill import fill_guest_ram
+from pytest_fastsnap.guests.fill import data_ranges, fill_guest_ram, lowmem_size
+from pytest_fastsnap.guests.tiny import TinyGuest, TinyParams, tiny_args, tiny_kernel
 from pytest_fastsnap.qemu.machine import QemuMachine
 from pytest_fastsnap.qemu.migration import save_snapshot
 from pytest_fastsnap.qemu.probe import probe
+from pytest_fastsnap.restore.ceiling import postcopy_ceiling
 from pytest_fastsnap.restore.strategies import (
     RestoredGuest,
     RestoreUnsupported,
@@ -45,6 +48,7 @@ from pytest_fastsnap.restore.strategies import (
     machine_factory,
     restore,
 )
+from pytest_fastsnap.restore.workload import Workload, run_workload
 from pytest_fastsnap.snapshot.format import parse
 
 MiB = 1 << 20
@@ -102,19 +106,31 @@ def _probe_demand(guest: RestoredGuest, ranges: list[tuple[int, int]], count: in
 
 
 def _one(strategy: str, snap: Path, device_args: Sequence[str], binary: str, workdir: Path,
-         *, probes: int = 0, ranges: list[tuple[int, int]] | None = None) -> dict[str, Any]:
+         *, probes: int = 0, ranges: list[tuple[int, int]] | None = None,
+         workload: Workload | None = None, eager_hold: float = 0.0,
+         **restore_kw: Any) -> dict[str, Any]:
+    """One restore; with *eager_hold* the bridge serves only requests until
+    the workload is done (``--eager-delay``, ended by SIGUSR1)."""
+    if eager_hold:
+        restore_kw["loader_args"] = ["--eager-delay", f"{eager_hold:g}"]
     guest = restore(strategy, snap, device_args, machine_factory(binary, workdir, name=strategy),
-                    timeout=600)
+                    timeout=600, **restore_kw)
     try:
         rtts: list[float] = []
         prober = None
+        work = run_workload(guest, workload) if workload is not None else None
+        if eager_hold and guest.loader is not None and guest.loader.poll() is None:
+            guest.loader.send_signal(signal.SIGUSR1)
         if probes and ranges:
             prober = threading.Thread(target=_probe_demand, args=(guest, ranges, probes, rtts))
             prober.start()
         guest.wait_loaded(timeout=900)
         if prober is not None:
             prober.join()
+        guest.blocktime()
         result = guest.summary()
+        if work is not None:
+            result["workload"] = work
         if rtts:
             rtts.sort()
             result["probe_rtt_us"] = {"count": len(rtts), "p50": rtts[len(rtts) // 2],
@@ -124,17 +140,31 @@ def _one(strategy: str, snap: Path, device_args: Sequence[str], binary: str, wor
         guest.close()
 
 
-def bench_size(size: int, *, binary: str, workdir: Path, repeat: int,
-               strategies: Sequence[str], probes: int, log: Any,
-               machine: str = "q35") -> dict[str, Any]:
+def bench_params(machine: str, size: int) -> TinyParams:
+    """The tiny guest's pattern range for a *size* guest: from 4 MiB to the
+    top of low memory less 16 MiB (the firmware's tables), all data pages."""
+    low = lowmem_size(machine, size)
+    return TinyParams(seed=0xB3C4, start=4 * MiB, size=low - 16 * MiB - 4 * MiB,
+                      zero_ratio=0.0)
+
+
+def make_snapshot(size: int, *, binary: str, workdir: Path, machine: str,
+                  log: Any) -> tuple[Path, list[str], list[tuple[int, int]], float]:
+    """Boot the tiny guest (its range filled by itself), fill RAM above 4 GiB
+    from the host, save stopped; (snapshot, device args, data ranges, save s)."""
+    params = bench_params(machine, size)
     src = QemuMachine(binary, workdir, name=f"src{size >> 20}", mem=f"{size >> 20}M",
-                      machine=machine, qmp_timeout=600)
+                      machine=machine, qmp_timeout=600,
+                      extra_args=tiny_args(tiny_kernel(), params))
     src.launch()
     try:
-        src.wait_status("running")
-        time.sleep(0.3)
         t = time.monotonic()
-        ranges = fill_guest_ram(src, machine, size)
+        TinyGuest(src, params).wait_ready(60 + size / (64 * MiB))
+        src.qmp("stop")
+        ranges = [(params.start, params.size)]
+        high = [(gpa, off, n) for gpa, off, n in data_ranges(machine, size) if gpa >= 4 << 30]
+        if high:
+            ranges += fill_guest_ram(src, machine, size, only=high)
         fill_s = time.monotonic() - t
         snap = workdir / f"snap-{size >> 20}M.img"
         saved = save_snapshot(src, snap, timeout=900)
@@ -148,24 +178,83 @@ def bench_size(size: int, *, binary: str, workdir: Path, repeat: int,
     finally:
         src.shutdown()
     data_bytes = sum(n for _, n in ranges)
-    log(f"{size >> 20} MiB: filled {data_bytes / size:.0%} in {fill_s:.1f}s, "
+    log(f"{size >> 20} MiB: tiny guest filled {data_bytes / size:.0%} in {fill_s:.1f}s, "
         f"saved in {saved.save_seconds:.1f}s ({snap.stat().st_size >> 20} MiB file)")
+    return snap, device_args, ranges, saved.save_seconds
+
+
+def _med(values: Sequence[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def _blocktime_ms(run: dict[str, Any]) -> float | None:
+    bt = run.get("blocktime") or {}
+    return float(bt["total_ms"]) if bt.get("total_ms") is not None else None
+
+
+def bench_size(size: int, *, binary: str, workdir: Path, repeat: int,
+               strategies: Sequence[str], probes: int, log: Any,
+               machine: str = "q35", workloads: Sequence[Workload] = (),
+               ceiling: bool = True, ws: bool = True) -> dict[str, Any]:
+    snap, device_args, ranges, save_s = make_snapshot(size, binary=binary, workdir=workdir,
+                                                      machine=machine, log=log)
+    data_bytes = sum(n for _, n in ranges)
     pages_offset, length = _pc_ram_region(snap)
     seq = [sequential_read_mib_s(snap, pages_offset, length) for _ in range(max(1, repeat))]
     runs: dict[str, list[dict[str, Any]]] = {}
+    skipped: dict[str, str] = {}
+
+    def one(strategy: str, **kw: Any) -> dict[str, Any] | None:
+        if strategy in skipped:
+            return None
+        try:
+            return _one(strategy, snap, device_args, binary, workdir, **kw)
+        except RestoreUnsupported as err:
+            skipped[strategy] = err.reason
+            log(f"  {strategy}: skipped: {err.reason}")
+            return None
+
     for r in range(repeat):
         for strategy in strategies:     # interleaved, so drift hits all alike
-            try:
-                res = _one(strategy, snap, device_args, binary, workdir)
-            except RestoreUnsupported as err:
-                log(f"  {strategy}: skipped: {err.reason}")
-                runs.setdefault(strategy, [])
+            res = one(strategy)
+            runs.setdefault(strategy, [])
+            if res is None:
                 continue
-            runs.setdefault(strategy, []).append(res)
+            runs[strategy].append(res)
+            bt = _blocktime_ms(res)
             log(f"  [{r + 1}/{repeat}] {strategy}: running {res['time_to_running_s']:.3f}s, "
-                f"loaded {res['time_to_loaded_s']:.3f}s")
+                f"loaded {res['time_to_loaded_s']:.3f}s"
+                + (f", blocktime {bt:.0f} ms" if bt is not None else ""))
+    work: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for r in range(repeat):
+        for wl in workloads:
+            for strategy in strategies:
+                res = one(strategy, workload=wl)
+                if res is None:
+                    continue
+                work.setdefault(wl.key, {}).setdefault(strategy, []).append(res)
+                bt = _blocktime_ms(res)
+                log(f"  [{r + 1}/{repeat}] workload {wl.name}, {strategy}: done "
+                    f"{res['workload']['done_s']:.3f}s"
+                    + (f", blocktime {bt:.0f} ms" if bt is not None else ""))
+    ceil = None
+    if ceiling:
+        ceil_runs = []
+        for r in range(repeat):
+            c = postcopy_ceiling(snap, device_args, binary, workdir)
+            ceil_runs.append(c)
+            log(f"  [{r + 1}/{repeat}] ceiling: QEMU-to-QEMU postcopy "
+                f"{c['postcopy_mib_s']:.0f} MiB/s ({c['postcopy_bytes'] >> 20} MiB in "
+                f"{c['postcopy_s']:.2f}s)")
+        ceil = {"postcopy_mib_s": _med([c["postcopy_mib_s"] for c in ceil_runs]),
+                "postcopy_bytes": ceil_runs[0]["postcopy_bytes"], "runs": ceil_runs}
+    ws_runs = None
+    if ws and "loader-bridge" in strategies and "loader-bridge" not in skipped:
+        ws_runs = working_set_runs(snap, device_args, binary, workdir, log,
+                                   Workload("rand", 100), repeat)
     demand = None
-    if probes and "loader-bridge" in strategies:
+    if probes and "loader-bridge" in strategies and "loader-bridge" not in skipped:
         demand = _one("loader-bridge", snap, device_args, binary, workdir, probes=probes,
                       ranges=ranges)
         lat = (demand.get("loader") or {}).get("latency_us", {})
@@ -173,37 +262,91 @@ def bench_size(size: int, *, binary: str, workdir: Path, repeat: int,
             f"p99 {lat.get('p99', 0):.0f}us")
     snap.unlink(missing_ok=True)
 
-    def med(strategy: str, key: str) -> float | None:
-        vals = [x[key] for x in runs.get(strategy, []) if x.get(key) is not None]
-        return statistics.median(vals) if vals else None
-
-    summary: dict[str, Any] = {"size_bytes": size, "data_bytes": data_bytes,
-                               "save_s": saved.save_seconds,
+    summary: dict[str, Any] = {"size_bytes": size, "data_bytes": data_bytes, "save_s": save_s,
                                "sequential_read_mib_s": statistics.median(seq),
-                               "strategies": {}}
-    for strategy in runs:
-        entry: dict[str, Any] = {"time_to_running_s": med(strategy, "time_to_running_s"),
-                                 "time_to_loaded_s": med(strategy, "time_to_loaded_s"),
-                                 "runs": runs[strategy]}
-        loader_runs = [x["loader"] for x in runs[strategy] if x.get("loader")]
+                               "strategies": {}, "skipped": skipped, "workloads": {},
+                               "ceiling": ceil}
+    for strategy, these in runs.items():
+        if not these:
+            continue
+        entry: dict[str, Any] = {
+            "time_to_running_s": _med([x["time_to_running_s"] for x in these]),
+            "time_to_loaded_s": _med([x["time_to_loaded_s"] for x in these]),
+            "blocktime_ms": _med([_blocktime_ms(x) for x in these]),
+            "runs": these}
+        loader_runs = [x["loader"] for x in these if x.get("loader")]
         if loader_runs:
             entry["eager_throughput_mib_s"] = statistics.median(
                 x["eager_throughput_mib_s"] for x in loader_runs)
             entry["loader_time_to_run_sent_s"] = statistics.median(
                 x["time_to_run_sent_s"] for x in loader_runs)
         summary["strategies"][strategy] = entry
+    for key, per in work.items():
+        summary["workloads"][key] = {
+            strategy: {"done_s": _med([x["workload"]["done_s"] for x in these]),
+                       "blocktime_ms": _med([_blocktime_ms(x) for x in these]),
+                       "runs": these}
+            for strategy, these in per.items()}
+    if ws_runs is not None:
+        summary["working_set"] = ws_runs
     if demand is not None:
         summary["demand_run"] = demand
     return summary
+
+
+def working_set_runs(snap: Path, device_args: Sequence[str], binary: str, workdir: Path,
+                     log: Any, workload: Workload, repeat: int = 1) -> dict[str, Any]:
+    """Working-set prefetch: a bridge restore running *workload* records the
+    pages it requested (``--record-ws``; the eager stream held back until the
+    workload is done, so every page it touched is requested); then the same
+    restore and workload again without the file, and with it sent before /
+    right after RUN (*repeat* times each, interleaved; medians)."""
+    ws_file = workdir / f"{snap.stem}.ws"
+    out: dict[str, Any] = {"workload": workload.key}
+    try:
+        rec = _one("loader-bridge", snap, device_args, binary, workdir, workload=workload,
+                   record_ws=ws_file, eager_hold=600.0)
+        out["record"] = rec
+        out["ws_pages"] = (rec.get("loader") or {}).get("ws_recorded", 0)
+        modes: list[tuple[str, dict[str, Any]]] = [
+            ("none", {}), ("before-run", {"ws": ws_file, "ws_mode": "before-run"}),
+            ("after-run", {"ws": ws_file, "ws_mode": "after-run"})]
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in modes}
+        for r in range(repeat):
+            for name, kw in modes:
+                res = _one("loader-bridge", snap, device_args, binary, workdir,
+                           workload=workload, **kw)
+                runs[name].append(res)
+                log(f"  [{r + 1}/{repeat}] working set {name}: {workload.name} done "
+                    f"{res['workload']['done_s']:.3f}s, blocktime "
+                    f"{_blocktime_ms(res) or 0:.0f} ms")
+        for name, these in runs.items():
+            out[name] = {"done_s": _med([x["workload"]["done_s"] for x in these]),
+                         "blocktime_ms": _med([_blocktime_ms(x) for x in these]),
+                         "runs": these}
+    finally:
+        ws_file.unlink(missing_ok=True)
+    return out
 
 
 def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
 
 
+def _fmt(v: float | None, spec: str = ".3f") -> str:
+    return format(v, spec) if v is not None else "-"
+
+
+def _grid(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(c).rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
 def format_table(results: list[dict[str, Any]]) -> str:
     rows = [("size", "strategy", "running s", "loaded s", "run vs precopy", "loaded vs precopy",
-             "eager MiB/s", "seq read MiB/s", "req p50 us", "req p99 us")]
+             "blocktime ms", "eager MiB/s", "seq read MiB/s", "req p50 us", "req p99 us")]
     for res in results:
         base = res["strategies"].get("qemu-precopy", {})
         lat = ((res.get("demand_run") or {}).get("loader") or {}).get("latency_us", {})
@@ -211,10 +354,10 @@ def format_table(results: list[dict[str, Any]]) -> str:
             is_bridge = name == "loader-bridge"
             rows.append((
                 f"{res['size_bytes'] >> 20} MiB", name,
-                f"{st['time_to_running_s']:.3f}" if st["time_to_running_s"] else "-",
-                f"{st['time_to_loaded_s']:.3f}" if st["time_to_loaded_s"] else "-",
+                _fmt(st["time_to_running_s"]), _fmt(st["time_to_loaded_s"]),
                 _ratio(st["time_to_running_s"], base.get("time_to_running_s")),
                 _ratio(st["time_to_loaded_s"], base.get("time_to_loaded_s")),
+                _fmt(st.get("blocktime_ms"), ".0f"),
                 f"{st['eager_throughput_mib_s']:.0f}" if "eager_throughput_mib_s" in st
                 else (f"{res['data_bytes'] / MiB / st['time_to_loaded_s']:.0f}*"
                       if st["time_to_loaded_s"] else "-"),
@@ -222,15 +365,51 @@ def format_table(results: list[dict[str, Any]]) -> str:
                 f"{lat.get('p50', 0):.0f}" if is_bridge and lat else "-",
                 f"{lat.get('p99', 0):.0f}" if is_bridge and lat else "-",
             ))
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(str(c).rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = _grid(rows)
     lines.append("(* qemu-precopy: data bytes / time to loaded; ratios: this strategy's time "
-                 "/ qemu-precopy's, < 1 is faster)")
+                 "/ qemu-precopy's, < 1 is faster; blocktime: QEMU's postcopy-blocktime)")
+    work = [("size", "workload", "strategy", "done s", "vs precopy", "blocktime ms")]
+    for res in results:
+        for key, per in res.get("workloads", {}).items():
+            base = (per.get("qemu-precopy") or {}).get("done_s")
+            for name, st in per.items():
+                work.append((f"{res['size_bytes'] >> 20} MiB", key, name, _fmt(st["done_s"]),
+                             _ratio(st["done_s"], base), _fmt(st["blocktime_ms"], ".0f")))
+    if len(work) > 1:
+        lines += ["", "workload: migrate-incoming -> the guest's TOUCH OK (pages read and "
+                  "checked)", *_grid(work)]
+    ws = [("size", "workload", "prefetch", "done s", "vs none", "blocktime ms")]
+    for res in results:
+        w = res.get("working_set")
+        if not w:
+            continue
+        for mode in ("none", "before-run", "after-run"):
+            ws.append((f"{res['size_bytes'] >> 20} MiB", w["workload"], mode,
+                       _fmt(w[mode]["done_s"]), _ratio(w[mode]["done_s"], w["none"]["done_s"]),
+                       _fmt(w[mode]["blocktime_ms"], ".0f")))
+    if len(ws) > 1:
+        lines += ["", "working-set prefetch (loader-bridge, second restore; ws recorded by "
+                  "the first)", *_grid(ws)]
+    for res in results:
+        for name, why in (res.get("skipped") or {}).items():
+            lines.append(f"{res['size_bytes'] >> 20} MiB: {name} skipped: {why}")
+        ceil = res.get("ceiling")
+        bridge = res["strategies"].get("loader-bridge", {}).get("eager_throughput_mib_s")
+        if ceil and ceil.get("postcopy_mib_s"):
+            lines.append(f"{res['size_bytes'] >> 20} MiB: ceiling (QEMU-to-QEMU postcopy) "
+                         f"{ceil['postcopy_mib_s']:.0f} MiB/s; loader eager "
+                         f"{_fmt(bridge, '.0f')} MiB/s = "
+                         f"{_ratio(bridge, ceil['postcopy_mib_s'])} of the ceiling")
+        for key, per in res.get("workloads", {}).items():
+            a = (per.get("loader-bridge") or {}).get("done_s")
+            b = (per.get("qemu-precopy") or {}).get("done_s")
+            if a and b:
+                lines.append(f"{res['size_bytes'] >> 20} MiB: workload {key}%: loader-bridge "
+                             f"{a:.3f}s vs qemu-precopy {b:.3f}s = {a / b:.2f}x")
     return "\n".join(lines)
 
 
-def log_limits(values: Sequence[float]) -> tuple[float, float]:
+def log_limits(values: Sequence[float | None]) -> tuple[float, float]:
     """Log-axis limits that show every positive value: half the smallest below,
     and room above the largest for its label (x4: about two label heights on
     the plot's scale)."""
@@ -240,32 +419,73 @@ def log_limits(values: Sequence[float]) -> tuple[float, float]:
     return min(positive) / 2, max(positive) * 4
 
 
+def linear_limits(values: Sequence[float | None]) -> tuple[float, float]:
+    """Linear-axis limits from 0 (a zero bar is its label) to above the largest."""
+    top = max([v for v in values if v is not None] + [0.0])
+    return 0.0, (top * 1.3) if top > 0 else 1.0
+
+
+def _panels(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What each subplot shows: groups (x labels), one value list per series."""
+    sizes = [f"{r['size_bytes'] >> 20} MiB" for r in results]
+    strategies = sorted({s for r in results for s in r["strategies"]})
+    panels = []
+    for key, title in (("time_to_running_s", "time to running"),
+                       ("time_to_loaded_s", "time to fully loaded")):
+        panels.append({"title": title, "log": True, "unit": "s", "groups": sizes,
+                       "series": {s: [(r["strategies"].get(s) or {}).get(key) for r in results]
+                                  for s in strategies}})
+    groups = [(r, w) for r in results for w in r.get("workloads", {})]
+    labels = [f"{r['size_bytes'] >> 20} MiB\n{w}%" for r, w in groups]
+    work_strategies = sorted({s for r, w in groups for s in r["workloads"][w]})
+    panels.append({"title": "workload done (from migrate-incoming)", "log": True, "unit": "s",
+                   "groups": labels,
+                   "series": {s: [(r["workloads"][w].get(s) or {}).get("done_s")
+                                  for r, w in groups] for s in work_strategies}})
+    post = [s for s in work_strategies if s != "qemu-precopy"]
+    panels.append({"title": "vCPU blocktime during the workload", "log": False, "unit": "ms",
+                   "groups": labels,
+                   "series": {s: [(r["workloads"][w].get(s) or {}).get("blocktime_ms")
+                                  for r, w in groups] for s in post}})
+    return [p for p in panels if p["groups"] and p["series"]]
+
+
 def plot(results: list[dict[str, Any]], path: Path) -> None:
-    """Bar charts of time to running and to fully loaded, saved to *path*."""
+    """Bar charts of time to running, time to fully loaded, workload time and
+    blocktime, saved to *path*.  Every bar lies inside its axes: log axes
+    from half the smallest value (a ~0.01 s bar shows), blocktime (which can
+    be 0) on a linear axis from 0; every bar carries its value."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sizes = [f"{r['size_bytes'] >> 20} MiB" for r in results]
-    strategies = sorted({s for r in results for s in r["strategies"]})
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), layout="constrained")
-    width = 0.8 / max(1, len(strategies))
-    for ax, key, title in ((axes[0], "time_to_running_s", "time to running"),
-                           (axes[1], "time_to_loaded_s", "time to fully loaded")):
-        shown: list[float] = []
-        for i, strategy in enumerate(strategies):
-            vals = [(r["strategies"].get(strategy) or {}).get(key) or 0 for r in results]
-            shown += vals
-            xs = [x + i * width for x in range(len(results))]
-            bars = ax.bar(xs, vals, width, label=strategy)
-            ax.bar_label(bars, labels=[f"{v:.3g}" if v else "" for v in vals], fontsize=8)
-        ax.set_xticks([x + width * (len(strategies) - 1) / 2 for x in range(len(results))],
-                      sizes)
-        ax.set_yscale("log")
-        ax.set_ylim(*log_limits(shown))
-        ax.set_ylabel("seconds (log)")
-        ax.set_title(title)
+    panels = _panels(results)
+    # the two time panels side by side; workload panels (many groups) full width
+    mosaic = [[0, 1]] + [[i, i] for i in range(2, len(panels))]
+    fig, axd = plt.subplot_mosaic(mosaic, figsize=(14, 4.6 * len(mosaic)),
+                                  layout="constrained")
+    for n, panel in enumerate(panels):
+        ax = axd[n]
+        series = panel["series"]
+        width = 0.8 / max(1, len(series))
+        shown: list[float | None] = []
+        for i, (name, vals) in enumerate(series.items()):
+            present = [(x + i * width, v) for x, v in enumerate(vals) if v is not None]
+            shown += [v for _, v in present]    # a missing value draws no bar
+            bars = ax.bar([x for x, _ in present], [v for _, v in present], width,
+                          label=name)
+            ax.bar_label(bars, labels=[f"{v:.3g}" for _, v in present], fontsize=7)
+        ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(panel["groups"]))],
+                      panel["groups"], fontsize=8)
+        if panel["log"]:
+            ax.set_yscale("log")
+            ax.set_ylim(*log_limits(shown))
+            ax.set_ylabel(f"{panel['unit']} (log)")
+        else:
+            ax.set_ylim(*linear_limits(shown))
+            ax.set_ylabel(panel["unit"])
+        ax.set_title(panel["title"])
         ax.legend(loc="upper left", fontsize=8)
     fig.suptitle("mapped-ram restore: QEMU full load vs loader bridge (TCG, warm cache)")
     fig.savefig(path, dpi=110)
@@ -277,7 +497,9 @@ def run_bench(sizes: Sequence[int] = (256 * MiB, 1 << 30, 4 << 30), *,
               strategies: Sequence[str] = ("qemu-precopy", "loader-bridge"),
               probes: int = 200, results_dir: Path | None = None,
               workdir: Path | None = None, verbose: bool = True,
-              draw: bool = True, machine: str = "q35") -> dict[str, Any]:
+              draw: bool = True, machine: str = "q35",
+              workloads: Sequence[Workload] = (), ceiling: bool = True,
+              ws: bool = True) -> dict[str, Any]:
     """Run the benchmark; write JSON and (with *draw*) a PNG to *results_dir*
     (default ``./fastsnap-bench-results``); return the report.
 
@@ -299,13 +521,15 @@ def run_bench(sizes: Sequence[int] = (256 * MiB, 1 << 30, 4 << 30), *,
         for size in sizes:
             results.append(bench_size(size, binary=binary, workdir=work, repeat=repeat,
                                       strategies=strategies, probes=probes, log=log,
-                                      machine=machine))
+                                      machine=machine, workloads=workloads,
+                                      ceiling=ceiling, ws=ws))
     finally:
         if own_workdir:
             shutil.rmtree(work, ignore_errors=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     report = {"binary": binary, "machine": machine, "accel": "tcg", "repeat": repeat,
-              "host_cpus": os.cpu_count(), "results": results, "table": format_table(results)}
+              "host_cpus": os.cpu_count(), "load_average": os.getloadavg(),
+              "results": results, "table": format_table(results)}
     json_path = results_dir / f"bench-restore-{stamp}.json"
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     report["json_path"] = str(json_path)

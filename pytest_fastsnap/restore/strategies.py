@@ -21,6 +21,12 @@ Strategies:
   fresh start when the guest had not run yet); ``guest.recovery.attempts``
   says what happened.
 
+Postcopy strategies (``qemu-fast``, ``loader-bridge``) turn on QEMU's
+``postcopy-blocktime`` capability on the destination:
+:meth:`RestoredGuest.blocktime` reads how long vCPUs were blocked on missing
+pages (QEMU 10.0: ``postcopy-blocktime``, the time *all* vCPUs were blocked at
+once, and ``postcopy-vcpu-blocktime``, per vCPU; both in ms).
+
 Times are taken from QMP event timestamps (``events`` capability), so they
 do not include our polling.  ``time_to_running`` for a destination restored
 ``paused`` is the time until it could be continued.
@@ -159,6 +165,7 @@ class RestoredGuest:
     recovery: BridgeRecovery | None = None
     stats_file: str = "loader.json"     # the current loader's files in out_dir
     err_file: str = "loader.err"
+    blocktime_info: dict[str, Any] | None = None
 
     # -- waiting ----------------------------------------------------------------
 
@@ -278,12 +285,30 @@ class RestoredGuest:
         t = self.loader_stats.get("time_to_all_sent_s")
         return None if not t else self.loader_spawned_at + float(t)
 
+    def blocktime(self) -> dict[str, Any] | None:
+        """vCPU time blocked on missing pages, from the destination's
+        ``query-migrate``: ``{"total_ms": N, "vcpu_ms": [..], "raw": {every
+        postcopy-* field QEMU gave}}``; None for ``qemu-precopy`` (no postcopy)
+        or a QEMU that reports none.  Read it after :meth:`wait_loaded` for
+        the whole restore (QEMU keeps the figures after completion)."""
+        if self.strategy == "qemu-precopy":
+            return None
+        info = self.vm.qmp("query-migrate", timeout=10)
+        raw = {k: v for k, v in info.items() if k.startswith("postcopy-")}
+        if "postcopy-blocktime" not in raw:
+            return None
+        self.blocktime_info = {"total_ms": raw["postcopy-blocktime"],
+                               "vcpu_ms": list(raw.get("postcopy-vcpu-blocktime", [])),
+                               "raw": raw}
+        return self.blocktime_info
+
     def summary(self) -> dict[str, Any]:
         return {"strategy": self.strategy, "launch_s": self.launch_seconds,
                 "time_to_running_s": self.time_to_running,
                 "time_to_loaded_s": self.time_to_loaded,
                 "loader_spawned_at_s": self.loader_spawned_at if self.loader else None,
-                "loader": self.loader_stats or None}
+                "loader": self.loader_stats or None,
+                "blocktime": self.blocktime_info}
 
     def __repr__(self) -> str:
         loader = f" loader pid {self.loader.pid}" if self.loader is not None else ""
@@ -386,7 +411,9 @@ def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str]
             vm_factory: Any, offset: int | None = None, *, paused: bool = False,
             wait: bool = True, timeout: float = 120.0,
             loader_args: Sequence[str] = (), transport: str = "unix",
-            recover_attempts: int = DEFAULT_RECOVER_ATTEMPTS) -> RestoredGuest:
+            recover_attempts: int = DEFAULT_RECOVER_ATTEMPTS,
+            ws: str | Path | None = None, record_ws: str | Path | None = None,
+            ws_mode: str = "after-run") -> RestoredGuest:
     """Restore *snapshot_path* with *strategy* into a new destination QEMU.
 
     *vm_factory* is the ``vm_factory`` fixture or a :class:`DestinationFactory`.
@@ -405,6 +432,14 @@ def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str]
     (bridge only; 0 turns recovery off) bounds how often a lost loader is
     recovered (:mod:`pytest_fastsnap.restore.recovery`); a guest that cannot
     be recovered raises :class:`RestoreNotRecovered` from the waiting call.
+
+    Working-set prefetch (bridge only): *record_ws* makes the loader write
+    the pages the destination requested, in order, to that file once the
+    restore completes; *ws* sends a file so recorded first on this restore,
+    ``ws_mode`` ``before-run`` (loaded before any vCPU runs) or
+    ``after-run`` (at the head of the eager stream).  An invalid *ws* file,
+    or one recorded on another snapshot layout, raises
+    :class:`RestoreRefused` (``E_WS``) before any QEMU is started.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown restore strategy {strategy!r}; one of {STRATEGIES}")
@@ -419,8 +454,10 @@ def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str]
             offset = read_manifest(path).offset
         except ValueError:
             offset = 0
+    ws_args = _ws_args(strategy, ws, record_ws, ws_mode)
+    loader_args = [*loader_args, *ws_args]
     if strategy == "loader-bridge":
-        _loader_accepts(strategy, path, offset)
+        _loader_accepts(strategy, path, offset, ws_args[:2] if ws is not None else [])
     t_launch = time.monotonic()
     vm = _as_factory(vm_factory)(device_args, paused=paused)
     guest = RestoredGuest(strategy=strategy, vm=vm, t0_wall=0.0, event_mark=0, paused=paused,
@@ -453,11 +490,26 @@ def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str]
     return guest
 
 
-def _loader_accepts(strategy: str, path: Path, offset: int) -> None:
-    """Parse *path* as the loader will (``serve --describe``) before a destination
-    is started for it: an invalid file costs no QEMU and leaves none waiting."""
+def _ws_args(strategy: str, ws: str | Path | None, record_ws: str | Path | None,
+             ws_mode: str) -> list[str]:
+    """The loader options for working-set prefetch (``--ws`` first)."""
+    if ws is None and record_ws is None:
+        return []
+    if strategy != "loader-bridge":
+        raise ValueError(f"ws/record_ws are loader-bridge options, not {strategy}'s")
+    if ws_mode not in ("before-run", "after-run"):
+        raise ValueError(f"ws_mode must be 'before-run' or 'after-run', not {ws_mode!r}")
+    args = ["--ws", str(Path(ws).resolve()), "--ws-mode", ws_mode] if ws is not None else []
+    return args + (["--record-ws", str(Path(record_ws).absolute())] if record_ws else [])
+
+
+def _loader_accepts(strategy: str, path: Path, offset: int,
+                    extra: Sequence[str] = ()) -> None:
+    """Parse *path* (and a ``--ws`` file in *extra*) as the loader will
+    (``serve --describe``) before a destination is started for it: an
+    invalid file costs no QEMU and leaves none waiting."""
     proc = subprocess.run([str(loader_binary()), "serve", str(path), "--offset", str(offset),
-                           "--describe", "--json"], capture_output=True, text=True,
+                           *extra, "--describe", "--json"], capture_output=True, text=True,
                           timeout=60, check=False)
     if proc.returncode == 0:
         return
@@ -491,10 +543,11 @@ def _start(guest: RestoredGuest, path: Path, offset: int, loader_args: Sequence[
         _caps(guest, {"mapped-ram": True, "events": True})
         _incoming(guest, file_uri(path, offset))
     elif guest.strategy == "qemu-fast":
-        _caps(guest, {"mapped-ram": True, "postcopy-ram": True, "events": True})
+        _caps(guest, {"mapped-ram": True, "postcopy-ram": True, "postcopy-blocktime": True,
+                      "events": True})
         _incoming(guest, file_uri(path, offset))
     else:
-        _caps(guest, {"postcopy-ram": True, "events": True})
+        _caps(guest, {"postcopy-ram": True, "postcopy-blocktime": True, "events": True})
         guest.sock_dir, sock = _socket_dir()
         guest.out_dir = guest.sock_dir
         _incoming(guest, f"unix:{sock}")

@@ -22,6 +22,14 @@
  *   S  stop dirtying:          "STOPPED gen=P cursor=0x..."
  *   D  (re)start dirtying:     "DIRTYING gen=P"
  *   I  print the READY line again
+ *   0-9  digits of the argument of the next T or R (the digits are kept
+ *        until T or R consumes them; another byte does not reset them)
+ *   T  touch: read and check the first N per mille of the range's pages in
+ *      ascending order (N = the digits before it, at most 1000; none: 1000)
+ *   R  the same for N per mille of the pages in a fixed pseudo-random order
+ *      (a permutation of the range, seeded by the pattern seed), each at
+ *      most once: "TOUCH OK order=seq|rand permille=N pages=K gen=P" or
+ *      "TOUCH FAIL page=PFN addr=0x... why=... gen=G want=W" (as CHECK)
  */
 
 typedef unsigned char u8;
@@ -157,45 +165,105 @@ static u64 want_gen(u32 pfn)
     return pfn < cursor ? pass : pass - 1;
 }
 
+/* Check one page against the pattern; 0 if good, else print a FAIL line
+ * starting with `what` ("CHECK" or "TOUCH") and return 1. */
+static int check_page(u32 pfn, const char *what)
+{
+    const u32 *p = (const u32 *)(pfn * PAGE);
+    const char *why = 0;
+    u64 gen = 0, want = 0;
+    if (is_zero(pfn)) {
+        for (u32 i = 0; i < PAGE / 4 && !why; i++)
+            if (p[i])
+                why = "zero";
+    } else {
+        gen = p[0] | ((u64)p[1] << 32);
+        want = want_gen(pfn);
+        u64 h = mix(mix(seed ^ pfn) + gen);
+        u32 hlo = (u32)h, hhi = (u32)(h >> 32);
+        const u32 *t = (const u32 *)table;
+        for (u32 i = 2; i < 2 * WORDS && !why; i += 2)
+            if (p[i] != (t[i] ^ hlo) || p[i + 1] != (t[i + 1] ^ hhi))
+                why = "content";
+        if (!why && gen != want)
+            why = "gen";
+    }
+    if (!why)
+        return 0;
+    puts_(what);
+    puts_(" FAIL page=");
+    putdec(pfn);
+    puts_(" addr=");
+    puthex((u64)pfn * PAGE);
+    puts_(" why=");
+    puts_(why);
+    puts_(" gen=");
+    putdec(gen);
+    puts_(" want=");
+    putdec(want);
+    puts_("\n");
+    return 1;
+}
+
 static void check(void)
 {
-    for (u32 pfn = start_pfn; pfn < start_pfn + npages; pfn++) {
-        const u32 *p = (const u32 *)(pfn * PAGE);
-        const char *why = 0;
-        u64 gen = 0, want = 0;
-        if (is_zero(pfn)) {
-            for (u32 i = 0; i < PAGE / 4 && !why; i++)
-                if (p[i])
-                    why = "zero";
-        } else {
-            gen = p[0] | ((u64)p[1] << 32);
-            want = want_gen(pfn);
-            u64 h = mix(mix(seed ^ pfn) + gen);
-            u32 hlo = (u32)h, hhi = (u32)(h >> 32);
-            const u32 *t = (const u32 *)table;
-            for (u32 i = 2; i < 2 * WORDS && !why; i += 2)
-                if (p[i] != (t[i] ^ hlo) || p[i + 1] != (t[i + 1] ^ hhi))
-                    why = "content";
-            if (!why && gen != want)
-                why = "gen";
-        }
-        if (why) {
-            puts_("CHECK FAIL page=");
-            putdec(pfn);
-            puts_(" addr=");
-            puthex((u64)pfn * PAGE);
-            puts_(" why=");
-            puts_(why);
-            puts_(" gen=");
-            putdec(gen);
-            puts_(" want=");
-            putdec(want);
-            puts_("\n");
+    for (u32 pfn = start_pfn; pfn < start_pfn + npages; pfn++)
+        if (check_page(pfn, "CHECK"))
             return;
-        }
-    }
     puts_("CHECK OK pages=");
     putdec(npages);
+    puts_(" gen=");
+    putdec(pass);
+    puts_("\n");
+}
+
+/* A bijection on [0, 2^bits): odd multipliers and xor-shifts are invertible
+ * modulo 2^bits.  Cycle-walking it restricts it to [0, npages). */
+static u32 permute(u32 x, u32 bits)
+{
+    u32 mask = bits >= 32 ? 0xFFFFFFFFu : (1u << bits) - 1, k = (u32)mix(seed) | 1u;
+    for (int round = 0; round < 3; round++) {
+        x = (x * k) & mask;
+        x ^= x >> (bits / 2 + 1);
+        x = (x + (u32)(seed >> 32)) & mask;
+    }
+    return x;
+}
+
+static u32 touch_arg = 1000, touch_digits;
+
+/* The workload: read and check `touch_arg` per mille of the pages, in
+ * order or pseudo-randomly (each page at most once). */
+static void touch(int random)
+{
+    u32 permille = touch_digits ? touch_arg : 1000;
+    touch_arg = 0;
+    touch_digits = 0;
+    if (permille > 1000) {
+        puts_("TOUCH FAIL why=permille-over-1000\n");
+        return;
+    }
+    u32 count = npages / 1000 * permille + npages % 1000 * permille / 1000;
+    u32 bits = 0;
+    while (bits < 32 && (1u << bits) < npages)
+        bits++;
+    u32 x = 0;
+    for (u32 i = 0; i < count; i++) {
+        u32 idx = i;
+        if (random) {
+            do
+                idx = permute(x++, bits);
+            while (idx >= npages);
+        }
+        if (check_page(start_pfn + idx, "TOUCH"))
+            return;
+    }
+    puts_("TOUCH OK order=");
+    puts_(random ? "rand" : "seq");
+    puts_(" permille=");
+    putdec(permille);
+    puts_(" pages=");
+    putdec(count);
     puts_(" gen=");
     putdec(pass);
     puts_("\n");
@@ -487,7 +555,17 @@ static void command(int c)
     case 'I':
         ready_line();
         break;
+    case 'T':
+    case 'R':
+        touch(c == 'R');
+        break;
     default:
+        if (c >= '0' && c <= '9') {
+            touch_arg = touch_digits ? touch_arg * 10 + (u32)(c - '0') : (u32)(c - '0');
+            if (touch_arg > 100000)
+                touch_arg = 100000;     /* refused as over 1000 by touch() */
+            touch_digits = 1;
+        }
         break;
     }
 }

@@ -12,7 +12,8 @@ mkdir -p "$OUT"
 # Every source of the loader but main() and the bridge (which fuzz_bridge_rp.c
 # includes), in one archive: each harness links only the members it needs.
 OBJS=()
-for src in "$NATIVE"/mr_*.c "$NATIVE"/bridge_snap.c "$NATIVE"/bridge_resume.c; do
+for src in "$NATIVE"/mr_*.c "$NATIVE"/bridge_snap.c "$NATIVE"/bridge_resume.c \
+           "$NATIVE"/bridge_ws.c; do
     case "$(basename "$src")" in mr_main.c) continue ;; esac
     obj="$OUT/$(basename "$src" .c).o"
     # shellcheck disable=SC2086  # CFLAGS and LIB_FUZZING_ENGINE are word lists
@@ -28,5 +29,8 @@ $CC $CFLAGS -std=c11 "$NATIVE/fuzz_format.c" "$OUT/libmr.a" $LIB_FUZZING_ENGINE 
 # shellcheck disable=SC2086
 $CC $CFLAGS -std=c11 -pthread "$NATIVE/fuzz_bridge_rp.c" "$OUT/libmr.a" \
     $LIB_FUZZING_ENGINE -lm -o "$OUT/fuzz_bridge_rp"
+# shellcheck disable=SC2086
+$CC $CFLAGS -std=c11 "$NATIVE/fuzz_bridge_ws.c" "$OUT/libmr.a" $LIB_FUZZING_ENGINE -lm \
+    -o "$OUT/fuzz_bridge_ws"
 rm -f "$OUT/libmr.a"
 cp "$HERE/mapped_ram.dict" "$OUT/fuzz_format.dict"

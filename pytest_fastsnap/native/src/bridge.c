@@ -29,6 +29,7 @@
 
 #include "bridge_resume.h"
 #include "bridge_snap.h"
+#include "bridge_ws.h"
 #include "mr_errors.h"
 #include "mr_json.h"
 #include "mr_num.h"
@@ -38,6 +39,7 @@
 #include <getopt.h>
 #include <math.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -89,6 +91,13 @@ struct bridge {
     struct { const char *id; size_t idlen; uint64_t size; } hps[16];
     size_t nhps;
     struct timespec t_start;
+    /* --ws / --record-ws (bridge_ws.c owns the files) */
+    const char *ws_path, *record_ws_path;
+    int ws_before_run;          /* --ws-mode before-run (default after-run) */
+    struct br_ws ws, ws_rec;
+    uint64_t pages_ws;          /* sent because the working set listed them */
+    double eager_delay;         /* --eager-delay: serve only requests this long after RUN */
+    double t_eager_hold_end;
 
     /* Output: only whole sections are built and sent under out_lock. */
     pthread_mutex_t out_lock;
@@ -674,6 +683,8 @@ static int serve_requests(struct bridge *b)
         /* 64-bit: a length near 2^32 must not wrap to zero pages. */
         uint64_t first = rq.start / b->snap.tps;
         uint64_t n = ((uint64_t)rq.len + b->snap.tps - 1) / b->snap.tps;
+        if (b->record_ws_path)
+            br_ws_note(&b->ws_rec, rq.block, first, n);
         int served = 0;
         if (blk->host_pages > 1) {
             uint64_t hp = blk->host_pages;
@@ -893,9 +904,48 @@ static int throttle(struct bridge *b)
     return 0;
 }
 
+/* --ws: the listed pages first, in their recorded order (before RUN they
+ * load through the destination's precopy path, after RUN they lead the
+ * eager stream); requests are still served between pages. */
+static int send_ws(struct bridge *b)
+{
+    for (uint64_t i = 0; i < b->ws.n; i++) {
+        if (atomic_load_explicit(&b->q_pending, memory_order_relaxed) && serve_requests(b) < 0)
+            return -1;
+        uint32_t bi = b->ws.e[i].block;
+        struct br_block *blk = &b->snap.blocks[bi];
+        uint64_t p = b->ws.e[i].page;
+        if (blk->host_pages > 1) {
+            p -= p % blk->host_pages;
+            if (!claim_host_page(blk, p))
+                continue;
+            if (emit_host_page(b, bi, p, max_run_pages(b)) < 0)
+                return -1;
+            b->pages_ws += p + blk->host_pages < blk->npages ? blk->host_pages : blk->npages - p;
+        } else {
+            if (!mr_core_claim(blk->core, p))
+                continue;
+            if (mr_core_bit(blk->core, p) && read_pages(b, blk, p, 1) < 0)
+                return -1;
+            if (emit_page(b, bi, p, mr_core_bit(blk->core, p) ? b->stage : NULL) < 0)
+                return -1;
+            b->pages_ws++;
+        }
+        if (b->in_section && b->section_pages >= SECTION_PAGES && section_end(b) < 0)
+            return -1;
+        if (b->out_len >= FLUSH_AT && (flush(b) < 0 || check_rp(b) < 0))
+            return -1;
+    }
+    if (b->in_section && section_end(b) < 0)
+        return -1;
+    return flush(b);
+}
+
 static int send_pages(struct bridge *b)
 {
     const struct br_snap *s = &b->snap;
+    if (!b->ws_before_run && send_ws(b) < 0)
+        return -1;
     b->t_eager0 = now_s(b);
     uint64_t max_run = max_run_pages(b), half = 0;
     for (uint32_t bi = 0; bi < s->nblocks; bi++)
@@ -1077,6 +1127,33 @@ static int resume_handshake(struct bridge *b)
     return 0;
 }
 
+/* --eager-delay S: after RUN serve only requests, for S seconds or until
+ * SIGUSR1 (blocked in every thread; taken here with sigtimedwait), so a
+ * --record-ws run sees every page the guest touches meanwhile. */
+static int hold_eager(struct bridge *b)
+{
+    double due = b->t_run_sent + b->eager_delay;
+    sigset_t usr1;
+    sigemptyset(&usr1);
+    sigaddset(&usr1, SIGUSR1);
+    for (;;) {
+        struct timespec zero = {0, 0};
+        double left = due - now_s(b);
+        if (left <= 0 || sigtimedwait(&usr1, NULL, &zero) == SIGUSR1)
+            break;
+        if (serve_requests(b) < 0 || check_rp(b) < 0)
+            return -1;
+        struct timespec dl;
+        deadline_in(&dl, left < 0.005 ? left : 0.005);
+        pthread_mutex_lock(&b->rp_lock);
+        if (b->q_len == 0 && atomic_load(&b->rp_state) == 0)
+            pthread_cond_timedwait(&b->rp_cond, &b->rp_lock, &dl);
+        pthread_mutex_unlock(&b->rp_lock);
+    }
+    b->t_eager_hold_end = now_s(b);
+    return 0;
+}
+
 static int send_end(struct bridge *b)
 {
     if (wait_package_loaded(b) < 0)
@@ -1211,6 +1288,11 @@ static void write_stats(struct bridge *b, FILE *f, int rc)
             b->resume.active ? "true" : "false", (unsigned long long)b->resume.pages_present,
             (unsigned long long)b->resume.pages_present_zero, b->t_bitmaps, b->t_resume_ack,
             b->wall_resume_ack, (unsigned long long)b->resume_requests_first);
+    const char *ws_mode = !b->ws_path ? "none" : b->ws_before_run ? "before-run" : "after-run";
+    fprintf(f, "\"ws_mode\": \"%s\", \"ws_loaded\": %llu, \"pages_ws\": %llu, "
+            "\"ws_recorded\": %llu, \"eager_hold_end_s\": %.6f, ", ws_mode,
+            (unsigned long long)b->ws.n, (unsigned long long)b->pages_ws,
+            (unsigned long long)b->ws_rec.n, b->t_eager_hold_end);
     fputs("\"latency_us\": ", f);
     mr_samples_json(f, &b->lat);
     fputs("}\n", f);
@@ -1224,7 +1306,9 @@ static void usage(FILE *f)
           "       [--stats-file F] [--zero-pages requested|all] [--io-timeout S]\n"
           "       [--shut-timeout S] [--connect-timeout S] [--max-bandwidth MIB_S]\n"
           "       [--sndbuf BYTES] [--host-page-size ID=SIZE]... [--resume]\n"
-          "   or: fastsnap-loader serve FILE [--offset N] --describe\n", f);
+          "       [--record-ws WSFILE] [--ws WSFILE [--ws-mode before-run|after-run]]\n"
+          "       [--eager-delay S]\n"
+          "   or: fastsnap-loader serve FILE [--offset N] [--ws WSFILE] --describe\n", f);
 }
 
 /* --describe: what the bridge would serve, for cross-checks against the
@@ -1280,6 +1364,10 @@ static int run(struct bridge *b)
         return fail(b, b->snap.err.name, "%s: %s", b->path, b->snap.err.msg);
     if (apply_host_pages(b) < 0)
         return -1;
+    if (b->ws_path && br_ws_load(&b->ws, &b->snap, b->ws_path, &b->err) < 0)
+        return -1;
+    if (b->record_ws_path && br_ws_record_init(&b->ws_rec, &b->snap, &b->err) < 0)
+        return -1;
     if (b->describe_only) {
         describe(&b->snap, stdout);
         return 0;
@@ -1292,9 +1380,12 @@ static int run(struct bridge *b)
         return fail(b, E_INTERNAL, "cannot start the return-path thread");
     b->rp_started = 1;
     if (b->resume.active ? resume_handshake(b) < 0
-                         : send_setup(b) < 0 || send_package(b) < 0)
+                         : send_setup(b) < 0 || (b->ws_before_run && send_ws(b) < 0) ||
+                           send_package(b) < 0 || (b->eager_delay > 0 && hold_eager(b) < 0))
         return -1;
     if (send_pages(b) < 0 || send_end(b) < 0 || wait_shut(b) < 0)
+        return -1;
+    if (b->record_ws_path && br_ws_write(&b->ws_rec, &b->snap, b->record_ws_path, &b->err) < 0)
         return -1;
     return 0;
 }
@@ -1315,6 +1406,9 @@ static int parse_options(struct bridge *b, int argc, char **argv, int *json,
         {"sndbuf", required_argument, NULL, 'B'},
         {"host-page-size", required_argument, NULL, 'H'},
         {"resume", no_argument, NULL, 'r'},
+        {"ws", required_argument, NULL, 'w'}, {"record-ws", required_argument, NULL, 'W'},
+        {"ws-mode", required_argument, NULL, 'm'},
+        {"eager-delay", required_argument, NULL, 'e'},
         {"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
     /* Called as bridge_main(argc - 1, argv + 1) ("serve" in argv[0]); also
      * accept the whole command line ("fastsnap-loader serve ..."). */
@@ -1339,6 +1433,13 @@ static int parse_options(struct bridge *b, int argc, char **argv, int *json,
             b->sndbuf = (int)n;
             break;
         case 's': *stats_file = optarg; break;
+        case 'w': b->ws_path = optarg; break;
+        case 'e': ok = mr_parse_double(optarg, 0, 3600, &b->eager_delay) == 0; break;
+        case 'W': b->record_ws_path = optarg; break;
+        case 'm':
+            ok = strcmp(optarg, "before-run") == 0 || strcmp(optarg, "after-run") == 0;
+            b->ws_before_run = strcmp(optarg, "before-run") == 0;
+            break;
         case 'H': {
             const char *eq = strrchr(optarg, '=');
             ok = eq && eq != optarg && eq - optarg <= 255 && b->nhps < 16 &&
@@ -1374,6 +1475,8 @@ static int parse_options(struct bridge *b, int argc, char **argv, int *json,
     if (!b->to && !b->describe_only)
         return fail(b, E_USAGE, "--to unix:PATH|fd:N (or --describe) is required");
     b->path = argv[optind];
+    if ((b->ws_path && !*b->ws_path) || (b->record_ws_path && !*b->record_ws_path))
+        return fail(b, E_USAGE, "--ws and --record-ws need a file name");
     return 0;
 }
 
@@ -1404,6 +1507,8 @@ static void bridge_free(struct bridge *b)
     free(b->out);
     free(b->stage);
     mr_samples_free(&b->lat);
+    br_ws_free(&b->ws);
+    br_ws_free(&b->ws_rec);
     free(b->q);
     br_resume_free(&b->resume);
     if (b->in_section)      /* a failure left a section open */
@@ -1433,6 +1538,12 @@ int bridge_main(int argc, char **argv)
     pthread_cond_init(&b->rp_cond, NULL);
     const char *stats_file = NULL;
     int json = 0;
+    /* SIGUSR1 ends --eager-delay: blocked before any thread starts, taken
+     * synchronously by hold_eager (no handler, no global state). */
+    sigset_t usr1;
+    sigemptyset(&usr1);
+    sigaddset(&usr1, SIGUSR1);
+    pthread_sigmask(SIG_BLOCK, &usr1, NULL);
     if (parse_options(b, argc, argv, &json, &stats_file) < 0 || b->help) {
         if (b->help)    /* a usage error is one line, like every subcommand's */
             usage(stdout);

@@ -8,6 +8,8 @@
  *                   [--io-timeout S] [--shut-timeout S] [--connect-timeout S]
  *                   [--max-bandwidth MIB_S] [--sndbuf BYTES]
  *                   [--host-page-size ID=SIZE]... [--resume]
+ *                   [--record-ws WSFILE] [--ws WSFILE [--ws-mode before-run|after-run]]
+ *                   [--eager-delay S]
  *   fastsnap-loader serve FILE [--offset N] --describe   (parse only, JSON)
  *
  * --zero-pages: clear-bit (zero) pages are sent only when requested by
@@ -25,6 +27,16 @@
  * and listens on --to (QMP migrate-recover); instead of the stream header
  * and package, ask for its received-page bitmaps, resume, and send every
  * page it still lacks, each once (bridge_resume.h).
+ * --record-ws writes, after a completed migration, the pages the destination
+ * requested in the order it first asked for them; --ws sends a file so
+ * written first on a later restore of the same snapshot: `before-run`
+ * between the discard and the package (the destination loads them through
+ * its precopy path before any vCPU runs), `after-run` (default) at the head
+ * of the eager stream.  bridge_ws.h has the file format; an invalid file or
+ * one recorded on another snapshot layout is E_WS (exit 2), refused before
+ * connecting (also with --describe).  --eager-delay S serves only requests
+ * for S seconds after RUN (SIGUSR1 ends the wait early), so a recording run
+ * sees every page the guest touches instead of racing the eager stream.
  *
  * Exit status (mr_errors.h, the same for every subcommand): 0 migration
  * completed (SHUT 0 received) or --describe printed; 2 unusable input (bad

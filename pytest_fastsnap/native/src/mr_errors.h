@@ -62,6 +62,7 @@
 /* Unusable input (exit 2). */
 #define E_USAGE "E_USAGE"             /* bad option or argument */
 #define E_UNSUPPORTED "E_UNSUPPORTED" /* valid snapshot this command cannot serve */
+#define E_WS "E_WS"                   /* --ws file invalid or of another snapshot */
 
 /* Run-time failures (exit 1). */
 #define E_INTERNAL "E_INTERNAL"         /* out of memory, thread, inconsistency */
@@ -87,7 +88,8 @@ int mr_error_vset(mr_error *e, const char *name, const char *fmt, va_list ap);
 /* Exit status for an error name (0 for none). */
 static inline int mr_error_exit(const char *name)
 {
-    static const char *const input[] = {MR_FORMAT_ERROR_NAMES, E_USAGE, E_UNSUPPORTED};
+    static const char *const input[] = {MR_FORMAT_ERROR_NAMES, E_USAGE, E_UNSUPPORTED,
+                                        E_WS};
     if (!name)
         return 0;
     for (size_t i = 0; i < sizeof input / sizeof input[0]; i++)
