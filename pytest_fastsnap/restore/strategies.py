@@ -14,7 +14,8 @@ Strategies:
   :class:`RestoreUnsupported` with QEMU's own reason.
 - ``loader-bridge``: the native loader is the *source* of a postcopy
   migration into a stock destination (``postcopy-ram``, ``migrate-incoming
-  unix:``); the guest runs as soon as the device state is in and RAM follows
+  unix:``, ``tcp:`` or an inherited fd; ``preempt`` adds the
+  postcopy-preempt channel); the guest runs as soon as the device state is in and RAM follows
   on demand and eagerly.
 
 Times are taken from QMP event timestamps (``events`` capability), so they
@@ -42,6 +43,7 @@ from pytest_fastsnap.qemu import process
 from pytest_fastsnap.qemu.machine import QemuMachine, QMPCommandError
 from pytest_fastsnap.qemu.migration import file_uri, set_capabilities
 from pytest_fastsnap.restore.manifest import manifest_path, read_manifest
+from pytest_fastsnap.restore.transport import Transport, listening_port, parse_transport
 from pytest_fastsnap.verdict import Verdict
 from pytest_fastsnap.workdirs import SUN_PATH_MAX
 
@@ -352,7 +354,8 @@ def _stream_offset_hint(path: Path, offset: int) -> str:
 def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str],
             vm_factory: Any, offset: int | None = None, *, paused: bool = False,
             wait: bool = True, timeout: float = 120.0,
-            loader_args: Sequence[str] = (), transport: str = "unix") -> RestoredGuest:
+            loader_args: Sequence[str] = (), transport: str = "unix",
+            preempt: bool = False, loader_prefix: Sequence[str] = ()) -> RestoredGuest:
     """Restore *snapshot_path* with *strategy* into a new destination QEMU.
 
     *vm_factory* is the ``vm_factory`` fixture or a :class:`DestinationFactory`.
@@ -360,8 +363,14 @@ def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str]
     :meth:`RestoredGuest.wait_running`); the bridge's loader keeps serving
     and :meth:`RestoredGuest.wait_loaded` waits for it.  *transport* (bridge
     only): ``unix`` lets the loader connect to the socket itself, ``fd``
-    connects here and hands the loader the connected descriptor (``fd:N``).  On any failure the
-    destination and loader are killed before the exception propagates.
+    connects here and hands the loader the connected descriptor (``fd:N``),
+    ``tcp:HOST:PORT`` makes the destination listen there and the loader connect
+    (``tcp`` alone: 127.0.0.1, a free port; see :mod:`.transport`).  *preempt*
+    (bridge, unix or tcp) turns on the destination's ``postcopy-preempt`` and
+    the loader's ``--preempt``: requested pages go on a second connection.
+    *loader_prefix* goes before the loader's command line (e.g. ``ip netns
+    exec NS``).  On any failure the destination and loader are killed before
+    the exception propagates.
 
     *offset* is where the migration stream starts in the file; by default the
     one the snapshot's manifest (``<snapshot>.json``) records, else 0.  A
@@ -371,8 +380,9 @@ def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str]
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown restore strategy {strategy!r}; one of {STRATEGIES}")
-    if transport not in ("unix", "fd"):
-        raise ValueError(f"transport must be 'unix' or 'fd', not {transport!r}")
+    link = parse_transport(transport)     # ValueError naming what is wrong
+    if preempt and link.kind == "fd":
+        raise ValueError("preempt needs a second connection: transport unix or tcp, not fd")
     path = Path(snapshot_path).resolve()
     if offset is None:
         try:
@@ -389,7 +399,8 @@ def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str]
     if own is not None:     # the vm_factory fixture closes it at teardown
         own(guest)
     try:
-        _start(guest, path, offset, loader_args, transport)
+        _start(guest, path, offset, [*loader_args, *(["--preempt"] if preempt else [])],
+               link, tuple(loader_prefix), preempt)
         if wait:
             guest.wait_running(timeout)
     except BaseException as err:
@@ -435,7 +446,7 @@ def _incoming(guest: RestoredGuest, uri: str) -> None:
 
 
 def _start(guest: RestoredGuest, path: Path, offset: int, loader_args: Sequence[str],
-           transport: str) -> None:
+           link: Transport, loader_prefix: tuple[str, ...] = (), preempt: bool = False) -> None:
     if guest.strategy == "qemu-precopy":
         _caps(guest, {"mapped-ram": True, "events": True})
         _incoming(guest, file_uri(path, offset))
@@ -443,19 +454,25 @@ def _start(guest: RestoredGuest, path: Path, offset: int, loader_args: Sequence[
         _caps(guest, {"mapped-ram": True, "postcopy-ram": True, "events": True})
         _incoming(guest, file_uri(path, offset))
     else:
-        _caps(guest, {"postcopy-ram": True, "events": True})
+        _caps(guest, {"postcopy-ram": True, "events": True,
+                      **({"postcopy-preempt": True} if preempt else {})})
         guest.sock_dir, sock = _socket_dir()
         guest.out_dir = guest.sock_dir
         binary = loader_binary()
-        _incoming(guest, f"unix:{sock}")
         conn = None
-        to = f"unix:{sock}"
-        if transport == "fd":
+        if link.kind == "tcp":
+            _incoming(guest, link.uri())
+            to = link.uri(link.port or listening_port(guest.vm))
+        else:
+            _incoming(guest, f"unix:{sock}")
+            to = f"unix:{sock}"
+        if link.kind == "fd":
             conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             conn.connect(str(sock))
             to = f"fd:{conn.fileno()}"
-        args = [str(binary), "serve", str(path), "--offset", str(offset), "--to", to, "--json",
-                "--stats-file", str(guest.out_dir / "loader.json"), *loader_args]
+        args = [*loader_prefix, str(binary), "serve", str(path), "--offset", str(offset),
+                "--to", to, "--json", "--stats-file", str(guest.out_dir / "loader.json"),
+                *loader_args]
         try:
             with open(guest.out_dir / "loader.out", "wb") as out, \
                     open(guest.out_dir / "loader.err", "wb") as err:

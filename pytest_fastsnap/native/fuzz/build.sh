@@ -12,7 +12,8 @@ mkdir -p "$OUT"
 # Every source of the loader but main() and the bridge (which fuzz_bridge_rp.c
 # includes), in one archive: each harness links only the members it needs.
 OBJS=()
-for src in "$NATIVE"/mr_*.c "$NATIVE"/bridge_snap.c; do
+for src in "$NATIVE"/mr_*.c "$NATIVE"/bridge_snap.c "$NATIVE"/bridge_net.c \
+           "$NATIVE"/bridge_preempt.c; do
     case "$(basename "$src")" in mr_main.c) continue ;; esac
     obj="$OUT/$(basename "$src" .c).o"
     # shellcheck disable=SC2086  # CFLAGS and LIB_FUZZING_ENGINE are word lists

@@ -22,6 +22,8 @@
 #define _GNU_SOURCE
 #include "bridge.h"
 
+#include "bridge_net.h"
+#include "bridge_preempt.h"
 #include "bridge_snap.h"
 #include "mr_errors.h"
 #include "mr_json.h"
@@ -40,7 +42,6 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
-#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -71,7 +72,11 @@ struct bridge {
     const char *path;
     uint64_t offset;
     const char *to;
+    struct br_net_addr addr;    /* --to, parsed (bridge_net.c) */
     int sock;
+    int preempt;                /* --preempt: serve requests on a second channel */
+    _Atomic(struct br_preempt *) pre;   /* that channel once connected (bridge_preempt.c) */
+    struct br_preempt_counts prec;      /* its counters, merged at the end */
     int zero_all;
     int describe_only;
     double io_timeout, shut_timeout, connect_timeout;
@@ -225,6 +230,21 @@ static void rp_queue(struct bridge *b, uint32_t block, uint64_t start, uint32_t 
     atomic_fetch_add_explicit(&b->q_pending, 1, memory_order_release);
 }
 
+/* A page request on the preempt channel, from the return-path thread. */
+static int preempt_serve(struct bridge *b, uint32_t block, uint64_t start, uint32_t len)
+{
+    pthread_mutex_lock(&b->rp_lock);
+    b->requests++;
+    double t = now_s(b);
+    if (b->t_first_request == 0)
+        b->t_first_request = t;
+    pthread_mutex_unlock(&b->rp_lock);
+    if (br_preempt_serve(atomic_load(&b->pre), block, start, len, t) >= 0)
+        return 0;
+    rp_close(b, "preempt channel failed");   /* check_rp reports the channel's error */
+    return -1;
+}
+
 static void *rp_main(void *arg)
 {
     struct bridge *b = arg;
@@ -298,6 +318,11 @@ static void *rp_main(void *arg)
                 b->rp_bad_requests++;
                 pthread_mutex_unlock(&b->rp_lock);
                 break;  /* the eager stream still supplies every page */
+            }
+            if (atomic_load(&b->pre)) {     /* preempt: sent right here, on channel 2 */
+                if (preempt_serve(b, (uint32_t)cur_block, start, rlen) < 0)
+                    return NULL;
+                break;
             }
             rp_queue(b, (uint32_t)cur_block, start, rlen);
             break;
@@ -595,6 +620,9 @@ static int check_rp(struct bridge *b)
     if (st == 1 && b->shut_value != 0)
         return fail(b, E_DEST_FAILED, "destination reported a failed migration "
                     "(SHUT %u); see the destination's log", b->shut_value);
+    const mr_error *pe = atomic_load(&b->pre) ? br_preempt_error(atomic_load(&b->pre)) : NULL;
+    if (pe)
+        return fail(b, pe->name, "%s", pe->msg);
     if (st == 2)
         return fail(b, E_DEST_GONE, "%s", b->rp_err[0] ? b->rp_err
                     : "return path closed by the destination");
@@ -870,14 +898,16 @@ static int send_pages(struct bridge *b)
                 }
                 p++;
             } else {
-                uint64_t k = 1;
-                while (p + k < blk->npages && k < max_run &&
-                       mr_core_bit(blk->core, p + k) &&
-                       !mr_core_is_claimed(blk->core, p + k))
+                /* Claim the run page by page: with a preempt channel the
+                 * return-path thread claims requested pages concurrently. */
+                uint64_t k = 0;
+                while (p + k < blk->npages && k < max_run && mr_core_bit(blk->core, p + k) &&
+                       mr_core_claim(blk->core, p + k))
                     k++;
-                /* Only this thread claims pages, so the run is still unsent. */
-                for (uint64_t j = 0; j < k; j++)
-                    mr_core_claim(blk->core, p + j);
+                if (k == 0) {
+                    p++;
+                    continue;
+                }
                 if (emit_run(b, bi, p, k) < 0)
                     return -1;
                 b->pages_eager += k;
@@ -974,40 +1004,13 @@ static int wait_shut(struct bridge *b)
     return check_rp(b);
 }
 
-/* ---- connection --------------------------------------------------------- */
+/* ---- connection (addresses and sockets: bridge_net.c) --------------------- */
 
 static int connect_to(struct bridge *b)
 {
-    if (strncmp(b->to, "fd:", 3) == 0) {
-        char *end;
-        long fd = strtol(b->to + 3, &end, 10);
-        if (*end || fd < 0 || fd > 65535)
-            return fail(b, E_USAGE, "bad --to %s", b->to);
-        b->sock = (int)fd;
-    } else if (strncmp(b->to, "unix:", 5) == 0) {
-        struct sockaddr_un sa = {.sun_family = AF_UNIX};
-        if (strlen(b->to + 5) >= sizeof(sa.sun_path))
-            return fail(b, E_USAGE, "socket path longer than %zu bytes: %s",
-                        sizeof(sa.sun_path) - 1, b->to + 5);
-        strcpy(sa.sun_path, b->to + 5);
-        double deadline = now_s(b) + b->connect_timeout;
-        for (;;) {
-            b->sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-            if (b->sock < 0)
-                return fail(b, E_CONNECT, "socket: %s", strerror(errno));
-            if (connect(b->sock, (struct sockaddr *)&sa, sizeof sa) == 0)
-                break;
-            int e = errno;
-            close(b->sock);
-            b->sock = -1;
-            if ((e != ENOENT && e != ECONNREFUSED) || now_s(b) > deadline)
-                return fail(b, E_CONNECT, "connect %s: %s", b->to + 5, strerror(e));
-            struct timespec ts = {0, 10 * 1000 * 1000};
-            nanosleep(&ts, NULL);
-        }
-    } else {
-        return fail(b, E_USAGE, "--to must be unix:PATH or fd:N, got %s", b->to);
-    }
+    b->sock = br_net_connect(&b->addr, b->connect_timeout, &b->err);
+    if (b->sock < 0)
+        return -1;
     struct timeval tv = {.tv_sec = (time_t)b->io_timeout,
                          .tv_usec = (suseconds_t)((b->io_timeout - floor(b->io_timeout)) * 1e6)};
     if (setsockopt(b->sock, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) < 0)
@@ -1016,6 +1019,32 @@ static int connect_to(struct bridge *b)
                                     sizeof b->sndbuf) < 0)
         return fail(b, E_CONNECT, "SO_SNDBUF %d: %s", b->sndbuf, strerror(errno));
     b->t_connected = now_s(b);
+    return 0;
+}
+
+/* --preempt: once PONG 1 shows the destination took the main connection
+ * (it tells channels apart by their order), open the second one. */
+static int preempt_open(struct bridge *b)
+{
+    struct timespec dl;
+    deadline_in(&dl, b->io_timeout);
+    pthread_mutex_lock(&b->rp_lock);
+    int rc = 0;
+    while (b->pongs == 0 && atomic_load(&b->rp_state) == 0 && rc == 0)
+        rc = pthread_cond_timedwait(&b->rp_cond, &b->rp_lock, &dl);
+    int ponged = b->pongs > 0;
+    pthread_mutex_unlock(&b->rp_lock);
+    if (check_rp(b) < 0)
+        return -1;
+    if (!ponged)
+        return fail(b, E_TIMEOUT, "no PONG from the destination within %.0f s", b->io_timeout);
+    int fd = br_net_connect(&b->addr, b->connect_timeout, &b->err);
+    if (fd < 0)
+        return -1;
+    struct br_preempt *pre = br_preempt_new(&b->snap, fd, &b->t_start, b->io_timeout);
+    if (!pre)
+        return fail(b, E_INTERNAL, "out of memory");
+    atomic_store(&b->pre, pre);
     return 0;
 }
 
@@ -1067,6 +1096,18 @@ static void write_stats(struct bridge *b, FILE *f, int rc)
             (unsigned long long)b->requests, (unsigned long long)b->requests_served,
             (unsigned long long)b->requests_duplicate, (unsigned long long)b->rp_bad_requests,
             b->pongs, b->send_seconds, b->read_seconds, (unsigned long long)b->double_sends);
+    fputs("\"transport\": ", f);
+    mr_json_string(f, b->addr.kind == BR_NET_TCP ? "tcp" : b->addr.kind == BR_NET_FD ? "fd"
+                   : "unix");
+    if (atomic_load(&b->pre))
+        fprintf(f, ", \"preempt\": {\"requests_served\": %llu, \"requests_duplicate\": %llu, "
+                "\"pages_on_request\": %llu, \"bytes_sent\": %llu}, ",
+                (unsigned long long)b->prec.requests_served,
+                (unsigned long long)b->prec.requests_duplicate,
+                (unsigned long long)b->prec.pages_on_request,
+                (unsigned long long)b->prec.bytes_sent);
+    else
+        fputs(", \"preempt\": null, ", f);
     fputs("\"latency_us\": ", f);
     mr_samples_json(f, &b->lat);
     fputs("}\n", f);
@@ -1076,7 +1117,8 @@ static void write_stats(struct bridge *b, FILE *f, int rc)
 
 static void usage(FILE *f)
 {
-    fputs("usage: fastsnap-loader serve FILE [--offset N] --to unix:PATH|fd:N [--json]\n"
+    fputs("usage: fastsnap-loader serve FILE [--offset N] --to unix:PATH|tcp:HOST:PORT|fd:N\n"
+          "       [--preempt] [--json]\n"
           "       [--stats-file F] [--zero-pages requested|all] [--io-timeout S]\n"
           "       [--shut-timeout S] [--connect-timeout S] [--max-bandwidth MIB_S]\n"
           "       [--sndbuf BYTES] [--host-page-size ID=SIZE]...\n"
@@ -1145,7 +1187,7 @@ static int run(struct bridge *b)
     if (pthread_create(&b->rp_thread, NULL, rp_main, b) != 0)
         return fail(b, E_INTERNAL, "cannot start the return-path thread");
     b->rp_started = 1;
-    if (send_setup(b) < 0 || send_package(b) < 0 || send_pages(b) < 0 || send_end(b) < 0 ||
+    if (send_setup(b) < 0 || (b->preempt && preempt_open(b) < 0) || send_package(b) < 0 || send_pages(b) < 0 || send_end(b) < 0 ||
         wait_shut(b) < 0)
         return -1;
     return 0;
@@ -1166,6 +1208,7 @@ static int parse_options(struct bridge *b, int argc, char **argv, int *json,
         {"describe", no_argument, NULL, 'd'},
         {"sndbuf", required_argument, NULL, 'B'},
         {"host-page-size", required_argument, NULL, 'H'},
+        {"preempt", no_argument, NULL, 'P'},
         {"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
     /* Called as bridge_main(argc - 1, argv + 1) ("serve" in argv[0]); also
      * accept the whole command line ("fastsnap-loader serve ..."). */
@@ -1184,6 +1227,7 @@ static int parse_options(struct bridge *b, int argc, char **argv, int *json,
         case 't': b->to = optarg; break;
         case 'j': *json = 1; break;
         case 'd': b->describe_only = 1; break;
+        case 'P': b->preempt = 1; break;
         case 'B':
             ok = mr_parse_u64(optarg, &n) == 0 && n <= INT32_MAX;
             b->sndbuf = (int)n;
@@ -1222,7 +1266,12 @@ static int parse_options(struct bridge *b, int argc, char **argv, int *json,
     if (optind != argc - 1)
         return fail(b, E_USAGE, optind < argc ? "exactly one FILE expected" : "FILE missing");
     if (!b->to && !b->describe_only)
-        return fail(b, E_USAGE, "--to unix:PATH|fd:N (or --describe) is required");
+        return fail(b, E_USAGE, "--to unix:PATH|tcp:HOST:PORT|fd:N (or --describe) is required");
+    if (b->to && br_net_parse(b->to, &b->addr, &b->err) < 0)
+        return -1;
+    if (b->preempt && b->to && !br_net_can_reconnect(&b->addr))
+        return fail(b, E_USAGE, "--preempt needs a second connection: --to unix:PATH or "
+                    "tcp:HOST:PORT, not %s", b->to);
     b->path = argv[optind];
     return 0;
 }
@@ -1248,8 +1297,9 @@ static void report(struct bridge *b, int rc, int json, const char *stats_file)
 
 static void bridge_free(struct bridge *b)
 {
-    if (b->sock >= 0 && b->to && strncmp(b->to, "fd:", 3) != 0)
+    if (b->sock >= 0 && b->addr.kind != BR_NET_FD)
         close(b->sock);
+    br_preempt_free(atomic_load(&b->pre));
     br_snap_close(&b->snap);
     free(b->out);
     free(b->stage);
@@ -1261,6 +1311,21 @@ static void bridge_free(struct bridge *b)
     pthread_mutex_destroy(&b->rp_lock);
     pthread_cond_destroy(&b->rp_cond);
     free(b);
+}
+
+/* The preempt channel's counters into the totals (its threads are done). */
+static void preempt_merge(struct bridge *b)
+{
+    struct br_preempt_counts *c = &b->prec;
+    br_preempt_take(atomic_load(&b->pre), c, &b->lat);
+    b->requests_served += c->requests_served;
+    b->requests_duplicate += c->requests_duplicate;
+    b->pages_on_request += c->pages_on_request;
+    b->pages_data += c->pages_data;
+    b->pages_zero += c->pages_zero;
+    b->bytes_sent += c->bytes_sent;
+    b->file_bytes_read += c->file_bytes_read;
+    b->double_sends += c->double_sends;
 }
 
 /* Exit status per mr_errors.h: 0 served, 2 unusable input, 1 run-time failure. */
@@ -1304,6 +1369,8 @@ int bridge_main(int argc, char **argv)
         shutdown(b->sock, SHUT_RDWR);    /* unblocks the return-path reader */
     if (b->rp_started)
         pthread_join(b->rp_thread, NULL);
+    if (atomic_load(&b->pre))
+        preempt_merge(b);
     report(b, rc, json, stats_file);
     bridge_free(b);
     return rc;
