@@ -9,7 +9,9 @@ and the ASan+UBSan loader both run (a leak or UB fails the loader's exit)."""
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import socket
 import threading
 import time
@@ -234,3 +236,19 @@ def test_netns_removed_on_failure() -> None:
     netns._run("ip", "netns", "add", name)
     assert name in netns.sweep_stale()
     assert not (netns.NETNS_DIR / name).exists()
+
+
+def test_restore_cli_over_tcp_with_preempt(guest: Guest, snapshot_factory: SnapshotFactory
+                                           ) -> None:
+    """`fastsnap restore SNAP --to tcp:127.0.0.1:0 --preempt` restores and says so."""
+    from pytest_fastsnap.cli.restore import restore_cli
+    from pytest_fastsnap.restore.manifest import write_manifest
+
+    snap = snapshot_factory(guest.vm)
+    write_manifest(snap.path, guest.vm, offset=snap.offset)
+    out = io.StringIO()
+    rc = restore_cli(snap.path, guest.vm.binary, to="tcp:127.0.0.1:0", preempt=True, out=out)
+    text = out.getvalue()
+    assert rc == 0, text
+    assert re.search(r"loader-bridge: fully loaded after \d+\.\d+ s", text), text
+    assert re.search(r"MiB/s over tcp, \d+ pages on the preempt channel", text), text

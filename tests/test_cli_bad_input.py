@@ -67,6 +67,10 @@ CASES: list[tuple[str, int]] = [
     ("restore {nomanifest}", USAGE),
     ("restore {badformat}", USAGE),
     ("restore {snapshot} --strategy bogus", USAGE),
+    ("restore {snapshot} --to tcp:1.2.3:80", USAGE),
+    ("restore {snapshot} --to tcp:[::1]:99999", USAGE),
+    ("restore {snapshot} --to fd", USAGE),
+    ("restore {snapshot} --strategy qemu-precopy --preempt", USAGE),
     *binary_cases("restore {snapshot} --qemu-binary {}"),
     # bench: all of it before the first guest boots
     *binary_cases("bench --sizes 32M --qemu-binary {}"),
@@ -86,6 +90,8 @@ CASES: list[tuple[str, int]] = [
     ("verify {random} --offset -5", USAGE),
     ("serve {random}", USAGE),
     ("serve {random} --bogus", USAGE),
+    ("serve {random} --to tcp:::1:80", USAGE),
+    ("serve {random} --to fd:3 --preempt", USAGE),
     # build steps
     ("build-native --variant bogus", USAGE),
     ("build-images --cache-dir {empty}", USAGE),

@@ -26,20 +26,37 @@ if TYPE_CHECKING:
 
 def restore_cli(snapshot: Path, qemu_binary: str | None = None, *,
                 strategy: str = "loader-bridge", keep_running: bool = False,
-                out: TextIO = sys.stdout) -> int:
+                out: TextIO = sys.stdout, to: str = "unix", preempt: bool = False) -> int:
     """Restore *snapshot* on the system QEMU with the arguments recorded in
     ``<snapshot>.json``; print time to running and time to fully loaded.
 
     Returns 0 on success, 2 for bad input (a missing or invalid snapshot or
     manifest, an unusable QEMU binary, an unsupported strategy), 1 for a
     failed restore; errors are one line on stderr.  With *keep_running* the
-    guest stays up until Ctrl-C (or until it exits).
+    guest stays up until Ctrl-C (or until it exits).  *to* (bridge): ``unix``
+    or ``tcp:HOST:PORT`` (the destination listens there, the loader connects;
+    port 0: any free port); *preempt*: the postcopy-preempt channel.
     """
     try:
-        return _restore(snapshot, qemu_binary, strategy, keep_running, out)
+        _check_transport(strategy, to, preempt)
+        return _restore(snapshot, qemu_binary, strategy, keep_running, out, to, preempt)
     except CliError as err:
         cli_error("restore", err)
         return err.exit_code
+
+
+def _check_transport(strategy: str, to: str, preempt: bool) -> None:
+    """UsageError for a --to / --preempt that cannot work, before anything starts."""
+    from pytest_fastsnap.restore.transport import parse_transport
+
+    if to != "unix" and not to.startswith("tcp:"):
+        raise UsageError(f"--to {to!r}: unix or tcp:HOST:PORT")
+    try:
+        parse_transport(to)
+    except ValueError as err:
+        raise UsageError(f"--to {err}") from None
+    if strategy != "loader-bridge" and (preempt or to != "unix"):
+        raise UsageError(f"--to and --preempt are for --strategy loader-bridge, not {strategy}")
 
 
 def _checked_inputs(snapshot: Path, qemu_binary: str | None) -> tuple[Manifest, str]:
@@ -64,7 +81,7 @@ def _checked_inputs(snapshot: Path, qemu_binary: str | None) -> tuple[Manifest, 
 
 
 def _restore(snapshot: Path, qemu_binary: str | None, strategy: str, keep_running: bool,
-             out: TextIO) -> int:
+             out: TextIO, to: str = "unix", preempt: bool = False) -> int:
     from pytest_fastsnap.qemu.machine import QemuError
     from pytest_fastsnap.restore.strategies import (
         RestoreFailed,
@@ -79,7 +96,9 @@ def _restore(snapshot: Path, qemu_binary: str | None, strategy: str, keep_runnin
         guest = None
         try:
             guest = restore(strategy, snapshot, manifest.qemu_args,
-                            machine_factory(binary, workdir), offset=manifest.offset)
+                            machine_factory(binary, workdir), offset=manifest.offset,
+                            **({"transport": to, "preempt": preempt}
+                               if strategy == "loader-bridge" else {}))
             print(f"{strategy}: guest running after {guest.time_to_running:.3f} s "
                   f"(QEMU start-up {guest.launch_seconds:.3f} s before that)", file=out,
                   flush=True)
@@ -91,8 +110,10 @@ def _restore(snapshot: Path, qemu_binary: str | None, strategy: str, keep_runnin
                 print(f"loader: {stats.get('requests_served', 0)} page requests served "
                       f"(p50 {lat.get('p50', 0):.0f} us, p99 {lat.get('p99', 0):.0f} us), "
                       f"{stats.get('pages_eager', 0)} pages eagerly at "
-                      f"{stats.get('eager_throughput_mib_s', 0):.0f} MiB/s", file=out,
-                      flush=True)
+                      f"{stats.get('eager_throughput_mib_s', 0):.0f} MiB/s over "
+                      f"{stats.get('transport', 'unix')}"
+                      + (f", {stats['preempt']['pages_on_request']} pages on the preempt "
+                         "channel" if stats.get("preempt") else ""), file=out, flush=True)
             if keep_running:
                 print(f"guest running (QEMU pid {guest.vm.pid}, log {guest.vm.log_path}); "
                       "Ctrl-C stops it", file=out, flush=True)
@@ -111,7 +132,8 @@ def _restore(snapshot: Path, qemu_binary: str | None, strategy: str, keep_runnin
 
 def run(args: argparse.Namespace) -> int:
     return restore_cli(Path(args.snapshot), qemu_binary=args.qemu_binary,
-                       strategy=args.strategy, keep_running=args.keep_running)
+                       strategy=args.strategy, keep_running=args.keep_running,
+                       to=args.to, preempt=args.preempt)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -126,6 +148,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="default: $QEMU_BINARY, else the binary recorded in <snapshot>.json")
     p.add_argument("--strategy", default="loader-bridge",
                    choices=("loader-bridge", "qemu-precopy", "qemu-fast"))
+    p.add_argument("--to", default="unix", metavar="unix|tcp:HOST:PORT",
+                   help="loader-bridge transport: unix socket (default), or the destination "
+                   "listens on tcp:HOST:PORT and the loader connects (port 0: any free port)")
+    p.add_argument("--preempt", action="store_true",
+                   help="loader-bridge: postcopy-preempt on, requested pages on a second "
+                   "connection")
     p.add_argument("--keep-running", action="store_true",
                    help="leave the guest running until Ctrl-C")
     p.set_defaults(func=run)

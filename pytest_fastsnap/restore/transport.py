@@ -69,7 +69,9 @@ def parse_tcp(spec: str) -> tuple[str, int]:
         if not host:
             raise ValueError(f"tcp:{spec}: HOST is empty (tcp:HOST:PORT)")
         if not _valid_host(host):
-            raise ValueError(f"tcp:{spec}: {host!r} is not a host name or address")
+            what = "an IPv4 address" if re.fullmatch(r"[0-9.]+", host) else \
+                "a host name or address"
+            raise ValueError(f"tcp:{spec}: {host!r} is not {what}")
     if not re.fullmatch(r"0|[1-9][0-9]{0,4}", port) or int(port) > 65535:
         raise ValueError(f"tcp:{spec}: port {port!r} is not a decimal number 0..65535")
     return host, int(port)

@@ -1,0 +1,207 @@
+"""The bridge's transports without QEMU: ``--to`` is parsed strictly by the
+loader and by the Python side alike (one E_USAGE line, exit 2, the same
+reason), a TCP destination that is not there is E_CONNECT, and against a
+synthetic TCP destination the preempt channel is opened second, only after
+PONG 1, and carries bare ``ram`` records (per-channel CONTINUE, zero pages
+as ZERO) for exactly the requested pages.  Release and ASan+UBSan builds."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import struct
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pytest_fastsnap.native.loader import ASAN_ENV, loader_path
+from pytest_fastsnap.restore.transport import parse_transport, tcp_uri
+from pytest_fastsnap.snapshot.writer import write_snapshot
+
+RP_SHUT, RP_PONG, RP_REQ_PAGES_ID, RP_REQ_PAGES = 1, 2, 3, 4
+PAGE, ZERO, CONT = 0x08, 0x02, 0x20
+
+# --to value -> what the one error line must say (both readers)
+BAD_TO = {
+    "tcp:1.2.3:80": "'1.2.3' is not an IPv4 address",
+    "tcp:256.1.1.1:80": "'256.1.1.1' is not an IPv4 address",
+    "tcp:[::1]:99999": "port '99999' is not a decimal number",
+    "tcp:::1:80": "an IPv6 address needs brackets",
+    "tcp:[::1]80": "expected ':PORT' after ']'",
+    "tcp:[::1:80": "'[' without ']'",
+    "tcp:[zz]:80": "'zz' is not an IPv6 address",
+    "tcp::80": "HOST is empty",
+    "tcp:host": "expected tcp:HOST:PORT",
+    "tcp:h:080": "port '080' is not a decimal number",
+    "tcp:h:0x50": "port '0x50' is not a decimal number",
+    "tcp:h:": "port '' is not a decimal number",
+    "tcp:h:-1": "port '-1' is not a decimal number",
+    "tcp:a..b:1": "'a..b' is not a host name or address",
+    "tcp:-a:1": "'-a' is not a host name or address",
+    "tcp:a_b:1": "'a_b' is not a host name or address",
+}
+
+
+def env(variant: str) -> dict[str, str]:
+    return {**os.environ, **(ASAN_ENV if variant == "asan" else {})}
+
+
+@pytest.fixture(scope="module")
+def snap(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 MiB pc.ram: data in every page but every 5th (zero)."""
+    pages = {i: struct.pack("<I", i) * 1024 for i in range(1024) if i % 5}
+    return write_snapshot(tmp_path_factory.mktemp("net") / "s.img", "pc",
+                          [("pc.ram", 4 << 20, pages)])
+
+
+@pytest.mark.parametrize("variant", ["release", "asan"])
+@pytest.mark.parametrize("to", list(BAD_TO))
+def test_bad_to_is_one_usage_line(snap: Path, variant: str, to: str) -> None:
+    res = subprocess.run([str(loader_path(variant)), "serve", str(snap), "--to", to],
+                         capture_output=True, text=True, timeout=30, env=env(variant),
+                         check=False)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "E_USAGE" in lines[0] and BAD_TO[to] in lines[0], lines
+    with pytest.raises(ValueError, match=BAD_TO[to].replace("[", r"\[").replace("(", r"\(")):
+        parse_transport(to)
+
+
+@pytest.mark.parametrize("to, kind", [("tcp:127.0.0.1:4444", "tcp"), ("tcp:[::1]:1", "tcp"),
+                                      ("tcp:localhost:65535", "tcp"), ("unix", "unix"),
+                                      ("fd", "fd"), ("tcp", "tcp")])
+def test_good_to(to: str, kind: str) -> None:
+    t = parse_transport(to)
+    assert t.kind == kind
+    if to.startswith("tcp:"):
+        assert t.uri() == to
+
+
+def test_preempt_over_fd_refused(snap: Path) -> None:
+    res = subprocess.run([str(loader_path()), "serve", str(snap), "--to", "fd:0", "--preempt"],
+                         capture_output=True, text=True, timeout=30, check=False)
+    assert res.returncode == 2 and "E_USAGE" in res.stderr and "second connection" in res.stderr
+
+
+def test_nobody_listening_is_connect_error(snap: Path) -> None:
+    with socket.socket() as s:      # a port that was free a moment ago
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = subprocess.run([str(loader_path()), "serve", str(snap), "--to",
+                          f"tcp:127.0.0.1:{port}", "--connect-timeout", "0.3"],
+                         capture_output=True, text=True, timeout=30, check=False)
+    assert res.returncode == 1, res.stderr
+    assert "E_CONNECT" in res.stderr and "Connection refused" in res.stderr
+
+
+def rp(kind: int, payload: bytes) -> bytes:
+    return struct.pack(">HH", kind, len(payload)) + payload
+
+
+def recv_exact(s: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        assert chunk, f"channel closed after {len(buf)} of {n} bytes"
+        buf += chunk
+    return buf
+
+
+@pytest.mark.parametrize("variant", ["release", "asan"])
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_preempt_channel_framing(snap: Path, variant: str, host: str) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        lsock = socket.socket(family, socket.SOCK_STREAM)
+        lsock.bind((host, 0))
+    except OSError as err:
+        pytest.skip(f"cannot listen on {host}: {err}")
+    lsock.listen(4)
+    port = lsock.getsockname()[1]
+    proc = subprocess.Popen([str(loader_path(variant)), "serve", str(snap), "--to",
+                             tcp_uri(host, port), "--preempt", "--json",
+                             "--max-bandwidth", "1", "--shut-timeout", "30"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env(variant))
+    main = pre = None
+    drained = bytearray()
+    try:
+        lsock.settimeout(20)
+        main, _ = lsock.accept()
+        drainer = threading.Thread(target=lambda: _drain(main, drained), daemon=True)
+        drainer.start()
+        lsock.settimeout(0.5)   # no second connection before the PONG
+        with pytest.raises(TimeoutError):
+            lsock.accept()
+        main.sendall(rp(RP_PONG, struct.pack(">I", 1)))
+        lsock.settimeout(20)
+        pre, _ = lsock.accept()
+        # requests come once the package is out (as from QEMU: faults start at LISTEN)
+        deadline = time.monotonic() + 20
+        while b"\x08\x00\x07\x00\x04" not in drained and time.monotonic() < deadline:
+            time.sleep(0.01)
+        name = b"pc.ram"
+        # a data page near the top (the 1 MiB/s stream is far from it)
+        main.sendall(rp(RP_REQ_PAGES_ID, struct.pack(">QIB", 1001 * 4096, 4096, 6) + name))
+        assert recv_exact(pre, 8) == struct.pack(">Q", 1001 * 4096 | PAGE)
+        assert recv_exact(pre, 7) == b"\x06" + name
+        assert recv_exact(pre, 4096) == struct.pack("<I", 1001) * 1024
+        # same block again: CONTINUE, no idstr
+        main.sendall(rp(RP_REQ_PAGES, struct.pack(">QI", 1002 * 4096, 4096)))
+        assert recv_exact(pre, 8) == struct.pack(">Q", 1002 * 4096 | PAGE | CONT)
+        assert recv_exact(pre, 4096) == struct.pack("<I", 1002) * 1024
+        # a zero page: a ZERO record
+        main.sendall(rp(RP_REQ_PAGES, struct.pack(">QI", 1000 * 4096, 4096)))
+        assert recv_exact(pre, 9) == struct.pack(">Q", 1000 * 4096 | ZERO | CONT) + b"\x00"
+        # a duplicate is not answered; the package-loaded PONG and SHUT end it
+        main.sendall(rp(RP_REQ_PAGES, struct.pack(">QI", 1001 * 4096, 4096))
+                     + rp(RP_PONG, struct.pack(">I", 3)))
+        _wait_eof(drained, proc)
+        main.sendall(rp(RP_SHUT, struct.pack(">I", 0)))
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        stats = json.loads(out)
+        assert stats["transport"] == "tcp"
+        assert stats["preempt"]["pages_on_request"] == 3, stats
+        assert stats["preempt"]["requests_duplicate"] == 1, stats
+        assert stats["double_sends"] == 0
+        assert stats["pages_data"] == stats["file_pages_set"] == 1024 - 205
+        pre.settimeout(5)
+        assert pre.recv(1) == b"", "bytes after the requested pages (no EOS expected)"
+    except BaseException:
+        if proc.poll() is None:
+            proc.kill()
+        print("loader:", proc.communicate(timeout=30))
+        raise
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for s in (main, pre, lsock):
+            if s is not None:
+                s.close()
+
+
+def _drain(s: socket.socket, into: bytearray) -> None:
+    with contextlib.suppress(OSError):
+        while chunk := s.recv(1 << 20):
+            into.extend(chunk)
+
+
+def _wait_eof(drained: bytearray, proc: subprocess.Popen[str], timeout: float = 60) -> None:
+    """Wait until the main stream ends (END section + EOF byte, nothing more for
+    0.3 s): the loader then waits for SHUT."""
+    deadline = time.monotonic() + timeout
+    last, since = -1, time.monotonic()
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(drained) != last:
+            last, since = len(drained), time.monotonic()
+        elif drained.endswith(b"\x00") and time.monotonic() - since > 0.3:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"main stream did not end ({len(drained)} bytes)")
