@@ -355,7 +355,8 @@ def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str]
             vm_factory: Any, offset: int | None = None, *, paused: bool = False,
             wait: bool = True, timeout: float = 120.0,
             loader_args: Sequence[str] = (), transport: str = "unix",
-            preempt: bool = False, loader_prefix: Sequence[str] = ()) -> RestoredGuest:
+            preempt: bool = False, loader_prefix: Sequence[str] = (),
+            loader_via: Callable[[str], str] | None = None) -> RestoredGuest:
     """Restore *snapshot_path* with *strategy* into a new destination QEMU.
 
     *vm_factory* is the ``vm_factory`` fixture or a :class:`DestinationFactory`.
@@ -369,8 +370,10 @@ def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str]
     (bridge, unix or tcp) turns on the destination's ``postcopy-preempt`` and
     the loader's ``--preempt``: requested pages go on a second connection.
     *loader_prefix* goes before the loader's command line (e.g. ``ip netns
-    exec NS``).  On any failure the destination and loader are killed before
-    the exception propagates.
+    exec NS``); *loader_via* maps the destination's tcp URI to the one the
+    loader is given (a relay in between, e.g. :mod:`.delay_relay`).  On any
+    failure the destination and loader are killed before the exception
+    propagates.
 
     *offset* is where the migration stream starts in the file; by default the
     one the snapshot's manifest (``<snapshot>.json``) records, else 0.  A
@@ -400,7 +403,7 @@ def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str]
         own(guest)
     try:
         _start(guest, path, offset, [*loader_args, *(["--preempt"] if preempt else [])],
-               link, tuple(loader_prefix), preempt)
+               link, tuple(loader_prefix), loader_via)
         if wait:
             guest.wait_running(timeout)
     except BaseException as err:
@@ -446,7 +449,8 @@ def _incoming(guest: RestoredGuest, uri: str) -> None:
 
 
 def _start(guest: RestoredGuest, path: Path, offset: int, loader_args: Sequence[str],
-           link: Transport, loader_prefix: tuple[str, ...] = (), preempt: bool = False) -> None:
+           link: Transport, loader_prefix: tuple[str, ...] = (),
+           loader_via: Callable[[str], str] | None = None) -> None:
     if guest.strategy == "qemu-precopy":
         _caps(guest, {"mapped-ram": True, "events": True})
         _incoming(guest, file_uri(path, offset))
@@ -455,7 +459,7 @@ def _start(guest: RestoredGuest, path: Path, offset: int, loader_args: Sequence[
         _incoming(guest, file_uri(path, offset))
     else:
         _caps(guest, {"postcopy-ram": True, "events": True,
-                      **({"postcopy-preempt": True} if preempt else {})})
+                      **({"postcopy-preempt": True} if "--preempt" in loader_args else {})})
         guest.sock_dir, sock = _socket_dir()
         guest.out_dir = guest.sock_dir
         binary = loader_binary()
@@ -463,6 +467,8 @@ def _start(guest: RestoredGuest, path: Path, offset: int, loader_args: Sequence[
         if link.kind == "tcp":
             _incoming(guest, link.uri())
             to = link.uri(link.port or listening_port(guest.vm))
+            if loader_via is not None:
+                to = loader_via(to)
         else:
             _incoming(guest, f"unix:{sock}")
             to = f"unix:{sock}"
