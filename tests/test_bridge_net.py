@@ -15,6 +15,8 @@ import struct
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -112,67 +114,65 @@ def recv_exact(s: socket.socket, n: int) -> bytes:
     return buf
 
 
-@pytest.mark.parametrize("variant", ["release", "asan"])
-@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
-def test_preempt_channel_framing(snap: Path, variant: str, host: str) -> None:
+@dataclass
+class SyntheticDestination:
+    """A TCP listener playing a postcopy-preempt destination for one loader."""
+
+    proc: subprocess.Popen[str]
+    main: socket.socket
+    pre: socket.socket
+    drained: bytearray
+
+    def request(self, msg: bytes) -> None:
+        self.main.sendall(msg)
+
+    def finish(self) -> dict[str, object]:
+        """PONG 3 (package loaded), wait for END + EOF, SHUT 0; the loader's stats."""
+        self.main.sendall(rp(RP_PONG, struct.pack(">I", 3)))
+        _wait_eof(self.drained, self.proc)
+        self.main.sendall(rp(RP_SHUT, struct.pack(">I", 0)))
+        out, err = self.proc.communicate(timeout=60)
+        assert self.proc.returncode == 0, err
+        stats: dict[str, object] = json.loads(out)
+        return stats
+
+
+@contextlib.contextmanager
+def synthetic_destination(snap: Path, host: str, variant: str, *extra: str
+                          ) -> Iterator[SyntheticDestination]:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    lsock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        lsock = socket.socket(family, socket.SOCK_STREAM)
         lsock.bind((host, 0))
     except OSError as err:
+        lsock.close()
         pytest.skip(f"cannot listen on {host}: {err}")
     lsock.listen(4)
     port = lsock.getsockname()[1]
     proc = subprocess.Popen([str(loader_path(variant)), "serve", str(snap), "--to",
                              tcp_uri(host, port), "--preempt", "--json",
-                             "--max-bandwidth", "1", "--shut-timeout", "30"],
+                             "--max-bandwidth", "1", "--shut-timeout", "30", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env(variant))
-    main = pre = None
+    socks = [lsock]
     drained = bytearray()
     try:
         lsock.settimeout(20)
         main, _ = lsock.accept()
-        drainer = threading.Thread(target=lambda: _drain(main, drained), daemon=True)
-        drainer.start()
+        socks.append(main)
+        threading.Thread(target=lambda: _drain(main, drained), daemon=True).start()
         lsock.settimeout(0.5)   # no second connection before the PONG
         with pytest.raises(TimeoutError):
             lsock.accept()
         main.sendall(rp(RP_PONG, struct.pack(">I", 1)))
         lsock.settimeout(20)
         pre, _ = lsock.accept()
+        socks.append(pre)
         # requests come once the package is out (as from QEMU: faults start at LISTEN)
         deadline = time.monotonic() + 20
         while b"\x08\x00\x07\x00\x04" not in drained and time.monotonic() < deadline:
             time.sleep(0.01)
-        name = b"pc.ram"
-        # a data page near the top (the 1 MiB/s stream is far from it)
-        main.sendall(rp(RP_REQ_PAGES_ID, struct.pack(">QIB", 1001 * 4096, 4096, 6) + name))
-        assert recv_exact(pre, 8) == struct.pack(">Q", 1001 * 4096 | PAGE)
-        assert recv_exact(pre, 7) == b"\x06" + name
-        assert recv_exact(pre, 4096) == struct.pack("<I", 1001) * 1024
-        # same block again: CONTINUE, no idstr
-        main.sendall(rp(RP_REQ_PAGES, struct.pack(">QI", 1002 * 4096, 4096)))
-        assert recv_exact(pre, 8) == struct.pack(">Q", 1002 * 4096 | PAGE | CONT)
-        assert recv_exact(pre, 4096) == struct.pack("<I", 1002) * 1024
-        # a zero page: a ZERO record
-        main.sendall(rp(RP_REQ_PAGES, struct.pack(">QI", 1000 * 4096, 4096)))
-        assert recv_exact(pre, 9) == struct.pack(">Q", 1000 * 4096 | ZERO | CONT) + b"\x00"
-        # a duplicate is not answered; the package-loaded PONG and SHUT end it
-        main.sendall(rp(RP_REQ_PAGES, struct.pack(">QI", 1001 * 4096, 4096))
-                     + rp(RP_PONG, struct.pack(">I", 3)))
-        _wait_eof(drained, proc)
-        main.sendall(rp(RP_SHUT, struct.pack(">I", 0)))
-        out, err = proc.communicate(timeout=60)
-        assert proc.returncode == 0, err
-        stats = json.loads(out)
-        assert stats["transport"] == "tcp"
-        assert stats["preempt"]["pages_on_request"] == 3, stats
-        assert stats["preempt"]["requests_duplicate"] == 1, stats
-        assert stats["double_sends"] == 0
-        assert stats["pages_data"] == stats["file_pages_set"] == 1024 - 205
-        pre.settimeout(5)
-        assert pre.recv(1) == b"", "bytes after the requested pages (no EOS expected)"
+        yield SyntheticDestination(proc, main, pre, drained)
     except BaseException:
         if proc.poll() is None:
             proc.kill()
@@ -182,9 +182,64 @@ def test_preempt_channel_framing(snap: Path, variant: str, host: str) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        for s in (main, pre, lsock):
-            if s is not None:
-                s.close()
+        for sock in socks:
+            sock.close()
+
+
+@pytest.mark.parametrize("variant", ["release", "asan"])
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_preempt_channel_framing(snap: Path, variant: str, host: str) -> None:
+    name = b"pc.ram"
+    with synthetic_destination(snap, host, variant) as dst:
+        pre = dst.pre
+        # a data page near the top (the 1 MiB/s stream is far from it)
+        dst.request(rp(RP_REQ_PAGES_ID, struct.pack(">QIB", 1001 * 4096, 4096, 6) + name))
+        assert recv_exact(pre, 8) == struct.pack(">Q", 1001 * 4096 | PAGE)
+        assert recv_exact(pre, 7) == b"\x06" + name
+        assert recv_exact(pre, 4096) == struct.pack("<I", 1001) * 1024
+        # same block again: CONTINUE, no idstr
+        dst.request(rp(RP_REQ_PAGES, struct.pack(">QI", 1002 * 4096, 4096)))
+        assert recv_exact(pre, 8) == struct.pack(">Q", 1002 * 4096 | PAGE | CONT)
+        assert recv_exact(pre, 4096) == struct.pack("<I", 1002) * 1024
+        # a zero page: a ZERO record
+        dst.request(rp(RP_REQ_PAGES, struct.pack(">QI", 1000 * 4096, 4096)))
+        assert recv_exact(pre, 9) == struct.pack(">Q", 1000 * 4096 | ZERO | CONT) + b"\x00"
+        # a duplicate is not answered
+        dst.request(rp(RP_REQ_PAGES, struct.pack(">QI", 1001 * 4096, 4096)))
+        stats = dst.finish()
+        assert stats["transport"] == "tcp"
+        pre_stats = stats["preempt"]
+        assert isinstance(pre_stats, dict)
+        assert pre_stats["pages_on_request"] == 3, stats
+        assert pre_stats["requests_duplicate"] == 1, stats
+        assert stats["double_sends"] == 0
+        assert stats["pages_data"] == stats["file_pages_set"] == 1024 - 205
+        pre.settimeout(5)
+        assert pre.recv(1) == b"", "bytes after the requested pages (no EOS expected)"
+
+
+@pytest.mark.parametrize("variant", ["release", "asan"])
+def test_preempt_sends_whole_host_pages(tmp_path: Path, variant: str) -> None:
+    """--host-page-size pc.ram=2M with --preempt: one request is answered on the
+    preempt channel with all 512 target pages of its host page, consecutively
+    (QEMU assembles a huge page per channel), zero pages as ZERO records."""
+    pages = {i: struct.pack("<I", i) * 1024 for i in range(2048) if i % 3}
+    snap = write_snapshot(tmp_path / "h.img", "pc", [("pc.ram", 8 << 20, pages)])
+    with synthetic_destination(snap, "127.0.0.1", variant,
+                               "--host-page-size", "pc.ram=2M") as dst:
+        dst.request(rp(RP_REQ_PAGES_ID, struct.pack(">QIB", 1536 * 4096, 2 << 20, 6)
+                       + b"pc.ram"))
+        for i, page in enumerate(range(1536, 2048)):
+            flags = (PAGE if page % 3 else ZERO) | (CONT if i else 0)
+            assert recv_exact(dst.pre, 8) == struct.pack(">Q", page * 4096 | flags)
+            if not i:
+                assert recv_exact(dst.pre, 7) == b"\x06pc.ram"
+            want = struct.pack("<I", page) * 1024 if page % 3 else b"\x00"
+            assert recv_exact(dst.pre, len(want)) == want
+        stats = dst.finish()
+        pre_stats = stats["preempt"]
+        assert isinstance(pre_stats, dict) and pre_stats["pages_on_request"] == 512, stats
+        assert stats["double_sends"] == 0
 
 
 def _drain(s: socket.socket, into: bytearray) -> None:
