@@ -141,6 +141,7 @@ def one(snap: Path, device_args: Sequence[str], ranges: list[tuple[int, int]], b
                     "loader_p50_us": lat.get("p50"), "loader_p99_us": lat.get("p99"),
                     "probe_count": len(rtts), "probe_p50_us": _pct(rtts, 0.5),
                     "probe_p99_us": _pct(rtts, 0.99), "probe_base_p50_us": _pct(base, 0.5),
+                    "probe_base_p99_us": _pct(base, 0.99),
                     "eager_mib_s": st.get("eager_throughput_mib_s"), "loader": st}
         finally:
             g.close()
@@ -149,7 +150,8 @@ def one(snap: Path, device_args: Sequence[str], ranges: list[tuple[int, int]], b
 def _median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
     row = dict(runs[0])
     for key in ("time_to_running_s", "time_to_loaded_s", "loader_p50_us", "loader_p99_us",
-                "probe_p50_us", "probe_p99_us", "probe_base_p50_us", "eager_mib_s",
+                "probe_p50_us", "probe_p99_us", "probe_base_p50_us", "probe_base_p99_us",
+                "eager_mib_s",
                 "probe_count", "requests_served"):
         vals = [r[key] for r in runs if r.get(key) is not None]
         row[key] = statistics.median(vals) if vals else None
@@ -160,7 +162,7 @@ def _median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def format_rows(rows: list[dict[str, Any]], base_key: Callable[[dict[str, Any]], Any]) -> str:
     head = ("size", "path", "preempt", "running s", "loaded s", "loaded x", "loader p50/p99 us",
-            "probe p50/p99 us", "probe p99/p50", "probe x", "probe base us", "eager MiB/s")
+            "probe p50/p99 us", "probe p99/p50", "probe x", "base p50/p99 us", "eager MiB/s")
     out = [head]
     bases: dict[Any, dict[str, Any]] = {}
     for r in rows:
@@ -176,7 +178,8 @@ def format_rows(rows: list[dict[str, Any]], base_key: Callable[[dict[str, Any]],
                     f"{r['loader_p50_us'] or 0:.0f} / {r['loader_p99_us'] or 0:.0f}",
                     f"{r['probe_p50_us']:.0f} / {r['probe_p99_us']:.0f}",
                     f"{r['probe_p99_us'] / r['probe_p50_us']:.1f}" if r["probe_p50_us"] else "-",
-                    ratio("probe_p50_us"), f"{r['probe_base_p50_us']:.0f}",
+                    ratio("probe_p50_us"),
+                    f"{r['probe_base_p50_us']:.0f} / {r.get('probe_base_p99_us') or 0:.0f}",
                     f"{r['eager_mib_s'] or 0:.0f}"))
     widths = [max(len(str(x[i])) for x in out) for i in range(len(head))]
     lines = ["  ".join(str(c).rjust(w) for c, w in zip(x, widths, strict=True)) for x in out]
