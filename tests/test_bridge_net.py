@@ -90,6 +90,37 @@ def test_preempt_over_fd_refused(snap: Path) -> None:
     assert res.returncode == 2 and "E_USAGE" in res.stderr and "second connection" in res.stderr
 
 
+@pytest.mark.parametrize("variant", ["release", "asan"])
+def test_preempt_connection_dropped_is_refused(snap: Path, variant: str) -> None:
+    """A destination without postcopy-preempt drops the second connection: the
+    loader says so (E_CONNECT, exit 1) before sending the package."""
+    lsock = socket.create_server(("127.0.0.1", 0))
+    port = lsock.getsockname()[1]
+    proc = subprocess.Popen([str(loader_path(variant)), "serve", str(snap), "--to",
+                             f"tcp:127.0.0.1:{port}", "--preempt"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env(variant))
+    drained = bytearray()
+    try:
+        lsock.settimeout(20)
+        main, _ = lsock.accept()
+        threading.Thread(target=lambda: _drain(main, drained), daemon=True).start()
+        main.sendall(rp(RP_PONG, struct.pack(">I", 1)))
+        pre, _ = lsock.accept()
+        pre.close()                                     # as QEMU: "...; ignoring"
+        time.sleep(0.2)
+        main.sendall(rp(RP_PONG, struct.pack(">I", 2)))
+        _out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 1, err
+        assert err.count("\n") == 1 and "E_CONNECT" in err and "postcopy-preempt" in err, err
+        assert b"\x08\x00\x07\x00\x04" not in drained, "package sent after all"
+        main.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        lsock.close()
+
+
 def test_nobody_listening_is_connect_error(snap: Path) -> None:
     with socket.socket() as s:      # a port that was free a moment ago
         s.bind(("127.0.0.1", 0))
@@ -168,6 +199,7 @@ def synthetic_destination(snap: Path, host: str, variant: str, *extra: str
         lsock.settimeout(20)
         pre, _ = lsock.accept()
         socks.append(pre)
+        main.sendall(rp(RP_PONG, struct.pack(">I", 2)))   # PING 2 follows the connection
         # requests come once the package is out (as from QEMU: faults start at LISTEN)
         deadline = time.monotonic() + 20
         while b"\x08\x00\x07\x00\x04" not in drained and time.monotonic() < deadline:

@@ -213,6 +213,23 @@ def test_preempt_running_guest(guest: Guest, snapshot_factory: SnapshotFactory,
     assert stats["double_sends"] == 0 and stats["pages_data"] == stats["file_pages_set"], stats
 
 
+def test_preempt_on_a_destination_without_it(source: Any, vm_factory: VmFactory,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """--preempt against a destination whose postcopy-preempt is off: QEMU drops
+    the second connection ("Extra incoming migration connection; ignoring"); the
+    restore fails naming the capability, before the guest could run on a
+    channel nobody reads (it used to hang on the first requested page)."""
+    from pytest_fastsnap.restore import RestoreFailed, strategies
+
+    _guest, snap, _want, _ranges = source
+    real = strategies._caps
+    monkeypatch.setattr(strategies, "_caps", lambda g, caps: real(
+        g, {k: v for k, v in caps.items() if k != "postcopy-preempt"}))
+    with pytest.raises(RestoreFailed, match="postcopy-preempt capability on"):
+        restore("loader-bridge", snap.path, snap.device_args, vm_factory, offset=snap.offset,
+                transport="tcp", preempt=True, timeout=30)
+
+
 def test_preempt_needs_a_second_connection(source: Any, vm_factory: VmFactory) -> None:
     _guest, snap, _want, _ranges = source
     with pytest.raises(ValueError, match="second connection"):

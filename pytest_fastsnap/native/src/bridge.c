@@ -57,6 +57,9 @@ enum { CMD_OPEN_RP = 1, CMD_PING = 2, CMD_ADVISE = 3, CMD_LISTEN = 4, CMD_RUN = 
 /* PING value placed in the package just before RUN: its PONG means the
  * destination's main thread has loaded all device state. */
 #define PING_PACKAGE_LOADED 3u
+/* PING sent after the preempt connection: by its PONG the destination has
+ * (almost always) accepted or dropped that connection. */
+#define PING_PREEMPT 2u
 
 enum { RP_SHUT = 1, RP_PONG = 2, RP_REQ_PAGES_ID = 3, RP_REQ_PAGES = 4 };
 
@@ -1022,25 +1025,48 @@ static int connect_to(struct bridge *b)
     return 0;
 }
 
-/* --preempt: once PONG 1 shows the destination took the main connection
- * (it tells channels apart by their order), open the second one. */
-static int preempt_open(struct bridge *b)
+static int wait_pongs(struct bridge *b, uint32_t n)
 {
     struct timespec dl;
     deadline_in(&dl, b->io_timeout);
     pthread_mutex_lock(&b->rp_lock);
     int rc = 0;
-    while (b->pongs == 0 && atomic_load(&b->rp_state) == 0 && rc == 0)
+    while (b->pongs < n && atomic_load(&b->rp_state) == 0 && rc == 0)
         rc = pthread_cond_timedwait(&b->rp_cond, &b->rp_lock, &dl);
-    int ponged = b->pongs > 0;
+    int ponged = b->pongs >= n;
     pthread_mutex_unlock(&b->rp_lock);
     if (check_rp(b) < 0)
         return -1;
     if (!ponged)
         return fail(b, E_TIMEOUT, "no PONG from the destination within %.0f s", b->io_timeout);
+    return 0;
+}
+
+/* --preempt: once PONG 1 shows the destination took the main connection
+ * (it tells channels apart by their order), open the second one.  A
+ * destination without postcopy-preempt drops it ("Extra incoming migration
+ * connection; ignoring"): by PONG 2 that has normally happened, so a closed
+ * connection is refused here rather than found when a page is lost on it. */
+static int preempt_open(struct bridge *b)
+{
+    if (wait_pongs(b, 1) < 0)
+        return -1;
     int fd = br_net_connect(&b->addr, b->connect_timeout, &b->err);
     if (fd < 0)
         return -1;
+    uint8_t p[4], peek;
+    put_be32(p, PING_PREEMPT);
+    if (emit_cmd(b, CMD_PING, p, 4) < 0 || flush(b) < 0 || wait_pongs(b, 2) < 0) {
+        close(fd);
+        return -1;
+    }
+    ssize_t r = recv(fd, &peek, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (r == 0 || (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK)) {
+        close(fd);
+        return fail(b, E_CONNECT, "the destination closed the preempt connection: is its "
+                    "postcopy-preempt capability on? (without it QEMU logs \"Extra incoming "
+                    "migration connection; ignoring\"); run without --preempt otherwise");
+    }
     struct br_preempt *pre = br_preempt_new(&b->snap, fd, &b->t_start, b->io_timeout);
     if (!pre)
         return fail(b, E_INTERNAL, "out of memory");

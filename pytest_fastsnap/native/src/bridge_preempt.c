@@ -1,7 +1,8 @@
 /* Owns the bridge's postcopy-preempt channel (bridge_preempt.h): its socket,
  * output buffer, per-channel CONTINUE state, counters and latency samples.
- * Served from the return-path thread; the lock orders it with the main
- * thread's reads of its error and counters. */
+ * Served from the return-path thread under its lock; the main thread reads
+ * the error through an atomic flag (never waiting behind a blocked send) and
+ * the counters once the return-path thread has ended. */
 #define _GNU_SOURCE
 #include "bridge_preempt.h"
 
@@ -10,6 +11,7 @@
 #include <errno.h>
 #include <math.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,7 +31,8 @@ struct br_preempt {
     long last_block;
     struct br_preempt_counts c;
     mr_samples lat;
-    mr_error err;
+    mr_error err;               /* written once, before failed is set */
+    atomic_int failed;          /* read without the lock: never waits for a send */
 };
 
 static double since(const struct br_preempt *p)
@@ -83,7 +86,8 @@ static int flush(struct br_preempt *p)
                                     "the preempt channel");
             if (errno == EPIPE || errno == ECONNRESET)
                 return mr_error_set(&p->err, E_DEST_GONE, "destination closed the preempt "
-                                    "channel (%s)", strerror(errno));
+                                    "channel (%s; is its postcopy-preempt capability on?)",
+                                    strerror(errno));
             return mr_error_set(&p->err, E_IO, "send on the preempt channel: %s",
                                 strerror(errno));
         }
@@ -153,7 +157,7 @@ int br_preempt_serve(struct br_preempt *p, uint32_t bi, uint64_t start, uint32_t
     uint64_t first = start / tps, n = ((uint64_t)len + tps - 1) / tps;
     int sent = 0;
     pthread_mutex_lock(&p->lock);
-    if (p->err.name[0]) {
+    if (atomic_load_explicit(&p->failed, memory_order_relaxed)) {
         pthread_mutex_unlock(&p->lock);
         return -1;
     }
@@ -181,16 +185,14 @@ int br_preempt_serve(struct br_preempt *p, uint32_t bi, uint64_t start, uint32_t
     pthread_mutex_unlock(&p->lock);
     return sent;
 failed:
+    atomic_store_explicit(&p->failed, 1, memory_order_release);
     pthread_mutex_unlock(&p->lock);
     return -1;
 }
 
 const mr_error *br_preempt_error(struct br_preempt *p)
 {
-    pthread_mutex_lock(&p->lock);
-    const mr_error *e = p->err.name[0] ? &p->err : NULL;
-    pthread_mutex_unlock(&p->lock);
-    return e;
+    return atomic_load_explicit(&p->failed, memory_order_acquire) ? &p->err : NULL;
 }
 
 void br_preempt_take(struct br_preempt *p, struct br_preempt_counts *c, mr_samples *lat)
