@@ -292,3 +292,19 @@ def _wait_eof(drained: bytearray, proc: subprocess.Popen[str], timeout: float = 
             return
         time.sleep(0.05)
     raise AssertionError(f"main stream did not end ({len(drained)} bytes)")
+
+
+@pytest.mark.parametrize("variant", ["release", "asan"])
+def test_preempt_channel_closed_later_fails_the_restore(snap: Path, variant: str) -> None:
+    """The preempt connection dropped after PONG 2 (a late "...; ignoring"): the
+    first request finds it closed, and the loader fails instead of putting the
+    page on a channel nobody reads (then sending EOF, after which the
+    destination would read that page as zeros)."""
+    with synthetic_destination(snap, "127.0.0.1", variant) as dst:
+        dst.pre.close()
+        time.sleep(0.2)
+        dst.request(rp(RP_REQ_PAGES_ID, struct.pack(">QIB", 1001 * 4096, 4096, 6) + b"pc.ram"))
+        _out, err = dst.proc.communicate(timeout=60)
+        assert dst.proc.returncode == 1, err
+        assert "E_DEST_GONE" in err and "postcopy-preempt capability on" in err, err
+        assert err.count("\n") == 1, err

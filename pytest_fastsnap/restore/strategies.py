@@ -157,6 +157,10 @@ class RestoredGuest:
     def _failure(self, what: str, kind: type[RestoreFailed] = RestoreFailed) -> RestoreFailed:
         parts = [f"{self.strategy}: {what}"]
         if self.loader is not None:
+            # A failing loader closes its connection just before it exits, so
+            # the destination may report first: give its error line a moment.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.loader.wait(1.0)
             rc = self.loader.poll()
             if rc is not None:
                 parts.append(f"loader exit code {rc}: {self._loader_stderr().strip()}")

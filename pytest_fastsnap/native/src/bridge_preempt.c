@@ -149,6 +149,31 @@ static int put_page(struct br_preempt *p, uint32_t bi, uint64_t page)
     return 0;
 }
 
+/* 1 while the destination keeps the channel open; 0 (err set) once it closed
+ * it: a destination without postcopy-preempt drops the connection. */
+static int alive(struct br_preempt *p)
+{
+    uint8_t c;
+    ssize_t r = recv(p->sock, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (r > 0 || (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)))
+        return 1;
+    mr_error_set(&p->err, E_DEST_GONE, "the destination closed the preempt channel%s%s: is "
+                 "its postcopy-preempt capability on? (without it QEMU logs \"Extra incoming "
+                 "migration connection; ignoring\")", r < 0 ? ": " : "",
+                 r < 0 ? strerror(errno) : "");
+    return 0;
+}
+
+int br_preempt_check(struct br_preempt *p)
+{
+    pthread_mutex_lock(&p->lock);
+    int ok = !atomic_load_explicit(&p->failed, memory_order_relaxed) && alive(p);
+    if (!ok)
+        atomic_store_explicit(&p->failed, 1, memory_order_release);
+    pthread_mutex_unlock(&p->lock);
+    return ok ? 0 : -1;
+}
+
 int br_preempt_serve(struct br_preempt *p, uint32_t bi, uint64_t start, uint32_t len,
                      double t_req)
 {
@@ -157,10 +182,10 @@ int br_preempt_serve(struct br_preempt *p, uint32_t bi, uint64_t start, uint32_t
     uint64_t first = start / tps, n = ((uint64_t)len + tps - 1) / tps;
     int sent = 0;
     pthread_mutex_lock(&p->lock);
-    if (atomic_load_explicit(&p->failed, memory_order_relaxed)) {
-        pthread_mutex_unlock(&p->lock);
-        return -1;
-    }
+    if (atomic_load_explicit(&p->failed, memory_order_relaxed))
+        goto failed;
+    if (!alive(p))     /* never put a page on a channel nobody reads */
+        goto failed;
     for (uint64_t u = first - first % hp; u < first + n && u < blk->npages; u += hp) {
         /* A host page is owned by whoever claims its first target page
          * (the eager stream claims the same way). */

@@ -37,6 +37,12 @@ struct br_preempt *br_preempt_new(struct br_snap *snap, int sock, const struct t
 int br_preempt_serve(struct br_preempt *p, uint32_t bi, uint64_t start, uint32_t len,
                      double t_req);
 
+/* 0 while the destination keeps the channel open (checked before every
+ * request is answered, and by the bridge before EOF: pages answered on a
+ * dropped channel are lost, and after EOF the destination would read them
+ * as zeros); -1 with br_preempt_error set once it closed it. */
+int br_preempt_check(struct br_preempt *p);
+
 /* The channel's failure (name + message), or NULL. */
 const mr_error *br_preempt_error(struct br_preempt *p);
 
