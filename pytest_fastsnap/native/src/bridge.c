@@ -978,8 +978,11 @@ static int send_end(struct bridge *b)
         return -1;
     if (b->in_section && section_end(b) < 0)
         return -1;
-    if (atomic_load(&b->pre) && br_preempt_check(atomic_load(&b->pre)) < 0)
-        return check_rp(b);     /* no EOF: a page lost on that channel would read as zero */
+    if (atomic_load(&b->pre)) {
+        if (br_preempt_check(atomic_load(&b->pre)) < 0)
+            return check_rp(b); /* no EOF: a page lost on that channel would read as zero */
+        br_preempt_eof(atomic_load(&b->pre));
+    }
     pthread_mutex_lock(&b->out_lock);
     int r = section_end_typed(b, 0x03);
     uint8_t eof = 0x00;

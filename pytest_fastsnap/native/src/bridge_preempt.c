@@ -33,6 +33,7 @@ struct br_preempt {
     mr_samples lat;
     mr_error err;               /* written once, before failed is set */
     atomic_int failed;          /* read without the lock: never waits for a send */
+    atomic_int eof;             /* the main stream's EOF is going out */
 };
 
 static double since(const struct br_preempt *p)
@@ -184,8 +185,16 @@ int br_preempt_serve(struct br_preempt *p, uint32_t bi, uint64_t start, uint32_t
     pthread_mutex_lock(&p->lock);
     if (atomic_load_explicit(&p->failed, memory_order_relaxed))
         goto failed;
-    if (!alive(p))     /* never put a page on a channel nobody reads */
-        goto failed;
+    if (!alive(p)) {   /* never put a page on a channel nobody reads */
+        if (!atomic_load(&p->eof))
+            goto failed;
+        /* After EOF the destination's cleanup closes the channel once no
+         * requested page is outstanding: this request is a late duplicate. */
+        p->err.name[0] = 0;
+        p->c.requests_duplicate++;
+        pthread_mutex_unlock(&p->lock);
+        return 0;
+    }
     for (uint64_t u = first - first % hp; u < first + n && u < blk->npages; u += hp) {
         /* A host page is owned by whoever claims its first target page
          * (the eager stream claims the same way). */
@@ -213,6 +222,11 @@ failed:
     atomic_store_explicit(&p->failed, 1, memory_order_release);
     pthread_mutex_unlock(&p->lock);
     return -1;
+}
+
+void br_preempt_eof(struct br_preempt *p)
+{
+    atomic_store(&p->eof, 1);
 }
 
 const mr_error *br_preempt_error(struct br_preempt *p)

@@ -43,6 +43,11 @@ int br_preempt_serve(struct br_preempt *p, uint32_t bi, uint64_t start, uint32_t
  * as zeros); -1 with br_preempt_error set once it closed it. */
 int br_preempt_check(struct br_preempt *p);
 
+/* The main stream's EOF goes out now: from here on the destination closes
+ * the channel itself (once no requested page is outstanding), so a closed
+ * channel is no longer an error (requests then are late duplicates). */
+void br_preempt_eof(struct br_preempt *p);
+
 /* The channel's failure (name + message), or NULL. */
 const mr_error *br_preempt_error(struct br_preempt *p);
 
