@@ -30,7 +30,7 @@ def restore_cli(snapshot: Path, qemu_binary: str | None = None, *,
                 strategy: str = "loader-bridge", keep_running: bool = False,
                 recover_attempts: int | None = None, out: TextIO = sys.stdout,
                 ws: Path | None = None, record_ws: Path | None = None,
-                ws_mode: str = "after-run") -> int:
+                ws_mode: str = "after-run", to: str = "unix", preempt: bool = False) -> int:
     """Restore *snapshot* on the system QEMU with the arguments recorded in
     ``<snapshot>.json``; print time to running and time to fully loaded.
 
@@ -38,28 +38,50 @@ def restore_cli(snapshot: Path, qemu_binary: str | None = None, *,
     manifest, an unusable QEMU binary, an unsupported strategy), 1 for a
     failed restore; errors are one line on stderr.  With *keep_running* the
     guest stays up until Ctrl-C (or until it exits).  *recover_attempts*
-    (loader-bridge only; default 3, 0 = off) bounds how often a lost loader
-    is recovered; each recovery is printed.  *ws* / *record_ws* / *ws_mode*:
-    working-set prefetch of the loader bridge (see
-    :func:`pytest_fastsnap.restore.strategies.restore`).
+    (loader-bridge only; default 3, 0 = off; not with *preempt*) bounds how
+    often a lost loader is recovered; each recovery is printed.  *ws* /
+    *record_ws* / *ws_mode*: working-set prefetch of the loader bridge (see
+    :func:`pytest_fastsnap.restore.strategies.restore`).  *to* (bridge):
+    ``unix`` or ``tcp:HOST:PORT`` (the destination listens there, the loader
+    connects; port 0: any free port); *preempt*: the postcopy-preempt channel.
     """
     try:
         if recover_attempts is not None and strategy != "loader-bridge":
             raise UsageError(f"--recover-attempts applies to --strategy loader-bridge only, "
                              f"not {strategy}")
+        if recover_attempts and preempt:
+            raise UsageError("--recover-attempts does not apply with --preempt: recovering a "
+                             "destination with a preempt channel is not supported yet")
         if (ws or record_ws) and strategy != "loader-bridge":
             raise UsageError(f"--ws and --record-ws need --strategy loader-bridge, "
                              f"not {strategy}")
+        _check_transport(strategy, to, preempt)
         if ws is not None:
             ws = existing_file(ws, "--ws working-set file")
         if record_ws is not None:
             record_ws = output_file(record_ws, "--record-ws")
-        return _restore(snapshot, qemu_binary, strategy, keep_running, out,
-                        {"ws": ws, "record_ws": record_ws, "ws_mode": ws_mode},
+        bridge_kw: dict[str, Any] = {"ws": ws, "record_ws": record_ws, "ws_mode": ws_mode}
+        if strategy == "loader-bridge":
+            bridge_kw.update(transport=to, preempt=preempt)
+        return _restore(snapshot, qemu_binary, strategy, keep_running, out, bridge_kw,
                         recover_attempts)
     except CliError as err:
         cli_error("restore", err)
         return err.exit_code
+
+
+def _check_transport(strategy: str, to: str, preempt: bool) -> None:
+    """UsageError for a --to / --preempt that cannot work, before anything starts."""
+    from pytest_fastsnap.restore.transport import parse_transport
+
+    if to != "unix" and not to.startswith("tcp:"):
+        raise UsageError(f"--to {to!r}: unix or tcp:HOST:PORT")
+    try:
+        parse_transport(to)
+    except ValueError as err:
+        raise UsageError(f"--to {err}") from None
+    if strategy != "loader-bridge" and (preempt or to != "unix"):
+        raise UsageError(f"--to and --preempt are for --strategy loader-bridge, not {strategy}")
 
 
 def _checked_inputs(snapshot: Path, qemu_binary: str | None) -> tuple[Manifest, str]:
@@ -84,7 +106,8 @@ def _checked_inputs(snapshot: Path, qemu_binary: str | None) -> tuple[Manifest, 
 
 
 def _restore(snapshot: Path, qemu_binary: str | None, strategy: str, keep_running: bool,
-             out: TextIO, ws_kw: dict[str, Any], recover_attempts: int | None = None) -> int:
+             out: TextIO, bridge_kw: dict[str, Any],
+             recover_attempts: int | None = None) -> int:
     from pytest_fastsnap.qemu.machine import QemuError
     from pytest_fastsnap.restore.recovery import DEFAULT_RECOVER_ATTEMPTS
     from pytest_fastsnap.restore.strategies import (
@@ -102,8 +125,8 @@ def _restore(snapshot: Path, qemu_binary: str | None, strategy: str, keep_runnin
             attempts = DEFAULT_RECOVER_ATTEMPTS if recover_attempts is None else recover_attempts
             guest = restore(strategy, snapshot, manifest.qemu_args,
                             machine_factory(binary, workdir), offset=manifest.offset,
-                            **ws_kw, **({"recover_attempts": attempts}
-                                        if strategy == "loader-bridge" else {}))
+                            **bridge_kw, **({"recover_attempts": attempts}
+                                            if strategy == "loader-bridge" else {}))
             print(f"{strategy}: guest running after {guest.time_to_running:.3f} s "
                   f"(QEMU start-up {guest.launch_seconds:.3f} s before that)", file=out,
                   flush=True)
@@ -120,13 +143,15 @@ def _restore(snapshot: Path, qemu_binary: str | None, strategy: str, keep_runnin
                 print(f"loader: {stats.get('requests_served', 0)} page requests served "
                       f"(p50 {lat.get('p50', 0):.0f} us, p99 {lat.get('p99', 0):.0f} us), "
                       f"{stats.get('pages_eager', 0)} pages eagerly at "
-                      f"{stats.get('eager_throughput_mib_s', 0):.0f} MiB/s", file=out,
-                      flush=True)
+                      f"{stats.get('eager_throughput_mib_s', 0):.0f} MiB/s over "
+                      f"{stats.get('transport', 'unix')}"
+                      + (f", {stats['preempt']['pages_on_request']} pages on the preempt "
+                         "channel" if stats.get("preempt") else ""), file=out, flush=True)
                 if stats.get("ws_loaded"):
                     print(f"loader: working set of {stats['ws_loaded']} pages sent "
                           f"{stats.get('ws_mode')}, {stats.get('pages_ws', 0)} of them not "
                           "yet sent otherwise", file=out, flush=True)
-                if record_ws_path := ws_kw.get("record_ws"):
+                if record_ws_path := bridge_kw.get("record_ws"):
                     print(f"loader: recorded a working set of {stats.get('ws_recorded', 0)} "
                           f"pages to {record_ws_path}", file=out, flush=True)
             if keep_running:
@@ -149,7 +174,8 @@ def run(args: argparse.Namespace) -> int:
     return restore_cli(Path(args.snapshot), qemu_binary=args.qemu_binary,
                        strategy=args.strategy, keep_running=args.keep_running,
                        recover_attempts=args.recover_attempts,
-                       ws=args.ws, record_ws=args.record_ws, ws_mode=args.ws_mode)
+                       ws=args.ws, record_ws=args.record_ws, ws_mode=args.ws_mode,
+                       to=args.to, preempt=args.preempt)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -164,6 +190,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="default: $QEMU_BINARY, else the binary recorded in <snapshot>.json")
     p.add_argument("--strategy", default="loader-bridge",
                    choices=("loader-bridge", "qemu-precopy", "qemu-fast"))
+    p.add_argument("--to", default="unix", metavar="unix|tcp:HOST:PORT",
+                   help="loader-bridge transport: unix socket (default), or the destination "
+                   "listens on tcp:HOST:PORT and the loader connects (port 0: any free port)")
+    p.add_argument("--preempt", action="store_true",
+                   help="loader-bridge: postcopy-preempt on, requested pages on a second "
+                   "connection")
     p.add_argument("--keep-running", action="store_true",
                    help="leave the guest running until Ctrl-C")
     p.add_argument("--recover-attempts", type=int_arg(minimum=0, maximum=100), default=None,

@@ -14,12 +14,15 @@ Strategies:
   :class:`RestoreUnsupported` with QEMU's own reason.
 - ``loader-bridge``: the native loader is the *source* of a postcopy
   migration into a stock destination (``postcopy-ram``, ``migrate-incoming
-  unix:``); the guest runs as soon as the device state is in and RAM follows
-  on demand and eagerly.  If the loader dies or loses its connection, the
-  restore recovers by itself up to ``recover_attempts`` times
+  unix:``, ``tcp:`` or an inherited fd; ``preempt`` adds the
+  postcopy-preempt channel); the guest runs as soon as the device state is in
+  and RAM follows on demand and eagerly.  If the loader dies or loses its
+  connection, the restore recovers by itself up to ``recover_attempts`` times
   (:mod:`pytest_fastsnap.restore.recovery`: QEMU's postcopy recovery, or a
   fresh start when the guest had not run yet); ``guest.recovery.attempts``
-  says what happened.
+  says what happened.  Recovery is off with ``preempt`` (a recovered
+  destination expects its preempt channel again, which the loader does not
+  reopen yet).
 
 Postcopy strategies (``qemu-fast``, ``loader-bridge``) turn on QEMU's
 ``postcopy-blocktime`` capability on the destination:
@@ -57,6 +60,7 @@ from pytest_fastsnap.restore.recovery import (
     BridgeRecovery,
     RecoveryFailed,
 )
+from pytest_fastsnap.restore.transport import Transport, listening_port, parse_transport
 from pytest_fastsnap.verdict import Verdict
 from pytest_fastsnap.workdirs import SUN_PATH_MAX
 
@@ -180,6 +184,10 @@ class RestoredGuest:
     def _failure(self, what: str, kind: type[RestoreFailed] = RestoreFailed) -> RestoreFailed:
         parts = [f"{self.strategy}: {what}"]
         if self.loader is not None:
+            # A failing loader closes its connection just before it exits, so
+            # the destination may report first: give its error line a moment.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.loader.wait(1.0)
             rc = self.loader.poll()
             if rc is not None:
                 parts.append(f"loader exit code {rc}: {self._loader_stderr().strip()}")
@@ -413,7 +421,9 @@ def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str]
             loader_args: Sequence[str] = (), transport: str = "unix",
             recover_attempts: int = DEFAULT_RECOVER_ATTEMPTS,
             ws: str | Path | None = None, record_ws: str | Path | None = None,
-            ws_mode: str = "after-run") -> RestoredGuest:
+            ws_mode: str = "after-run", preempt: bool = False,
+            loader_prefix: Sequence[str] = (),
+            loader_via: Callable[[str], str] | None = None) -> RestoredGuest:
     """Restore *snapshot_path* with *strategy* into a new destination QEMU.
 
     *vm_factory* is the ``vm_factory`` fixture or a :class:`DestinationFactory`.
@@ -421,8 +431,16 @@ def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str]
     :meth:`RestoredGuest.wait_running`); the bridge's loader keeps serving
     and :meth:`RestoredGuest.wait_loaded` waits for it.  *transport* (bridge
     only): ``unix`` lets the loader connect to the socket itself, ``fd``
-    connects here and hands the loader the connected descriptor (``fd:N``).  On any failure the
-    destination and loader are killed before the exception propagates.
+    connects here and hands the loader the connected descriptor (``fd:N``),
+    ``tcp:HOST:PORT`` makes the destination listen there and the loader connect
+    (``tcp`` alone: 127.0.0.1, a free port; see :mod:`.transport`).  *preempt*
+    (bridge, unix or tcp) turns on the destination's ``postcopy-preempt`` and
+    the loader's ``--preempt``: requested pages go on a second connection.
+    *loader_prefix* goes before the loader's command line (e.g. ``ip netns
+    exec NS``); *loader_via* maps the destination's tcp URI to the one the
+    loader is given (a relay in between, e.g. :mod:`.delay_relay`).  On any
+    failure the destination and loader are killed before the exception
+    propagates.
 
     *offset* is where the migration stream starts in the file; by default the
     one the snapshot's manifest (``<snapshot>.json``) records, else 0.  A
@@ -443,8 +461,9 @@ def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str]
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown restore strategy {strategy!r}; one of {STRATEGIES}")
-    if transport not in ("unix", "fd"):
-        raise ValueError(f"transport must be 'unix' or 'fd', not {transport!r}")
+    link = parse_transport(transport)     # ValueError naming what is wrong
+    if preempt and link.kind == "fd":
+        raise ValueError("preempt needs a second connection: transport unix or tcp, not fd")
     if isinstance(recover_attempts, bool) or not isinstance(recover_attempts, int) \
             or recover_attempts < 0:
         raise ValueError(f"recover_attempts must be an int >= 0, not {recover_attempts!r}")
@@ -465,19 +484,22 @@ def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str]
     own = getattr(vm_factory, "own", None)
     if own is not None:     # the vm_factory fixture closes it at teardown
         own(guest)
-    if strategy == "loader-bridge" and recover_attempts:
+    start_args = [*loader_args, *(["--preempt"] if preempt else [])]
+    prefix = tuple(loader_prefix)
+    if strategy == "loader-bridge" and recover_attempts and not preempt:
         factory = _as_factory(vm_factory)
 
         def relaunch() -> None:
             guest.vm = factory(device_args, paused=paused)
-            _start(guest, path, offset, loader_args, transport)
+            _start(guest, path, offset, start_args, link, prefix, loader_via)
 
         guest.recovery = BridgeRecovery(
             guest, recover_attempts,
-            lambda to, tag: _spawn_loader(guest, path, offset, to, loader_args, tag),
+            lambda to, tag: _spawn_loader(guest, path, offset, to, loader_args, tag,
+                                          prefix=prefix),
             relaunch, RestoreNotRecovered)
     try:
-        _start(guest, path, offset, loader_args, transport)
+        _start(guest, path, offset, start_args, link, prefix, loader_via)
         if wait:
             guest.wait_running(timeout)
     except BaseException as err:
@@ -538,7 +560,8 @@ def _incoming(guest: RestoredGuest, uri: str) -> None:
 
 
 def _start(guest: RestoredGuest, path: Path, offset: int, loader_args: Sequence[str],
-           transport: str) -> None:
+           link: Transport, loader_prefix: tuple[str, ...] = (),
+           loader_via: Callable[[str], str] | None = None) -> None:
     if guest.strategy == "qemu-precopy":
         _caps(guest, {"mapped-ram": True, "events": True})
         _incoming(guest, file_uri(path, offset))
@@ -547,19 +570,27 @@ def _start(guest: RestoredGuest, path: Path, offset: int, loader_args: Sequence[
                       "events": True})
         _incoming(guest, file_uri(path, offset))
     else:
-        _caps(guest, {"postcopy-ram": True, "postcopy-blocktime": True, "events": True})
+        _caps(guest, {"postcopy-ram": True, "postcopy-blocktime": True, "events": True,
+                      **({"postcopy-preempt": True} if "--preempt" in loader_args else {})})
         guest.sock_dir, sock = _socket_dir()
         guest.out_dir = guest.sock_dir
-        _incoming(guest, f"unix:{sock}")
         conn = None
-        to = f"unix:{sock}"
-        if transport == "fd":
+        if link.kind == "tcp":
+            _incoming(guest, link.uri())
+            to = link.uri(link.port or listening_port(guest.vm))
+            if loader_via is not None:
+                to = loader_via(to)
+        else:
+            _incoming(guest, f"unix:{sock}")
+            to = f"unix:{sock}"
+        if link.kind == "fd":
             conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             conn.connect(str(sock))
             to = f"fd:{conn.fileno()}"
         try:
             _spawn_loader(guest, path, offset, to, loader_args, "",
-                          pass_fds=(conn.fileno(),) if conn is not None else ())
+                          pass_fds=(conn.fileno(),) if conn is not None else (),
+                          prefix=loader_prefix)
         finally:
             if conn is not None:
                 conn.close()    # the loader holds its own copy
@@ -569,13 +600,15 @@ def _start(guest: RestoredGuest, path: Path, offset: int, loader_args: Sequence[
 
 
 def _spawn_loader(guest: RestoredGuest, path: Path, offset: int, to: str,
-                  loader_args: Sequence[str], tag: str, pass_fds: tuple[int, ...] = ()) -> None:
-    """Start ``serve`` into *guest.loader*; *tag* non-empty: a ``--resume``
-    loader of that recovery attempt, with its own output files."""
+                  loader_args: Sequence[str], tag: str, pass_fds: tuple[int, ...] = (),
+                  prefix: tuple[str, ...] = ()) -> None:
+    """Start ``serve`` into *guest.loader* (behind *prefix*, e.g. ``ip netns
+    exec NS``); *tag* non-empty: a ``--resume`` loader of that recovery
+    attempt, with its own output files."""
     assert guest.out_dir is not None
     suffix = f"-{tag}" if tag else ""
     guest.stats_file, guest.err_file = f"loader{suffix}.json", f"loader{suffix}.err"
-    args = [str(loader_binary()), "serve", str(path), "--offset", str(offset), "--to", to,
+    args = [*prefix, str(loader_binary()), "serve", str(path), "--offset", str(offset), "--to", to,
             "--json", "--stats-file", str(guest.out_dir / guest.stats_file), *loader_args,
             *(["--resume"] if tag else [])]
     with open(guest.out_dir / f"loader{suffix}.out", "wb") as out, \

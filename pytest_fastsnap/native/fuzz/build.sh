@@ -13,7 +13,7 @@ mkdir -p "$OUT"
 # includes), in one archive: each harness links only the members it needs.
 OBJS=()
 for src in "$NATIVE"/mr_*.c "$NATIVE"/bridge_snap.c "$NATIVE"/bridge_resume.c \
-           "$NATIVE"/bridge_ws.c; do
+           "$NATIVE"/bridge_ws.c "$NATIVE"/bridge_net.c "$NATIVE"/bridge_preempt.c; do
     case "$(basename "$src")" in mr_main.c) continue ;; esac
     obj="$OUT/$(basename "$src" .c).o"
     # shellcheck disable=SC2086  # CFLAGS and LIB_FUZZING_ENGINE are word lists

@@ -28,6 +28,8 @@
 #include "bridge.h"
 
 #include "bridge_resume.h"
+#include "bridge_net.h"
+#include "bridge_preempt.h"
 #include "bridge_snap.h"
 #include "bridge_ws.h"
 #include "mr_errors.h"
@@ -48,7 +50,6 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
-#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -65,6 +66,9 @@ enum { CMD_OPEN_RP = 1, CMD_PING = 2, CMD_ADVISE = 3, CMD_LISTEN = 4, CMD_RUN = 
 /* PING value placed in the package just before RUN: its PONG means the
  * destination's main thread has loaded all device state. */
 #define PING_PACKAGE_LOADED 3u
+/* PING sent after the preempt connection: by its PONG the destination has
+ * (almost always) accepted or dropped that connection. */
+#define PING_PREEMPT 2u
 
 enum { RP_SHUT = 1, RP_PONG = 2, RP_REQ_PAGES_ID = 3, RP_REQ_PAGES = 4 };
 
@@ -80,7 +84,11 @@ struct bridge {
     const char *path;
     uint64_t offset;
     const char *to;
+    struct br_net_addr addr;    /* --to, parsed (bridge_net.c) */
     int sock;
+    int preempt;                /* --preempt: serve requests on a second channel */
+    _Atomic(struct br_preempt *) pre;   /* that channel once connected (bridge_preempt.c) */
+    struct br_preempt_counts prec;      /* its counters, merged at the end */
     int zero_all;
     int describe_only;
     double io_timeout, shut_timeout, connect_timeout;
@@ -256,6 +264,21 @@ static void rp_queue(struct bridge *b, uint32_t block, uint64_t start, uint32_t 
     atomic_fetch_add_explicit(&b->q_pending, 1, memory_order_release);
 }
 
+/* A page request on the preempt channel, from the return-path thread. */
+static int preempt_serve(struct bridge *b, uint32_t block, uint64_t start, uint32_t len)
+{
+    pthread_mutex_lock(&b->rp_lock);
+    b->requests++;
+    double t = now_s(b);
+    if (b->t_first_request == 0)
+        b->t_first_request = t;
+    pthread_mutex_unlock(&b->rp_lock);
+    if (br_preempt_serve(atomic_load(&b->pre), block, start, len, t) >= 0)
+        return 0;
+    rp_close(b, "preempt channel failed");   /* check_rp reports the channel's error */
+    return -1;
+}
+
 static void *rp_main(void *arg)
 {
     struct bridge *b = arg;
@@ -329,6 +352,11 @@ static void *rp_main(void *arg)
                 b->rp_bad_requests++;
                 pthread_mutex_unlock(&b->rp_lock);
                 break;  /* the eager stream still supplies every page */
+            }
+            if (atomic_load(&b->pre)) {     /* preempt: sent right here, on channel 2 */
+                if (preempt_serve(b, (uint32_t)cur_block, start, rlen) < 0)
+                    return NULL;
+                break;
             }
             rp_queue(b, (uint32_t)cur_block, start, rlen);
             break;
@@ -653,6 +681,9 @@ static int check_rp(struct bridge *b)
                     "(SHUT %u); see the destination's log", b->shut_value);
     if (st == 2 && b->rp_error.name[0])
         return fail(b, b->rp_error.name, "%s", b->rp_error.msg);
+    const mr_error *pe = atomic_load(&b->pre) ? br_preempt_error(atomic_load(&b->pre)) : NULL;
+    if (pe)
+        return fail(b, pe->name, "%s", pe->msg);
     if (st == 2)
         return fail(b, E_DEST_GONE, "%s", b->rp_err[0] ? b->rp_err
                     : "return path closed by the destination");
@@ -994,14 +1025,16 @@ static int send_pages(struct bridge *b)
                 }
                 p++;
             } else {
-                uint64_t k = 1;
-                while (p + k < blk->npages && k < max_run &&
-                       mr_core_bit(blk->core, p + k) &&
-                       !mr_core_is_claimed(blk->core, p + k))
+                /* Claim the run page by page: with a preempt channel the
+                 * return-path thread claims requested pages concurrently. */
+                uint64_t k = 0;
+                while (p + k < blk->npages && k < max_run && mr_core_bit(blk->core, p + k) &&
+                       mr_core_claim(blk->core, p + k))
                     k++;
-                /* Only this thread claims pages, so the run is still unsent. */
-                for (uint64_t j = 0; j < k; j++)
-                    mr_core_claim(blk->core, p + j);
+                if (k == 0) {
+                    p++;
+                    continue;
+                }
                 if (emit_run(b, bi, p, k) < 0)
                     return -1;
                 b->pages_eager += k;
@@ -1160,6 +1193,11 @@ static int send_end(struct bridge *b)
         return -1;
     if (b->in_section && section_end(b) < 0)
         return -1;
+    if (atomic_load(&b->pre)) {
+        if (br_preempt_check(atomic_load(&b->pre)) < 0)
+            return check_rp(b); /* no EOF: a page lost on that channel would read as zero */
+        br_preempt_eof(atomic_load(&b->pre));
+    }
     pthread_mutex_lock(&b->out_lock);
     int r = section_end_typed(b, 0x03);
     uint8_t eof = 0x00;
@@ -1189,40 +1227,13 @@ static int wait_shut(struct bridge *b)
     return check_rp(b);
 }
 
-/* ---- connection --------------------------------------------------------- */
+/* ---- connection (addresses and sockets: bridge_net.c) --------------------- */
 
 static int connect_to(struct bridge *b)
 {
-    if (strncmp(b->to, "fd:", 3) == 0) {
-        char *end;
-        long fd = strtol(b->to + 3, &end, 10);
-        if (*end || fd < 0 || fd > 65535)
-            return fail(b, E_USAGE, "bad --to %s", b->to);
-        b->sock = (int)fd;
-    } else if (strncmp(b->to, "unix:", 5) == 0) {
-        struct sockaddr_un sa = {.sun_family = AF_UNIX};
-        if (strlen(b->to + 5) >= sizeof(sa.sun_path))
-            return fail(b, E_USAGE, "socket path longer than %zu bytes: %s",
-                        sizeof(sa.sun_path) - 1, b->to + 5);
-        strcpy(sa.sun_path, b->to + 5);
-        double deadline = now_s(b) + b->connect_timeout;
-        for (;;) {
-            b->sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-            if (b->sock < 0)
-                return fail(b, E_CONNECT, "socket: %s", strerror(errno));
-            if (connect(b->sock, (struct sockaddr *)&sa, sizeof sa) == 0)
-                break;
-            int e = errno;
-            close(b->sock);
-            b->sock = -1;
-            if ((e != ENOENT && e != ECONNREFUSED) || now_s(b) > deadline)
-                return fail(b, E_CONNECT, "connect %s: %s", b->to + 5, strerror(e));
-            struct timespec ts = {0, 10 * 1000 * 1000};
-            nanosleep(&ts, NULL);
-        }
-    } else {
-        return fail(b, E_USAGE, "--to must be unix:PATH or fd:N, got %s", b->to);
-    }
+    b->sock = br_net_connect(&b->addr, b->connect_timeout, &b->err);
+    if (b->sock < 0)
+        return -1;
     struct timeval tv = {.tv_sec = (time_t)b->io_timeout,
                          .tv_usec = (suseconds_t)((b->io_timeout - floor(b->io_timeout)) * 1e6)};
     if (setsockopt(b->sock, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) < 0)
@@ -1231,6 +1242,55 @@ static int connect_to(struct bridge *b)
                                     sizeof b->sndbuf) < 0)
         return fail(b, E_CONNECT, "SO_SNDBUF %d: %s", b->sndbuf, strerror(errno));
     b->t_connected = now_s(b);
+    return 0;
+}
+
+static int wait_pongs(struct bridge *b, uint32_t n)
+{
+    struct timespec dl;
+    deadline_in(&dl, b->io_timeout);
+    pthread_mutex_lock(&b->rp_lock);
+    int rc = 0;
+    while (b->pongs < n && atomic_load(&b->rp_state) == 0 && rc == 0)
+        rc = pthread_cond_timedwait(&b->rp_cond, &b->rp_lock, &dl);
+    int ponged = b->pongs >= n;
+    pthread_mutex_unlock(&b->rp_lock);
+    if (check_rp(b) < 0)
+        return -1;
+    if (!ponged)
+        return fail(b, E_TIMEOUT, "no PONG from the destination within %.0f s", b->io_timeout);
+    return 0;
+}
+
+/* --preempt: once PONG 1 shows the destination took the main connection
+ * (it tells channels apart by their order), open the second one.  A
+ * destination without postcopy-preempt drops it ("Extra incoming migration
+ * connection; ignoring"): by PONG 2 that has normally happened, so a closed
+ * connection is refused here rather than found when a page is lost on it. */
+static int preempt_open(struct bridge *b)
+{
+    if (wait_pongs(b, 1) < 0)
+        return -1;
+    int fd = br_net_connect(&b->addr, b->connect_timeout, &b->err);
+    if (fd < 0)
+        return -1;
+    uint8_t p[4], peek;
+    put_be32(p, PING_PREEMPT);
+    if (emit_cmd(b, CMD_PING, p, 4) < 0 || flush(b) < 0 || wait_pongs(b, 2) < 0) {
+        close(fd);
+        return -1;
+    }
+    ssize_t r = recv(fd, &peek, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (r == 0 || (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK)) {
+        close(fd);
+        return fail(b, E_CONNECT, "the destination closed the preempt connection: is its "
+                    "postcopy-preempt capability on? (without it QEMU logs \"Extra incoming "
+                    "migration connection; ignoring\"); run without --preempt otherwise");
+    }
+    struct br_preempt *pre = br_preempt_new(&b->snap, fd, &b->t_start, b->io_timeout);
+    if (!pre)
+        return fail(b, E_INTERNAL, "out of memory");
+    atomic_store(&b->pre, pre);
     return 0;
 }
 
@@ -1293,6 +1353,18 @@ static void write_stats(struct bridge *b, FILE *f, int rc)
             "\"ws_recorded\": %llu, \"eager_hold_end_s\": %.6f, ", ws_mode,
             (unsigned long long)b->ws.n, (unsigned long long)b->pages_ws,
             (unsigned long long)b->ws_rec.n, b->t_eager_hold_end);
+    fputs("\"transport\": ", f);
+    mr_json_string(f, b->addr.kind == BR_NET_TCP ? "tcp" : b->addr.kind == BR_NET_FD ? "fd"
+                   : "unix");
+    if (atomic_load(&b->pre))
+        fprintf(f, ", \"preempt\": {\"requests_served\": %llu, \"requests_duplicate\": %llu, "
+                "\"pages_on_request\": %llu, \"bytes_sent\": %llu}, ",
+                (unsigned long long)b->prec.requests_served,
+                (unsigned long long)b->prec.requests_duplicate,
+                (unsigned long long)b->prec.pages_on_request,
+                (unsigned long long)b->prec.bytes_sent);
+    else
+        fputs(", \"preempt\": null, ", f);
     fputs("\"latency_us\": ", f);
     mr_samples_json(f, &b->lat);
     fputs("}\n", f);
@@ -1302,7 +1374,8 @@ static void write_stats(struct bridge *b, FILE *f, int rc)
 
 static void usage(FILE *f)
 {
-    fputs("usage: fastsnap-loader serve FILE [--offset N] --to unix:PATH|fd:N [--json]\n"
+    fputs("usage: fastsnap-loader serve FILE [--offset N] --to unix:PATH|tcp:HOST:PORT|fd:N\n"
+          "       [--preempt] [--json]\n"
           "       [--stats-file F] [--zero-pages requested|all] [--io-timeout S]\n"
           "       [--shut-timeout S] [--connect-timeout S] [--max-bandwidth MIB_S]\n"
           "       [--sndbuf BYTES] [--host-page-size ID=SIZE]... [--resume]\n"
@@ -1380,8 +1453,9 @@ static int run(struct bridge *b)
         return fail(b, E_INTERNAL, "cannot start the return-path thread");
     b->rp_started = 1;
     if (b->resume.active ? resume_handshake(b) < 0
-                         : send_setup(b) < 0 || (b->ws_before_run && send_ws(b) < 0) ||
-                           send_package(b) < 0 || (b->eager_delay > 0 && hold_eager(b) < 0))
+                         : send_setup(b) < 0 || (b->preempt && preempt_open(b) < 0) ||
+                           (b->ws_before_run && send_ws(b) < 0) || send_package(b) < 0 ||
+                           (b->eager_delay > 0 && hold_eager(b) < 0))
         return -1;
     if (send_pages(b) < 0 || send_end(b) < 0 || wait_shut(b) < 0)
         return -1;
@@ -1409,6 +1483,7 @@ static int parse_options(struct bridge *b, int argc, char **argv, int *json,
         {"ws", required_argument, NULL, 'w'}, {"record-ws", required_argument, NULL, 'W'},
         {"ws-mode", required_argument, NULL, 'm'},
         {"eager-delay", required_argument, NULL, 'e'},
+        {"preempt", no_argument, NULL, 'P'},
         {"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
     /* Called as bridge_main(argc - 1, argv + 1) ("serve" in argv[0]); also
      * accept the whole command line ("fastsnap-loader serve ..."). */
@@ -1428,6 +1503,7 @@ static int parse_options(struct bridge *b, int argc, char **argv, int *json,
         case 'j': *json = 1; break;
         case 'd': b->describe_only = 1; break;
         case 'r': b->resume.active = 1; break;
+        case 'P': b->preempt = 1; break;
         case 'B':
             ok = mr_parse_u64(optarg, &n) == 0 && n <= INT32_MAX;
             b->sndbuf = (int)n;
@@ -1473,7 +1549,15 @@ static int parse_options(struct bridge *b, int argc, char **argv, int *json,
     if (optind != argc - 1)
         return fail(b, E_USAGE, optind < argc ? "exactly one FILE expected" : "FILE missing");
     if (!b->to && !b->describe_only)
-        return fail(b, E_USAGE, "--to unix:PATH|fd:N (or --describe) is required");
+        return fail(b, E_USAGE, "--to unix:PATH|tcp:HOST:PORT|fd:N (or --describe) is required");
+    if (b->to && br_net_parse(b->to, &b->addr, &b->err) < 0)
+        return -1;
+    if (b->preempt && b->to && !br_net_can_reconnect(&b->addr))
+        return fail(b, E_USAGE, "--preempt needs a second connection: --to unix:PATH or "
+                    "tcp:HOST:PORT, not %s", b->to);
+    if (b->preempt && b->resume.active)
+        return fail(b, E_USAGE, "--resume with --preempt is not supported: a recovered "
+                    "destination also expects its preempt channel again");
     b->path = argv[optind];
     if ((b->ws_path && !*b->ws_path) || (b->record_ws_path && !*b->record_ws_path))
         return fail(b, E_USAGE, "--ws and --record-ws need a file name");
@@ -1501,8 +1585,9 @@ static void report(struct bridge *b, int rc, int json, const char *stats_file)
 
 static void bridge_free(struct bridge *b)
 {
-    if (b->sock >= 0 && b->to && strncmp(b->to, "fd:", 3) != 0)
+    if (b->sock >= 0 && b->addr.kind != BR_NET_FD)
         close(b->sock);
+    br_preempt_free(atomic_load(&b->pre));
     br_snap_close(&b->snap);
     free(b->out);
     free(b->stage);
@@ -1517,6 +1602,21 @@ static void bridge_free(struct bridge *b)
     pthread_mutex_destroy(&b->rp_lock);
     pthread_cond_destroy(&b->rp_cond);
     free(b);
+}
+
+/* The preempt channel's counters into the totals (its threads are done). */
+static void preempt_merge(struct bridge *b)
+{
+    struct br_preempt_counts *c = &b->prec;
+    br_preempt_take(atomic_load(&b->pre), c, &b->lat);
+    b->requests_served += c->requests_served;
+    b->requests_duplicate += c->requests_duplicate;
+    b->pages_on_request += c->pages_on_request;
+    b->pages_data += c->pages_data;
+    b->pages_zero += c->pages_zero;
+    b->bytes_sent += c->bytes_sent;
+    b->file_bytes_read += c->file_bytes_read;
+    b->double_sends += c->double_sends;
 }
 
 /* Exit status per mr_errors.h: 0 served, 2 unusable input, 1 run-time failure. */
@@ -1566,6 +1666,8 @@ int bridge_main(int argc, char **argv)
         shutdown(b->sock, SHUT_RDWR);    /* unblocks the return-path reader */
     if (b->rp_started)
         pthread_join(b->rp_thread, NULL);
+    if (atomic_load(&b->pre))
+        preempt_merge(b);
     report(b, rc, json, stats_file);
     bridge_free(b);
     return rc;

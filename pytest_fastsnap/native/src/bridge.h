@@ -3,8 +3,8 @@
  * from a mapped-ram snapshot file.  Pages the guest faults on are served
  * first (return-path requests), the rest stream eagerly, each page once.
  *
- *   fastsnap-loader serve FILE [--offset N] --to unix:PATH|fd:N
- *                   [--json] [--stats-file F] [--zero-pages requested|all]
+ *   fastsnap-loader serve FILE [--offset N] --to unix:PATH|tcp:HOST:PORT|fd:N
+ *                   [--preempt] [--json] [--stats-file F] [--zero-pages requested|all]
  *                   [--io-timeout S] [--shut-timeout S] [--connect-timeout S]
  *                   [--max-bandwidth MIB_S] [--sndbuf BYTES]
  *                   [--host-page-size ID=SIZE]... [--resume]
@@ -37,6 +37,15 @@
  * connecting (also with --describe).  --eager-delay S serves only requests
  * for S seconds after RUN (SIGUSR1 ends the wait early), so a recording run
  * sees every page the guest touches instead of racing the eager stream.
+ * --to: the destination's incoming URI (`migrate-incoming unix:PATH` /
+ * `tcp:HOST:PORT`; HOST an IPv4 address, [IPv6] or a name; strict syntax in
+ * bridge_net.c, exit 2 naming the problem) or an inherited connected fd.
+ * --preempt: the destination has the `postcopy-preempt` capability on; a
+ * second connection (unix or tcp only) is opened once PONG 1 shows the
+ * main one was taken, and page requests are answered on it by the
+ * return-path thread while the eager stream keeps the main one
+ * (bridge_preempt.c).  Both ends must agree: a destination with preempt
+ * waits for the second connection, one without it refuses it.
  *
  * Exit status (mr_errors.h, the same for every subcommand): 0 migration
  * completed (SHUT 0 received) or --describe printed; 2 unusable input (bad

@@ -1,0 +1,228 @@
+/* Owns the bridge's transports (bridge_net.h): strict parsing of --to and
+ * connecting to a unix or TCP destination; nothing else in the loader opens
+ * a network socket. */
+#define _GNU_SOURCE
+#include "bridge_net.h"
+
+#include "mr_errors.h"
+#include "mr_num.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+static int valid_hostname(const char *h, size_t n)
+{
+    /* RFC 1123 labels: letters, digits, '-', separated by single dots. */
+    if (n == 0 || n > 253)
+        return 0;
+    size_t label = 0;
+    for (size_t i = 0; i < n; i++) {
+        char c = h[i];
+        if (c == '.') {
+            if (label == 0 || h[i - 1] == '-')
+                return 0;
+            label = 0;
+            continue;
+        }
+        int ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                 (c == '-' && label > 0);
+        if (!ok || ++label > 63)
+            return 0;
+    }
+    return h[n - 1] != '-' && h[n - 1] != '.';
+}
+
+static int parse_tcp(const char *to, struct br_net_addr *a, mr_error *err)
+{
+    const char *rest = to + 4, *host, *colon;
+    size_t hlen;
+    if (*rest == '[') {
+        const char *close = strchr(rest, ']');
+        if (!close)
+            return mr_error_set(err, E_USAGE, "--to %s: '[' without ']' around the IPv6 "
+                                "address (tcp:[::1]:PORT)", to);
+        host = rest + 1;
+        hlen = (size_t)(close - host);
+        if (close[1] != ':')
+            return mr_error_set(err, E_USAGE, "--to %s: expected ':PORT' after ']' "
+                                "(tcp:[ADDR]:PORT)", to);
+        colon = close + 1;
+        char buf[64];
+        struct in6_addr v6;
+        if (hlen == 0 || hlen >= sizeof buf)
+            return mr_error_set(err, E_USAGE, "--to %s: not an IPv6 address in brackets", to);
+        memcpy(buf, host, hlen);
+        buf[hlen] = 0;
+        if (inet_pton(AF_INET6, buf, &v6) != 1)
+            return mr_error_set(err, E_USAGE, "--to %s: '%s' is not an IPv6 address", to, buf);
+    } else {
+        colon = strrchr(rest, ':');
+        if (!colon)
+            return mr_error_set(err, E_USAGE, "--to %s: expected tcp:HOST:PORT", to);
+        host = rest;
+        hlen = (size_t)(colon - rest);
+        if (memchr(host, ':', hlen))
+            return mr_error_set(err, E_USAGE, "--to %s: an IPv6 address needs brackets: "
+                                "tcp:[ADDR]:PORT", to);
+        if (hlen == 0)
+            return mr_error_set(err, E_USAGE, "--to %s: HOST is empty (tcp:HOST:PORT)", to);
+        int dotted_digits = 1;
+        for (size_t i = 0; i < hlen; i++)
+            if (!(host[i] == '.' || (host[i] >= '0' && host[i] <= '9')))
+                dotted_digits = 0;
+        char buf[256];
+        if (hlen >= sizeof buf)
+            return mr_error_set(err, E_USAGE, "--to %s: HOST longer than 253 bytes", to);
+        memcpy(buf, host, hlen);
+        buf[hlen] = 0;
+        struct in_addr v4;
+        if (dotted_digits && inet_pton(AF_INET, buf, &v4) != 1)
+            return mr_error_set(err, E_USAGE, "--to %s: '%s' is not an IPv4 address", to, buf);
+        if (!dotted_digits && !valid_hostname(host, hlen))
+            return mr_error_set(err, E_USAGE, "--to %s: '%s' is not a host name or address",
+                                to, buf);
+    }
+    const char *port = colon + 1;
+    uint64_t n;
+    size_t plen = strlen(port);
+    int digits = plen > 0 && plen <= 5 && !(plen > 1 && port[0] == '0');
+    for (size_t i = 0; i < plen; i++)
+        if (port[i] < '0' || port[i] > '9')
+            digits = 0;
+    if (!digits || mr_parse_u64(port, &n) != 0 || n < 1 || n > 65535)
+        return mr_error_set(err, E_USAGE, "--to %s: port '%s' is not a decimal number 1..65535",
+                            to, port);
+    memcpy(a->host, host, hlen);
+    a->host[hlen] = 0;
+    snprintf(a->port, sizeof a->port, "%u", (unsigned)n);
+    a->kind = BR_NET_TCP;
+    return 0;
+}
+
+int br_net_parse(const char *to, struct br_net_addr *a, mr_error *err)
+{
+    memset(a, 0, sizeof *a);
+    a->fd = -1;
+    if (strncmp(to, "fd:", 3) == 0) {
+        uint64_t fd;
+        const char *s = to + 3;
+        int digits = *s != 0 && !(s[0] == '0' && s[1]);
+        for (const char *p = s; *p; p++)
+            if (*p < '0' || *p > '9')
+                digits = 0;
+        if (!digits || mr_parse_u64(s, &fd) != 0 || fd > 65535)
+            return mr_error_set(err, E_USAGE, "--to %s: fd must be a decimal number 0..65535", to);
+        a->kind = BR_NET_FD;
+        a->fd = (int)fd;
+        return 0;
+    }
+    if (strncmp(to, "unix:", 5) == 0) {
+        size_t n = strlen(to + 5);
+        if (n == 0)
+            return mr_error_set(err, E_USAGE, "--to unix: needs a socket path");
+        if (n >= sizeof a->path)
+            return mr_error_set(err, E_USAGE, "socket path longer than %zu bytes: %s",
+                                sizeof a->path - 1, to + 5);
+        memcpy(a->path, to + 5, n + 1);
+        a->kind = BR_NET_UNIX;
+        return 0;
+    }
+    if (strncmp(to, "tcp:", 4) == 0)
+        return parse_tcp(to, a, err);
+    return mr_error_set(err, E_USAGE, "--to must be unix:PATH, tcp:HOST:PORT or fd:N, got %s",
+                        to);
+}
+
+int br_net_can_reconnect(const struct br_net_addr *a) { return a->kind != BR_NET_FD; }
+
+static double mono(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
+}
+
+static void pause_10ms(void)
+{
+    struct timespec ts = {0, 10 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+}
+
+static int connect_unix(const struct br_net_addr *a, double timeout, mr_error *err)
+{
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    memcpy(sa.sun_path, a->path, strlen(a->path) + 1);
+    double deadline = mono() + timeout;
+    for (;;) {
+        int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (s < 0)
+            return mr_error_set(err, E_CONNECT, "socket: %s", strerror(errno));
+        if (connect(s, (struct sockaddr *)&sa, sizeof sa) == 0)
+            return s;
+        int e = errno;
+        close(s);
+        if ((e != ENOENT && e != ECONNREFUSED) || mono() > deadline)
+            return mr_error_set(err, E_CONNECT, "connect %s: %s", a->path, strerror(e));
+        pause_10ms();
+    }
+}
+
+static int connect_tcp(const struct br_net_addr *a, double timeout, mr_error *err)
+{
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+                             .ai_flags = AI_NUMERICSERV}, *res = NULL;
+    int g = getaddrinfo(a->host, a->port, &hints, &res);
+    if (g != 0)
+        return mr_error_set(err, g == EAI_NONAME || g == EAI_FAIL || g == EAI_NODATA ? E_USAGE
+                            : E_CONNECT, "--to tcp:%s:%s: cannot resolve '%s': %s", a->host,
+                            a->port, a->host, gai_strerror(g));
+    double deadline = mono() + timeout;
+    int e = 0;
+    for (;;) {
+        for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
+            int s = socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+            if (s < 0) {
+                e = errno;
+                continue;
+            }
+            if (connect(s, ai->ai_addr, ai->ai_addrlen) == 0) {
+                int one = 1;
+                if (setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) < 0) {
+                    e = errno;
+                    close(s);
+                    freeaddrinfo(res);
+                    return mr_error_set(err, E_CONNECT, "TCP_NODELAY: %s", strerror(e));
+                }
+                freeaddrinfo(res);
+                return s;
+            }
+            e = errno;
+            close(s);
+        }
+        if (e != ECONNREFUSED || mono() > deadline)
+            break;
+        pause_10ms();
+    }
+    freeaddrinfo(res);
+    return mr_error_set(err, E_CONNECT, "connect tcp:%s:%s: %s", a->host, a->port, strerror(e));
+}
+
+int br_net_connect(const struct br_net_addr *a, double timeout, mr_error *err)
+{
+    switch (a->kind) {
+    case BR_NET_FD: return a->fd;
+    case BR_NET_UNIX: return connect_unix(a, timeout, err);
+    case BR_NET_TCP: return connect_tcp(a, timeout, err);
+    }
+    return mr_error_set(err, E_INTERNAL, "no transport");
+}
