@@ -18,6 +18,7 @@ import pytest
 
 from pytest_fastsnap.fixtures import SnapshotFactory, VmFactory
 from pytest_fastsnap.guests.fill import fill_guest_ram
+from pytest_fastsnap.qemu import process
 from pytest_fastsnap.qemu.migration import SavedSnapshot
 from pytest_fastsnap.restore import RestoredGuest, RestoreFailed, restore
 from pytest_fastsnap.restore.strategies import loader_binary
@@ -70,17 +71,9 @@ def guests() -> Iterator[list[RestoredGuest]]:
         assert g.vm.exitcode is not None
         assert g.loader is None or g.loader.poll() is not None
     time.sleep(0.05)
-    left = [p for p in pids if _alive(p)]
+    left = [p for p in pids if process.running(p)]
     assert not left, f"processes left behind: {left}"
     assert not [d for d in sock_dirs if d.exists()], "socket directories left behind"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def bridge(fs: FilledSnapshot, vm_factory: VmFactory, guests: list[RestoredGuest], *,

@@ -55,18 +55,10 @@ def tiny_snapshot(guest_factory: GuestFactory, snapshot_factory: SnapshotFactory
     return TinySnapshot(snap, mem, want)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def assert_nothing_left(g: RestoredGuest, pids: list[int], sock_dirs: list[Path]) -> None:
     """The guest's QEMUs, loaders and socket directories are all gone."""
     time.sleep(0.05)
-    left = [p for p in pids if _alive(p)]
+    left = [p for p in pids if process.running(p)]
     assert not left, f"processes left behind: {left}"
     assert not [d for d in sock_dirs if d.exists()], f"socket directories left: {sock_dirs}"
     assert not [p for p in process.live() if p.pid in pids]
@@ -273,7 +265,7 @@ def _loaders_of(snapshot: Path) -> list[tuple[int, str]]:
         except OSError:
             continue
         if len(args) > 2 and args[0].endswith(b"fastsnap-loader") and args[1] == b"serve" \
-                and args[2] == os.fsencode(snapshot) and _alive(int(proc.name)):
+                and args[2] == os.fsencode(snapshot) and process.running(int(proc.name)):
             found.append((int(proc.name), b" ".join(args).decode(errors="replace")))
     return found
 

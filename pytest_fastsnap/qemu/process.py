@@ -50,6 +50,16 @@ def spawn(args: list[str], *, pass_fds: tuple[int, ...] = (), stdout: int | None
     return proc
 
 
+def running(pid: int) -> bool:
+    """*pid* exists and is not a zombie (any process, ours or not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def live() -> list[subprocess.Popen[bytes]]:
     """The registered children not yet reaped."""
     with _live_lock:

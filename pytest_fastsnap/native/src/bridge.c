@@ -194,20 +194,6 @@ static uint64_t get_be64(const uint8_t *p) { return (uint64_t)get_be32(p) << 32 
 
 /* ---- return path ------------------------------------------------------- */
 
-static int recv_all(int fd, uint8_t *buf, size_t n)
-{
-    size_t done = 0;
-    while (done < n) {
-        ssize_t r = recv(fd, buf + done, n - done, 0);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r <= 0)
-            return r == 0 ? 0 : -1;
-        done += (size_t)r;
-    }
-    return 1;
-}
-
 static void rp_close(struct bridge *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 static void rp_close(struct bridge *b, const char *fmt, ...)
@@ -285,7 +271,7 @@ static void *rp_main(void *arg)
     long cur_block = -1;
     uint8_t hdr[4], payload[512];
     for (;;) {
-        int r = recv_all(b->sock, hdr, 4);
+        int r = br_recv_all(b->sock, hdr, 4);
         if (r <= 0) {
             rp_close(b, "return path closed by the destination%s%s",
                      r < 0 ? ": " : "", r < 0 ? strerror(errno) : "");
@@ -296,7 +282,7 @@ static void *rp_main(void *arg)
             rp_close(b, "return-path message type %u with length %u (> 512)", type, len);
             return NULL;
         }
-        if (recv_all(b->sock, payload, len) <= 0) {
+        if (br_recv_all(b->sock, payload, len) <= 0) {
             rp_close(b, "return path closed inside a message (type %u)", type);
             return NULL;
         }

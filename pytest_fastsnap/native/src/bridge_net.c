@@ -226,3 +226,17 @@ int br_net_connect(const struct br_net_addr *a, double timeout, mr_error *err)
     }
     return mr_error_set(err, E_INTERNAL, "no transport");
 }
+
+int br_recv_all(int fd, uint8_t *buf, size_t n)
+{
+    size_t done = 0;
+    while (done < n) {
+        ssize_t r = recv(fd, buf + done, n - done, 0);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            return r == 0 ? 0 : -1;
+        done += (size_t)r;
+    }
+    return 1;
+}

@@ -14,6 +14,9 @@
 
 #include "mr_format.h"  /* mr_error */
 
+#include <stddef.h>
+#include <stdint.h>
+
 enum br_net_kind { BR_NET_UNIX = 1, BR_NET_FD, BR_NET_TCP };
 
 struct br_net_addr {
@@ -34,5 +37,9 @@ int br_net_connect(const struct br_net_addr *a, double timeout, mr_error *err);
 
 /* Can this transport carry a second (preempt) connection?  fd: cannot. */
 int br_net_can_reconnect(const struct br_net_addr *a);
+
+/* Read exactly n bytes from a socket (EINTR retried): 1 all read, 0 the peer
+ * closed first, -1 error (errno). */
+int br_recv_all(int fd, uint8_t *buf, size_t n);
 
 #endif

@@ -6,6 +6,8 @@
 #define _GNU_SOURCE
 #include "bridge_resume.h"
 
+#include "bridge_net.h"
+
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -31,21 +33,6 @@ size_t br_resume_bitmap_cmd(const struct br_block *blk, uint8_t *out)
     out[0] = blk->idlen;
     memcpy(out + 1, blk->id, blk->idlen);
     return (size_t)blk->idlen + 1;
-}
-
-/* 1 read all, 0 the peer closed first, -1 error (errno). */
-static int recv_n(int fd, uint8_t *buf, size_t n)
-{
-    size_t done = 0;
-    while (done < n) {
-        ssize_t r = recv(fd, buf + done, n - done, 0);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r <= 0)
-            return r == 0 ? 0 : -1;
-        done += (size_t)r;
-    }
-    return 1;
 }
 
 static uint64_t be64(const uint8_t *p)
@@ -88,7 +75,7 @@ int br_resume_read_bitmap(struct br_resume *r, struct br_snap *snap, int fd,
         return mr_error_set(err, E_DEST_PROTOCOL, "second RECV_BITMAP for block %s", id);
     struct br_block *blk = &snap->blocks[bi];
     uint8_t w[8];
-    int rc = recv_n(fd, w, 8);
+    int rc = br_recv_all(fd, w, 8);
     if (rc <= 0)
         return cut_short(err, id, "before its size", rc);
     uint64_t size = be64(w), want = (blk->npages + 7) / 8;
@@ -101,7 +88,7 @@ int br_resume_read_bitmap(struct br_resume *r, struct br_snap *snap, int fd,
     uint64_t present = 0, present_zero = 0;
     for (uint64_t off = 0; off < size;) {
         size_t n = size - off > sizeof buf ? sizeof buf : (size_t)(size - off);
-        rc = recv_n(fd, buf, n);
+        rc = br_recv_all(fd, buf, n);
         if (rc <= 0)
             return cut_short(err, id, "inside the bitmap", rc);
         for (size_t i = 0; i < n; i++) {
@@ -117,7 +104,7 @@ int br_resume_read_bitmap(struct br_resume *r, struct br_snap *snap, int fd,
         }
         off += n;
     }
-    rc = recv_n(fd, w, 8);
+    rc = br_recv_all(fd, w, 8);
     if (rc <= 0)
         return cut_short(err, id, "before its end mark", rc);
     if (be64(w) != BR_RECV_BITMAP_END)
