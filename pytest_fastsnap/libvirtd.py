@@ -32,7 +32,12 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 from pytest_fastsnap.qemu.console import Console
-from pytest_fastsnap.workdirs import NAMESPACE_MARKER, mount_namespace, socket_path
+from pytest_fastsnap.workdirs import (
+    NAMESPACE_MARKER,
+    mount_namespace,
+    namespace_marker,
+    socket_path,
+)
 
 TOOLS = ("libvirtd", "virtlogd", "virsh", "unshare")
 MIN_VERSION = (11, 2)  # virsh save --image-format sparse
@@ -164,8 +169,10 @@ class PrivateLibvirt:
         ns = mount_namespace(self.proc.pid) if self.proc is not None else None
         marker = self.root / NAMESPACE_MARKER
         if ns is not None and ns != mount_namespace(os.getpid()) and not marker.exists():
-            self.namespace = ns
-            marker.write_text(ns)
+            text = namespace_marker(self.proc.pid)  # type: ignore[union-attr]
+            if text is not None:
+                self.namespace = ns
+                marker.write_text(text)
 
     def sibling(self, prefix: str) -> PrivateLibvirt:
         """Another instance (not started) next to this one, sharing its QEMU cache."""

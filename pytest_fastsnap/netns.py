@@ -53,7 +53,7 @@ def netns_missing() -> str | None:
             return f"`{tool}` not found (apt-get install {package})"
     if os.geteuid() != 0:
         return "network namespaces need root (CAP_SYS_ADMIN, CAP_NET_ADMIN)"
-    probe = f"fsn{os.getpid()}xprobe"
+    probe = f"fsn{os.getpid()}x999999a"  # matches _STALE: swept if we die here
     proc = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True,
                           timeout=30, check=False)
     if proc.returncode != 0:

@@ -37,9 +37,11 @@ STALE_PATTERNS = (("fastsnap-*-*-*", re.compile(r"fastsnap-.+-(\d+)-[^-]+")),
                   ("fsb-*-*", re.compile(r"fsb-(\d+)-[^-]+")))
 
 
-# A file naming the mount namespace (``mnt:[N]``) of daemons a session started
-# in a private namespace (libvirtd, virtlogd and their QEMUs double-fork out of
-# our process tree, so only their namespace ties them to the session).
+# A file naming the mount namespace of daemons a session started in a private
+# namespace (libvirtd, virtlogd and their QEMUs double-fork out of our process
+# tree, so only their namespace ties them to the session): ``mnt:[N] PID
+# START``, an anchor process in it with its start time, since namespace
+# numbers are reused once a namespace is gone.
 NAMESPACE_MARKER = "mnt-namespace"
 
 
@@ -50,9 +52,31 @@ def mount_namespace(pid: int) -> str | None:
         return None
 
 
-def kill_namespace(namespace: str) -> list[int]:
-    """SIGKILL every process in mount namespace *namespace* (never our own)."""
-    if namespace == mount_namespace(os.getpid()):
+def start_time(pid: int) -> int | None:
+    """Clock ticks after boot at which *pid* started (``/proc/PID/stat`` field 22)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def namespace_marker(pid: int) -> str | None:
+    """The marker text for the namespace of *pid* (None if it is gone)."""
+    ns, started = mount_namespace(pid), start_time(pid)
+    return None if ns is None or started is None else f"{ns} {pid} {started}"
+
+
+def kill_namespace(marker: str) -> list[int]:
+    """SIGKILL every process in the mount namespace *marker* names, if its anchor
+    process is still the one that was recorded and still in it (never ours)."""
+    try:
+        namespace, pid_text, started = marker.split()
+        pid = int(pid_text)
+    except ValueError:
+        return []
+    if (namespace == mount_namespace(os.getpid()) or start_time(pid) != int(started)
+            or mount_namespace(pid) != namespace):
         return []
     killed = []
     for entry in os.listdir("/proc"):

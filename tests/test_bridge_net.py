@@ -132,6 +132,22 @@ def test_nobody_listening_is_connect_error(snap: Path) -> None:
     assert "E_CONNECT" in res.stderr and "Connection refused" in res.stderr
 
 
+def test_connect_timeout_bounds_a_destination_that_never_answers(snap: Path) -> None:
+    """A listener whose accept queue is full drops further SYNs, as a filtered
+    host does: the loader gives up after --connect-timeout with E_CONNECT
+    instead of sitting in the kernel's SYN retries (about two minutes)."""
+    with socket.socket() as lsock, socket.socket() as filler:
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(0)
+        port = lsock.getsockname()[1]
+        filler.connect(("127.0.0.1", port))      # fills the queue; never accepted
+        res = subprocess.run([str(loader_path()), "serve", str(snap), "--to",
+                              f"tcp:127.0.0.1:{port}", "--connect-timeout", "1"],
+                             capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 1, res.stderr
+    assert "E_CONNECT" in res.stderr and "timed out" in res.stderr, res.stderr
+
+
 def rp(kind: int, payload: bytes) -> bytes:
     return struct.pack(">HH", kind, len(payload)) + payload
 

@@ -20,7 +20,13 @@ import pytest
 from pytest_fastsnap.fixtures import TeardownError, VmFactory
 from pytest_fastsnap.qemu import process
 from pytest_fastsnap.qemu.machine import QemuMachine
-from pytest_fastsnap.workdirs import NAMESPACE_MARKER, mount_namespace, sweep_stale
+from pytest_fastsnap.workdirs import (
+    NAMESPACE_MARKER,
+    kill_namespace,
+    mount_namespace,
+    namespace_marker,
+    sweep_stale,
+)
 
 
 def _alive(pid: int) -> bool:
@@ -223,7 +229,15 @@ def test_sweep_kills_daemons_a_dead_session_left_in_their_namespace() -> None:
             time.sleep(0.05)
         assert ns is not None and ns != mount_namespace(os.getpid())
         (stale / "libvirt-1").mkdir()
-        (stale / "libvirt-1" / NAMESPACE_MARKER).write_text(ns)
+        marker = namespace_marker(daemon.pid)
+        assert marker is not None
+        # A marker whose anchor is not the recorded process (the namespace
+        # number reused by someone else) kills nothing.
+        ns_, pid, started = marker.split()
+        (stale / "libvirt-1" / NAMESPACE_MARKER).write_text(f"{ns_} {pid} {int(started) + 1}")
+        assert kill_namespace((stale / "libvirt-1" / NAMESPACE_MARKER).read_text()) == []
+        assert daemon.poll() is None
+        (stale / "libvirt-1" / NAMESPACE_MARKER).write_text(marker)
         removed = sweep_stale()
         assert stale in removed and not stale.exists()
         assert daemon.wait(timeout=10) == -signal.SIGKILL

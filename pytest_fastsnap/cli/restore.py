@@ -56,6 +56,9 @@ def restore_cli(snapshot: Path, qemu_binary: str | None = None, *,
             raise UsageError(f"--ws and --record-ws need --strategy loader-bridge, "
                              f"not {strategy}")
         _check_transport(strategy, to, preempt)
+        if record_ws and preempt:
+            raise UsageError("--record-ws with --preempt is not supported: requests answered "
+                             "on the preempt channel are not recorded")
         if ws is not None:
             ws = existing_file(ws, "--ws working-set file")
         if record_ws is not None:

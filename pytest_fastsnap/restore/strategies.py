@@ -473,7 +473,13 @@ def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str]
             offset = read_manifest(path).offset
         except ValueError:
             offset = 0
+    if preempt and record_ws is not None:
+        raise ValueError("record_ws with preempt is not supported: requests answered on the "
+                         "preempt channel are not recorded")
     ws_args = _ws_args(strategy, ws, record_ws, ws_mode)
+    # A --resume loader gets neither: the working set went (or was recorded)
+    # before the loss, and a recording cut by a recovery is not written.
+    resume_args = list(loader_args)
     loader_args = [*loader_args, *ws_args]
     if strategy == "loader-bridge":
         _loader_accepts(strategy, path, offset, ws_args[:2] if ws is not None else [])
@@ -495,7 +501,7 @@ def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str]
 
         guest.recovery = BridgeRecovery(
             guest, recover_attempts,
-            lambda to, tag: _spawn_loader(guest, path, offset, to, loader_args, tag,
+            lambda to, tag: _spawn_loader(guest, path, offset, to, resume_args, tag,
                                           prefix=prefix),
             relaunch, RestoreNotRecovered)
     try:

@@ -70,10 +70,12 @@ def read_ws(path: str | Path) -> WorkingSet:
         raise WsFileError(f"{path}: not a working-set file (magic {magic!r})")
     if fnv1a(data[:-8]) != struct.unpack_from("<Q", data, len(data) - 8)[0]:
         raise WsFileError(f"{path}: hash does not match the contents")
+    if page_size == 0 or page_size & (page_size - 1):
+        raise WsFileError(f"{path}: page size {page_size} is not a power of two")
     off = HEADER.size
     blocks = []
     for _ in range(nblocks):
-        if off >= len(data) - 8:
+        if off >= len(data) - 8 or off + 1 + data[off] + 8 > len(data) - 8:
             raise WsFileError(f"{path}: block list runs past the end")
         size = data[off]
         name = data[off + 1:off + 1 + size].decode(errors="replace")

@@ -102,6 +102,7 @@ struct bridge {
     /* --ws / --record-ws (bridge_ws.c owns the files) */
     const char *ws_path, *record_ws_path;
     int ws_before_run;          /* --ws-mode before-run (default after-run) */
+    int ws_mode_set;            /* --ws-mode given (needs --ws) */
     struct br_ws ws, ws_rec;
     uint64_t pages_ws;          /* sent because the working set listed them */
     double eager_delay;         /* --eager-delay: serve only requests this long after RUN */
@@ -665,6 +666,9 @@ static int check_rp(struct bridge *b)
     if (st == 1 && b->shut_value != 0)
         return fail(b, E_DEST_FAILED, "destination reported a failed migration "
                     "(SHUT %u); see the destination's log", b->shut_value);
+    if (st == 1)        /* SHUT 0: the destination completed; a preempt channel
+                           it closed meanwhile changes nothing */
+        return 0;
     if (st == 2 && b->rp_error.name[0])
         return fail(b, b->rp_error.name, "%s", b->rp_error.msg);
     const mr_error *pe = atomic_load(&b->pre) ? br_preempt_error(atomic_load(&b->pre)) : NULL;
@@ -1501,6 +1505,7 @@ static int parse_options(struct bridge *b, int argc, char **argv, int *json,
         case 'm':
             ok = strcmp(optarg, "before-run") == 0 || strcmp(optarg, "after-run") == 0;
             b->ws_before_run = strcmp(optarg, "before-run") == 0;
+            b->ws_mode_set = 1;
             break;
         case 'H': {
             const char *eq = strrchr(optarg, '=');
@@ -1541,6 +1546,11 @@ static int parse_options(struct bridge *b, int argc, char **argv, int *json,
     if (b->preempt && b->to && !br_net_can_reconnect(&b->addr))
         return fail(b, E_USAGE, "--preempt needs a second connection: --to unix:PATH or "
                     "tcp:HOST:PORT, not %s", b->to);
+    if (b->preempt && b->record_ws_path)
+        return fail(b, E_USAGE, "--record-ws with --preempt is not supported: requests "
+                    "answered on the preempt channel are not recorded");
+    if (b->ws_mode_set && !b->ws_path)
+        return fail(b, E_USAGE, "--ws-mode needs --ws WSFILE");
     if (b->preempt && b->resume.active)
         return fail(b, E_USAGE, "--resume with --preempt is not supported: a recovered "
                     "destination also expects its preempt channel again");
@@ -1650,6 +1660,8 @@ int bridge_main(int argc, char **argv)
     rc = rc == 0 ? 0 : mr_error_exit(b->err.name[0] ? b->err.name : E_INTERNAL);
     if (b->sock >= 0)
         shutdown(b->sock, SHUT_RDWR);    /* unblocks the return-path reader */
+    if (atomic_load(&b->pre))            /* ... and a preempt send it may be in */
+        br_preempt_shutdown(atomic_load(&b->pre));
     if (b->rp_started)
         pthread_join(b->rp_thread, NULL);
     if (atomic_load(&b->pre))

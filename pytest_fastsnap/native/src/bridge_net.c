@@ -9,9 +9,11 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
@@ -177,6 +179,47 @@ static int connect_unix(const struct br_net_addr *a, double timeout, mr_error *e
     }
 }
 
+/* connect() bounded by *deadline* (a filtered host would otherwise hold a
+ * blocking connect for the kernel's SYN retries, minutes): 0, or -1 with
+ * errno (ETIMEDOUT when the deadline passed).  The socket ends blocking. */
+static int connect_until(int s, const struct sockaddr *sa, socklen_t len, double deadline)
+{
+    int flags = fcntl(s, F_GETFL);
+    if (flags < 0 || fcntl(s, F_SETFL, flags | O_NONBLOCK) < 0)
+        return -1;
+    int rc = connect(s, sa, len);
+    if (rc < 0 && errno == EINPROGRESS) {
+        for (;;) {
+            double left = deadline - mono();
+            struct pollfd pfd = {.fd = s, .events = POLLOUT};
+            int n = poll(&pfd, 1, left > 0 ? (int)(left * 1000) + 1 : 0);
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n < 0)
+                return -1;
+            if (n == 0 && left <= 0) {
+                errno = ETIMEDOUT;
+                return -1;
+            }
+            if (n == 0)
+                continue;
+            int soerr = 0;
+            socklen_t sl = sizeof soerr;
+            if (getsockopt(s, SOL_SOCKET, SO_ERROR, &soerr, &sl) < 0)
+                return -1;
+            if (soerr != 0) {
+                errno = soerr;
+                return -1;
+            }
+            rc = 0;
+            break;
+        }
+    }
+    if (rc < 0)
+        return -1;
+    return fcntl(s, F_SETFL, flags);
+}
+
 static int connect_tcp(const struct br_net_addr *a, double timeout, mr_error *err)
 {
     struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
@@ -195,7 +238,7 @@ static int connect_tcp(const struct br_net_addr *a, double timeout, mr_error *er
                 e = errno;
                 continue;
             }
-            if (connect(s, ai->ai_addr, ai->ai_addrlen) == 0) {
+            if (connect_until(s, ai->ai_addr, ai->ai_addrlen, deadline) == 0) {
                 int one = 1;
                 if (setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) < 0) {
                     e = errno;

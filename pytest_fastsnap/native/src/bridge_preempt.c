@@ -229,6 +229,12 @@ void br_preempt_eof(struct br_preempt *p)
     atomic_store(&p->eof, 1);
 }
 
+void br_preempt_shutdown(struct br_preempt *p)
+{
+    if (p->sock >= 0)
+        shutdown(p->sock, SHUT_RDWR);
+}
+
 const mr_error *br_preempt_error(struct br_preempt *p)
 {
     return atomic_load_explicit(&p->failed, memory_order_acquire) ? &p->err : NULL;

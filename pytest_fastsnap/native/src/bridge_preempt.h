@@ -59,6 +59,10 @@ struct br_preempt_counts {
 /* Copies the counters and moves the latency samples into *lat. */
 void br_preempt_take(struct br_preempt *p, struct br_preempt_counts *c, mr_samples *lat);
 
+/* Shut the channel down (from any thread): a send blocked in the return-path
+ * thread returns at once, so the bridge can join it when it stops. */
+void br_preempt_shutdown(struct br_preempt *p);
+
 void br_preempt_free(struct br_preempt *p);
 
 #endif

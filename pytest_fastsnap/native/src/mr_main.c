@@ -25,10 +25,10 @@ static const char USAGE[] =
     "  verify FILE [--offset N] [--max-length ID=SIZE]... [--json]\n"
     "  load FILE [--offset N] [--max-length ID=SIZE]... --mode lazy|fault-only|eager|sync\n"
     "       [--access none|seq|random|all] [--threads N] [--fault-threads N]\n"
-    "       [--fault-spin-us N] [--seed N]"
-    "       [--hugepages] [--baseline] [--json]\n"
+    "       [--fault-spin-us N] [--seed N] [--hugepages] [--baseline] [--json]\n"
     "  uffd-bench FILE [--pages N] [--threads N] [--json]\n"
-    "  serve FILE [--offset N] --to unix:PATH|fd:N ...   (postcopy bridge, see bridge.h)\n"
+    "  serve FILE [--offset N] --to unix:PATH|tcp:HOST:PORT|fd:N ...   (postcopy bridge,\n"
+    "       see bridge.h)\n"
     "SIZE: bytes, or with a K/M/G/T suffix (powers of 1024): pc.ram=64M\n"
     "exit status: 0 ok, 2 invalid snapshot, missing file or bad usage, 1 run-time failure\n";
 
