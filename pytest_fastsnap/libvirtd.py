@@ -20,6 +20,7 @@ as to a :class:`~pytest_fastsnap.qemu.machine.QemuMachine` (``console``,
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import shutil
@@ -31,13 +32,9 @@ import time
 from pathlib import Path
 from xml.sax.saxutils import escape
 
+from pytest_fastsnap.qemu import process
 from pytest_fastsnap.qemu.console import Console
-from pytest_fastsnap.workdirs import (
-    NAMESPACE_MARKER,
-    mount_namespace,
-    namespace_marker,
-    socket_path,
-)
+from pytest_fastsnap.workdirs import NAMESPACE_MARKER, mount_namespace, socket_path
 
 TOOLS = ("libvirtd", "virtlogd", "virsh", "unshare")
 MIN_VERSION = (11, 2)  # virsh save --image-format sparse
@@ -146,7 +143,10 @@ class PrivateLibvirt:
             self.proc = subprocess.Popen(
                 ["unshare", "-m", "--propagation", "private", "--", "sh", "-c", script],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
+                start_new_session=True,
+                # libvirtd (this pid after the execs) dies with us; what it and
+                # virtlogd forked is left to workdirs.sweep_stale via the marker.
+                preexec_fn=functools.partial(process.die_with_parent, os.getpid()))
         self.namespace = mount_namespace(self.proc.pid)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -169,10 +169,8 @@ class PrivateLibvirt:
         ns = mount_namespace(self.proc.pid) if self.proc is not None else None
         marker = self.root / NAMESPACE_MARKER
         if ns is not None and ns != mount_namespace(os.getpid()) and not marker.exists():
-            text = namespace_marker(self.proc.pid)  # type: ignore[union-attr]
-            if text is not None:
-                self.namespace = ns
-                marker.write_text(text)
+            self.namespace = ns
+            marker.write_text(ns)
 
     def sibling(self, prefix: str) -> PrivateLibvirt:
         """Another instance (not started) next to this one, sharing its QEMU cache."""

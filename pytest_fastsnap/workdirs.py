@@ -37,11 +37,11 @@ STALE_PATTERNS = (("fastsnap-*-*-*", re.compile(r"fastsnap-.+-(\d+)-[^-]+")),
                   ("fsb-*-*", re.compile(r"fsb-(\d+)-[^-]+")))
 
 
-# A file naming the mount namespace of daemons a session started in a private
-# namespace (libvirtd, virtlogd and their QEMUs double-fork out of our process
-# tree, so only their namespace ties them to the session): ``mnt:[N] PID
-# START``, an anchor process in it with its start time, since namespace
-# numbers are reused once a namespace is gone.
+# A file naming the mount namespace (``mnt:[N]``) of daemons a session started
+# in a private namespace (libvirtd, virtlogd and their QEMUs double-fork out of
+# our process tree, so only their namespace ties them to the session).  As
+# namespace numbers are reused, the sweep kills a namespace only while its
+# processes still have the marker's directory bind-mounted (mountinfo).
 NAMESPACE_MARKER = "mnt-namespace"
 
 
@@ -52,38 +52,32 @@ def mount_namespace(pid: int) -> str | None:
         return None
 
 
-def start_time(pid: int) -> int | None:
-    """Clock ticks after boot at which *pid* started (``/proc/PID/stat`` field 22)."""
+def _mounts_of(pid: int) -> str:
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
+        with open(f"/proc/{pid}/mountinfo") as f:
+            return f.read()
+    except OSError:
+        return ""
 
 
-def namespace_marker(pid: int) -> str | None:
-    """The marker text for the namespace of *pid* (None if it is gone)."""
-    ns, started = mount_namespace(pid), start_time(pid)
-    return None if ns is None or started is None else f"{ns} {pid} {started}"
-
-
-def kill_namespace(marker: str) -> list[int]:
-    """SIGKILL every process in the mount namespace *marker* names, if its anchor
-    process is still the one that was recorded and still in it (never ours)."""
-    try:
-        namespace, pid_text, started = marker.split()
-        pid = int(pid_text)
-    except ValueError:
+def kill_namespace(namespace: str, owner: Path) -> list[int]:
+    """SIGKILL every process in mount namespace *namespace* if it still mounts
+    something from directory *owner* (so it is the one *owner*'s session made;
+    never our own namespace)."""
+    if namespace == mount_namespace(os.getpid()):
         return []
-    if (namespace == mount_namespace(os.getpid()) or start_time(pid) != int(started)
-            or mount_namespace(pid) != namespace):
+    members = [int(e) for e in os.listdir("/proc")
+               if e.isdigit() and mount_namespace(int(e)) == namespace]
+    # mountinfo shows a bind mount's source relative to its filesystem's root
+    # (/tmp may be a tmpfs): match the directory's last two components.
+    tag = f"{owner.parent.name}/{owner.name}/"
+    if not any(tag in _mounts_of(pid) for pid in members):
         return []
     killed = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and mount_namespace(int(entry)) == namespace:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(entry), signal.SIGKILL)
-                killed.append(int(entry))
+    for pid in members:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
     return killed
 
 
@@ -97,7 +91,7 @@ def sweep_stale() -> list[Path]:
             if m and not Path(f"/proc/{m[1]}").exists():
                 for marker in path.glob(f"*/{NAMESPACE_MARKER}"):
                     with contextlib.suppress(OSError):
-                        kill_namespace(marker.read_text().strip())
+                        kill_namespace(marker.read_text().strip(), marker.parent)
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
     return removed

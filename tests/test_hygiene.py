@@ -20,13 +20,7 @@ import pytest
 from pytest_fastsnap.fixtures import TeardownError, VmFactory
 from pytest_fastsnap.qemu import process
 from pytest_fastsnap.qemu.machine import QemuMachine
-from pytest_fastsnap.workdirs import (
-    NAMESPACE_MARKER,
-    kill_namespace,
-    mount_namespace,
-    namespace_marker,
-    sweep_stale,
-)
+from pytest_fastsnap.workdirs import NAMESPACE_MARKER, kill_namespace, mount_namespace, sweep_stale
 
 
 def _alive(pid: int) -> bool:
@@ -211,38 +205,45 @@ def test_factory_owns_the_loader_and_socket_dir_of_a_restore(pytester: pytest.Py
     assert not _alive(int(pid)) and not Path(sock_dir).exists()
 
 
+def _in_own_namespace(*script: str) -> tuple[subprocess.Popen[bytes], str]:
+    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "--", "sh", "-c",
+                             " && ".join(script)], start_new_session=True)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        ns = mount_namespace(proc.pid)
+        # the namespace counts once the script's mounts are in (mountinfo)
+        if ns is not None and ns != mount_namespace(os.getpid()) and \
+                Path(f"/proc/{proc.pid}/comm").read_text().strip() == "sleep":
+            return proc, ns
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    raise AssertionError("unshare did not start its namespace within 10 s")
+
+
 def test_sweep_kills_daemons_a_dead_session_left_in_their_namespace() -> None:
     """libvirtd and virtlogd double-fork out of pytest's tree: a SIGKILLed session
-    leaves them running, tied to it only by the namespace its marker names."""
+    leaves them running, tied to it only by the namespace its marker names. The
+    sweep kills that namespace only while it still mounts the session's
+    directory: namespace numbers are reused, and a stranger's is left alone."""
     dead = subprocess.Popen(["true"])
     dead.wait()
     stale = Path(tempfile.mkdtemp(prefix=f"fastsnap-gw9-{dead.pid}-", dir="/tmp"))
-    daemon = subprocess.Popen(["unshare", "-m", "--propagation", "private", "--",
-                               "sleep", "600"], start_new_session=True)
+    etc = stale / "libvirt-1" / "etc"
+    etc.mkdir(parents=True)
+    ours, ns = _in_own_namespace(f"mount --bind {etc} {etc}", "exec sleep 600")
+    stranger, other_ns = _in_own_namespace("exec sleep 600")
     try:
-        deadline = time.monotonic() + 10
-        ns = None
-        while time.monotonic() < deadline:
-            ns = mount_namespace(daemon.pid)
-            if ns is not None and ns != mount_namespace(os.getpid()):
-                break
-            time.sleep(0.05)
-        assert ns is not None and ns != mount_namespace(os.getpid())
-        (stale / "libvirt-1").mkdir()
-        marker = namespace_marker(daemon.pid)
-        assert marker is not None
-        # A marker whose anchor is not the recorded process (the namespace
-        # number reused by someone else) kills nothing.
-        ns_, pid, started = marker.split()
-        (stale / "libvirt-1" / NAMESPACE_MARKER).write_text(f"{ns_} {pid} {int(started) + 1}")
-        assert kill_namespace((stale / "libvirt-1" / NAMESPACE_MARKER).read_text()) == []
-        assert daemon.poll() is None
-        (stale / "libvirt-1" / NAMESPACE_MARKER).write_text(marker)
+        assert kill_namespace(other_ns, stale / "libvirt-1") == []
+        assert stranger.poll() is None
+        (stale / "libvirt-1" / NAMESPACE_MARKER).write_text(ns)
         removed = sweep_stale()
         assert stale in removed and not stale.exists()
-        assert daemon.wait(timeout=10) == -signal.SIGKILL
+        assert ours.wait(timeout=10) == -signal.SIGKILL
+        assert stranger.poll() is None
     finally:
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait()
+        for proc in (ours, stranger):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         shutil.rmtree(stale, ignore_errors=True)

@@ -29,7 +29,7 @@ _live_lock = threading.Lock()
 _prctl = ctypes.CDLL(None, use_errno=True).prctl
 
 
-def _die_with_parent(parent: int) -> None:  # runs in the child between fork and exec
+def die_with_parent(parent: int) -> None:  # runs in the child between fork and exec
     _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:  # the parent died before prctl: nobody would kill us
         os.kill(os.getpid(), signal.SIGKILL)
@@ -41,7 +41,7 @@ def spawn(args: list[str], *, pass_fds: tuple[int, ...] = (), stdout: int | None
     """Start a child in its own session that is SIGKILLed if we die."""
     proc = subprocess.Popen(
         args, pass_fds=pass_fds, stdout=stdout, stderr=stderr, stdin=stdin,
-        start_new_session=True, preexec_fn=functools.partial(_die_with_parent, os.getpid()),
+        start_new_session=True, preexec_fn=functools.partial(die_with_parent, os.getpid()),
         env=env,
     )
     with _live_lock:
