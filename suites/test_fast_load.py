@@ -284,14 +284,14 @@ def _huge_backend() -> list[str]:
 
 
 # What a hugetlbfs-backed guest must give, per strategy: None = restored
-# exactly, else QEMU's words for a clean refusal.  The bridge speaks 4 KiB
-# target pages and advises a 4 KiB page-size summary (the file does not record
-# the destination's host page size), which a destination with 2 MiB pages
-# refuses at POSTCOPY_ADVISE; the loader then exits 1 (destination gone).
+# exactly, else QEMU's words for a clean refusal.  The file does not record
+# the destination's host page size: the bridge strategy reads it from the
+# destination (HMP `info ramblock`) and passes `--host-page-size`, so the
+# loader advises QEMU's page-size summary and places whole 2 MiB pages.
 HUGE_REFUSAL: dict[str, str | None] = {
     "qemu-precopy": None,
     "qemu-fast": None,
-    "loader-bridge": "Postcopy needs matching RAM page sizes (s=1000 d=201000)",
+    "loader-bridge": None,
     "loader-local": None,
 }
 

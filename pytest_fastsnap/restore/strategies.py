@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -605,6 +606,24 @@ def _start(guest: RestoredGuest, path: Path, offset: int, loader_args: Sequence[
             guest.recovery.watch()
 
 
+_RAMBLOCK_ROW = re.compile(r"^\s*(\S+)\s+(\d+) (KiB|MiB|GiB)\s+0x", re.MULTILINE)
+
+
+def _host_page_args(vm: Any) -> list[str]:
+    """``--host-page-size ID=SIZE`` for each destination RAM block whose host
+    page is not 4 KiB (hugetlbfs / memfd hugetlb backends), from HMP ``info
+    ramblock``: postcopy places whole host pages, and QEMU refuses a source
+    that advises another page size ("Postcopy needs matching RAM page sizes")."""
+    hmp = getattr(vm, "hmp", None)
+    if hmp is None:
+        return []
+    args = []
+    for name, size, unit in _RAMBLOCK_ROW.findall(hmp("info ramblock")):
+        if (size, unit) != ("4", "KiB"):
+            args += ["--host-page-size", f"{name}={size}{unit[0]}"]
+    return args
+
+
 def _spawn_loader(guest: RestoredGuest, path: Path, offset: int, to: str,
                   loader_args: Sequence[str], tag: str, pass_fds: tuple[int, ...] = (),
                   prefix: tuple[str, ...] = ()) -> None:
@@ -612,6 +631,8 @@ def _spawn_loader(guest: RestoredGuest, path: Path, offset: int, to: str,
     exec NS``); *tag* non-empty: a ``--resume`` loader of that recovery
     attempt, with its own output files."""
     assert guest.out_dir is not None
+    if "--host-page-size" not in loader_args:
+        loader_args = [*loader_args, *_host_page_args(guest.vm)]
     suffix = f"-{tag}" if tag else ""
     guest.stats_file, guest.err_file = f"loader{suffix}.json", f"loader{suffix}.err"
     args = [*prefix, str(loader_binary()), "serve", str(path), "--offset", str(offset), "--to", to,
