@@ -171,6 +171,10 @@ class RestoredGuest:
     stats_file: str = "loader.json"     # the current loader's files in out_dir
     err_file: str = "loader.err"
     blocktime_info: dict[str, Any] | None = None
+    # --host-page-size for the destination's huge-page blocks, read before
+    # migrate-incoming (a newer QEMU's incoming side can hold the main loop
+    # while it waits for the stream, so HMP would hang once a peer connects)
+    host_page_args: list[str] = field(default_factory=list)
 
     # -- waiting ----------------------------------------------------------------
 
@@ -579,6 +583,7 @@ def _start(guest: RestoredGuest, path: Path, offset: int, loader_args: Sequence[
     else:
         _caps(guest, {"postcopy-ram": True, "postcopy-blocktime": True, "events": True,
                       **({"postcopy-preempt": True} if "--preempt" in loader_args else {})})
+        guest.host_page_args = _host_page_args(guest.vm)
         guest.sock_dir, sock = _socket_dir()
         guest.out_dir = guest.sock_dir
         conn = None
@@ -632,7 +637,7 @@ def _spawn_loader(guest: RestoredGuest, path: Path, offset: int, to: str,
     attempt, with its own output files."""
     assert guest.out_dir is not None
     if "--host-page-size" not in loader_args:
-        loader_args = [*loader_args, *_host_page_args(guest.vm)]
+        loader_args = [*loader_args, *guest.host_page_args]
     suffix = f"-{tag}" if tag else ""
     guest.stats_file, guest.err_file = f"loader{suffix}.json", f"loader{suffix}.err"
     args = [*prefix, str(loader_binary()), "serve", str(path), "--offset", str(offset), "--to", to,
