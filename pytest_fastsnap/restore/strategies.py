@@ -172,8 +172,8 @@ class RestoredGuest:
     err_file: str = "loader.err"
     blocktime_info: dict[str, Any] | None = None
     # --host-page-size for the destination's huge-page blocks, read before
-    # migrate-incoming (a newer QEMU's incoming side can hold the main loop
-    # while it waits for the stream, so HMP would hang once a peer connects)
+    # migrate-incoming (once the fd transport had connected, a 10.2.2
+    # destination did not answer HMP within 60 s)
     host_page_args: list[str] = field(default_factory=list)
 
     # -- waiting ----------------------------------------------------------------
