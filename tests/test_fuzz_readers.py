@@ -106,3 +106,11 @@ def test_subsection_names_end_at_their_first_nul(tmp_path: Path, tail: bytes,
     got = compare_readers(path)
     assert got.agree, str(got)
     assert got.python == verdict, str(got)
+
+
+def test_reader_verdicts_are_falsy_when_the_readers_disagree() -> None:
+    from pytest_fastsnap.fuzz.differential import ReaderVerdicts
+    assert not ReaderVerdicts("E_TRUNCATED", "E_CONFIG", 2)
+    assert not ReaderVerdicts("E_CONFIG", "E_CONFIG", -11)  # a crash never agrees
+    assert ReaderVerdicts("E_CONFIG", "E_CONFIG", 2)
+    assert ReaderVerdicts(None, None, 0)

@@ -159,11 +159,11 @@ def run_repro(args: argparse.Namespace) -> int:
     from pytest_fastsnap.fuzz.repro import ReproError, repro
 
     try:
-        ok, line = repro(Path(args.finding), args.qemu_binary, args.timeout)
+        reproduced = repro(Path(args.finding), args.qemu_binary, args.timeout)
     except ReproError as err:
         return _err("repro", str(err), 2)
-    print(line)
-    return 0 if ok else 1
+    print(reproduced.reason)
+    return 0 if reproduced else 1
 
 
 def run_merge(args: argparse.Namespace) -> int:

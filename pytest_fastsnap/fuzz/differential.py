@@ -31,6 +31,10 @@ class ReaderVerdicts:
     def agree(self) -> bool:
         return self.c_exit in (0, 2) and self.c == self.python
 
+    def __bool__(self) -> bool:
+        """Truthy only when the readers agree: ``assert compare_readers(p)`` checks it."""
+        return self.agree
+
     def __str__(self) -> str:
         return f"C {self.c or 'ok'} (exit {self.c_exit}) vs Python {self.python or 'ok'}"
 

@@ -12,6 +12,7 @@ from pytest_fastsnap.fuzz.outcomes import load_once, stderr_lines
 from pytest_fastsnap.fuzz.target import Target
 from pytest_fastsnap.qemu.machine import QemuError
 from pytest_fastsnap.snapshot.format import parse
+from pytest_fastsnap.verdict import Verdict
 
 __all__ = ["ReproError", "repro"]
 
@@ -20,8 +21,9 @@ class ReproError(Exception):
     """The finding directory is unusable (bad input, exit 2)."""
 
 
-def repro(finding_dir: Path, binary: str | None, timeout: float) -> tuple[bool, str]:
-    """Re-run *finding_dir*; return (reproduced, one line saying what happened)."""
+def repro(finding_dir: Path, binary: str | None, timeout: float) -> Verdict:
+    """Re-run *finding_dir*: a :class:`Verdict`, truthy when the finding
+    reproduced, whose reason is one line saying what happened."""
     meta_path = finding_dir / "finding.json"
     if not finding_dir.is_dir():
         raise ReproError(f"{finding_dir}: not a finding directory (not a directory)")
@@ -49,9 +51,9 @@ def repro(finding_dir: Path, binary: str | None, timeout: float) -> tuple[bool, 
         if cls == "reader_disagreement":
             from pytest_fastsnap.fuzz.differential import compare_readers
             verdicts = compare_readers(path, target.offset)
-            return (not verdicts.agree,
-                    f"{meta['id']}: readers {'disagree' if not verdicts.agree else 'agree'}: "
-                    f"{verdicts}")
+            return Verdict(not verdicts.agree,
+                           f"{meta['id']}: readers "
+                           f"{'disagree' if not verdicts.agree else 'agree'}: {verdicts}")
         try:
             result = load_once(target.binary, target.device_args, path, Path(tmp),
                                name="repro", offset=target.offset, timeout=timeout,
@@ -63,6 +65,6 @@ def repro(finding_dir: Path, binary: str | None, timeout: float) -> tuple[bool, 
     want = cls + (f" ({sig})" if sig else "")
     same = result.outcome == cls and result.signal == sig
     said = stderr_lines(result.log)
-    return same, (f"{meta['id']}: {'reproduced' if same else 'did NOT reproduce'}: {got} "
-                  f"(recorded: {want}) with {target.binary}; QEMU's last words: "
-                  f"{said[-1] if said else '(none)'}")
+    return Verdict(same, f"{meta['id']}: {'reproduced' if same else 'did NOT reproduce'}: "
+                         f"{got} (recorded: {want}) with {target.binary}; QEMU's last words: "
+                         f"{said[-1] if said else '(none)'}")
