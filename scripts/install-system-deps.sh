@@ -17,7 +17,8 @@ need_qemu() {
     [ "${v:-0}" -ge 9 ] && return 1 || return 0
 }
 
-pkgs=(gcc make libc6-dev linux-libc-dev python3-venv clang cpio busybox-static)
+# iproute2: `ip netns` / veth pairs and `tc` for the TCP transport tests.
+pkgs=(gcc make libc6-dev linux-libc-dev python3-venv clang cpio busybox-static iproute2)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
