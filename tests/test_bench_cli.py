@@ -123,7 +123,8 @@ def test_bench_reports_what_the_guest_feels(tmp_path: Path) -> None:
     load).  Figures present and sane; no timing is asserted."""
     res = subprocess.run([*FASTSNAP, "bench", "--sizes", "64M", "--repeat", "1", "--probes",
                           "0", "--workloads", "rand:10,seq:1", "--no-plot", "--strategies",
-                          "qemu-precopy,loader-bridge,qemu-fast"], capture_output=True,
+                          "qemu-precopy,loader-bridge,loader-bridge+preempt,qemu-fast"],
+                         capture_output=True,
                          text=True, timeout=600, cwd=tmp_path, check=False)
     assert res.returncode == 0, res.stderr
     report = json.loads(next((tmp_path / "fastsnap-bench-results").glob("*.json")).read_text())
@@ -133,19 +134,23 @@ def test_bench_reports_what_the_guest_feels(tmp_path: Path) -> None:
     assert bridge["blocktime_ms"] is not None and bridge["blocktime_ms"] >= 0
     assert bridge["runs"][0]["blocktime"]["vcpu_ms"], bridge["runs"][0]["blocktime"]
     assert result["strategies"]["qemu-precopy"]["blocktime_ms"] is None   # no postcopy
+    # the preempt variant really ran with a preempt channel, the plain one without
+    assert result["strategies"]["loader-bridge+preempt"]["runs"][0]["loader"]["preempt"], result
+    assert not bridge["runs"][0]["loader"]["preempt"], bridge["runs"][0]["loader"]
     if "qemu-fast" not in result["strategies"]:
         assert result["skipped"]["qemu-fast"], result["skipped"]
         assert "qemu-fast: skipped: " in res.stdout
         assert f"64 MiB: qemu-fast skipped: {result['skipped']['qemu-fast']}" in res.stdout
     for key in ("rand:10", "seq:1"):
         per = result["workloads"][key]
-        for strategy in ("qemu-precopy", "loader-bridge"):
+        for strategy in ("qemu-precopy", "loader-bridge", "loader-bridge+preempt"):
             run = per[strategy]["runs"][0]
             assert per[strategy]["done_s"] > 0, (key, strategy)
             assert run["workload"]["line"].startswith("TOUCH OK"), run["workload"]
             assert run["workload"]["pages"] > 0
         assert per["loader-bridge"]["blocktime_ms"] is not None
-        assert f"workload {key}%: loader-bridge" in res.stdout
+        assert f"workload {key}%: loader-bridge " in res.stdout
+        assert f"workload {key}%: loader-bridge+preempt " in res.stdout
     ceiling = result["ceiling"]
     assert ceiling["postcopy_bytes"] > 0 and ceiling["postcopy_mib_s"] > 0, ceiling
     assert len(ceiling["runs"]) == 1 and ceiling["runs"][0]["blocktime"]["vcpu_ms"], ceiling

@@ -39,12 +39,12 @@ def _sizes(text: str) -> list[int]:
 
 
 def _strategies(text: str) -> list[str]:
-    from pytest_fastsnap.restore.strategies import STRATEGIES
+    from pytest_fastsnap.restore.bench import BENCH_STRATEGIES
 
     names = [s for s in text.split(",") if s]
-    bad = [s for s in names if s not in STRATEGIES]
+    bad = [s for s in names if s not in BENCH_STRATEGIES]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(STRATEGIES)}")
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(BENCH_STRATEGIES)}")
     return names
 
 
@@ -86,9 +86,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat", type=int_arg(minimum=1), default=3,
                    help="restores per strategy and size; medians are reported (default 3)")
     p.add_argument("--strategies", type=_strategies,
-                   default=["qemu-precopy", "loader-bridge"],
-                   help="comma-separated: qemu-precopy, qemu-fast, loader-bridge "
-                   "(default qemu-precopy,loader-bridge)")
+                   default="qemu-precopy,loader-bridge,loader-bridge+preempt",
+                   help="comma-separated: qemu-precopy, qemu-fast, loader-bridge, "
+                   "loader-bridge+preempt (the bridge with the postcopy-preempt channel) "
+                   "(default qemu-precopy,loader-bridge,loader-bridge+preempt)")
     p.add_argument("--probes", type=int_arg(minimum=0), default=200,
                    help="demand reads in the latency run (0: no latency run; default 200)")
     p.add_argument("--qemu-binary", default=os.environ.get("QEMU_BINARY", "qemu-system-x86_64"),

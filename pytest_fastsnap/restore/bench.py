@@ -8,6 +8,7 @@ mapped-ram, then restore it with each strategy ``repeat`` times and report
   ``migrate-incoming``), and their ratios against ``qemu-precopy``;
 - the bridge's eager throughput against a plain sequential read of the
   same page region (warm page cache, 1 MiB reads);
+- ``loader-bridge+preempt``: the bridge with the postcopy-preempt channel;
 - page-request latency p50/p99 from the bridge's own histogram, in a
   separate bridge run where the QEMU main thread reads random not-yet-sent
   pages (HMP ``xp``) while the eager stream is going (an idle firmware
@@ -42,6 +43,7 @@ from pytest_fastsnap.qemu.migration import save_snapshot
 from pytest_fastsnap.qemu.probe import probe
 from pytest_fastsnap.restore.ceiling import postcopy_ceiling
 from pytest_fastsnap.restore.strategies import (
+    STRATEGIES,
     RestoredGuest,
     RestoreUnsupported,
     loader_binary,
@@ -52,6 +54,12 @@ from pytest_fastsnap.restore.workload import Workload, run_workload
 from pytest_fastsnap.snapshot.format import parse
 
 MiB = 1 << 20
+BRIDGE = "loader-bridge"
+# The bridge with QEMU's postcopy-preempt channel: requested pages do not
+# queue behind the eager stream (restore(..., preempt=True)).
+BRIDGE_PREEMPT = "loader-bridge+preempt"
+BENCH_STRATEGIES = (*STRATEGIES, BRIDGE_PREEMPT)
+DEFAULT_STRATEGIES = ("qemu-precopy", BRIDGE, BRIDGE_PREEMPT)
 DEFAULT_RESULTS = Path("fastsnap-bench-results")  # relative: under the current directory
 
 
@@ -105,12 +113,22 @@ def _probe_demand(guest: RestoredGuest, ranges: list[tuple[int, int]], count: in
         out.append((time.perf_counter() - t) * 1e6)
 
 
+def bench_strategy(name: str) -> tuple[str, dict[str, Any]]:
+    """A bench strategy name as (restore strategy, its restore() options)."""
+    if name not in BENCH_STRATEGIES:
+        raise ValueError(f"unknown bench strategy {name!r}; one of {', '.join(BENCH_STRATEGIES)}")
+    return (BRIDGE, {"preempt": True}) if name == BRIDGE_PREEMPT else (name, {})
+
+
 def _one(strategy: str, snap: Path, device_args: Sequence[str], binary: str, workdir: Path,
          *, probes: int = 0, ranges: list[tuple[int, int]] | None = None,
          workload: Workload | None = None, eager_hold: float = 0.0,
          **restore_kw: Any) -> dict[str, Any]:
-    """One restore; with *eager_hold* the bridge serves only requests until
-    the workload is done (``--eager-delay``, ended by SIGUSR1)."""
+    """One restore with bench strategy *strategy* (:data:`BENCH_STRATEGIES`);
+    with *eager_hold* the bridge serves only requests until the workload is
+    done (``--eager-delay``, ended by SIGUSR1)."""
+    strategy, variant_kw = bench_strategy(strategy)
+    restore_kw = {**variant_kw, **restore_kw}
     if eager_hold:
         restore_kw["loader_args"] = ["--eager-delay", f"{eager_hold:g}"]
     guest = restore(strategy, snap, device_args, machine_factory(binary, workdir, name=strategy),
@@ -351,7 +369,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
         base = res["strategies"].get("qemu-precopy", {})
         lat = ((res.get("demand_run") or {}).get("loader") or {}).get("latency_us", {})
         for name, st in res["strategies"].items():
-            is_bridge = name == "loader-bridge"
+            is_bridge = name == BRIDGE     # the demand run is a plain bridge restore
             rows.append((
                 f"{res['size_bytes'] >> 20} MiB", name,
                 _fmt(st["time_to_running_s"]), _fmt(st["time_to_loaded_s"]),
@@ -394,18 +412,20 @@ def format_table(results: list[dict[str, Any]]) -> str:
         for name, why in (res.get("skipped") or {}).items():
             lines.append(f"{res['size_bytes'] >> 20} MiB: {name} skipped: {why}")
         ceil = res.get("ceiling")
-        bridge = res["strategies"].get("loader-bridge", {}).get("eager_throughput_mib_s")
-        if ceil and ceil.get("postcopy_mib_s"):
-            lines.append(f"{res['size_bytes'] >> 20} MiB: ceiling (QEMU-to-QEMU postcopy) "
-                         f"{ceil['postcopy_mib_s']:.0f} MiB/s; loader eager "
-                         f"{_fmt(bridge, '.0f')} MiB/s = "
-                         f"{_ratio(bridge, ceil['postcopy_mib_s'])} of the ceiling")
+        for name, st in res["strategies"].items():
+            eager = st.get("eager_throughput_mib_s")
+            if ceil and ceil.get("postcopy_mib_s") and eager:
+                lines.append(f"{res['size_bytes'] >> 20} MiB: ceiling (QEMU-to-QEMU postcopy) "
+                             f"{ceil['postcopy_mib_s']:.0f} MiB/s; {name} eager "
+                             f"{eager:.0f} MiB/s = "
+                             f"{_ratio(eager, ceil['postcopy_mib_s'])} of the ceiling")
         for key, per in res.get("workloads", {}).items():
-            a = (per.get("loader-bridge") or {}).get("done_s")
             b = (per.get("qemu-precopy") or {}).get("done_s")
-            if a and b:
-                lines.append(f"{res['size_bytes'] >> 20} MiB: workload {key}%: loader-bridge "
-                             f"{a:.3f}s vs qemu-precopy {b:.3f}s = {a / b:.2f}x")
+            for name, st in per.items():
+                a = st.get("done_s")
+                if name != "qemu-precopy" and a and b:
+                    lines.append(f"{res['size_bytes'] >> 20} MiB: workload {key}%: {name} "
+                                 f"{a:.3f}s vs qemu-precopy {b:.3f}s = {a / b:.2f}x")
     return "\n".join(lines)
 
 
@@ -494,7 +514,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 
 def run_bench(sizes: Sequence[int] = (256 * MiB, 1 << 30, 4 << 30), *,
               binary: str = "qemu-system-x86_64", repeat: int = 3,
-              strategies: Sequence[str] = ("qemu-precopy", "loader-bridge"),
+              strategies: Sequence[str] = DEFAULT_STRATEGIES,
               probes: int = 200, results_dir: Path | None = None,
               workdir: Path | None = None, verbose: bool = True,
               draw: bool = True, machine: str = "q35",
