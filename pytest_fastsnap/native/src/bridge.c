@@ -94,6 +94,8 @@ struct bridge {
     double io_timeout, shut_timeout, connect_timeout;
     double max_bandwidth;       /* eager stream cap, bytes/s; 0 = none */
     int sndbuf;                 /* SO_SNDBUF, 0 = kernel default */
+    int ready_fd;               /* --ready-fd: written "R" and closed once the
+                                 * file is parsed, just before connecting; -1 */
     int help;                   /* --help given */
     /* --host-page-size ID=SIZE: destination blocks backed by huge pages */
     struct { const char *id; size_t idlen; uint64_t size; } hps[16];
@@ -136,6 +138,8 @@ struct bridge {
     struct br_resume resume;    /* --resume: recovery handshake state (rp_lock) */
     double t_bitmaps, t_resume_ack;
     double wall_resume_ack;     /* CLOCK_REALTIME at RESUME_ACK, for kill -> ACK */
+    double wall_start;          /* CLOCK_REALTIME at t_start: puts the loader's
+                                 * times on the caller's clock */
     uint64_t resume_requests_first; /* requests served before the first eager page */
 
     /* Statistics. */
@@ -1334,10 +1338,11 @@ static void write_stats(struct bridge *b, FILE *f, int rc)
             b->pongs, b->send_seconds, b->read_seconds, (unsigned long long)b->double_sends);
     fprintf(f, "\"resume\": %s, \"pages_present\": %llu, \"pages_present_zero\": %llu, "
             "\"time_bitmaps_s\": %.6f, \"time_resume_ack_s\": %.6f, "
-            "\"resume_ack_unix_s\": %.6f, \"resume_requests_first\": %llu, ",
+            "\"resume_ack_unix_s\": %.6f, \"resume_requests_first\": %llu, "
+            "\"start_unix_s\": %.6f, ",
             b->resume.active ? "true" : "false", (unsigned long long)b->resume.pages_present,
             (unsigned long long)b->resume.pages_present_zero, b->t_bitmaps, b->t_resume_ack,
-            b->wall_resume_ack, (unsigned long long)b->resume_requests_first);
+            b->wall_resume_ack, (unsigned long long)b->resume_requests_first, b->wall_start);
     const char *ws_mode = !b->ws_path ? "none" : b->ws_before_run ? "before-run" : "after-run";
     fprintf(f, "\"ws_mode\": \"%s\", \"ws_loaded\": %llu, \"pages_ws\": %llu, "
             "\"ws_recorded\": %llu, \"eager_hold_end_s\": %.6f, ", ws_mode,
@@ -1370,7 +1375,7 @@ static void usage(FILE *f)
           "       [--shut-timeout S] [--connect-timeout S] [--max-bandwidth MIB_S]\n"
           "       [--sndbuf BYTES] [--host-page-size ID=SIZE]... [--resume]\n"
           "       [--record-ws WSFILE] [--ws WSFILE [--ws-mode before-run|after-run]]\n"
-          "       [--eager-delay S]\n"
+          "       [--eager-delay S] [--ready-fd N]\n"
           "   or: fastsnap-loader serve FILE [--offset N] [--ws WSFILE] --describe\n", f);
 }
 
@@ -1437,6 +1442,17 @@ static int run(struct bridge *b)
     }
     if (b->resume.active && br_resume_init(&b->resume, b->snap.nblocks, &b->err) < 0)
         return -1;
+    if (b->ready_fd >= 0) {
+        /* The caller may now tell the destination to listen: everything
+         * before the connect is done.  A caller that went away is not an
+         * error here; the connect decides. */
+        ssize_t w;
+        do
+            w = write(b->ready_fd, "R", 1);
+        while (w < 0 && errno == EINTR);
+        close(b->ready_fd);
+        b->ready_fd = -1;
+    }
     if (connect_to(b) < 0 || (!b->resume.active && send_preamble(b) < 0))
         return -1;
     if (pthread_create(&b->rp_thread, NULL, rp_main, b) != 0)
@@ -1465,6 +1481,7 @@ static int parse_options(struct bridge *b, int argc, char **argv, int *json,
         {"io-timeout", required_argument, NULL, 'i'},
         {"shut-timeout", required_argument, NULL, 'S'},
         {"connect-timeout", required_argument, NULL, 'c'},
+        {"ready-fd", required_argument, NULL, 'R'},
         {"max-bandwidth", required_argument, NULL, 'b'},
         {"describe", no_argument, NULL, 'd'},
         {"sndbuf", required_argument, NULL, 'B'},
@@ -1526,6 +1543,10 @@ static int parse_options(struct bridge *b, int argc, char **argv, int *json,
         case 'i': ok = mr_parse_double(optarg, 1e-3, 1e6, &b->io_timeout) == 0; break;
         case 'S': ok = mr_parse_double(optarg, 1e-3, 1e6, &b->shut_timeout) == 0; break;
         case 'c': ok = mr_parse_double(optarg, 0, 1e6, &b->connect_timeout) == 0; break;
+        case 'R':
+            ok = mr_parse_u64(optarg, &n) == 0 && n >= 3 && n <= INT32_MAX;
+            b->ready_fd = (int)n;
+            break;
         case 'b':
             ok = mr_parse_double(optarg, 0, 1e9, &b->max_bandwidth) == 0;
             b->max_bandwidth *= 1 << 20;
@@ -1624,7 +1645,11 @@ int bridge_main(int argc, char **argv)
         return 1;
     }
     clock_gettime(CLOCK_MONOTONIC, &b->t_start);
+    struct timespec wall;
+    clock_gettime(CLOCK_REALTIME, &wall);
+    b->wall_start = (double)wall.tv_sec + (double)wall.tv_nsec / 1e9;
     b->sock = -1;
+    b->ready_fd = -1;
     b->snap.fd = -1;
     b->io_timeout = 60;
     b->shut_timeout = 30;
