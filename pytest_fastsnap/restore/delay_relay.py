@@ -123,6 +123,7 @@ class DelayRelay:
         self.socks: list[socket.socket] = []
         self.pipes: list[_Pipe] = []
         self.errors: list[str] = []
+        self.peers: list[tuple[str, int]] = []     # each relayed connection's upstream peer
         self._lock = threading.Lock()
         self._stop = False
         self._acceptor = threading.Thread(target=self._accept, daemon=True)
@@ -162,6 +163,7 @@ class DelayRelay:
                 continue
             for s in (down, up):
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.peers.append(up.getpeername()[:2])
             with self._lock:
                 if self._stop:
                     down.close()
