@@ -58,6 +58,7 @@ CASES: list[tuple[str, int]] = [
     ("save {out} --mem 1.5G", USAGE),
     ("save {out} --offset -5", USAGE),
     ("save {out} --offset 12x", USAGE),
+    ("save {out} --guest firmware --dirty", USAGE),
     ("save {dir}", USAGE),
     ("save {missing}/x.img", USAGE),
     ("save {out} --machine bogus", USAGE),  # probes the system QEMU (cached), boots nothing
@@ -82,6 +83,10 @@ CASES: list[tuple[str, int]] = [
     ("restore {snapshot} --ws-mode bogus", USAGE),
     ("restore {snapshot} --record-ws {dir}", USAGE),
     ("restore {snapshot} --strategy qemu-precopy --ws {random}", USAGE),
+    ("restore {snapshot} --eager-delay 0", USAGE),
+    ("restore {snapshot} --eager-delay nan", USAGE),
+    ("restore {snapshot} --eager-delay 1s", USAGE),
+    ("restore {snapshot} --strategy qemu-precopy --eager-delay 1", USAGE),
     # bench: all of it before the first guest boots
     *binary_cases("bench --sizes 32M --qemu-binary {}"),
     ("bench --sizes garbage", USAGE),
