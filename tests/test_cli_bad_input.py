@@ -131,6 +131,7 @@ CASES: list[tuple[str, int]] = [
     *file_cases("fuzz merge {} --out {out}"),
     *file_cases("fuzz loader --duration 1 --seed-file {} --out {out}"),
     ("fuzz loader --duration 0 --out {out}", USAGE),
+    ("fuzz loader --target bogus --out {out}", USAGE),
     # A new subcommand adds its line here (test_every_subcommand_has_cases).
 ]
 

@@ -1380,8 +1380,9 @@ static void usage(FILE *f)
 }
 
 /* --describe: what the bridge would serve, for cross-checks against the
- * Python reader (byte ranges are absolute file offsets). */
-static void describe(const struct br_snap *s, FILE *f)
+ * Python reader (byte ranges are absolute file offsets); with --ws, the
+ * working set as read ("ws": [[block, page], ...] in file order). */
+static void describe(const struct br_snap *s, const struct br_ws *ws, int has_ws, FILE *f)
 {
     fputs("{\"machine\": ", f);
     mr_json_string(f, s->machine);
@@ -1401,7 +1402,15 @@ static void describe(const struct br_snap *s, FILE *f)
                 (unsigned long long)blk->bitmap_offset, (unsigned long long)blk->pages_offset,
                 (unsigned long long)blk->set_pages);
     }
-    fputs("]}\n", f);
+    fputc(']', f);
+    if (has_ws) {
+        fputs(", \"ws\": [", f);
+        for (uint64_t i = 0; i < ws->n; i++)
+            fprintf(f, "%s[%u, %llu]", i ? ", " : "", ws->e[i].block,
+                    (unsigned long long)ws->e[i].page);
+        fputc(']', f);
+    }
+    fputs("}\n", f);
 }
 
 /* --host-page-size ID=SIZE onto the snapshot's blocks. */
@@ -1437,7 +1446,7 @@ static int run(struct bridge *b)
     if (b->record_ws_path && br_ws_record_init(&b->ws_rec, &b->snap, &b->err) < 0)
         return -1;
     if (b->describe_only) {
-        describe(&b->snap, stdout);
+        describe(&b->snap, &b->ws, b->ws_path != NULL, stdout);
         return 0;
     }
     if (b->resume.active && br_resume_init(&b->resume, b->snap.nblocks, &b->err) < 0)
