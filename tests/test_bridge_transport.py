@@ -159,10 +159,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """``delay_mech``: how delay is added between the namespaces here, probed
     once (``netem``, or ``relay`` on a kernel without sch_netem), so the test
     id says which one ran.  Without --fastsnap or namespaces nothing is probed
-    (the test skips anyway)."""
+    (``unprobed``: the test skips, saying why)."""
     if "delay_mech" not in metafunc.fixturenames:
         return
-    mech = "netem"
+    mech = "unprobed"
     if metafunc.config.stash[CONFIG_KEY].enabled and netns.netns_missing() is None:
         mech = netns.delay_mechanism()[0]
     metafunc.parametrize("delay_mech", [mech])
