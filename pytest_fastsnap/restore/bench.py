@@ -120,7 +120,8 @@ def _one(strategy: str, snap: Path, device_args: Sequence[str], binary: str, wor
     """One restore; with *eager_hold* the bridge serves only requests until
     the workload is done (``--eager-delay``, ended by SIGUSR1)."""
     if eager_hold:
-        restore_kw["loader_args"] = ["--eager-delay", f"{eager_hold:g}"]
+        restore_kw["loader_args"] = [*restore_kw.get("loader_args", ()),
+                                     "--eager-delay", f"{eager_hold:g}"]
     guest = restore(strategy, snap, device_args, machine_factory(binary, workdir, name=strategy),
                     timeout=600, **restore_kw)
     try:

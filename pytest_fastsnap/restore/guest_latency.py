@@ -51,6 +51,8 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "faulted": _med([x.get("faulted") for x in lats]),
         "done_s": _med([(r.get("workload") or {}).get("done_s") for r in runs]),
         "eager_mib_s": _med([x.get("eager_throughput_mib_s") for x in loaders]),
+        "loaded_s": _med([r.get("time_to_loaded_s") for r in runs]),
+        "holdoff_s": _med([x.get("eager_holdoff_total_s") for x in loaders]),
         "loader_p50_us": _med([(x.get("latency_us") or {}).get("p50") for x in loaders]),
         "loader_p99_us": _med([(x.get("latency_us") or {}).get("p99") for x in loaders]),
         "requests": _med([x.get("requests") for x in loaders]),
