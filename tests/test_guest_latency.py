@@ -13,7 +13,10 @@ What is proven here, with real QEMU, real restores and real userfaultfd:
   between loader and destination, every faulted read takes at least that long
   in the guest's eyes, while the same restore without the relay stays far
   below it;
-- old TOUCH lines (no timing fields) still parse; damaged ones are refused.
+- old TOUCH lines (no timing fields) still parse; damaged ones are refused;
+- the loader's --eager-holdoff-us holds the eager stream back while requests
+  come (main channel and preempt, release and ASan+UBSan builds) and every
+  page still arrives intact.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pytest_fastsnap.fixtures import GuestFactory, SnapshotFactory, VmFactory
 from pytest_fastsnap.guests.pattern import touch_count
 from pytest_fastsnap.guests.tiny import TinyGuest, TinyParams
 from pytest_fastsnap.guests.touch_latency import TouchLatency, parse_touch_latency
+from pytest_fastsnap.native.loader import ASAN_ENV, loader_path
 from pytest_fastsnap.qemu.migration import SavedSnapshot
 from pytest_fastsnap.restore import restore
 from pytest_fastsnap.restore.delay_relay import DelayRelay
@@ -197,3 +201,38 @@ def test_a_slow_page_shows_as_guest_latency(
     floor_us = RTT_MS * 1000
     assert slow.max_us >= floor_us and slow.p50_us >= floor_us * 15 // 16, figures
     assert fast.p50_us < floor_us // 4, figures
+
+
+@pytest.fixture(params=["release", "asan"])
+def loader_variant(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The loader the restores run: the release build, or ASan+UBSan."""
+    if request.param == "asan":
+        monkeypatch.setenv("FASTSNAP_LOADER", str(loader_path("asan")))
+        for key, value in ASAN_ENV.items():
+            monkeypatch.setenv(key, value)
+    return str(request.param)
+
+
+@pytest.mark.fastsnap
+@pytest.mark.parametrize("preempt", [False, True], ids=["main-channel", "preempt"])
+def test_eager_holdoff_pauses_the_stream_and_keeps_memory_intact(
+        tiny_snapshot: tuple[SavedSnapshot, TinyParams], vm_factory: VmFactory,
+        loader_variant: str, preempt: bool) -> None:
+    """--eager-holdoff-us: while the guest's requests keep coming, the eager
+    stream waits (the loader counts the time held off, > 0), every page still
+    arrives, the guest's memory checks out, and the stats echo the option.
+    Release and ASan+UBSan builds."""
+    snap, params = tiny_snapshot
+    guest = restore("loader-bridge", snap.path, snap.device_args, vm_factory, timeout=120,
+                    preempt=preempt, loader_args=["--eager-holdoff-us", "2000"])
+    try:
+        lat = _latency(guest.agent.touch(100, "rand"))
+        guest.wait_loaded(timeout=300)
+        stats = guest.loader_stats
+        assert stats["eager_holdoff_us"] == 2000, stats
+        assert lat.faulted > 0 and stats["requests"] > 0, (lat, stats)
+        assert stats["eager_holdoff_total_s"] > 0, stats
+        assert stats["pages_eager"] + stats["pages_on_request"] >= params.pages, stats
+        assert guest.self_check()
+    finally:
+        guest.close()

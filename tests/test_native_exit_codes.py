@@ -56,7 +56,8 @@ def test_exit_code(tmp_path: Path, command: str, kind: str, code: int, build: st
     ("--max-bandwidth", "abc"), ("--max-bandwidth", "-1"), ("--io-timeout", "0"),
     ("--io-timeout", "nan"), ("--shut-timeout", "1s"), ("--connect-timeout", ""),
     ("--sndbuf", "12x"), ("--sndbuf", "-4"), ("--offset", "-1"), ("--offset", ""),
-    ("--zero-pages", "some"),
+    ("--zero-pages", "some"), ("--eager-holdoff-us", "100001"), ("--eager-holdoff-us", "5us"),
+    ("--eager-holdoff-us", "-1"),
 ])
 def test_serve_numbers_are_strict(tmp_path: Path, option: str, value: str) -> None:
     """``--max-bandwidth abc`` used to mean unlimited (unchecked strtod)."""
