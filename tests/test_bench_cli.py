@@ -120,9 +120,13 @@ def test_bench_reports_what_the_guest_feels(tmp_path: Path) -> None:
     guest's own TOUCH OK, QEMU's blocktime for the bridge, the QEMU-to-QEMU
     postcopy ceiling with the eager/ceiling ratio, the working-set
     comparison, and qemu-fast skipped with QEMU's reason (10.0 has no fast
-    load).  Figures present and sane; no timing is asserted."""
+    load).  Latency as the guest sees it: a fully loaded guest (precopy)
+    reports ~0 faulted reads, the bridge's random touch reports faulted reads
+    above the guest's threshold; --guest-latency gives both channels.
+    Figures present and sane; no timing is asserted."""
     res = subprocess.run([*FASTSNAP, "bench", "--sizes", "64M", "--repeat", "1", "--probes",
-                          "0", "--workloads", "rand:10,seq:1", "--no-plot", "--strategies",
+                          "0", "--workloads", "rand:10,seq:1", "--no-plot",
+                          "--guest-latency", "rand:10", "--strategies",
                           "qemu-precopy,loader-bridge,loader-bridge+preempt,qemu-fast"],
                          capture_output=True,
                          text=True, timeout=600, cwd=tmp_path, check=False)
@@ -151,6 +155,19 @@ def test_bench_reports_what_the_guest_feels(tmp_path: Path) -> None:
         assert per["loader-bridge"]["blocktime_ms"] is not None
         assert f"workload {key}%: loader-bridge " in res.stdout
         assert f"workload {key}%: loader-bridge+preempt " in res.stdout
+        pages = per["qemu-precopy"]["runs"][0]["workload"]["pages"]
+        assert per["qemu-precopy"]["guest_faulted"] <= max(2, pages // 50), per["qemu-precopy"]
+    rand = result["workloads"]["rand:10"]["loader-bridge"]
+    assert rand["guest_faulted"] > 0 and rand["guest_p50_us"] > 10, rand   # 10: the threshold
+    assert rand["guest_p99_us"] >= rand["guest_p50_us"], rand
+    glat = result["guest_latency"]
+    assert glat["workload"] == "rand:10"
+    for mode in ("no-preempt", "preempt"):
+        st = glat[mode]
+        assert st["faulted"] > 0 and st["p99_us"] >= st["p50_us"] > 10, (mode, st)
+        assert st["p99_over_p50"] == pytest.approx(st["p99_us"] / st["p50_us"]), st
+        assert st["eager_mib_s"] > 0 and st["requests"] > 0, st
+    assert "guest-visible request latency" in res.stdout and " preempt " in res.stdout
     ceiling = result["ceiling"]
     assert ceiling["postcopy_bytes"] > 0 and ceiling["postcopy_mib_s"] > 0, ceiling
     assert len(ceiling["runs"]) == 1 and ceiling["runs"][0]["blocktime"]["vcpu_ms"], ceiling

@@ -97,6 +97,8 @@ CASES: list[tuple[str, int]] = [
     ("bench --workloads rand:0", USAGE),
     ("bench --workloads bogus:10", USAGE),
     ("bench --workloads rand:10,seq", USAGE),
+    ("bench --guest-latency rand:1,seq:1", USAGE),
+    ("bench --guest-latency rand", USAGE),
     ("bench --results-dir {empty}", USAGE),
     # the native loader's commands
     *file_cases("inspect {}"),

@@ -57,6 +57,7 @@ def test_exit_code(tmp_path: Path, command: str, kind: str, code: int, build: st
     ("--io-timeout", "nan"), ("--shut-timeout", "1s"), ("--connect-timeout", ""),
     ("--sndbuf", "12x"), ("--sndbuf", "-4"), ("--offset", "-1"), ("--offset", ""),
     ("--zero-pages", "some"), ("--ready-fd", "2"), ("--ready-fd", "x"), ("--ready-fd", ""),
+    ("--eager-holdoff-us", "100001"), ("--eager-holdoff-us", "5us"), ("--eager-holdoff-us", "-1"),
 ])
 def test_serve_numbers_are_strict(tmp_path: Path, option: str, value: str) -> None:
     """``--max-bandwidth abc`` used to mean unlimited (unchecked strtod)."""

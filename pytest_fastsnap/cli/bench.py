@@ -59,6 +59,18 @@ def _workloads(text: str) -> list[Any]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _one_workload(text: str) -> Any:
+    from pytest_fastsnap.restore.workload import parse_workloads
+
+    try:
+        found = parse_workloads(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if len(found) != 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: one workload, e.g. rand:1")
+    return found[0]
+
+
 def run(args: argparse.Namespace) -> int:
     from pytest_fastsnap.qemu.machine import QemuError
     from pytest_fastsnap.qemu.migration import MigrationFailed
@@ -74,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
         run_bench(args.sizes, binary=binary, repeat=args.repeat, strategies=args.strategies,
                   probes=args.probes, results_dir=results_dir,
                   draw=not (args.no_plot or no_plot), workloads=args.workloads,
-                  ceiling=not args.no_ceiling, ws=not args.no_ws)
+                  ceiling=not args.no_ceiling, ws=not args.no_ws,
+                  guest_latency=args.guest_latency)
     except (OSError, QemuError, RestoreFailed, MigrationFailed) as err:
         raise CliError(one_line(err)) from None
     return 0
@@ -106,6 +119,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip the QEMU-to-QEMU postcopy migration (the ceiling)")
     p.add_argument("--no-ws", action="store_true",
                    help="skip the working-set prefetch comparison (loader-bridge)")
+    p.add_argument("--guest-latency", type=_one_workload, default=None, metavar="ORDER:PERCENT",
+                   help="also measure request latency as the guest sees it: loader-bridge "
+                   "with and without preempt, this workload (e.g. rand:1) started right "
+                   "after RUN while the eager stream runs, --repeat times each")
 
 
 DESCRIPTION = """\
@@ -119,12 +136,19 @@ tiny guest reads and checks a share of its memory as soon as it runs (time
 from migrate-incoming to its TOUCH OK, and QEMU's postcopy blocktime); a
 QEMU-to-QEMU postcopy migration of the same guest (the ceiling any postcopy
 source can reach on this destination); and the bridge's working-set
-prefetch (--record-ws, then --ws before/after RUN) on rand:10.
+prefetch (--record-ws, then --ws before/after RUN) on rand:10.  Every
+workload row also gives latency as the guest sees it (the tiny guest times
+each touched page's first read: faulted reads, p50/p99, p99/p50);
+--guest-latency rand:1 adds the issue #11 goal run: loader-bridge with and
+without postcopy-preempt, the workload started right after RUN while the
+eager stream runs at full speed.
 Writes bench-restore-STAMP.json and .png (the PNG needs matplotlib:
 pip install 'pytest-fastsnap[bench]'; without it, table and JSON only).
 Columns: benchmarks/README.md.
 
   fastsnap bench --sizes 256M,1G,4G --repeat 3
+  fastsnap bench --sizes 1G,4G --strategies loader-bridge --workloads none \
+      --no-ceiling --no-ws --probes 0 --guest-latency rand:1
 """
 
 

@@ -12,7 +12,13 @@ mapped-ram, then restore it with each strategy ``repeat`` times and report
 - page-request latency p50/p99 from the bridge's own histogram, in a
   separate bridge run where the QEMU main thread reads random not-yet-sent
   pages (HMP ``xp``) while the eager stream is going (an idle firmware
-  guest faults on almost nothing by itself).
+  guest faults on almost nothing by itself);
+- per workload and strategy, latency as the guest sees it: the tiny guest
+  times the first read of each page it touches (faulted reads, their
+  p50/p99 and p99/p50);
+- with *guest_latency* (``--guest-latency rand:1``), the goal measurement of
+  issue #11: loader-bridge with and without preempt, the workload started
+  right after RUN while the eager stream runs (:mod:`.guest_latency`).
 
     fastsnap bench --sizes 256M,1G,4G --repeat 3
     python benchmarks/bench_restore.py --sizes 256M
@@ -42,6 +48,8 @@ from pytest_fastsnap.qemu.machine import QemuMachine
 from pytest_fastsnap.qemu.migration import save_snapshot
 from pytest_fastsnap.qemu.probe import probe
 from pytest_fastsnap.restore.ceiling import postcopy_ceiling
+from pytest_fastsnap.restore.guest_latency import format_rows as guest_latency_rows
+from pytest_fastsnap.restore.guest_latency import guest_latency_runs
 from pytest_fastsnap.restore.strategies import (
     STRATEGIES,
     RestoredGuest,
@@ -130,7 +138,8 @@ def _one(strategy: str, snap: Path, device_args: Sequence[str], binary: str, wor
     strategy, variant_kw = bench_strategy(strategy)
     restore_kw = {**variant_kw, **restore_kw}
     if eager_hold:
-        restore_kw["loader_args"] = ["--eager-delay", f"{eager_hold:g}"]
+        restore_kw["loader_args"] = [*restore_kw.get("loader_args", ()),
+                                     "--eager-delay", f"{eager_hold:g}"]
     guest = restore(strategy, snap, device_args, machine_factory(binary, workdir, name=strategy),
                     timeout=600, **restore_kw)
     try:
@@ -214,7 +223,9 @@ def _blocktime_ms(run: dict[str, Any]) -> float | None:
 def bench_size(size: int, *, binary: str, workdir: Path, repeat: int,
                strategies: Sequence[str], probes: int, log: Any,
                machine: str = "q35", workloads: Sequence[Workload] = (),
-               ceiling: bool = True, ws: bool = True) -> dict[str, Any]:
+               ceiling: bool = True, ws: bool = True,
+               guest_latency: Workload | None = None,
+               guest_latency_loader_args: Sequence[str] = ()) -> dict[str, Any]:
     snap, device_args, ranges, save_s = make_snapshot(size, binary=binary, workdir=workdir,
                                                       machine=machine, log=log)
     data_bytes = sum(n for _, n in ranges)
@@ -271,6 +282,11 @@ def bench_size(size: int, *, binary: str, workdir: Path, repeat: int,
     if ws and "loader-bridge" in strategies and "loader-bridge" not in skipped:
         ws_runs = working_set_runs(snap, device_args, binary, workdir, log,
                                    Workload("rand", 100), repeat)
+    glat = None
+    if guest_latency is not None and "loader-bridge" in strategies \
+            and "loader-bridge" not in skipped:
+        glat = guest_latency_runs(_one, snap, device_args, binary, workdir, log,
+                                  guest_latency, repeat, guest_latency_loader_args)
     demand = None
     if probes and "loader-bridge" in strategies and "loader-bridge" not in skipped:
         demand = _one("loader-bridge", snap, device_args, binary, workdir, probes=probes,
@@ -303,10 +319,13 @@ def bench_size(size: int, *, binary: str, workdir: Path, repeat: int,
         summary["workloads"][key] = {
             strategy: {"done_s": _med([x["workload"]["done_s"] for x in these]),
                        "blocktime_ms": _med([_blocktime_ms(x) for x in these]),
+                       **_guest_figures(these),
                        "runs": these}
             for strategy, these in per.items()}
     if ws_runs is not None:
         summary["working_set"] = ws_runs
+    if glat is not None:
+        summary["guest_latency"] = glat
     if demand is not None:
         summary["demand_run"] = demand
     return summary
@@ -345,6 +364,16 @@ def working_set_runs(snap: Path, device_args: Sequence[str], binary: str, workdi
     finally:
         ws_file.unlink(missing_ok=True)
     return out
+
+
+def _guest_figures(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over restores of the guest-timed first reads: faulted count,
+    p50/p99 (us) and each run's p99/p50."""
+    lats = [(x.get("workload") or {}).get("latency") or {} for x in runs]
+    return {"guest_faulted": _med([x.get("faulted") for x in lats]),
+            "guest_p50_us": _med([x.get("p50_us") for x in lats]),
+            "guest_p99_us": _med([x.get("p99_us") for x in lats]),
+            "guest_p99_over_p50": _med([x.get("p99_over_p50") for x in lats])}
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -386,16 +415,26 @@ def format_table(results: list[dict[str, Any]]) -> str:
     lines = _grid(rows)
     lines.append("(* qemu-precopy: data bytes / time to loaded; ratios: this strategy's time "
                  "/ qemu-precopy's, < 1 is faster; blocktime: QEMU's postcopy-blocktime)")
-    work = [("size", "workload", "strategy", "done s", "vs precopy", "blocktime ms")]
+    work = [("size", "workload", "strategy", "done s", "vs precopy", "blocktime ms",
+             "faulted", "guest p50 us", "guest p99 us", "p99/p50")]
     for res in results:
         for key, per in res.get("workloads", {}).items():
             base = (per.get("qemu-precopy") or {}).get("done_s")
             for name, st in per.items():
                 work.append((f"{res['size_bytes'] >> 20} MiB", key, name, _fmt(st["done_s"]),
-                             _ratio(st["done_s"], base), _fmt(st["blocktime_ms"], ".0f")))
+                             _ratio(st["done_s"], base), _fmt(st["blocktime_ms"], ".0f"),
+                             _fmt(st.get("guest_faulted"), ".0f"),
+                             _fmt(st.get("guest_p50_us"), ".0f"),
+                             _fmt(st.get("guest_p99_us"), ".0f"),
+                             _fmt(st.get("guest_p99_over_p50"), ".2f")))
     if len(work) > 1:
         lines += ["", "workload: migrate-incoming -> the guest's TOUCH OK (pages read and "
-                  "checked)", *_grid(work)]
+                  "checked); faulted: first reads slower than 10 us in the guest's own "
+                  "timing, p50/p99 of those", *_grid(work)]
+    glat = guest_latency_rows(results)
+    if glat:
+        lines += ["", "guest-visible request latency (loader-bridge, workload started right "
+                  "after RUN while the eager stream runs; medians over --repeat)", *_grid(glat)]
     ws = [("size", "workload", "prefetch", "done s", "vs none", "blocktime ms")]
     for res in results:
         w = res.get("working_set")
@@ -519,7 +558,8 @@ def run_bench(sizes: Sequence[int] = (256 * MiB, 1 << 30, 4 << 30), *,
               workdir: Path | None = None, verbose: bool = True,
               draw: bool = True, machine: str = "q35",
               workloads: Sequence[Workload] = (), ceiling: bool = True,
-              ws: bool = True) -> dict[str, Any]:
+              ws: bool = True, guest_latency: Workload | None = None,
+              guest_latency_loader_args: Sequence[str] = ()) -> dict[str, Any]:
     """Run the benchmark; write JSON and (with *draw*) a PNG to *results_dir*
     (default ``./fastsnap-bench-results``); return the report.
 
@@ -542,7 +582,8 @@ def run_bench(sizes: Sequence[int] = (256 * MiB, 1 << 30, 4 << 30), *,
             results.append(bench_size(size, binary=binary, workdir=work, repeat=repeat,
                                       strategies=strategies, probes=probes, log=log,
                                       machine=machine, workloads=workloads,
-                                      ceiling=ceiling, ws=ws))
+                                      ceiling=ceiling, ws=ws, guest_latency=guest_latency,
+                                      guest_latency_loader_args=guest_latency_loader_args))
     finally:
         if own_workdir:
             shutil.rmtree(work, ignore_errors=True)

@@ -108,6 +108,9 @@ struct bridge {
     struct br_ws ws, ws_rec;
     uint64_t pages_ws;          /* sent because the working set listed them */
     double eager_delay;         /* --eager-delay: serve only requests this long after RUN */
+    double holdoff_s;           /* --eager-holdoff-us: eager pause after each request */
+    _Atomic uint64_t last_req_ns;   /* when the latest request arrived (ns after t_start) */
+    double holdoff_total_s;     /* time the eager stream spent held off */
     double t_eager_hold_end;
 
     /* Output: only whole sections are built and sent under out_lock. */
@@ -244,8 +247,10 @@ static void rp_queue(struct bridge *b, uint32_t block, uint64_t start, uint32_t 
         b->q_cap = cap;
         b->q_head = 0;
     }
+    double t = now_s(b);
     b->q[(b->q_head + b->q_len) % b->q_cap] =
-        (struct rp_req){.block = block, .start = start, .len = len, .t = now_s(b)};
+        (struct rp_req){.block = block, .start = start, .len = len, .t = t};
+    atomic_store_explicit(&b->last_req_ns, (uint64_t)(t * 1e9), memory_order_relaxed);
     b->q_len++;
     b->requests++;
     if (b->t_first_request == 0)
@@ -263,6 +268,7 @@ static int preempt_serve(struct bridge *b, uint32_t block, uint64_t start, uint3
     double t = now_s(b);
     if (b->t_first_request == 0)
         b->t_first_request = t;
+    atomic_store_explicit(&b->last_req_ns, (uint64_t)(t * 1e9), memory_order_relaxed);
     pthread_mutex_unlock(&b->rp_lock);
     if (br_preempt_serve(atomic_load(&b->pre), block, start, len, t) >= 0)
         return 0;
@@ -929,6 +935,31 @@ static int throttle(struct bridge *b)
     return 0;
 }
 
+/* --eager-holdoff-us: no eager page goes out until that long after the
+ * latest page request (requests are served meanwhile), so the two cores are
+ * left to the request's path: QEMU's fault thread, the return path or
+ * preempt channel, QEMU placing the page and waking the vCPU. */
+static int holdoff(struct bridge *b)
+{
+    while (b->holdoff_s > 0) {
+        uint64_t last = atomic_load_explicit(&b->last_req_ns, memory_order_relaxed);
+        double now = now_s(b), wait = last ? (double)last / 1e9 + b->holdoff_s - now : 0;
+        if (wait <= 0)
+            return 0;
+        if (atomic_load_explicit(&b->q_pending, memory_order_relaxed)) {
+            if (serve_requests(b) < 0)
+                return -1;
+            continue;
+        }
+        if (b->out_len && flush(b) < 0)
+            return -1;
+        struct timespec ts = {0, (long)((wait < 0.001 ? wait : 0.001) * 1e9)};
+        nanosleep(&ts, NULL);
+        b->holdoff_total_s += now_s(b) - now;
+    }
+    return 0;
+}
+
 /* --ws: the listed pages first, in their recorded order (before RUN they
  * load through the destination's precopy path, after RUN they lead the
  * eager stream); requests are still served between pages. */
@@ -981,7 +1012,7 @@ static int send_pages(struct bridge *b)
         while (p < blk->npages) {
             if (atomic_load_explicit(&b->q_pending, memory_order_relaxed) && serve_requests(b) < 0)
                 return -1;
-            if (throttle(b) < 0)
+            if (throttle(b) < 0 || holdoff(b) < 0)
                 return -1;
             if (blk->host_pages > 1) {  /* whole host pages, requests only in between */
                 if (claim_host_page(blk, p)) {
@@ -1348,6 +1379,8 @@ static void write_stats(struct bridge *b, FILE *f, int rc)
             "\"ws_recorded\": %llu, \"eager_hold_end_s\": %.6f, ", ws_mode,
             (unsigned long long)b->ws.n, (unsigned long long)b->pages_ws,
             (unsigned long long)b->ws_rec.n, b->t_eager_hold_end);
+    fprintf(f, "\"eager_holdoff_us\": %.0f, \"eager_holdoff_total_s\": %.6f, ",
+            b->holdoff_s * 1e6, b->holdoff_total_s);
     fputs("\"transport\": ", f);
     mr_json_string(f, b->addr.kind == BR_NET_TCP ? "tcp" : b->addr.kind == BR_NET_FD ? "fd"
                    : "unix");
@@ -1375,7 +1408,7 @@ static void usage(FILE *f)
           "       [--shut-timeout S] [--connect-timeout S] [--max-bandwidth MIB_S]\n"
           "       [--sndbuf BYTES] [--host-page-size ID=SIZE]... [--resume]\n"
           "       [--record-ws WSFILE] [--ws WSFILE [--ws-mode before-run|after-run]]\n"
-          "       [--eager-delay S] [--ready-fd N]\n"
+          "       [--eager-delay S] [--eager-holdoff-us N] [--ready-fd N]\n"
           "   or: fastsnap-loader serve FILE [--offset N] [--ws WSFILE] --describe\n", f);
 }
 
@@ -1499,6 +1532,7 @@ static int parse_options(struct bridge *b, int argc, char **argv, int *json,
         {"ws", required_argument, NULL, 'w'}, {"record-ws", required_argument, NULL, 'W'},
         {"ws-mode", required_argument, NULL, 'm'},
         {"eager-delay", required_argument, NULL, 'e'},
+        {"eager-holdoff-us", required_argument, NULL, 'O'},
         {"preempt", no_argument, NULL, 'P'},
         {"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
     /* Called as bridge_main(argc - 1, argv + 1) ("serve" in argv[0]); also
@@ -1527,6 +1561,10 @@ static int parse_options(struct bridge *b, int argc, char **argv, int *json,
         case 's': *stats_file = optarg; break;
         case 'w': b->ws_path = optarg; break;
         case 'e': ok = mr_parse_double(optarg, 0, 3600, &b->eager_delay) == 0; break;
+        case 'O':
+            ok = mr_parse_u64(optarg, &n) == 0 && n <= 100000;
+            b->holdoff_s = (double)n / 1e6;
+            break;
         case 'W': b->record_ws_path = optarg; break;
         case 'm':
             ok = strcmp(optarg, "before-run") == 0 || strcmp(optarg, "after-run") == 0;
