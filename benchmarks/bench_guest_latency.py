@@ -32,7 +32,7 @@ from pytest_fastsnap.cli.common import OneLineArgumentParser, int_arg, size_arg
 from pytest_fastsnap.qemu.probe import probe
 from pytest_fastsnap.restore.bench import _one, make_snapshot
 from pytest_fastsnap.restore.guest_latency import MODES, summarize
-from pytest_fastsnap.restore.workload import Workload, parse_workloads
+from pytest_fastsnap.restore.workload import Workload, parse_one_workload
 
 
 def _variant(text: str) -> tuple[str, list[str]]:
@@ -47,12 +47,9 @@ def _variant(text: str) -> tuple[str, list[str]]:
 
 def _workload(text: str) -> Workload:
     try:
-        found = parse_workloads(text)
+        return parse_one_workload(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
-    if len(found) != 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: one workload, e.g. rand:1")
-    return found[0]
 
 
 def _split_hold(args: list[str]) -> tuple[list[str], float]:

@@ -20,6 +20,25 @@ from pytest_fastsnap.snapshot.writer import write_snapshot
 PS = 4096
 
 
+def _asan_campaign(tmp_path: Path, target: str) -> tuple[dict, str]:
+    """A 3 s ``fastsnap fuzz loader --target TARGET`` (ASan) into *tmp_path*;
+    its summary and stdout.  Skips naming what is missing when libFuzzer cannot build."""
+    if shutil.which("clang") is None:
+        pytest.skip("clang not found on PATH: libFuzzer needs clang")
+    try:
+        build_fuzzer("asan", target)
+    except FuzzerBuildError as err:
+        pytest.skip(f"libFuzzer harness does not build here: {err}")
+    res = subprocess.run([sys.executable, "-m", "pytest_fastsnap.cli", "fuzz", "loader",
+                          "--target", target, "--duration", "3", "--variant", "asan",
+                          "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, check=False,
+                         env=dict(os.environ))
+    assert res.returncode == 0, res.stdout + res.stderr
+    (summary,) = json.loads((tmp_path / "loader-summary.json").read_text())
+    return summary, res.stdout
+
+
 def _snapshot(tmp_path: Path) -> Path:
     return write_snapshot(tmp_path / "s.img", "pc-q35-10.0",
                           [("pc.ram", 8 * PS, {0: b"\x11" * PS, 5: b"\x22" * PS}),
@@ -70,19 +89,7 @@ def test_bridge_rp_campaign_covers_recovery_messages(tmp_path: Path) -> None:
     (padding bits set) and RESUME_ACK: seconds of it find nothing.  (Checked
     once by hand: with the bitmap's past-the-block check removed from
     bridge_resume.c, it aborts within its first 100 runs.)"""
-    if shutil.which("clang") is None:
-        pytest.skip("clang not found on PATH: libFuzzer needs clang")
-    try:
-        build_fuzzer("asan", "bridge-rp")
-    except FuzzerBuildError as err:
-        pytest.skip(f"libFuzzer harness does not build here: {err}")
-    res = subprocess.run([sys.executable, "-m", "pytest_fastsnap.cli", "fuzz", "loader",
-                          "--target", "bridge-rp", "--duration", "3", "--variant", "asan",
-                          "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=300, check=False,
-                         env=dict(os.environ))
-    assert res.returncode == 0, res.stdout + res.stderr
-    (summary,) = json.loads((tmp_path / "loader-summary.json").read_text())
+    summary, _ = _asan_campaign(tmp_path, "bridge-rp")
     assert summary["target"] == "bridge-rp" and summary["seeds"] >= 6
     assert summary["execs"] > 0 and summary["crashes"] == []
 
@@ -181,21 +188,9 @@ def test_working_set_campaign_runs_both_readers(tmp_path: Path) -> None:
     """`fastsnap fuzz loader --target bridge-ws`: libFuzzer on the --ws reader
     (ASan+UBSan) seeded with 200 structure-aware files, then those and the
     new corpus inputs through both readers: no crash, no disagreement."""
-    if shutil.which("clang") is None:
-        pytest.skip("clang not found on PATH: libFuzzer needs clang")
-    try:
-        build_fuzzer("asan", "bridge-ws")
-    except FuzzerBuildError as err:
-        pytest.skip(f"libFuzzer harness does not build here: {err}")
-    res = subprocess.run([sys.executable, "-m", "pytest_fastsnap.cli", "fuzz", "loader",
-                          "--target", "bridge-ws", "--duration", "3", "--variant", "asan",
-                          "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=300, check=False,
-                         env=dict(os.environ))
-    assert res.returncode == 0, res.stdout + res.stderr
-    (summary,) = json.loads((tmp_path / "loader-summary.json").read_text())
+    summary, stdout = _asan_campaign(tmp_path, "bridge-ws")
     assert summary["target"] == "bridge-ws" and summary["seeds"] == 200
     assert summary["execs"] > 0 and summary["crashes"] == []
     assert summary["readers"]["disagree"] == 0
     assert summary["readers"]["agree"] >= 200, summary["readers"]
-    assert "bridge-ws asan:" in res.stdout and "disagree 0" in res.stdout
+    assert "bridge-ws asan:" in stdout and "disagree 0" in stdout

@@ -60,15 +60,12 @@ def _workloads(text: str) -> list[Any]:
 
 
 def _one_workload(text: str) -> Any:
-    from pytest_fastsnap.restore.workload import parse_workloads
+    from pytest_fastsnap.restore.workload import parse_one_workload
 
     try:
-        found = parse_workloads(text)
+        return parse_one_workload(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
-    if len(found) != 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: one workload, e.g. rand:1")
-    return found[0]
 
 
 def run(args: argparse.Namespace) -> int:

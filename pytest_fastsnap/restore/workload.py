@@ -77,3 +77,11 @@ def run_workload(guest: RestoredGuest, workload: Workload,
     return {"workload": workload.key, "done_s": done, "pages": verdict.details["pages"],
             "line": verdict.details["line"],
             "latency": latency.as_dict() if latency is not None else None}
+
+
+def parse_one_workload(text: str) -> Workload:
+    """Exactly one ``ORDER:PERCENT`` workload; ValueError naming what is wrong."""
+    found = parse_workloads(text)
+    if len(found) != 1:
+        raise ValueError(f"{text!r}: one workload, e.g. rand:1")
+    return found[0]

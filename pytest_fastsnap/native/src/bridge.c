@@ -914,6 +914,19 @@ static int send_package(struct bridge *b)
     return 0;
 }
 
+/* One step of holding the eager stream for *wait* s: serve what is queued,
+ * else send the partial eager buffer and nap at most *nap_max* s. */
+static int hold_step(struct bridge *b, double wait, double nap_max)
+{
+    if (atomic_load_explicit(&b->q_pending, memory_order_relaxed))
+        return serve_requests(b);
+    if (b->out_len && flush(b) < 0)
+        return -1;
+    struct timespec ts = {0, (long)((wait < nap_max ? wait : nap_max) * 1e9)};
+    nanosleep(&ts, NULL);
+    return 0;
+}
+
 /* Hold the eager stream to --max-bandwidth, serving requests while waiting. */
 static int throttle(struct bridge *b)
 {
@@ -922,15 +935,8 @@ static int throttle(struct bridge *b)
         double wait = due - now_s(b);
         if (wait <= 0)
             return 0;
-        if (atomic_load_explicit(&b->q_pending, memory_order_relaxed)) {
-            if (serve_requests(b) < 0)
-                return -1;
-            continue;
-        }
-        if (b->out_len && flush(b) < 0)
+        if (hold_step(b, wait, 0.002) < 0)
             return -1;
-        struct timespec ts = {0, (long)((wait < 0.002 ? wait : 0.002) * 1e9)};
-        nanosleep(&ts, NULL);
     }
     return 0;
 }
@@ -946,15 +952,8 @@ static int holdoff(struct bridge *b)
         double now = now_s(b), wait = last ? (double)last / 1e9 + b->holdoff_s - now : 0;
         if (wait <= 0)
             return 0;
-        if (atomic_load_explicit(&b->q_pending, memory_order_relaxed)) {
-            if (serve_requests(b) < 0)
-                return -1;
-            continue;
-        }
-        if (b->out_len && flush(b) < 0)
+        if (hold_step(b, wait, 0.001) < 0)
             return -1;
-        struct timespec ts = {0, (long)((wait < 0.001 ? wait : 0.001) * 1e9)};
-        nanosleep(&ts, NULL);
         b->holdoff_total_s += now_s(b) - now;
     }
     return 0;
