@@ -33,6 +33,7 @@ from pytest_fastsnap.restore import RestoredGuest, RestoreNotRecovered, restore
 from pytest_fastsnap.verdict import Verdict
 
 KILLS = int(os.environ.get("FASTSNAP_RECOVERY_KILLS", "20"))
+PREEMPT_KILLS = int(os.environ.get("FASTSNAP_RECOVERY_PREEMPT_KILLS", "10"))
 PHASES = ("package", "eager", "requests")
 BANDWIDTH = "8"     # MiB/s: the eager stream of ~18 MiB of data takes ~2 s
 
@@ -107,17 +108,20 @@ def tracked() -> Iterator[list[Tracked]]:
 
 
 def bridge(ts: TinySnapshot, vm_factory: VmFactory, tracked: list[Tracked], *,
-           paused: bool, attempts: int = 3, bandwidth: str = BANDWIDTH) -> RestoredGuest:
+           paused: bool, attempts: int = 3, bandwidth: str = BANDWIDTH,
+           preempt: bool = False) -> RestoredGuest:
     g = restore("loader-bridge", ts.snap.path, ts.snap.device_args, vm_factory,
                 offset=ts.snap.offset, paused=paused, wait=False, recover_attempts=attempts,
-                loader_args=("--max-bandwidth", bandwidth))
+                loader_args=("--max-bandwidth", bandwidth), preempt=preempt)
     tracked.append(Tracked(g))
     return g
 
 
+@pytest.mark.parametrize("preempt", [False, True], ids=["one-channel", "preempt"])
 def test_loader_killed_at_random_points_recovers(
         vm_factory: VmFactory, guest_factory: GuestFactory, snapshot_factory: SnapshotFactory,
-        tracked: list[Tracked], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tracked: list[Tracked], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        preempt: bool) -> None:
     """KILLS restores (20 by default), each SIGKILLs its loader once at a seeded
     random point (`package`: the loader stops half-way through the package
     (FASTSNAP_LOADER_INJECT=serve-hang-in-package, one loader) and is killed
@@ -128,7 +132,13 @@ def test_loader_killed_at_random_points_recovers(
     (run *while* the kill happens in the `requests` phase, so page requests
     are outstanding).  Prints the seed and, per kill, the phase, delay, how
     it was recovered and the time from the kill to RESUME_ACK (resume) or to
-    the new destination's postcopy start (restart)."""
+    the new destination's postcopy start (restart).
+
+    With `preempt` (FASTSNAP_RECOVERY_PREEMPT_KILLS restores, 10 by default)
+    the destination has postcopy-preempt on: each resumed loader reopens the
+    preempt channel before POSTCOPY_RESUME and answers the re-sent requests
+    there (its `preempt` stats are present; in the `requests` phase it
+    answered requests on that channel)."""
     seed = int(os.environ.get("FASTSNAP_RECOVERY_SEED", str(time.time_ns() % (1 << 32))))
     print(f"\nFASTSNAP_RECOVERY_SEED={seed}")
     rng = random.Random(seed)
@@ -136,12 +146,13 @@ def test_loader_killed_at_random_points_recovers(
     monkeypatch.setenv("FASTSNAP_LOADER_INJECT", f"serve-hang-in-package:{flag}")
     ts = tiny_snapshot(guest_factory, snapshot_factory)
     rows = []
-    for i in range(KILLS):
+    kills = PREEMPT_KILLS if preempt else KILLS
+    for i in range(kills):
         phase = rng.choice(PHASES)
         paused = phase != "requests"
         if phase == "package":
             flag.touch()
-        g = bridge(ts, vm_factory, tracked, paused=paused)
+        g = bridge(ts, vm_factory, tracked, paused=paused, preempt=preempt)
         checked: list[Verdict] = []
         checker = None
         if phase == "package":
@@ -180,6 +191,11 @@ def test_loader_killed_at_random_points_recovers(
                 assert stats["pages_present"] > 0, stats
                 if phase == "requests":     # the checking guest's faults reached it
                     assert stats["requests_served"] > 0, stats
+                if preempt:     # the resumed loader had its preempt channel again
+                    assert stats["preempt"] is not None and \
+                        stats["time_preempt_resumed_s"] > 0, stats
+                    if phase == "requests":
+                        assert stats["preempt"]["requests_served"] > 0, stats
             else:
                 assert phase == "package", f"kill {i} ({phase}) restarted: {a.cause}"
                 assert g.time_to_running is not None
@@ -208,10 +224,10 @@ def test_loader_killed_at_random_points_recovers(
         t = sorted(r[4] for r in killed if r[3] == kind)
         return (f"{len(t)}: min {t[0]:.3f} median {t[len(t) // 2]:.3f} max {t[-1]:.3f}"
                 if t else "0")
-    print(f"kills: {len(killed)} of {len(rows)} landed, {len(killed)} recovered; "
+    print(f"preempt={preempt} kills: {len(killed)} of {len(rows)} landed, {len(killed)} recovered; "
           f"resume (kill -> RESUME_ACK s) {spread('resume')}; "
           f"restart (kill -> new destination in postcopy s) {spread('restart')}")
-    assert len(killed) >= KILLS * 3 // 4, "too many kills landed after the loader finished"
+    assert len(killed) >= kills * 3 // 4, "too many kills landed after the loader finished"
 
 
 @pytest.mark.parametrize("how", ["attempts-exhausted", "snapshot-removed"])

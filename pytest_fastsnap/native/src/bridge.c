@@ -135,6 +135,7 @@ struct bridge {
     mr_error rp_error;          /* why the return path closed, if it named an E_* */
     struct br_resume resume;    /* --resume: recovery handshake state (rp_lock) */
     double t_bitmaps, t_resume_ack;
+    double t_preempt_resumed;   /* --resume --preempt: the new preempt channel is up */
     double wall_resume_ack;     /* CLOCK_REALTIME at RESUME_ACK, for kill -> ACK */
     uint64_t resume_requests_first; /* requests served before the first eager page */
 
@@ -150,6 +151,8 @@ struct bridge {
 
     mr_error err;               /* first, root-cause failure */
 };
+
+static int preempt_connect(struct bridge *b, uint32_t pongs);
 
 static double now_s(const struct bridge *b)
 {
@@ -1122,6 +1125,16 @@ static int resume_handshake(struct bridge *b)
     if (flush(b) < 0 || wait_resume(b, 0) < 0)
         return -1;
     b->t_bitmaps = now_s(b);
+    /* --preempt: the destination has taken the main connection (it answered
+     * on it), so the next one is its new preempt channel; it must be there
+     * before POSTCOPY_RESUME, whose handler waits for it (see
+     * bridge_resume.h).  PING/PONG 1 checks it was not dropped. */
+    if (b->preempt) {
+        inject_hang(b, "resume-preempt");
+        if (preempt_connect(b, 1) < 0)
+            return -1;
+        b->t_preempt_resumed = now_s(b);
+    }
     pthread_mutex_lock(&b->rp_lock);
     b->resume.resume_sent = 1;
     pthread_mutex_unlock(&b->rp_lock);
@@ -1259,14 +1272,22 @@ static int wait_pongs(struct bridge *b, uint32_t n)
  * connection is refused here rather than found when a page is lost on it. */
 static int preempt_open(struct bridge *b)
 {
-    if (wait_pongs(b, 1) < 0)
-        return -1;
+    return wait_pongs(b, 1) < 0 ? -1 : preempt_connect(b, 2);
+}
+
+/* The second connection, then a PING whose PONG (the `pongs`-th) shows the
+ * destination has (almost always) accepted or dropped it by then.  A new
+ * br_preempt starts with no previous block, so its first record names its
+ * block (a resumed destination's preempt thread may still hold the old
+ * channel's last block). */
+static int preempt_connect(struct bridge *b, uint32_t pongs)
+{
     int fd = br_net_connect(&b->addr, b->connect_timeout, &b->err);
     if (fd < 0)
         return -1;
     uint8_t p[4], peek;
     put_be32(p, PING_PREEMPT);
-    if (emit_cmd(b, CMD_PING, p, 4) < 0 || flush(b) < 0 || wait_pongs(b, 2) < 0) {
+    if (emit_cmd(b, CMD_PING, p, 4) < 0 || flush(b) < 0 || wait_pongs(b, pongs) < 0) {
         close(fd);
         return -1;
     }
@@ -1334,10 +1355,12 @@ static void write_stats(struct bridge *b, FILE *f, int rc)
             b->pongs, b->send_seconds, b->read_seconds, (unsigned long long)b->double_sends);
     fprintf(f, "\"resume\": %s, \"pages_present\": %llu, \"pages_present_zero\": %llu, "
             "\"time_bitmaps_s\": %.6f, \"time_resume_ack_s\": %.6f, "
-            "\"resume_ack_unix_s\": %.6f, \"resume_requests_first\": %llu, ",
+            "\"resume_ack_unix_s\": %.6f, \"resume_requests_first\": %llu, "
+            "\"time_preempt_resumed_s\": %.6f, ",
             b->resume.active ? "true" : "false", (unsigned long long)b->resume.pages_present,
             (unsigned long long)b->resume.pages_present_zero, b->t_bitmaps, b->t_resume_ack,
-            b->wall_resume_ack, (unsigned long long)b->resume_requests_first);
+            b->wall_resume_ack, (unsigned long long)b->resume_requests_first,
+            b->t_preempt_resumed);
     const char *ws_mode = !b->ws_path ? "none" : b->ws_before_run ? "before-run" : "after-run";
     fprintf(f, "\"ws_mode\": \"%s\", \"ws_loaded\": %llu, \"pages_ws\": %llu, "
             "\"ws_recorded\": %llu, \"eager_hold_end_s\": %.6f, ", ws_mode,
@@ -1437,6 +1460,8 @@ static int run(struct bridge *b)
     }
     if (b->resume.active && br_resume_init(&b->resume, b->snap.nblocks, &b->err) < 0)
         return -1;
+    if (b->resume.active)
+        inject_hang(b, "resume-connect");
     if (connect_to(b) < 0 || (!b->resume.active && send_preamble(b) < 0))
         return -1;
     if (pthread_create(&b->rp_thread, NULL, rp_main, b) != 0)
@@ -1551,9 +1576,6 @@ static int parse_options(struct bridge *b, int argc, char **argv, int *json,
                     "answered on the preempt channel are not recorded");
     if (b->ws_mode_set && !b->ws_path)
         return fail(b, E_USAGE, "--ws-mode needs --ws WSFILE");
-    if (b->preempt && b->resume.active)
-        return fail(b, E_USAGE, "--resume with --preempt is not supported: a recovered "
-                    "destination also expects its preempt channel again");
     b->path = argv[optind];
     if ((b->ws_path && !*b->ws_path) || (b->record_ws_path && !*b->record_ws_path))
         return fail(b, E_USAGE, "--ws and --record-ws need a file name");
