@@ -322,15 +322,18 @@ def test_fastsnap_restore_recovers_a_killed_loader(
     assert not _loaders_of(ts.snap.path)
 
 
-@pytest.mark.parametrize("point", ["eager", "requests"])
+@pytest.mark.parametrize("point, preempt", [("eager", False), ("requests", False),
+                                            ("requests", True)])
 def test_asan_loader_resumes(vm_factory: VmFactory, guest_factory: GuestFactory,
                              snapshot_factory: SnapshotFactory, tracked: list[Tracked],
                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                             point: str) -> None:
+                             point: str, preempt: bool) -> None:
     """The ASan+UBSan loader (first and resumed) under a real recovery: stopped
     half-way through the eager stream and killed there, with the guest idle
     (`eager`) or checking its memory meanwhile (`requests`); the resumed
-    loader exits 0 (a sanitizer report would exit 98/99), memory is exact."""
+    loader exits 0 (a sanitizer report would exit 98/99), memory is exact.
+    With `preempt` the resumed loader reopens the preempt channel and answers
+    the re-sent requests there."""
     from pytest_fastsnap.native.loader import ASAN_ENV, loader_path
 
     monkeypatch.setenv("FASTSNAP_LOADER", str(loader_path("asan")))
@@ -338,9 +341,14 @@ def test_asan_loader_resumes(vm_factory: VmFactory, guest_factory: GuestFactory,
         monkeypatch.setenv(key, value)
     flag = tmp_path / "hang"
     flag.touch()
-    monkeypatch.setenv("FASTSNAP_LOADER_INJECT", f"serve-hang-in-eager:{flag}")
+    # With preempt the return-path thread answers requests while the main
+    # thread hangs in the eager stream: hang that thread instead (before its
+    # first answer), under a slow eager stream, so requests stay outstanding.
+    monkeypatch.setenv("FASTSNAP_LOADER_INJECT",
+                       f"serve-hang-in-{'preempt' if preempt else 'eager'}:{flag}")
     ts = tiny_snapshot(guest_factory, snapshot_factory)
-    g = bridge(ts, vm_factory, tracked, paused=point == "eager", bandwidth="0")
+    g = bridge(ts, vm_factory, tracked, paused=point == "eager",
+               bandwidth="2" if preempt else "0", preempt=preempt)
     g.wait_running()
     checked: list[Verdict] = []
     checker = None
@@ -351,7 +359,7 @@ def test_asan_loader_resumes(vm_factory: VmFactory, guest_factory: GuestFactory,
         checker.start()
     deadline = time.monotonic() + 60
     while flag.exists():
-        assert time.monotonic() < deadline, "the loader never reached the eager stream's middle"
+        assert time.monotonic() < deadline, "the loader never reached its hang point"
         time.sleep(0.002)
     time.sleep(0.2)     # let the checking guest fault on pages that are not there
     assert g.loader is not None and "/asan-" in str(g.loader.args[0])
@@ -366,8 +374,12 @@ def test_asan_loader_resumes(vm_factory: VmFactory, guest_factory: GuestFactory,
         assert checked and checked[0], checked
         assert stats["requests_served"] > 0, stats
         # The vCPU waited on a page since the loader hung: QEMU re-sent that
-        # request after RESUME_ACK and it left before any eager page.
-        assert stats["resume_requests_first"] >= 1, stats
+        # request after RESUME_ACK and it left before any eager page (with
+        # preempt: on the reopened preempt channel, from the return path).
+        if preempt:
+            assert stats["preempt"]["requests_served"] >= 1, stats
+        else:
+            assert stats["resume_requests_first"] >= 1, stats
     else:
         assert g.vm.memory_digests([(0, ts.mem)]) == ts.want
         g.vm.qmp("cont")
@@ -394,6 +406,54 @@ def test_connection_dropped_by_the_destination_recovers(
     (a,) = g.recovery.attempts
     assert a.kind == "resume" and "E_DEST_GONE" in a.cause, a
     assert a.loader_stats()["pages_present"] > 0
+    assert g.vm.memory_digests([(0, ts.mem)]) == ts.want
+    g.vm.qmp("cont")
+    g.vm.wait_status("running")
+    assert g.self_check()
+
+
+@pytest.mark.parametrize("point, preempt", [("resume-connect", False), ("resume-connect", True),
+                                            ("resume-preempt", True), ("resume-ack", True)])
+def test_resumed_loader_lost_before_it_connects(
+        vm_factory: VmFactory, guest_factory: GuestFactory,
+        snapshot_factory: SnapshotFactory, tracked: list[Tracked], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, point: str, preempt: bool) -> None:
+    """The first resumed loader is SIGKILLed before it connects
+    (`resume-connect`: the destination has a `migrate-recover` listener and
+    nobody on it) or, with preempt, after its main connection and the
+    RECV_BITMAPs but before the preempt channel (`resume-preempt`), or with
+    both channels up but before POSTCOPY_RESUME (`resume-ack`: the
+    destination has counted a preempt channel that its resume never
+    consumed).  The destination is `postcopy-paused` (nobody connected on
+    the migrate-recover listener) or `postcopy-recover` (checked with
+    query-migrate while the loader hangs), and goes back to paused when the
+    loader dies; the restore resumes again with a second `migrate-recover`,
+    and RAM equals the source's; nothing is left."""
+    flag = tmp_path / "hang"
+    monkeypatch.setenv("FASTSNAP_LOADER_INJECT", f"serve-hang-in-{point}:{flag}")
+    ts = tiny_snapshot(guest_factory, snapshot_factory)
+    g = bridge(ts, vm_factory, tracked, paused=True, bandwidth="2", preempt=preempt)
+    g.wait_running()
+    time.sleep(0.2)
+    first = g.loader
+    flag.touch()
+    assert g.kill_loader() not in (0, None)
+    deadline = time.monotonic() + 30
+    while flag.exists():    # the resumed loader took it: it hangs at `point`
+        assert time.monotonic() < deadline, "no resumed loader reached " + point
+        time.sleep(0.002)
+    assert g.loader is not first
+    status = g.vm.qmp("query-migrate").get("status")
+    print(f"destination while the resumed loader hangs at {point}: {status}")
+    assert status in ("postcopy-paused", "postcopy-recover"), status
+    assert g.kill_loader() == -9
+    g.wait_loaded(timeout=240)
+    assert g.recovery is not None
+    kinds = [(a.kind, a.error) for a in g.recovery.attempts]
+    assert kinds == [("resume", ""), ("resume", "")], kinds
+    stats = g.recovery.attempts[1].loader_stats()
+    assert stats["ok"] and stats["double_sends"] == 0 and stats["pages_present"] > 0, stats
+    assert (stats["preempt"] is not None) == preempt, stats
     assert g.vm.memory_digests([(0, ts.mem)]) == ts.want
     g.vm.qmp("cont")
     g.vm.wait_status("running")

@@ -153,6 +153,7 @@ struct bridge {
 };
 
 static int preempt_connect(struct bridge *b, uint32_t pongs);
+static int inject_due(const char *point);
 
 static double now_s(const struct bridge *b)
 {
@@ -263,6 +264,9 @@ static int preempt_serve(struct bridge *b, uint32_t block, uint64_t start, uint3
     if (b->t_first_request == 0)
         b->t_first_request = t;
     pthread_mutex_unlock(&b->rp_lock);
+    if (inject_due("preempt"))      /* test knob: requests stay outstanding */
+        for (;;)
+            pause();
     if (br_preempt_serve(atomic_load(&b->pre), block, start, len, t) >= 0)
         return 0;
     rp_close(b, "preempt channel failed");   /* check_rp reports the channel's error */
@@ -851,15 +855,26 @@ static int send_setup(struct bridge *b)
 /* Debug knob for recovery tests: FASTSNAP_LOADER_INJECT=serve-hang-in-POINT:FLAG
  * makes the loader that removes FLAG (one loader only, also across restarts)
  * stop at POINT (`package`: half the package is on the wire, so the
- * destination is still reading it; `eager`: half the eager pages are), so a
- * test's SIGKILL lands there. */
-static void inject_hang(struct bridge *b, const char *point)
+ * destination is still reading it; `eager`: half the eager pages are;
+ * `preempt`: the return-path thread, before it answers its first request on
+ * the preempt channel, so requests stay outstanding; --resume only:
+ * `resume-connect` before connecting, `resume-preempt` after the bitmaps,
+ * before the preempt connection, `resume-ack` with both channels up, before
+ * POSTCOPY_RESUME), so a test's SIGKILL lands there.  inject_due() only
+ * checks (any thread); inject_hang() also flushes what the main thread has
+ * built, then stops. */
+static int inject_due(const char *point)
 {
     static const char key[] = "serve-hang-in-";
     const char *v = getenv("FASTSNAP_LOADER_INJECT");
     size_t n = strlen(point);
-    if (!v || strncmp(v, key, sizeof key - 1) != 0 || strncmp(v + sizeof key - 1, point, n) != 0 ||
-        v[sizeof key - 1 + n] != ':' || unlink(v + sizeof key + n) != 0)
+    return v && strncmp(v, key, sizeof key - 1) == 0 && strncmp(v + sizeof key - 1, point, n) == 0
+        && v[sizeof key - 1 + n] == ':' && unlink(v + sizeof key + n) == 0;
+}
+
+static void inject_hang(struct bridge *b, const char *point)
+{
+    if (!inject_due(point))
         return;
     if (b->in_section && section_end(b) < 0)
         return;
@@ -1134,6 +1149,7 @@ static int resume_handshake(struct bridge *b)
         if (preempt_connect(b, 1) < 0)
             return -1;
         b->t_preempt_resumed = now_s(b);
+        inject_hang(b, "resume-ack");
     }
     pthread_mutex_lock(&b->rp_lock);
     b->resume.resume_sent = 1;
