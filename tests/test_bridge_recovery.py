@@ -286,20 +286,23 @@ def _loaders_of(snapshot: Path) -> list[tuple[int, str]]:
     return found
 
 
-@pytest.mark.parametrize("point, kind", [("package", "restart"), ("eager", "resume")])
+@pytest.mark.parametrize("point, kind, preempt", [("package", "restart", False),
+                                                  ("eager", "resume", False),
+                                                  ("eager", "resume", True)])
 def test_fastsnap_restore_recovers_a_killed_loader(
         guest_factory: GuestFactory, snapshot_factory: SnapshotFactory, tmp_path: Path,
-        point: str, kind: str) -> None:
+        point: str, kind: str, preempt: bool) -> None:
     """`fastsnap restore` (default --recover-attempts 3): its loader, stopped in
     the package or half-way through the eager stream and SIGKILLed there, is
     recovered (a fresh start before RUN, QEMU's postcopy recovery after); the
-    command says so, finishes with exit 0 and leaves no loader behind."""
+    command says so, finishes with exit 0 and leaves no loader behind; also
+    `fastsnap restore --preempt` (its resumed loader has `--preempt`)."""
     ts = tiny_snapshot(guest_factory, snapshot_factory)
     flag = tmp_path / "hang"
     flag.touch()
     env = {**os.environ, "FASTSNAP_LOADER_INJECT": f"serve-hang-in-{point}:{flag}"}
     cli = subprocess.Popen([sys.executable, "-m", "pytest_fastsnap.cli", "restore",
-                            str(ts.snap.path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            str(ts.snap.path), *(["--preempt"] if preempt else [])], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True, env=env)
     try:
         deadline = time.monotonic() + 120
@@ -308,7 +311,7 @@ def test_fastsnap_restore_recovers_a_killed_loader(
             assert time.monotonic() < deadline, "the loader never reached the hang point"
             time.sleep(0.005)
         (pid, cmd), = _loaders_of(ts.snap.path)
-        assert "--resume" not in cmd
+        assert "--resume" not in cmd and ("--preempt" in cmd) == preempt
         os.kill(pid, signal.SIGKILL)
         out, err = cli.communicate(timeout=240)
     finally:
@@ -319,6 +322,8 @@ def test_fastsnap_restore_recovers_a_killed_loader(
     assert cli.returncode == 0, err
     assert f"recovery 1: {kind} after loader exited with -9" in out, out
     assert "fully loaded after" in out
+    # The last loader's stats (the resumed one's) have its preempt channel.
+    assert ("pages on the preempt channel" in out) == preempt, out
     assert not _loaders_of(ts.snap.path)
 
 
