@@ -302,8 +302,8 @@ def test_fastsnap_restore_recovers_a_killed_loader(
     flag.touch()
     env = {**os.environ, "FASTSNAP_LOADER_INJECT": f"serve-hang-in-{point}:{flag}"}
     cli = subprocess.Popen([sys.executable, "-m", "pytest_fastsnap.cli", "restore",
-                            str(ts.snap.path), *(["--preempt"] if preempt else [])], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, env=env)
+                            str(ts.snap.path), *(["--preempt"] if preempt else [])],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 120
         while flag.exists():
