@@ -138,19 +138,28 @@ def test_loader_killed_at_random_points_recovers(
     the destination has postcopy-preempt on: each resumed loader reopens the
     preempt channel before POSTCOPY_RESUME and answers the re-sent requests
     there (its `preempt` stats are present; in the `requests` phase it
-    answered requests on that channel)."""
+    answered requests on that channel: there the first loader holds the
+    guest's first request (FASTSNAP_LOADER_INJECT=serve-hang-in-preempt), as
+    its return-path thread would otherwise answer them all before the kill)."""
     seed = int(os.environ.get("FASTSNAP_RECOVERY_SEED", str(time.time_ns() % (1 << 32))))
     print(f"\nFASTSNAP_RECOVERY_SEED={seed}")
     rng = random.Random(seed)
-    flag = tmp_path / "hang-in-package"
-    monkeypatch.setenv("FASTSNAP_LOADER_INJECT", f"serve-hang-in-package:{flag}")
+    flag = tmp_path / "hang"
     ts = tiny_snapshot(guest_factory, snapshot_factory)
     rows = []
     kills = PREEMPT_KILLS if preempt else KILLS
     for i in range(kills):
         phase = rng.choice(PHASES)
         paused = phase != "requests"
-        if phase == "package":
+        # With preempt the return-path thread answers requests at once, so a
+        # guest could finish its check before the kill: its first request on
+        # the preempt channel is held there instead (the `preempt` hang point)
+        # and stays outstanding until the kill.
+        hold = phase == "package" or (preempt and phase == "requests")
+        monkeypatch.setenv("FASTSNAP_LOADER_INJECT",
+                           f"serve-hang-in-{'preempt' if phase == 'requests' else 'package'}:"
+                           f"{flag}")
+        if hold:
             flag.touch()
         g = bridge(ts, vm_factory, tracked, paused=paused, preempt=preempt)
         checked: list[Verdict] = []
@@ -169,6 +178,11 @@ def test_loader_killed_at_random_points_recovers(
             checker = threading.Thread(target=lambda a=agent, out=checked: out.append(
                 a.self_check(timeout=240)), daemon=True)
             checker.start()
+        if hold and phase == "requests":
+            deadline = time.monotonic() + 30
+            while flag.exists():    # the guest's first request is held
+                assert time.monotonic() < deadline, "no request on the preempt channel"
+                time.sleep(0.001)
         time.sleep(delay)
         t_kill = time.time()
         rc = g.kill_loader()
