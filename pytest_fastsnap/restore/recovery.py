@@ -10,6 +10,12 @@ destination did next decides:
   --resume`` on it, which learns the pages the destination has from
   RECV_BITMAP, resumes (POSTCOPY_RESUME / RESUME_ACK), serves the requests
   the destination re-sends first and streams the rest, each page once.
+  With ``preempt`` the resumed loader has ``--preempt`` too: it reopens the
+  postcopy-preempt channel before POSTCOPY_RESUME (the destination waits
+  for it) and answers the re-sent requests there.  A resumed loader lost
+  before it connects leaves the destination ``postcopy-paused`` (QEMU's
+  destination never reports ``postcopy-recover-setup``, a source state), so
+  the next attempt's ``migrate-recover`` replaces the unused listener.
 * gone or failed before the guest ever ran, after the loader itself was
   lost (killed, crashed, an error of its own; the loader died before RUN:
   QEMU 10.0 fails such an incoming migration and exits): **restart**.  If
