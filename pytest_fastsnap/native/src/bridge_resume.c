@@ -46,7 +46,10 @@
  *     the new preempt channel before waking the preempt thread.  A RESUME
  *     sent before the preempt connection would leave the load thread
  *     blocked on that semaphore with no read to fail: `postcopy-active`
- *     with no source, never paused again.  Hence 4 before 5, always.
+ *     with no source, never paused again (seen on 10.0.2 with the order
+ *     reversed and that loader killed: `postcopy-active` for good,
+ *     migrate-pause no help, migrate-recover refused: "can only be run
+ *     when postcopy is paused").  Hence 4 before 5, always.
  *  6. Re-sent requests are answered first: without preempt by the main
  *     thread before any eager page; with preempt by the return-path thread
  *     directly on the new channel, as bare ram records whose first record
