@@ -11,14 +11,16 @@ clear error and nothing left behind.  Seed: ``FASTSNAP_RECOVERY_SEED``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -478,3 +480,90 @@ def test_resumed_loader_lost_before_it_connects(
     g.vm.qmp("cont")
     g.vm.wait_status("running")
     assert g.self_check()
+
+
+class HoldingRelay:
+    """A TCP relay between the loader and the destination that, when the
+    loader's side ends, keeps the destination's side open: what a network
+    partition looks like to the destination (no FIN, no RST)."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.lsock.getsockname()[1]
+        self.socks: list[socket.socket] = []
+        self.threads: list[threading.Thread] = []
+        self._spawn(self._accept)
+
+    def _spawn(self, target: Callable[..., None], *args: object) -> None:
+        t = threading.Thread(target=target, args=args, daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                loader_side, _ = self.lsock.accept()
+                dest_side = socket.create_connection(self.upstream)
+                self.socks += [loader_side, dest_side]
+                self._spawn(self._pump, loader_side, dest_side, False)
+                self._spawn(self._pump, dest_side, loader_side, True)
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket, pass_eof: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+            if pass_eof:        # the destination's end reaches the loader
+                dst.shutdown(socket.SHUT_WR)
+
+    def via(self, uri: str) -> str:
+        return f"tcp:127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        for s in [self.lsock, *self.socks]:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+        for t in self.threads:
+            t.join(timeout=10)
+
+
+def test_destination_left_postcopy_active_is_paused_and_resumed(
+        vm_factory: VmFactory, guest_factory: GuestFactory,
+        snapshot_factory: SnapshotFactory, tracked: list[Tracked]) -> None:
+    """The loader (over TCP, through a relay) is SIGKILLed and its connection
+    stays open on the destination's side (a partition): the destination stays
+    postcopy-active and would never pause by itself.  Recovery tells it to
+    (QMP migrate-pause after PAUSE_AFTER s), then resumes it on a new socket;
+    RAM equals the source's; nothing is left."""
+    ts = tiny_snapshot(guest_factory, snapshot_factory)
+    relays: list[HoldingRelay] = []
+
+    def via(uri: str) -> str:
+        host, port = uri.removeprefix("tcp:").rsplit(":", 1)
+        relays.append(HoldingRelay((host, int(port))))
+        return relays[-1].via(uri)
+
+    try:
+        g = restore("loader-bridge", ts.snap.path, ts.snap.device_args, vm_factory,
+                    offset=ts.snap.offset, paused=True, wait=False, recover_attempts=1,
+                    loader_args=("--max-bandwidth", BANDWIDTH), transport="tcp", loader_via=via)
+        tracked.append(Tracked(g))
+        g.wait_running()
+        time.sleep(0.3)
+        assert g.kill_loader() == -9
+        time.sleep(0.5)     # the destination has not noticed: its connection is open
+        assert g.vm.qmp("query-migrate").get("status") == "postcopy-active"
+        g.wait_loaded(timeout=240)
+        assert g.recovery is not None
+        (a,) = g.recovery.attempts
+        assert a.kind == "resume" and "migrate-pause" in a.cause, a
+        assert a.loader_stats()["pages_present"] > 0
+        assert g.vm.memory_digests([(0, ts.mem)]) == ts.want
+        g.vm.qmp("cont")
+        g.vm.wait_status("running")
+        assert g.self_check()
+    finally:
+        for r in relays:
+            r.close()
