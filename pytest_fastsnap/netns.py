@@ -8,6 +8,15 @@ other, ``tc netem`` adding delay on the link.
             vm = launch_destination()
         loader_prefix = link.exec_prefix(link.ns_a)   # ["ip", "netns", "exec", ns_a]
 
+Delay: ``tc netem`` where the kernel has it (:func:`netem_missing`).  Where
+it does not (this project's 6.18 kernel: no sch_netem, and none of the other
+qdiscs that could hold packets for a time, fq or etf, either; it has htb,
+tbf, the fifos and ingress, which shape rate but add no fixed delay),
+:func:`delay_mechanism` says ``relay``: a
+:class:`pytest_fastsnap.restore.delay_relay.DelayRelay` whose sockets
+:meth:`VethPair.socket_in` makes inside a namespace, so the delayed bytes
+still cross the veth pair.
+
 Names carry our pid (``fsn<pid>x<n>a``/``b``), so :func:`sweep_stale` removes
 the namespaces of a process that was SIGKILLed before its cleanup ran; a
 namespace's veth end goes with it.  Only 10.233.<n>.1/.2 inside the two
@@ -18,10 +27,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import itertools
 import os
 import re
 import shutil
+import socket
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -72,6 +83,26 @@ def netem_missing(link: VethPair) -> str | None:
                 "CONFIG_NET_SCH_NETEM / the sch_netem module)")
     link.delay(0)
     return None
+
+
+@functools.cache
+def delay_mechanism() -> tuple[str, str]:
+    """How delay is added on a veth pair here, probed once per process on a
+    throw-away namespace's loopback: ``("netem", "")`` when ``tc qdisc ...
+    netem`` works, else ``("relay", why netem cannot be used)``.  Callers
+    check :func:`netns_missing` first."""
+    probe = f"fsn{os.getpid()}x999998a"     # matches _STALE: swept if we die here
+    try:
+        _run("ip", "netns", "add", probe)
+        _run("ip", "netns", "exec", probe, "tc", "qdisc", "add", "dev", "lo", "root",
+             "netem", "delay", "1ms")
+        return ("netem", "")
+    except NetnsError as err:
+        return ("relay", f"tc netem unusable: {err} (the kernel needs CONFIG_NET_SCH_NETEM "
+                "/ the sch_netem module)")
+    finally:
+        subprocess.run(["ip", "netns", "delete", probe], capture_output=True, timeout=30,
+                       check=False)
 
 
 def sweep_stale() -> list[str]:
@@ -125,6 +156,12 @@ class VethPair:
                     _setns(own)
             finally:
                 os.close(own)
+
+    def socket_in(self, ns: str, family: int = socket.AF_INET) -> socket.socket:
+        """A new TCP socket of network namespace *ns* (a socket keeps the
+        namespace it was made in, whichever thread uses it later)."""
+        with self.inside(ns):
+            return socket.socket(family, socket.SOCK_STREAM)
 
     def delay(self, ms: float) -> None:
         """netem delay *ms* on ns_a's end (so the round trip grows by *ms*); 0

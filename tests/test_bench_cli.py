@@ -120,10 +120,15 @@ def test_bench_reports_what_the_guest_feels(tmp_path: Path) -> None:
     guest's own TOUCH OK, QEMU's blocktime for the bridge, the QEMU-to-QEMU
     postcopy ceiling with the eager/ceiling ratio, the working-set
     comparison, and qemu-fast skipped with QEMU's reason (10.0 has no fast
-    load).  Figures present and sane; no timing is asserted."""
+    load).  Latency as the guest sees it: a fully loaded guest (precopy)
+    reports ~0 faulted reads, the bridge's random touch reports faulted reads
+    above the guest's threshold; --guest-latency gives both channels.
+    Figures present and sane; no timing is asserted."""
     res = subprocess.run([*FASTSNAP, "bench", "--sizes", "64M", "--repeat", "1", "--probes",
-                          "0", "--workloads", "rand:10,seq:1", "--no-plot", "--strategies",
-                          "qemu-precopy,loader-bridge,qemu-fast"], capture_output=True,
+                          "0", "--workloads", "rand:10,seq:1", "--no-plot",
+                          "--guest-latency", "rand:10", "--strategies",
+                          "qemu-precopy,loader-bridge,loader-bridge+preempt,qemu-fast"],
+                         capture_output=True,
                          text=True, timeout=600, cwd=tmp_path, check=False)
     assert res.returncode == 0, res.stderr
     report = json.loads(next((tmp_path / "fastsnap-bench-results").glob("*.json")).read_text())
@@ -133,19 +138,36 @@ def test_bench_reports_what_the_guest_feels(tmp_path: Path) -> None:
     assert bridge["blocktime_ms"] is not None and bridge["blocktime_ms"] >= 0
     assert bridge["runs"][0]["blocktime"]["vcpu_ms"], bridge["runs"][0]["blocktime"]
     assert result["strategies"]["qemu-precopy"]["blocktime_ms"] is None   # no postcopy
+    # the preempt variant really ran with a preempt channel, the plain one without
+    assert result["strategies"]["loader-bridge+preempt"]["runs"][0]["loader"]["preempt"], result
+    assert not bridge["runs"][0]["loader"]["preempt"], bridge["runs"][0]["loader"]
     if "qemu-fast" not in result["strategies"]:
         assert result["skipped"]["qemu-fast"], result["skipped"]
         assert "qemu-fast: skipped: " in res.stdout
         assert f"64 MiB: qemu-fast skipped: {result['skipped']['qemu-fast']}" in res.stdout
     for key in ("rand:10", "seq:1"):
         per = result["workloads"][key]
-        for strategy in ("qemu-precopy", "loader-bridge"):
+        for strategy in ("qemu-precopy", "loader-bridge", "loader-bridge+preempt"):
             run = per[strategy]["runs"][0]
             assert per[strategy]["done_s"] > 0, (key, strategy)
             assert run["workload"]["line"].startswith("TOUCH OK"), run["workload"]
             assert run["workload"]["pages"] > 0
         assert per["loader-bridge"]["blocktime_ms"] is not None
-        assert f"workload {key}%: loader-bridge" in res.stdout
+        assert f"workload {key}%: loader-bridge " in res.stdout
+        assert f"workload {key}%: loader-bridge+preempt " in res.stdout
+        pages = per["qemu-precopy"]["runs"][0]["workload"]["pages"]
+        assert per["qemu-precopy"]["guest_faulted"] <= max(2, pages // 50), per["qemu-precopy"]
+    rand = result["workloads"]["rand:10"]["loader-bridge"]
+    assert rand["guest_faulted"] > 0 and rand["guest_p50_us"] > 10, rand   # 10: the threshold
+    assert rand["guest_p99_us"] >= rand["guest_p50_us"], rand
+    glat = result["guest_latency"]
+    assert glat["workload"] == "rand:10"
+    for mode in ("no-preempt", "preempt"):
+        st = glat[mode]
+        assert st["faulted"] > 0 and st["p99_us"] >= st["p50_us"] > 10, (mode, st)
+        assert st["p99_over_p50"] == pytest.approx(st["p99_us"] / st["p50_us"]), st
+        assert st["eager_mib_s"] > 0 and st["requests"] > 0, st
+    assert "guest-visible request latency" in res.stdout and " preempt " in res.stdout
     ceiling = result["ceiling"]
     assert ceiling["postcopy_bytes"] > 0 and ceiling["postcopy_mib_s"] > 0, ceiling
     assert len(ceiling["runs"]) == 1 and ceiling["runs"][0]["blocktime"]["vcpu_ms"], ceiling

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import socket
 import struct
 import subprocess
@@ -324,3 +325,65 @@ def test_preempt_channel_closed_later_fails_the_restore(snap: Path, variant: str
         assert dst.proc.returncode == 1, err
         assert "E_DEST_GONE" in err and "postcopy-preempt capability on" in err, err
         assert err.count("\n") == 1, err
+
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.parametrize("variant", ["release", "asan"])
+@pytest.mark.parametrize("listen_late", [False, True], ids=["bind+listen", "listen-later"])
+def test_loader_started_first_connects_when_the_socket_appears(snap: Path, tmp_path: Path,
+                                                               listen_late: bool,
+                                                               variant: str) -> None:
+    """The strategy starts the loader before ``migrate-incoming``: it must
+    wait for a unix socket that does not exist yet (an inotify watch on the
+    directory) and for one bound but not yet listening (ECONNREFUSED), then
+    connect.  The wait is not a busy loop: under a quarter of the wall time
+    in CPU, as the kernel counts it."""
+    path = tmp_path / "late.sock"
+    proc = subprocess.Popen([str(loader_path(variant)), "serve", str(snap),
+                             "--to", f"unix:{path}", "--connect-timeout", "20"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=env(variant))
+    try:
+        time.sleep(1.0)
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert _cpu_seconds(proc.pid) < 0.25 + (0.5 if variant == "asan" else 0.0)
+        with socket.socket(socket.AF_UNIX) as lsock:
+            lsock.bind(str(path))
+            if listen_late:
+                time.sleep(0.3)
+            lsock.listen(1)
+            lsock.settimeout(10)
+            conn, _ = lsock.accept()       # socket.timeout here: the loader never came
+            conn.close()
+        proc.wait(timeout=30)
+        err = proc.stderr.read().decode() if proc.stderr else ""
+        assert "E_CONNECT" not in err, err     # it connected; what failed came after
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+
+def test_unix_socket_in_a_missing_directory_times_out(snap: Path, tmp_path: Path) -> None:
+    """No directory to watch: the loader falls back to polling, still gives up
+    after --connect-timeout with E_CONNECT naming the path, without spinning."""
+    path = tmp_path / "no-such-dir" / "x.sock"
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.monotonic()
+    res = subprocess.run([str(loader_path()), "serve", str(snap), "--to", f"unix:{path}",
+                          "--connect-timeout", "1"], capture_output=True, text=True,
+                         timeout=30, check=False)
+    wall = time.monotonic() - t
+    assert res.returncode == 1, res.stderr
+    assert "E_CONNECT" in res.stderr and str(path) in res.stderr, res.stderr
+    assert wall >= 1.0, wall       # it waited the timeout out, it did not give up at once
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    assert cpu < 0.5 * wall, cpu

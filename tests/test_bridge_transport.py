@@ -9,10 +9,12 @@ and the ASan+UBSan loader both run (a leak or UB fails the loader's exit)."""
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 import re
 import socket
+import statistics
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -23,11 +25,15 @@ import pytest
 from pytest_fastsnap import netns
 from pytest_fastsnap.fixtures import Guest, SnapshotFactory, VmFactory
 from pytest_fastsnap.native.loader import ASAN_ENV, loader_path
+from pytest_fastsnap.plugin_state import CONFIG_KEY
 from pytest_fastsnap.qemu.machine import QemuMachine
 from pytest_fastsnap.qemu.migration import SavedSnapshot
 from pytest_fastsnap.restore import RestoredGuest, restore
+from pytest_fastsnap.restore.delay_relay import DelayRelay
+from pytest_fastsnap.restore.transport import parse_tcp
 
 pytestmark = pytest.mark.fastsnap
+SIOCGSKNS = 0x894C     # linux/sockios.h: the socket's network namespace as an fd
 
 
 def ram_ranges(vm: QemuMachine) -> list[tuple[int, int]]:
@@ -90,25 +96,30 @@ class InNamespace:
         self.vm_factory.own(resource)
 
 
-def probe_pages(g: RestoredGuest, ranges: Sequence[tuple[int, int]], count: int) -> int:
+def probe_pages(g: RestoredGuest, ranges: Sequence[tuple[int, int]], count: int,
+                times: list[float] | None = None) -> int:
     """QEMU's main thread reads *count* pages from the top of RAM (the last the
     eager stream reaches) while the loader streams: page requests.  Returns
-    how many reads were made before the loader finished."""
+    how many reads were made before the loader finished; *times* gets each
+    read's duration (s)."""
     gpa, length = ranges[-1]
     made = 0
     for i in range(count):
         if g.loader is None or g.loader.poll() is not None:
             break
+        t = time.perf_counter()
         g.vm.hmp(f"xp /1xg {gpa + length - (1 + 7 * i) * 4096:#x}")
+        if times is not None:
+            times.append(time.perf_counter() - t)
         made += 1
     return made
 
 
 def check_restore(g: RestoredGuest, want: dict[str, str], ranges: list[tuple[int, int]],
-                  *, probes: int = 0) -> dict[str, Any]:
+                  *, probes: int = 0, read_times: list[float] | None = None) -> dict[str, Any]:
     prober = None
     if probes:
-        prober = threading.Thread(target=probe_pages, args=(g, ranges, probes))
+        prober = threading.Thread(target=probe_pages, args=(g, ranges, probes, read_times))
         prober.start()
     g.wait_loaded()
     if prober is not None:
@@ -141,28 +152,133 @@ def test_tcp_loopback(source: Any, vm_factory: VmFactory, loader_variant: str,
     assert stats["requests_served"] > 0, "no page was requested: the probe reads did nothing"
 
 
-@pytest.mark.parametrize("delay_ms", [0, 1, 10])
+DELAYS_MS = (0, 1, 10)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``delay_mech``: how delay is added between the namespaces here, probed
+    once (``netem``, or ``relay`` on a kernel without sch_netem), so the test
+    id says which one ran.  Without --fastsnap or namespaces nothing is probed
+    (``unprobed``: the test skips, saying why)."""
+    if "delay_mech" not in metafunc.fixturenames:
+        return
+    mech = "unprobed"
+    if metafunc.config.stash[CONFIG_KEY].enabled and netns.netns_missing() is None:
+        mech = netns.delay_mechanism()[0]
+    metafunc.parametrize("delay_mech", [mech])
+
+
+class DelayedPath:
+    """The delay *mech* adds to the loader -> destination direction of a veth
+    pair: ``netem`` on ns_a's end, or a :class:`DelayRelay` inside ns_a (the
+    loader connects to it on ns_a's loopback, it connects to the destination
+    in ns_b across the veth) holding every byte to the destination *ms* ms.
+    Either way a page request's round trip grows by *ms*."""
+
+    def __init__(self, link: netns.VethPair, mech: str, ms: float, vm_factory: VmFactory
+                 ) -> None:
+        self.link, self.mech, self.ms, self.vm_factory = link, mech, ms, vm_factory
+        self.relays: list[DelayRelay] = []
+
+    def __enter__(self) -> DelayedPath:
+        if self.ms and self.mech == "netem":
+            self.link.delay(self.ms)
+        return self
+
+    def via(self, uri: str) -> str:
+        relay = DelayRelay(parse_tcp(uri[4:]), self.ms, to_upstream=1.0,
+                           new_socket=lambda fam: self.link.socket_in(self.link.ns_a, fam))
+        self.vm_factory.own(relay)      # closed at teardown even if we fail first
+        self.relays.append(relay)
+        return f"tcp:127.0.0.1:{relay.port}"
+
+    def restore_args(self) -> dict[str, Any]:
+        return {"loader_via": self.via} if self.ms and self.mech == "relay" else {}
+
+    def __exit__(self, *exc: object) -> None:
+        for relay in self.relays:
+            relay.close()
+        if self.ms and self.mech == "netem":
+            self.link.delay(0)
+
+
 def test_tcp_between_namespaces(source: Any, vm_factory: VmFactory, veth: netns.VethPair,
-                                delay_ms: int) -> None:
+                                delay_mech: str, record_property: Any) -> None:
     """Destination QEMU in one namespace listening on its veth address, the
-    loader in the other, netem adding *delay_ms* to the round trip."""
+    loader in the other; restores with 0, 1 and 10 ms added to the round trip
+    (by *delay_mech*).  Each: RAM identical to the source's, self-check passes,
+    each end in its namespace, and every page QEMU read through the delayed
+    path (HMP reads of not-yet-streamed pages: fault, request, page back) took
+    at least the added delay -- a lower bound the delay imposes, not a speed
+    goal.  Reads at 10 ms are slower than at 0 ms.  Request latency and time to
+    loaded per delay are printed, not asserted."""
     _guest, snap, want, ranges = source
-    if delay_ms and (why := netns.netem_missing(veth)):
-        pytest.skip(why)
-    veth.delay(delay_ms)
-    t = time.monotonic()
-    g = restore("loader-bridge", snap.path, snap.device_args,
-                InNamespace(vm_factory, veth, veth.ns_b), offset=snap.offset, paused=True,
-                transport=f"tcp:{veth.addr_b}:0", loader_prefix=veth.exec_prefix(veth.ns_a),
-                loader_args=("--max-bandwidth", "8"))
-    # Each end really is in its namespace (the loader still streams: 8 MiB/s).
-    assert g.loader is not None and g.vm.pid is not None
-    assert net_ns(g.vm.pid) == net_ns_of(veth.ns_b)
-    assert net_ns(g.loader.pid) == net_ns_of(veth.ns_a) != net_ns(os.getpid())
-    stats = check_restore(g, want, ranges, probes=10)
-    assert stats["transport"] == "tcp"
-    # The netem delay is on the path: a restore costs at least a few round trips.
-    assert time.monotonic() - t >= 3 * delay_ms / 1000
+    mech_why = netns.delay_mechanism()[1]
+    record_property("delay_mechanism", delay_mech)
+    rows = []
+    def one(path: DelayedPath, reads: list[float] | None) -> tuple[dict[str, Any], float, float]:
+        """A restore over *path*: throttled to 8 MiB/s with page reads while it
+        streams when *reads* is a list, else at full speed.  Returns the
+        loader's stats, time to loaded and the whole restore's time."""
+        throttled = reads is not None
+        t = time.monotonic()
+        g = restore("loader-bridge", snap.path, snap.device_args,
+                    InNamespace(vm_factory, veth, veth.ns_b), offset=snap.offset,
+                    paused=True, transport=f"tcp:{veth.addr_b}:0",
+                    loader_prefix=veth.exec_prefix(veth.ns_a),
+                    loader_args=("--max-bandwidth", "8") if throttled else (),
+                    **path.restore_args())
+        if throttled:
+            # Each end really is in its namespace (the loader still streams).
+            assert g.loader is not None and g.vm.pid is not None
+            assert net_ns(g.vm.pid) == net_ns_of(veth.ns_b)
+            assert net_ns(g.loader.pid) == net_ns_of(veth.ns_a) != net_ns(os.getpid())
+        stats = check_restore(g, want, ranges, probes=10 if throttled else 0, read_times=reads)
+        elapsed = time.monotonic() - t
+        assert stats["transport"] == "tcp"
+        g.close()
+        return stats, g.time_to_loaded or 0.0, elapsed
+
+    for delay_ms in DELAYS_MS:
+        reads: list[float] = []
+        with DelayedPath(veth, delay_mech, delay_ms, vm_factory) as path:
+            stats, _, _ = one(path, reads)
+            _, loaded, elapsed = one(path, None)
+            for relay in path.relays:
+                # the relay (in ns_a) carried the stream to ns_b's address, across the veth
+                assert relay.errors == [], relay.errors
+                assert relay.peers and relay.peers[0][0] == veth.addr_b, relay.peers
+                assert net_ns_of_socket(relay.socks[1]) == net_ns_of(veth.ns_a)
+                assert relay.forwarded_up >= stats["pages_data"] * 4096
+            if delay_ms:
+                assert len(path.relays) == 2 or delay_mech == "netem", "no delay on the path"
+                # A restore costs at least a few round trips.
+                assert elapsed >= 3 * delay_ms / 1000
+        assert reads, "no page was read while the loader streamed"
+        slow = [r for r in reads if r < delay_ms / 1000]
+        assert not slow, (f"{len(slow)} of {len(reads)} reads through a {delay_ms} ms delay "
+                          f"took less: {[round(r * 1000, 2) for r in slow]} ms")
+        rows.append((delay_ms, reads, stats, loaded, elapsed))
+    how = {"netem": "tc netem on ns_a's veth end",
+           "relay": f"userspace DelayRelay in ns_a -> veth -> ns_b ({mech_why})"}[delay_mech]
+    print(f"\ndelay added by {how}; page reads during an 8 MiB/s stream, time to loaded "
+          "and the whole restore at full speed")
+    print(" delay ms | reads | read p50 / max ms | loader p50 us | time to loaded s | restore s")
+    for delay_ms, reads, stats, loaded, elapsed in rows:
+        print(f" {delay_ms:8} | {len(reads):5} | {statistics.median(reads) * 1000:7.2f} / "
+              f"{max(reads) * 1000:6.2f} | {stats['latency_us']['p50']:13.0f} | "
+              f"{loaded:16.3f} | {elapsed:9.3f}")
+    by_delay = {d: statistics.median(r) for d, r, *_ in rows}
+    assert by_delay[DELAYS_MS[-1]] > by_delay[0], by_delay
+
+
+def net_ns_of_socket(sock: socket.socket) -> int:
+    """The network namespace (inode) a socket was made in (SIOCGSKNS)."""
+    fd = fcntl.ioctl(sock.fileno(), SIOCGSKNS)
+    try:
+        return os.fstat(fd).st_ino
+    finally:
+        os.close(fd)
 
 
 def net_ns(pid: int) -> int:

@@ -34,26 +34,44 @@ def test_save_inspect_verify_restore(fastsnap_workdir: Path, fastsnap_accel: str
     assert "fully loaded after" in restored.stdout
 
 
+DIRTY_STRIDE = 8   # the tiny guest in dirty mode rewrites every 8th page of its range
+
+
 @pytest.mark.fastsnap
 def test_restore_records_and_replays_a_working_set(fastsnap_workdir: Path,
                                                    fastsnap_accel: str) -> None:
-    """`fastsnap restore --record-ws` writes a file the Python reader accepts,
-    naming as many pages as it says; `--ws` with it restores again."""
-    from pytest_fastsnap.restore.wsfile import read_ws
+    """`fastsnap save --dirty` saves a tiny guest that goes on rewriting pages
+    once restored; `fastsnap restore --record-ws --eager-delay 1` holds the
+    eager stream back for a second, so those writes are page requests.  The
+    file must be of the snapshot's layout (page size, block ids and lengths),
+    list pages the guest's workload wrote (its range, every 8th page), as
+    many as the command says; `--ws` with it restores again, both modes, and
+    says it sent them all."""
+    from pytest_fastsnap.restore.wsfile import check_layout, read_ws, snapshot_layout
+    from pytest_fastsnap.snapshot.format import parse
 
     snap, ws = fastsnap_workdir / "s.img", fastsnap_workdir / "s.ws"
-    saved = _run("save", str(snap), "--mem", "64M", "--accel", fastsnap_accel)
+    saved = _run("save", str(snap), "--mem", "64M", "--accel", fastsnap_accel, "--dirty")
     assert saved.returncode == 0, saved.stderr
-    recorded = _run("restore", str(snap), "--record-ws", str(ws))
+    recorded = _run("restore", str(snap), "--record-ws", str(ws), "--eager-delay", "1")
     assert recorded.returncode == 0, recorded.stderr
-    entries = read_ws(ws).entries
+    assert "only page requests served until" in recorded.stdout, recorded.stdout
+    layout = snapshot_layout(parse(snap))
+    working_set = read_ws(ws)
+    verdict = check_layout(working_set, layout, nonempty=True)
+    assert verdict, verdict
+    entries = working_set.entries
     assert f"recorded a working set of {len(entries)} pages to {ws}" in recorded.stdout
+    ram = [name for name, _ in layout.blocks].index("microvm.ram")
+    start = 0x400000 // 4096    # TinyParams' default range start (pfn; the block starts at 0)
+    written = [p for b, p in entries if b == ram and p >= start and p % DIRTY_STRIDE == 0]
+    assert written, f"none of the {len(entries)} recorded pages is one the workload writes"
     for mode in ("before-run", "after-run"):
         replayed = _run("restore", str(snap), "--ws", str(ws), "--ws-mode", mode)
         assert replayed.returncode == 0, replayed.stderr
         assert "fully loaded after" in replayed.stdout
-        if entries:
-            assert f"working set of {len(entries)} pages sent {mode}" in replayed.stdout
+        assert f"working set of {len(entries)} pages sent {mode}" in replayed.stdout, \
+            replayed.stdout
 
 
 def test_restore_without_manifest_names_the_problem(tmp_path: Path) -> None:

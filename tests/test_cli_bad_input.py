@@ -58,6 +58,7 @@ CASES: list[tuple[str, int]] = [
     ("save {out} --mem 1.5G", USAGE),
     ("save {out} --offset -5", USAGE),
     ("save {out} --offset 12x", USAGE),
+    ("save {out} --guest firmware --dirty", USAGE),
     ("save {dir}", USAGE),
     ("save {missing}/x.img", USAGE),
     ("save {out} --machine bogus", USAGE),  # probes the system QEMU (cached), boots nothing
@@ -82,6 +83,10 @@ CASES: list[tuple[str, int]] = [
     ("restore {snapshot} --ws-mode bogus", USAGE),
     ("restore {snapshot} --record-ws {dir}", USAGE),
     ("restore {snapshot} --strategy qemu-precopy --ws {random}", USAGE),
+    ("restore {snapshot} --eager-delay 0", USAGE),
+    ("restore {snapshot} --eager-delay nan", USAGE),
+    ("restore {snapshot} --eager-delay 1s", USAGE),
+    ("restore {snapshot} --strategy qemu-precopy --eager-delay 1", USAGE),
     # bench: all of it before the first guest boots
     *binary_cases("bench --sizes 32M --qemu-binary {}"),
     ("bench --sizes garbage", USAGE),
@@ -92,6 +97,8 @@ CASES: list[tuple[str, int]] = [
     ("bench --workloads rand:0", USAGE),
     ("bench --workloads bogus:10", USAGE),
     ("bench --workloads rand:10,seq", USAGE),
+    ("bench --guest-latency rand:1,seq:1", USAGE),
+    ("bench --guest-latency rand", USAGE),
     ("bench --results-dir {empty}", USAGE),
     # the native loader's commands
     *file_cases("inspect {}"),
@@ -126,6 +133,7 @@ CASES: list[tuple[str, int]] = [
     *file_cases("fuzz merge {} --out {out}"),
     *file_cases("fuzz loader --duration 1 --seed-file {} --out {out}"),
     ("fuzz loader --duration 0 --out {out}", USAGE),
+    ("fuzz loader --target bogus --out {out}", USAGE),
     # A new subcommand adds its line here (test_every_subcommand_has_cases).
 ]
 

@@ -108,3 +108,94 @@ def test_working_set_reader_fuzzes_clean(tmp_path: Path) -> None:
                          text=True, timeout=600, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Done 20000 runs" in res.stderr, res.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def ws_snapshot(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A snapshot of the working-set harness's layout (pc.ram 64 pages, pc.bios 4)."""
+    from pytest_fastsnap.fuzz.ws_differential import harness_snapshot
+    from pytest_fastsnap.fuzz.wsgen import HARNESS_LAYOUT
+
+    return harness_snapshot(tmp_path_factory.mktemp("ws") / "layout.img", HARNESS_LAYOUT)
+
+
+@pytest.mark.parametrize("variant", ["release", "asan"])
+def test_generated_working_sets_get_one_verdict_from_both_readers(
+        tmp_path: Path, ws_snapshot: Path, variant: str) -> None:
+    """The structure-aware generator (fuzz/wsgen.py) makes valid files and each
+    kind of edit; on every file the loader (`serve --ws --describe`, which
+    lists the entries it read; release and ASan+UBSan) and the Python reader
+    agree: both refuse, or both accept with the same entries in order."""
+    import random
+
+    from pytest_fastsnap.fuzz.ws_differential import compare_ws_readers
+    from pytest_fastsnap.fuzz.wsgen import HARNESS_LAYOUT, MUTATIONS, generate
+
+    rng = random.Random(11)
+    kinds: set[str] = set()
+    accepted = refused = 0
+    for i in range(150 if variant == "release" else 60):
+        kind, data = generate(HARNESS_LAYOUT, rng)
+        path = tmp_path / f"{i}.ws"
+        path.write_bytes(data)
+        verdicts = compare_ws_readers(path, ws_snapshot, HARNESS_LAYOUT, variant=variant)
+        assert verdicts, f"{kind}: {verdicts} ({data.hex()})"
+        kinds.update(kind.split("+"))
+        if kind == "valid":
+            assert verdicts.c is None, f"a valid file refused: {verdicts}"
+        if verdicts.c is None:
+            accepted += 1
+        else:
+            refused += 1
+            assert verdicts.c == "E_WS", verdicts
+    if variant == "release":
+        assert kinds >= {*MUTATIONS, "valid", "hash"}, sorted(kinds)
+    assert accepted and refused
+
+
+def test_ws_differential_catches_a_reader_that_ignores_block_lengths(
+        tmp_path: Path, ws_snapshot: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The comparison can fail: with the Python side's layout check reduced to
+    the block ids, a file recorded on a longer pc.ram is accepted by Python
+    and refused by the loader, and the verdicts say so."""
+    from pytest_fastsnap.fuzz import ws_differential
+    from pytest_fastsnap.fuzz.wsgen import HARNESS_LAYOUT
+    from pytest_fastsnap.restore.wsfile import Layout, WorkingSet, encode_ws
+    from pytest_fastsnap.verdict import Verdict
+
+    longer = [("pc.ram", 65 * 4096), ("pc.bios", 4 * 4096)]
+    path = tmp_path / "longer.ws"
+    path.write_bytes(encode_ws(WorkingSet(4096, longer, [(0, 1)])))
+    assert ws_differential.compare_ws_readers(path, ws_snapshot, HARNESS_LAYOUT)
+
+    def ids_only(ws: WorkingSet, layout: Layout, **_: object) -> Verdict:
+        ok = [n for n, _ in ws.blocks] == [n for n, _ in layout.blocks]
+        return Verdict(ok, "ids only")
+    monkeypatch.setattr(ws_differential, "check_layout", ids_only)
+    verdicts = ws_differential.compare_ws_readers(path, ws_snapshot, HARNESS_LAYOUT)
+    assert not verdicts
+    assert str(verdicts).startswith("C E_WS (exit 2) vs Python ok"), str(verdicts)
+
+
+def test_working_set_campaign_runs_both_readers(tmp_path: Path) -> None:
+    """`fastsnap fuzz loader --target bridge-ws`: libFuzzer on the --ws reader
+    (ASan+UBSan) seeded with 200 structure-aware files, then those and the
+    new corpus inputs through both readers: no crash, no disagreement."""
+    if shutil.which("clang") is None:
+        pytest.skip("clang not found on PATH: libFuzzer needs clang")
+    try:
+        build_fuzzer("asan", "bridge-ws")
+    except FuzzerBuildError as err:
+        pytest.skip(f"libFuzzer harness does not build here: {err}")
+    res = subprocess.run([sys.executable, "-m", "pytest_fastsnap.cli", "fuzz", "loader",
+                          "--target", "bridge-ws", "--duration", "3", "--variant", "asan",
+                          "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, check=False,
+                         env=dict(os.environ))
+    assert res.returncode == 0, res.stdout + res.stderr
+    (summary,) = json.loads((tmp_path / "loader-summary.json").read_text())
+    assert summary["target"] == "bridge-ws" and summary["seeds"] == 200
+    assert summary["execs"] > 0 and summary["crashes"] == []
+    assert summary["readers"]["disagree"] == 0
+    assert summary["readers"]["agree"] >= 200, summary["readers"]
+    assert "bridge-ws asan:" in res.stdout and "disagree 0" in res.stdout

@@ -56,7 +56,8 @@ def test_exit_code(tmp_path: Path, command: str, kind: str, code: int, build: st
     ("--max-bandwidth", "abc"), ("--max-bandwidth", "-1"), ("--io-timeout", "0"),
     ("--io-timeout", "nan"), ("--shut-timeout", "1s"), ("--connect-timeout", ""),
     ("--sndbuf", "12x"), ("--sndbuf", "-4"), ("--offset", "-1"), ("--offset", ""),
-    ("--zero-pages", "some"),
+    ("--zero-pages", "some"), ("--ready-fd", "2"), ("--ready-fd", "x"), ("--ready-fd", ""),
+    ("--eager-holdoff-us", "100001"), ("--eager-holdoff-us", "5us"), ("--eager-holdoff-us", "-1"),
 ])
 def test_serve_numbers_are_strict(tmp_path: Path, option: str, value: str) -> None:
     """``--max-bandwidth abc`` used to mean unlimited (unchecked strtod)."""
@@ -65,7 +66,7 @@ def test_serve_numbers_are_strict(tmp_path: Path, option: str, value: str) -> No
     assert res.returncode == 2, res.stderr
     assert res.stderr.startswith(f"fastsnap-loader serve: E_USAGE: bad value for {option}: ")
     assert res.stdout == ""
-    good = {"--zero-pages": "all", "--offset": "0"}.get(option, "1")
+    good = {"--zero-pages": "all", "--offset": "0", "--ready-fd": "3"}.get(option, "1")
     ok = run_loader(["serve", str(snap), "--describe", option, good], timeout=30)
     assert ok.returncode == 0, ok.stderr
 

@@ -41,6 +41,27 @@ def test_a_wrong_offset_says_where_the_stream_starts(guest: Guest, vm_factory: V
     assert f"{where}: pass offset={OFFSET:#x}" in str(failed.value)
 
 
+@pytest.mark.parametrize("transport", ["unix", "fd", "tcp"])
+def test_bridge_loader_start_is_off_the_restore_clock_only_over_unix(
+        guest: Guest, vm_factory: VmFactory, snapshot_factory: SnapshotFactory,
+        transport: str) -> None:
+    """Over unix the strategy starts the loader before ``migrate-incoming``
+    (its start-up is no more part of time to running than QEMU's is), and it
+    still connects only once the destination listens; fd and tcp need the
+    destination first, so their loader starts after."""
+    snap = snapshot_factory(guest.vm)
+    with restore("loader-bridge", snap.path, snap.device_args, vm_factory,
+                 transport=transport) as restored:
+        assert restored.self_check()
+        restored.wait_loaded(120)
+        summary = restored.summary()
+        spawned = summary["loader_spawned_at_s"]
+        connected = summary["loader_started_at_s"] + summary["loader"]["time_connected_s"]
+        assert (spawned < 0) == (transport == "unix"), summary
+        assert connected >= 0, summary      # never before migrate-incoming
+        assert summary["time_to_running_s"] > 0, summary
+
+
 def test_restore_precopy_resume_runs_the_guest(guest: Guest, restore_precopy: object,
                                                snapshot_factory: SnapshotFactory) -> None:
     snap = snapshot_factory(guest.vm)

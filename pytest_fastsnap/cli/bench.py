@@ -39,12 +39,12 @@ def _sizes(text: str) -> list[int]:
 
 
 def _strategies(text: str) -> list[str]:
-    from pytest_fastsnap.restore.strategies import STRATEGIES
+    from pytest_fastsnap.restore.bench import BENCH_STRATEGIES
 
     names = [s for s in text.split(",") if s]
-    bad = [s for s in names if s not in STRATEGIES]
+    bad = [s for s in names if s not in BENCH_STRATEGIES]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(STRATEGIES)}")
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(BENCH_STRATEGIES)}")
     return names
 
 
@@ -57,6 +57,18 @@ def _workloads(text: str) -> list[Any]:
         return parse_workloads(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _one_workload(text: str) -> Any:
+    from pytest_fastsnap.restore.workload import parse_workloads
+
+    try:
+        found = parse_workloads(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if len(found) != 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: one workload, e.g. rand:1")
+    return found[0]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
         run_bench(args.sizes, binary=binary, repeat=args.repeat, strategies=args.strategies,
                   probes=args.probes, results_dir=results_dir,
                   draw=not (args.no_plot or no_plot), workloads=args.workloads,
-                  ceiling=not args.no_ceiling, ws=not args.no_ws)
+                  ceiling=not args.no_ceiling, ws=not args.no_ws,
+                  guest_latency=args.guest_latency)
     except (OSError, QemuError, RestoreFailed, MigrationFailed) as err:
         raise CliError(one_line(err)) from None
     return 0
@@ -86,9 +99,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat", type=int_arg(minimum=1), default=3,
                    help="restores per strategy and size; medians are reported (default 3)")
     p.add_argument("--strategies", type=_strategies,
-                   default=["qemu-precopy", "loader-bridge"],
-                   help="comma-separated: qemu-precopy, qemu-fast, loader-bridge "
-                   "(default qemu-precopy,loader-bridge)")
+                   default="qemu-precopy,loader-bridge,loader-bridge+preempt",
+                   help="comma-separated: qemu-precopy, qemu-fast, loader-bridge, "
+                   "loader-bridge+preempt (the bridge with the postcopy-preempt channel) "
+                   "(default qemu-precopy,loader-bridge,loader-bridge+preempt)")
     p.add_argument("--probes", type=int_arg(minimum=0), default=200,
                    help="demand reads in the latency run (0: no latency run; default 200)")
     p.add_argument("--qemu-binary", default=os.environ.get("QEMU_BINARY", "qemu-system-x86_64"),
@@ -105,6 +119,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip the QEMU-to-QEMU postcopy migration (the ceiling)")
     p.add_argument("--no-ws", action="store_true",
                    help="skip the working-set prefetch comparison (loader-bridge)")
+    p.add_argument("--guest-latency", type=_one_workload, default=None, metavar="ORDER:PERCENT",
+                   help="also measure request latency as the guest sees it: loader-bridge "
+                   "with and without preempt, this workload (e.g. rand:1) started right "
+                   "after RUN while the eager stream runs, --repeat times each")
 
 
 DESCRIPTION = """\
@@ -118,12 +136,19 @@ tiny guest reads and checks a share of its memory as soon as it runs (time
 from migrate-incoming to its TOUCH OK, and QEMU's postcopy blocktime); a
 QEMU-to-QEMU postcopy migration of the same guest (the ceiling any postcopy
 source can reach on this destination); and the bridge's working-set
-prefetch (--record-ws, then --ws before/after RUN) on rand:10.
+prefetch (--record-ws, then --ws before/after RUN) on rand:10.  Every
+workload row also gives latency as the guest sees it (the tiny guest times
+each touched page's first read: faulted reads, p50/p99, p99/p50);
+--guest-latency rand:1 adds the issue #11 goal run: loader-bridge with and
+without postcopy-preempt, the workload started right after RUN while the
+eager stream runs at full speed.
 Writes bench-restore-STAMP.json and .png (the PNG needs matplotlib:
 pip install 'pytest-fastsnap[bench]'; without it, table and JSON only).
 Columns: benchmarks/README.md.
 
   fastsnap bench --sizes 256M,1G,4G --repeat 3
+  fastsnap bench --sizes 1G,4G --strategies loader-bridge --workloads none \
+      --no-ceiling --no-ws --probes 0 --guest-latency rand:1
 """
 
 

@@ -18,6 +18,7 @@ from pytest_fastsnap.cli.common import (
     int_arg,
     one_line,
     output_file,
+    seconds_arg,
     temp_workdir,
     validate_qemu_binary,
 )
@@ -30,7 +31,8 @@ def restore_cli(snapshot: Path, qemu_binary: str | None = None, *,
                 strategy: str = "loader-bridge", keep_running: bool = False,
                 recover_attempts: int | None = None, out: TextIO = sys.stdout,
                 ws: Path | None = None, record_ws: Path | None = None,
-                ws_mode: str = "after-run", to: str = "unix", preempt: bool = False) -> int:
+                ws_mode: str = "after-run", to: str = "unix", preempt: bool = False,
+                eager_delay: float | None = None) -> int:
     """Restore *snapshot* on the system QEMU with the arguments recorded in
     ``<snapshot>.json``; print time to running and time to fully loaded.
 
@@ -44,10 +46,17 @@ def restore_cli(snapshot: Path, qemu_binary: str | None = None, *,
     :func:`pytest_fastsnap.restore.strategies.restore`).  *to* (bridge):
     ``unix`` or ``tcp:HOST:PORT`` (the destination listens there, the loader
     connects; port 0: any free port); *preempt*: the postcopy-preempt channel.
+    *eager_delay* (bridge): for that many seconds after the guest starts the
+    loader serves only page requests (what a ``record_ws`` run then records
+    is what the guest touched, not what the eager stream happened to send
+    first), then streams the rest.
     """
     try:
         if recover_attempts is not None and strategy != "loader-bridge":
             raise UsageError(f"--recover-attempts applies to --strategy loader-bridge only, "
+                             f"not {strategy}")
+        if eager_delay is not None and strategy != "loader-bridge":
+            raise UsageError(f"--eager-delay applies to --strategy loader-bridge only, "
                              f"not {strategy}")
         if (ws or record_ws) and strategy != "loader-bridge":
             raise UsageError(f"--ws and --record-ws need --strategy loader-bridge, "
@@ -63,6 +72,8 @@ def restore_cli(snapshot: Path, qemu_binary: str | None = None, *,
         bridge_kw: dict[str, Any] = {"ws": ws, "record_ws": record_ws, "ws_mode": ws_mode}
         if strategy == "loader-bridge":
             bridge_kw.update(transport=to, preempt=preempt)
+        if eager_delay is not None:
+            bridge_kw["loader_args"] = ("--eager-delay", f"{eager_delay:.6f}")
         return _restore(snapshot, qemu_binary, strategy, keep_running, out, bridge_kw,
                         recover_attempts)
     except CliError as err:
@@ -151,6 +162,10 @@ def _restore(snapshot: Path, qemu_binary: str | None, strategy: str, keep_runnin
                     print(f"loader: working set of {stats['ws_loaded']} pages sent "
                           f"{stats.get('ws_mode')}, {stats.get('pages_ws', 0)} of them not "
                           "yet sent otherwise", file=out, flush=True)
+                if stats.get("eager_hold_end_s"):
+                    print(f"loader: only page requests served until "
+                          f"{stats['eager_hold_end_s']:.3f} s (--eager-delay)", file=out,
+                          flush=True)
                 if record_ws_path := bridge_kw.get("record_ws"):
                     print(f"loader: recorded a working set of {stats.get('ws_recorded', 0)} "
                           f"pages to {record_ws_path}", file=out, flush=True)
@@ -175,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
                        strategy=args.strategy, keep_running=args.keep_running,
                        recover_attempts=args.recover_attempts,
                        ws=args.ws, record_ws=args.record_ws, ws_mode=args.ws_mode,
-                       to=args.to, preempt=args.preempt)
+                       to=args.to, preempt=args.preempt, eager_delay=args.eager_delay)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -210,4 +225,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--ws-mode", default="after-run", choices=("before-run", "after-run"),
                    help="when --ws pages go: before the guest runs, or at the head of the "
                    "eager stream (default after-run)")
+    p.add_argument("--eager-delay", type=seconds_arg(), default=None, metavar="S",
+                   help="loader-bridge: serve only the guest's page requests for S seconds "
+                   "after it starts, then stream the rest (so --record-ws records what the "
+                   "guest touched)")
     p.set_defaults(func=run)

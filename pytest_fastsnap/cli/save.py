@@ -45,6 +45,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="file offset of the stream (file:PATH,offset=N; 0x hex accepted)")
     p.add_argument("--multifd", action="store_true")
     p.add_argument("--live", action="store_true", help="save without stopping the guest")
+    p.add_argument("--dirty", action="store_true",
+                   help="tiny guest: saved while rewriting every 8th page of its range, so "
+                   "the restored guest goes on writing pages at once (a workload)")
     p.set_defaults(func=run)
 
 
@@ -76,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
     from pytest_fastsnap.qemu.probe import ProbeError, probe
     from pytest_fastsnap.restore.manifest import manifest_path, write_manifest
 
+    if args.dirty and args.guest != "tiny":
+        raise UsageError(f"--dirty is for the tiny guest, not {args.guest}")
     mem_mib = _check_mem(args.guest, args.mem)
     out = output_file(args.output, "snapshot")
     output_file(manifest_path(out), "manifest")
@@ -93,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     machine = qemu.resolve_machine(machine)
     extra: list[str]
     if args.guest == "tiny":
-        params = TinyParams(size=(mem_mib - 8) * MiB)
+        params = TinyParams(size=(mem_mib - 8) * MiB, mode="dirty" if args.dirty else "static")
         extra = tiny_args(tiny_kernel(), params)
     elif args.guest == "linux":
         kernel, initrd = linux_image()

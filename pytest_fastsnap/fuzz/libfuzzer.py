@@ -1,5 +1,6 @@
-"""``fastsnap fuzz loader``: libFuzzer on the C parser (``src/fuzz_format.c``) and on
-the postcopy bridge's return-path message parser (``src/fuzz_bridge_rp.c``).
+"""``fastsnap fuzz loader``: libFuzzer on the C parser (``src/fuzz_format.c``), on
+the postcopy bridge's return-path message parser (``src/fuzz_bridge_rp.c``) and
+on the bridge's working-set file reader (``src/fuzz_bridge_ws.c``).
 
 Built by ``native/fuzz/build.sh`` (the OSS-Fuzz convention: ``$CC $CFLAGS ...
 $LIB_FUZZING_ENGINE``) into the cache, in two variants: ``asan`` (ASan +
@@ -11,7 +12,13 @@ dictionary names the format's magic numbers and record types.  Executions
 are counted per variant across runs (``stats.json`` in the cache).  A crash
 is copied to ``--out`` as a reproducer with the command that replays it.
 Every corpus file the run added also goes through both readers (C and
-Python); disagreements are reported.
+Python); disagreements are reported.  The working-set target is seeded with
+structure-aware files (:mod:`.wsgen`: valid ones and ones with edits to the
+header, block list, counts, entries, length or hash), and those seeds plus
+the run's new corpus files (as the harness sees them: hash fixed up) go
+through the loader's ``serve --ws --describe`` and ``restore.wsfile``
+against a snapshot of the harness's layout (:mod:`.ws_differential`): both
+refuse, or both accept with the same entries.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import argparse
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -32,7 +40,8 @@ from typing import Any
 
 from filelock import FileLock
 
-from pytest_fastsnap.fuzz import extents
+from pytest_fastsnap.fuzz import extents, wsgen
+from pytest_fastsnap.fuzz import ws_differential as ws_differential_mod
 from pytest_fastsnap.fuzz.differential import compare_readers
 from pytest_fastsnap.native.loader import SOURCE_DIR
 from pytest_fastsnap.qemu import process
@@ -55,7 +64,9 @@ SANITIZERS = {
             "-fno-sanitize-recover=all -fsanitize=fuzzer-no-link",
     "release": "-O2 -g -fsanitize=fuzzer-no-link",
 }
-MAX_LEN = {"format": 256_000, "bridge-rp": 4096}
+MAX_LEN = {"format": 256_000, "bridge-rp": 4096, "bridge-ws": 4096}
+TARGETS = ("format", "bridge-rp", "bridge-ws")
+WS_SEEDS = 200      # structure-aware working-set files per run (seeds, all compared)
 HARNESS = {"format": "fuzz_format", "bridge-rp": "fuzz_bridge_rp", "bridge-ws": "fuzz_bridge_ws"}
 # Return-path seeds: SHUT 0, PONG 3 (package loaded), REQ_PAGES_ID pc.ram page 1, REQ_PAGES;
 # RECV_BITMAP of pc.ram (64 pages: 8 bytes, end mark), of pc.bios with padding bits set,
@@ -183,8 +194,39 @@ def add_execs(variant: str, execs: int, crashes: int) -> dict[str, Any]:
     return stats
 
 
+def ws_seeds(seeds: Path, rng_seed: int, count: int = WS_SEEDS) -> int:
+    """Write *count* structure-aware working-set files (:mod:`.wsgen`) named
+    for what was done to them."""
+    seeds.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(rng_seed)
+    for i in range(count):
+        kind, data = wsgen.generate(wsgen.HARNESS_LAYOUT, rng)
+        (seeds / f"{i:04d}-{kind}").write_bytes(data)
+    return count
+
+
+def ws_differential(files: list[Path], tmp: Path, keep: Path) -> tuple[int, list[str]]:
+    """Each file as the harness reads it, through both working-set readers
+    against a snapshot of the harness's layout.  Returns how many agreed and
+    a line per disagreement; each disagreeing input is copied to *keep*."""
+    snap = ws_differential_mod.harness_snapshot(tmp / "ws-layout.img", wsgen.HARNESS_LAYOUT)
+    ws_file = tmp / "input.ws"
+    agree, lines = 0, []
+    for path in files:
+        ws_file.write_bytes(wsgen.harness_fixup(path.read_bytes()))
+        verdicts = ws_differential_mod.compare_ws_readers(ws_file, snap, wsgen.HARNESS_LAYOUT)
+        if verdicts:
+            agree += 1
+            continue
+        keep.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ws_file, keep / path.name)
+        lines.append(f"{path.name}: {verdicts}")
+    return agree, lines
+
+
 def run_fuzzer(variant: str, duration: float, out: Path, *, seed_files: list[Path],
-               target: str = "format", differential_limit: int = 2000) -> dict[str, Any]:
+               target: str = "format", differential_limit: int = 2000,
+               rng_seed: int = 0) -> dict[str, Any]:
     """Run the *target* harness for *duration* seconds; return what happened."""
     binary = build_fuzzer(variant, target)
     corpus = cache_dir() / f"corpus-{target}"
@@ -197,6 +239,8 @@ def run_fuzzer(variant: str, duration: float, out: Path, *, seed_files: list[Pat
         if target == "format":
             nseeds = seed_corpus(seeds, seed_files)
             dictionary = [f"-dict={binary.parent}/fuzz_format.dict"]
+        elif target == "bridge-ws":
+            nseeds, dictionary = ws_seeds(seeds, rng_seed), []
         else:
             seeds.mkdir()
             for name, blob in RP_SEEDS.items():
@@ -219,15 +263,20 @@ def run_fuzzer(variant: str, duration: float, out: Path, *, seed_files: list[Pat
             finally:
                 process.kill(proc)
                 seconds = time.monotonic() - started
+        new = sorted(p for p in corpus.iterdir() if p.name not in before)
+        agree = disagree = 0
+        disagreements: list[str] = []
+        if target == "bridge-ws":   # the seeds too: they are the structure-aware inputs
+            agree, disagreements = ws_differential(
+                sorted(seeds.iterdir()) + new[:differential_limit], Path(tmp),
+                out / f"ws-disagreements-{variant}")
+            disagree = len(disagreements)
     text = log_path.read_text(errors="replace")
     m = EXECS.search(text) or DONE.search(text)
     status = STATUS.findall(text)  # killed runs print no final stats: the last status line
     execs = int(m[1]) if m else int(status[-1]) if status else 0
     crashes = sorted(p for p in crashes_dir.iterdir() if p.is_file())
     stats = add_execs(f"{target}-{variant}", execs, len(crashes))
-    new = sorted(p for p in corpus.iterdir() if p.name not in before)
-    agree = disagree = 0
-    disagreements = []
     decoded = out / "decoded.img"
     for path in new[:differential_limit] if target == "format" else ():
         verdicts = compare_readers(extents.decode_to(path.read_bytes(), decoded))
@@ -253,8 +302,9 @@ def add_parser(fsub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p = fsub.add_parser("loader", help="libFuzzer on the C parser (release + ASan/UBSan)")
     p.add_argument("--duration", type=float, default=60.0, help="seconds per variant")
     p.add_argument("--variant", choices=("asan", "release", "both"), default="asan")
-    p.add_argument("--target", choices=("format", "bridge-rp", "all"), default="format",
-                   help="the mapped-ram parser, the bridge's return-path parser, or both")
+    p.add_argument("--target", choices=(*TARGETS, "all"), default="format",
+                   help="the mapped-ram parser, the bridge's return-path parser, its "
+                   "working-set file reader, or all three")
     p.add_argument("--seed-file", action="append", default=[], type=Path,
                    help="a snapshot to compact into a seed (repeatable)")
     p.add_argument("--out", default="fuzz-loader-out")
@@ -273,7 +323,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     variants = ("release", "asan") if args.variant == "both" else (args.variant,)
-    targets = ("format", "bridge-rp") if args.target == "all" else (args.target,)
+    targets = TARGETS if args.target == "all" else (args.target,)
     results = []
     try:
         for target in targets:

@@ -15,8 +15,13 @@ Console protocol (COM1; the machine class wires ``-serial``):
   ``DIRTYING gen=P``; ``I`` repeats the READY line.
 * the workload: digits, then ``T`` (ascending) or ``R`` (seeded random order,
   each page once): read and check that many per mille of the range's pages ->
-  ``TOUCH OK order=seq|rand permille=N pages=K gen=P`` or ``TOUCH FAIL page=...``
-  (as ``CHECK FAIL``); :meth:`TinyGuest.touch`.
+  ``TOUCH OK order=seq|rand permille=N pages=K gen=P us=.. tsc_khz=..
+  lat_thresh_us=10 faulted=F lat_p50_us=.. lat_p90_us=.. lat_p99_us=..
+  lat_max_us=.. lat_res=16`` or ``TOUCH FAIL page=...`` (as ``CHECK FAIL``);
+  :meth:`TinyGuest.touch`.  The timing fields (the first read of every
+  touched page, rdtsc against a boot-time PIT calibration) are explained in
+  :mod:`pytest_fastsnap.guests.touch_latency`; the READY line carries
+  ``tsc_khz=`` too.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from filelock import FileLock
 
 from pytest_fastsnap.guests.agent import CHECK_RE, ConsoleAgent, check_verdict
 from pytest_fastsnap.guests.pattern import PAGE_SIZE, check_range
+from pytest_fastsnap.guests.touch_latency import parse_touch_latency
 from pytest_fastsnap.verdict import Verdict
 from pytest_fastsnap.workdirs import cache_dir
 
@@ -242,12 +248,17 @@ class TinyGuest(ConsoleAgent):
         """The workload: the guest reads and checks *permille* per mille of its
         pages, ascending (``seq``) or in its seeded random order (``rand``,
         :func:`pytest_fastsnap.guests.pattern.touch_order`); falsy on a bad
-        page, naming it.  ``details``: ``pages`` touched, ``order``, ``line``."""
+        page, naming it.  ``details``: ``pages`` touched, ``order``, ``line``,
+        and ``latency``: the guest-timed first reads
+        (:class:`~pytest_fastsnap.guests.touch_latency.TouchLatency`, None
+        from a guest built before it reported them)."""
         send = touch_command(permille, order)
         line = self.command(send, r"TOUCH (OK|FAIL)[^\r\n]*\r?\n", timeout)
         verdict = check_verdict(line.replace("TOUCH", "CHECK", 1), self.vm.name)
+        latency = parse_touch_latency(line) if verdict else None
         # the guest's own TOUCH line in details
-        return Verdict(verdict.ok, verdict.reason, {**verdict.details, "line": line.strip()})
+        return Verdict(verdict.ok, verdict.reason,
+                       {**verdict.details, "line": line.strip(), "latency": latency})
 
     def last_check_line(self) -> str:
         lines = [ln for ln in self.console.text.splitlines() if ln.startswith("CHECK ")]

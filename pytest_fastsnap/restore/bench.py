@@ -8,10 +8,17 @@ mapped-ram, then restore it with each strategy ``repeat`` times and report
   ``migrate-incoming``), and their ratios against ``qemu-precopy``;
 - the bridge's eager throughput against a plain sequential read of the
   same page region (warm page cache, 1 MiB reads);
+- ``loader-bridge+preempt``: the bridge with the postcopy-preempt channel;
 - page-request latency p50/p99 from the bridge's own histogram, in a
   separate bridge run where the QEMU main thread reads random not-yet-sent
   pages (HMP ``xp``) while the eager stream is going (an idle firmware
-  guest faults on almost nothing by itself).
+  guest faults on almost nothing by itself);
+- per workload and strategy, latency as the guest sees it: the tiny guest
+  times the first read of each page it touches (faulted reads, their
+  p50/p99 and p99/p50);
+- with *guest_latency* (``--guest-latency rand:1``), the goal measurement of
+  issue #11: loader-bridge with and without preempt, the workload started
+  right after RUN while the eager stream runs (:mod:`.guest_latency`).
 
     fastsnap bench --sizes 256M,1G,4G --repeat 3
     python benchmarks/bench_restore.py --sizes 256M
@@ -41,7 +48,10 @@ from pytest_fastsnap.qemu.machine import QemuMachine
 from pytest_fastsnap.qemu.migration import save_snapshot
 from pytest_fastsnap.qemu.probe import probe
 from pytest_fastsnap.restore.ceiling import postcopy_ceiling
+from pytest_fastsnap.restore.guest_latency import format_rows as guest_latency_rows
+from pytest_fastsnap.restore.guest_latency import guest_latency_runs
 from pytest_fastsnap.restore.strategies import (
+    STRATEGIES,
     RestoredGuest,
     RestoreUnsupported,
     loader_binary,
@@ -52,6 +62,12 @@ from pytest_fastsnap.restore.workload import Workload, run_workload
 from pytest_fastsnap.snapshot.format import parse
 
 MiB = 1 << 20
+BRIDGE = "loader-bridge"
+# The bridge with QEMU's postcopy-preempt channel: requested pages do not
+# queue behind the eager stream (restore(..., preempt=True)).
+BRIDGE_PREEMPT = "loader-bridge+preempt"
+BENCH_STRATEGIES = (*STRATEGIES, BRIDGE_PREEMPT)
+DEFAULT_STRATEGIES = ("qemu-precopy", BRIDGE, BRIDGE_PREEMPT)
 DEFAULT_RESULTS = Path("fastsnap-bench-results")  # relative: under the current directory
 
 
@@ -105,14 +121,25 @@ def _probe_demand(guest: RestoredGuest, ranges: list[tuple[int, int]], count: in
         out.append((time.perf_counter() - t) * 1e6)
 
 
+def bench_strategy(name: str) -> tuple[str, dict[str, Any]]:
+    """A bench strategy name as (restore strategy, its restore() options)."""
+    if name not in BENCH_STRATEGIES:
+        raise ValueError(f"unknown bench strategy {name!r}; one of {', '.join(BENCH_STRATEGIES)}")
+    return (BRIDGE, {"preempt": True}) if name == BRIDGE_PREEMPT else (name, {})
+
+
 def _one(strategy: str, snap: Path, device_args: Sequence[str], binary: str, workdir: Path,
          *, probes: int = 0, ranges: list[tuple[int, int]] | None = None,
          workload: Workload | None = None, eager_hold: float = 0.0,
          **restore_kw: Any) -> dict[str, Any]:
-    """One restore; with *eager_hold* the bridge serves only requests until
-    the workload is done (``--eager-delay``, ended by SIGUSR1)."""
+    """One restore with bench strategy *strategy* (:data:`BENCH_STRATEGIES`);
+    with *eager_hold* the bridge serves only requests until the workload is
+    done (``--eager-delay``, ended by SIGUSR1)."""
+    strategy, variant_kw = bench_strategy(strategy)
+    restore_kw = {**variant_kw, **restore_kw}
     if eager_hold:
-        restore_kw["loader_args"] = ["--eager-delay", f"{eager_hold:g}"]
+        restore_kw["loader_args"] = [*restore_kw.get("loader_args", ()),
+                                     "--eager-delay", f"{eager_hold:g}"]
     guest = restore(strategy, snap, device_args, machine_factory(binary, workdir, name=strategy),
                     timeout=600, **restore_kw)
     try:
@@ -196,7 +223,9 @@ def _blocktime_ms(run: dict[str, Any]) -> float | None:
 def bench_size(size: int, *, binary: str, workdir: Path, repeat: int,
                strategies: Sequence[str], probes: int, log: Any,
                machine: str = "q35", workloads: Sequence[Workload] = (),
-               ceiling: bool = True, ws: bool = True) -> dict[str, Any]:
+               ceiling: bool = True, ws: bool = True,
+               guest_latency: Workload | None = None,
+               guest_latency_loader_args: Sequence[str] = ()) -> dict[str, Any]:
     snap, device_args, ranges, save_s = make_snapshot(size, binary=binary, workdir=workdir,
                                                       machine=machine, log=log)
     data_bytes = sum(n for _, n in ranges)
@@ -253,6 +282,11 @@ def bench_size(size: int, *, binary: str, workdir: Path, repeat: int,
     if ws and "loader-bridge" in strategies and "loader-bridge" not in skipped:
         ws_runs = working_set_runs(snap, device_args, binary, workdir, log,
                                    Workload("rand", 100), repeat)
+    glat = None
+    if guest_latency is not None and "loader-bridge" in strategies \
+            and "loader-bridge" not in skipped:
+        glat = guest_latency_runs(_one, snap, device_args, binary, workdir, log,
+                                  guest_latency, repeat, guest_latency_loader_args)
     demand = None
     if probes and "loader-bridge" in strategies and "loader-bridge" not in skipped:
         demand = _one("loader-bridge", snap, device_args, binary, workdir, probes=probes,
@@ -285,10 +319,13 @@ def bench_size(size: int, *, binary: str, workdir: Path, repeat: int,
         summary["workloads"][key] = {
             strategy: {"done_s": _med([x["workload"]["done_s"] for x in these]),
                        "blocktime_ms": _med([_blocktime_ms(x) for x in these]),
+                       **_guest_figures(these),
                        "runs": these}
             for strategy, these in per.items()}
     if ws_runs is not None:
         summary["working_set"] = ws_runs
+    if glat is not None:
+        summary["guest_latency"] = glat
     if demand is not None:
         summary["demand_run"] = demand
     return summary
@@ -329,6 +366,16 @@ def working_set_runs(snap: Path, device_args: Sequence[str], binary: str, workdi
     return out
 
 
+def _guest_figures(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over restores of the guest-timed first reads: faulted count,
+    p50/p99 (us) and each run's p99/p50."""
+    lats = [(x.get("workload") or {}).get("latency") or {} for x in runs]
+    return {"guest_faulted": _med([x.get("faulted") for x in lats]),
+            "guest_p50_us": _med([x.get("p50_us") for x in lats]),
+            "guest_p99_us": _med([x.get("p99_us") for x in lats]),
+            "guest_p99_over_p50": _med([x.get("p99_over_p50") for x in lats])}
+
+
 def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
 
@@ -351,7 +398,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
         base = res["strategies"].get("qemu-precopy", {})
         lat = ((res.get("demand_run") or {}).get("loader") or {}).get("latency_us", {})
         for name, st in res["strategies"].items():
-            is_bridge = name == "loader-bridge"
+            is_bridge = name == BRIDGE     # the demand run is a plain bridge restore
             rows.append((
                 f"{res['size_bytes'] >> 20} MiB", name,
                 _fmt(st["time_to_running_s"]), _fmt(st["time_to_loaded_s"]),
@@ -368,16 +415,26 @@ def format_table(results: list[dict[str, Any]]) -> str:
     lines = _grid(rows)
     lines.append("(* qemu-precopy: data bytes / time to loaded; ratios: this strategy's time "
                  "/ qemu-precopy's, < 1 is faster; blocktime: QEMU's postcopy-blocktime)")
-    work = [("size", "workload", "strategy", "done s", "vs precopy", "blocktime ms")]
+    work = [("size", "workload", "strategy", "done s", "vs precopy", "blocktime ms",
+             "faulted", "guest p50 us", "guest p99 us", "p99/p50")]
     for res in results:
         for key, per in res.get("workloads", {}).items():
             base = (per.get("qemu-precopy") or {}).get("done_s")
             for name, st in per.items():
                 work.append((f"{res['size_bytes'] >> 20} MiB", key, name, _fmt(st["done_s"]),
-                             _ratio(st["done_s"], base), _fmt(st["blocktime_ms"], ".0f")))
+                             _ratio(st["done_s"], base), _fmt(st["blocktime_ms"], ".0f"),
+                             _fmt(st.get("guest_faulted"), ".0f"),
+                             _fmt(st.get("guest_p50_us"), ".0f"),
+                             _fmt(st.get("guest_p99_us"), ".0f"),
+                             _fmt(st.get("guest_p99_over_p50"), ".2f")))
     if len(work) > 1:
         lines += ["", "workload: migrate-incoming -> the guest's TOUCH OK (pages read and "
-                  "checked)", *_grid(work)]
+                  "checked); faulted: first reads slower than 10 us in the guest's own "
+                  "timing, p50/p99 of those", *_grid(work)]
+    glat = guest_latency_rows(results)
+    if glat:
+        lines += ["", "guest-visible request latency (loader-bridge, workload started right "
+                  "after RUN while the eager stream runs; medians over --repeat)", *_grid(glat)]
     ws = [("size", "workload", "prefetch", "done s", "vs none", "blocktime ms")]
     for res in results:
         w = res.get("working_set")
@@ -394,18 +451,20 @@ def format_table(results: list[dict[str, Any]]) -> str:
         for name, why in (res.get("skipped") or {}).items():
             lines.append(f"{res['size_bytes'] >> 20} MiB: {name} skipped: {why}")
         ceil = res.get("ceiling")
-        bridge = res["strategies"].get("loader-bridge", {}).get("eager_throughput_mib_s")
-        if ceil and ceil.get("postcopy_mib_s"):
-            lines.append(f"{res['size_bytes'] >> 20} MiB: ceiling (QEMU-to-QEMU postcopy) "
-                         f"{ceil['postcopy_mib_s']:.0f} MiB/s; loader eager "
-                         f"{_fmt(bridge, '.0f')} MiB/s = "
-                         f"{_ratio(bridge, ceil['postcopy_mib_s'])} of the ceiling")
+        for name, st in res["strategies"].items():
+            eager = st.get("eager_throughput_mib_s")
+            if ceil and ceil.get("postcopy_mib_s") and eager:
+                lines.append(f"{res['size_bytes'] >> 20} MiB: ceiling (QEMU-to-QEMU postcopy) "
+                             f"{ceil['postcopy_mib_s']:.0f} MiB/s; {name} eager "
+                             f"{eager:.0f} MiB/s = "
+                             f"{_ratio(eager, ceil['postcopy_mib_s'])} of the ceiling")
         for key, per in res.get("workloads", {}).items():
-            a = (per.get("loader-bridge") or {}).get("done_s")
             b = (per.get("qemu-precopy") or {}).get("done_s")
-            if a and b:
-                lines.append(f"{res['size_bytes'] >> 20} MiB: workload {key}%: loader-bridge "
-                             f"{a:.3f}s vs qemu-precopy {b:.3f}s = {a / b:.2f}x")
+            for name, st in per.items():
+                a = st.get("done_s")
+                if name != "qemu-precopy" and a and b:
+                    lines.append(f"{res['size_bytes'] >> 20} MiB: workload {key}%: {name} "
+                                 f"{a:.3f}s vs qemu-precopy {b:.3f}s = {a / b:.2f}x")
     return "\n".join(lines)
 
 
@@ -494,12 +553,13 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 
 def run_bench(sizes: Sequence[int] = (256 * MiB, 1 << 30, 4 << 30), *,
               binary: str = "qemu-system-x86_64", repeat: int = 3,
-              strategies: Sequence[str] = ("qemu-precopy", "loader-bridge"),
+              strategies: Sequence[str] = DEFAULT_STRATEGIES,
               probes: int = 200, results_dir: Path | None = None,
               workdir: Path | None = None, verbose: bool = True,
               draw: bool = True, machine: str = "q35",
               workloads: Sequence[Workload] = (), ceiling: bool = True,
-              ws: bool = True) -> dict[str, Any]:
+              ws: bool = True, guest_latency: Workload | None = None,
+              guest_latency_loader_args: Sequence[str] = ()) -> dict[str, Any]:
     """Run the benchmark; write JSON and (with *draw*) a PNG to *results_dir*
     (default ``./fastsnap-bench-results``); return the report.
 
@@ -522,7 +582,8 @@ def run_bench(sizes: Sequence[int] = (256 * MiB, 1 << 30, 4 << 30), *,
             results.append(bench_size(size, binary=binary, workdir=work, repeat=repeat,
                                       strategies=strategies, probes=probes, log=log,
                                       machine=machine, workloads=workloads,
-                                      ceiling=ceiling, ws=ws))
+                                      ceiling=ceiling, ws=ws, guest_latency=guest_latency,
+                                      guest_latency_loader_args=guest_latency_loader_args))
     finally:
         if own_workdir:
             shutil.rmtree(work, ignore_errors=True)

@@ -40,6 +40,7 @@ import contextlib
 import json
 import os
 import re
+import select
 import shutil
 import socket
 import subprocess
@@ -292,10 +293,18 @@ class RestoredGuest:
         self._loader_stderr()
 
     @property
+    def loader_started_at(self) -> float:
+        """Seconds after t0 when the loader's clock started (its own
+        ``start_unix_s``; before that field, when it was spawned).  Negative
+        when it was started before ``migrate-incoming`` (unix transport)."""
+        start = self.loader_stats.get("start_unix_s")
+        return float(start) - self.t0_wall if start else self.loader_spawned_at
+
+    @property
     def loader_all_sent(self) -> float | None:
         """Seconds after t0 when the loader had put the last page on the wire."""
         t = self.loader_stats.get("time_to_all_sent_s")
-        return None if not t else self.loader_spawned_at + float(t)
+        return None if not t else self.loader_started_at + float(t)
 
     def blocktime(self) -> dict[str, Any] | None:
         """vCPU time blocked on missing pages, from the destination's
@@ -319,6 +328,7 @@ class RestoredGuest:
                 "time_to_running_s": self.time_to_running,
                 "time_to_loaded_s": self.time_to_loaded,
                 "loader_spawned_at_s": self.loader_spawned_at if self.loader else None,
+                "loader_started_at_s": self.loader_started_at if self.loader else None,
                 "loader": self.loader_stats or None,
                 "blocktime": self.blocktime_info}
 
@@ -569,6 +579,20 @@ def _incoming(guest: RestoredGuest, uri: str) -> None:
         raise RestoreFailed(f"{guest.strategy}: migrate-incoming {uri}: {err.desc}") from None
 
 
+READY_TIMEOUT = 60.0     # s a loader may take to parse a snapshot before connecting
+
+
+def _wait_ready(fd: int, timeout: float) -> None:
+    """Until the loader wrote its ready byte or closed the pipe (it exited:
+    the restore's own checks then report why), at most *timeout* s."""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        readable, _, _ = select.select([fd], [], [], left)
+        if readable:
+            os.read(fd, 1)
+            return
+
+
 def _start(guest: RestoredGuest, path: Path, offset: int, loader_args: Sequence[str],
            link: Transport, loader_prefix: tuple[str, ...] = (),
            loader_via: Callable[[str], str] | None = None) -> None:
@@ -586,6 +610,28 @@ def _start(guest: RestoredGuest, path: Path, offset: int, loader_args: Sequence[
         guest.sock_dir, sock = _socket_dir()
         guest.out_dir = guest.sock_dir
         conn = None
+        if link.kind == "unix":
+            # The loader starts first (fork/exec and its parse of the file are
+            # not on the restore's clock, as the destination's own start is
+            # not) and connects when QEMU binds the socket (inotify).
+            t_spawn = time.time()
+            ready_r, ready_w = os.pipe()
+            try:
+                _spawn_loader(guest, path, offset, f"unix:{sock}",
+                              [*loader_args, "--ready-fd", str(ready_w)], "",
+                              pass_fds=(ready_w,), prefix=loader_prefix)
+                os.close(ready_w)
+                ready_w = -1
+                _wait_ready(ready_r, READY_TIMEOUT)
+            finally:
+                os.close(ready_r)
+                if ready_w >= 0:
+                    os.close(ready_w)
+            _incoming(guest, f"unix:{sock}")
+            guest.loader_spawned_at = t_spawn - guest.t0_wall
+            if guest.recovery is not None:
+                guest.recovery.watch()
+            return
         if link.kind == "tcp":
             _incoming(guest, link.uri())
             to = link.uri(link.port or listening_port(guest.vm))

@@ -59,7 +59,10 @@ def parse_workloads(text: str) -> list[Workload]:
 def run_workload(guest: RestoredGuest, workload: Workload,
                  timeout: float = 900.0) -> dict[str, Any]:
     """Start *workload* in the running restored tiny guest and wait for it:
-    ``done_s`` (from migrate-incoming), ``pages`` and the guest's line.
+    ``done_s`` (from migrate-incoming), ``pages``, the guest's line and
+    ``latency``: the guest's own timing of each touched page's first read
+    (``TouchLatency.as_dict()``: faulted reads, their p50/p90/p99/max in us,
+    ``p99_over_p50``; None from a guest that does not report it).
     Raises RestoreFailed when the guest's check of a touched page fails."""
     from pytest_fastsnap.guests.tiny import TinyGuest
 
@@ -70,5 +73,7 @@ def run_workload(guest: RestoredGuest, workload: Workload,
     done = time.time() - guest.t0_wall
     if not verdict:
         raise RestoreFailed(f"{guest.strategy}: workload {workload.name}: {verdict.reason}")
+    latency = verdict.details.get("latency")
     return {"workload": workload.key, "done_s": done, "pages": verdict.details["pages"],
-            "line": verdict.details["line"]}
+            "line": verdict.details["line"],
+            "latency": latency.as_dict() if latency is not None else None}

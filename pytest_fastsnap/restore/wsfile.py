@@ -8,8 +8,11 @@ writer for tests and tools:
     write_ws(path, ws)                    # the same bytes back (hash recomputed)
 
 ``read_ws`` checks the framing (magic, sizes, hash) and that every entry
-names a page of its block, once; it does not know the snapshot, so that the
-block list matches is the loader's check.
+names a page of its block, once; it does not know the snapshot.
+:func:`check_layout` is the loader's other check, that the file was
+recorded on the snapshot's layout (page size, block ids and lengths):
+
+    check_layout(read_ws(path), snapshot_layout(parse(snap)))   # a Verdict
 """
 
 from __future__ import annotations
@@ -17,6 +20,12 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pytest_fastsnap.verdict import Verdict
+
+if TYPE_CHECKING:
+    from pytest_fastsnap.snapshot.format import Snapshot
 
 MAGIC = b"FSNAPWS1"
 HEADER = struct.Struct("<8sIIQ")
@@ -94,3 +103,31 @@ def read_ws(path: str | Path) -> WorkingSet:
             raise WsFileError(f"{path}: entry {i} repeats block {block} page {page}")
         seen.add((block, page))
     return WorkingSet(page_size, blocks, [(b, p) for b, p in entries])
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a working-set file must match: the snapshot's target page size and
+    its RAM blocks (id, used length), in the snapshot's order."""
+
+    page_size: int
+    blocks: list[tuple[str, int]]
+
+
+def snapshot_layout(snap: Snapshot) -> Layout:
+    return Layout(snap.page_size, [(b.id.value, b.used_length.value) for b in snap.blocks])
+
+
+def check_layout(ws: WorkingSet, layout: Layout, *, nonempty: bool = False) -> Verdict:
+    """Pass when *ws* was recorded on *layout* (what the loader checks before
+    it uses a ``--ws`` file); with *nonempty*, it must also list a page."""
+    if ws.page_size != layout.page_size:
+        return Verdict.fail(f"recorded with page size {ws.page_size}, the snapshot has "
+                            f"{layout.page_size}", why="page_size")
+    if ws.blocks != layout.blocks:
+        return Verdict.fail(f"recorded for blocks {ws.blocks}, the snapshot has "
+                            f"{layout.blocks}", why="blocks")
+    if nonempty and not ws.entries:
+        return Verdict.fail("the working set lists no page", why="empty")
+    return Verdict.pass_(f"{len(ws.entries)} pages of the snapshot's layout",
+                         pages=len(ws.entries))

@@ -94,6 +94,8 @@ struct bridge {
     double io_timeout, shut_timeout, connect_timeout;
     double max_bandwidth;       /* eager stream cap, bytes/s; 0 = none */
     int sndbuf;                 /* SO_SNDBUF, 0 = kernel default */
+    int ready_fd;               /* --ready-fd: written "R" and closed once the
+                                 * file is parsed, just before connecting; -1 */
     int help;                   /* --help given */
     /* --host-page-size ID=SIZE: destination blocks backed by huge pages */
     struct { const char *id; size_t idlen; uint64_t size; } hps[16];
@@ -106,6 +108,9 @@ struct bridge {
     struct br_ws ws, ws_rec;
     uint64_t pages_ws;          /* sent because the working set listed them */
     double eager_delay;         /* --eager-delay: serve only requests this long after RUN */
+    double holdoff_s;           /* --eager-holdoff-us: eager pause after each request */
+    _Atomic uint64_t last_req_ns;   /* when the latest request arrived (ns after t_start) */
+    double holdoff_total_s;     /* time the eager stream spent held off */
     double t_eager_hold_end;
 
     /* Output: only whole sections are built and sent under out_lock. */
@@ -137,6 +142,8 @@ struct bridge {
     double t_bitmaps, t_resume_ack;
     double t_preempt_resumed;   /* --resume --preempt: the new preempt channel is up */
     double wall_resume_ack;     /* CLOCK_REALTIME at RESUME_ACK, for kill -> ACK */
+    double wall_start;          /* CLOCK_REALTIME at t_start: puts the loader's
+                                 * times on the caller's clock */
     uint64_t resume_requests_first; /* requests served before the first eager page */
 
     /* Statistics. */
@@ -244,8 +251,10 @@ static void rp_queue(struct bridge *b, uint32_t block, uint64_t start, uint32_t 
         b->q_cap = cap;
         b->q_head = 0;
     }
+    double t = now_s(b);
     b->q[(b->q_head + b->q_len) % b->q_cap] =
-        (struct rp_req){.block = block, .start = start, .len = len, .t = now_s(b)};
+        (struct rp_req){.block = block, .start = start, .len = len, .t = t};
+    atomic_store_explicit(&b->last_req_ns, (uint64_t)(t * 1e9), memory_order_relaxed);
     b->q_len++;
     b->requests++;
     if (b->t_first_request == 0)
@@ -263,6 +272,7 @@ static int preempt_serve(struct bridge *b, uint32_t block, uint64_t start, uint3
     double t = now_s(b);
     if (b->t_first_request == 0)
         b->t_first_request = t;
+    atomic_store_explicit(&b->last_req_ns, (uint64_t)(t * 1e9), memory_order_relaxed);
     pthread_mutex_unlock(&b->rp_lock);
     if (inject_due("preempt"))      /* test knob: requests stay outstanding */
         for (;;)
@@ -943,6 +953,31 @@ static int throttle(struct bridge *b)
     return 0;
 }
 
+/* --eager-holdoff-us: no eager page goes out until that long after the
+ * latest page request (requests are served meanwhile), so the two cores are
+ * left to the request's path: QEMU's fault thread, the return path or
+ * preempt channel, QEMU placing the page and waking the vCPU. */
+static int holdoff(struct bridge *b)
+{
+    while (b->holdoff_s > 0) {
+        uint64_t last = atomic_load_explicit(&b->last_req_ns, memory_order_relaxed);
+        double now = now_s(b), wait = last ? (double)last / 1e9 + b->holdoff_s - now : 0;
+        if (wait <= 0)
+            return 0;
+        if (atomic_load_explicit(&b->q_pending, memory_order_relaxed)) {
+            if (serve_requests(b) < 0)
+                return -1;
+            continue;
+        }
+        if (b->out_len && flush(b) < 0)
+            return -1;
+        struct timespec ts = {0, (long)((wait < 0.001 ? wait : 0.001) * 1e9)};
+        nanosleep(&ts, NULL);
+        b->holdoff_total_s += now_s(b) - now;
+    }
+    return 0;
+}
+
 /* --ws: the listed pages first, in their recorded order (before RUN they
  * load through the destination's precopy path, after RUN they lead the
  * eager stream); requests are still served between pages. */
@@ -995,7 +1030,7 @@ static int send_pages(struct bridge *b)
         while (p < blk->npages) {
             if (atomic_load_explicit(&b->q_pending, memory_order_relaxed) && serve_requests(b) < 0)
                 return -1;
-            if (throttle(b) < 0)
+            if (throttle(b) < 0 || holdoff(b) < 0)
                 return -1;
             if (blk->host_pages > 1) {  /* whole host pages, requests only in between */
                 if (claim_host_page(blk, p)) {
@@ -1372,16 +1407,18 @@ static void write_stats(struct bridge *b, FILE *f, int rc)
     fprintf(f, "\"resume\": %s, \"pages_present\": %llu, \"pages_present_zero\": %llu, "
             "\"time_bitmaps_s\": %.6f, \"time_resume_ack_s\": %.6f, "
             "\"resume_ack_unix_s\": %.6f, \"resume_requests_first\": %llu, "
-            "\"time_preempt_resumed_s\": %.6f, ",
+            "\"start_unix_s\": %.6f, \"time_preempt_resumed_s\": %.6f, ",
             b->resume.active ? "true" : "false", (unsigned long long)b->resume.pages_present,
             (unsigned long long)b->resume.pages_present_zero, b->t_bitmaps, b->t_resume_ack,
-            b->wall_resume_ack, (unsigned long long)b->resume_requests_first,
+            b->wall_resume_ack, (unsigned long long)b->resume_requests_first, b->wall_start,
             b->t_preempt_resumed);
     const char *ws_mode = !b->ws_path ? "none" : b->ws_before_run ? "before-run" : "after-run";
     fprintf(f, "\"ws_mode\": \"%s\", \"ws_loaded\": %llu, \"pages_ws\": %llu, "
             "\"ws_recorded\": %llu, \"eager_hold_end_s\": %.6f, ", ws_mode,
             (unsigned long long)b->ws.n, (unsigned long long)b->pages_ws,
             (unsigned long long)b->ws_rec.n, b->t_eager_hold_end);
+    fprintf(f, "\"eager_holdoff_us\": %.0f, \"eager_holdoff_total_s\": %.6f, ",
+            b->holdoff_s * 1e6, b->holdoff_total_s);
     fputs("\"transport\": ", f);
     mr_json_string(f, b->addr.kind == BR_NET_TCP ? "tcp" : b->addr.kind == BR_NET_FD ? "fd"
                    : "unix");
@@ -1409,13 +1446,14 @@ static void usage(FILE *f)
           "       [--shut-timeout S] [--connect-timeout S] [--max-bandwidth MIB_S]\n"
           "       [--sndbuf BYTES] [--host-page-size ID=SIZE]... [--resume]\n"
           "       [--record-ws WSFILE] [--ws WSFILE [--ws-mode before-run|after-run]]\n"
-          "       [--eager-delay S]\n"
+          "       [--eager-delay S] [--eager-holdoff-us N] [--ready-fd N]\n"
           "   or: fastsnap-loader serve FILE [--offset N] [--ws WSFILE] --describe\n", f);
 }
 
 /* --describe: what the bridge would serve, for cross-checks against the
- * Python reader (byte ranges are absolute file offsets). */
-static void describe(const struct br_snap *s, FILE *f)
+ * Python reader (byte ranges are absolute file offsets); with --ws, the
+ * working set as read ("ws": [[block, page], ...] in file order). */
+static void describe(const struct br_snap *s, const struct br_ws *ws, int has_ws, FILE *f)
 {
     fputs("{\"machine\": ", f);
     mr_json_string(f, s->machine);
@@ -1435,7 +1473,15 @@ static void describe(const struct br_snap *s, FILE *f)
                 (unsigned long long)blk->bitmap_offset, (unsigned long long)blk->pages_offset,
                 (unsigned long long)blk->set_pages);
     }
-    fputs("]}\n", f);
+    fputc(']', f);
+    if (has_ws) {
+        fputs(", \"ws\": [", f);
+        for (uint64_t i = 0; i < ws->n; i++)
+            fprintf(f, "%s[%u, %llu]", i ? ", " : "", ws->e[i].block,
+                    (unsigned long long)ws->e[i].page);
+        fputc(']', f);
+    }
+    fputs("}\n", f);
 }
 
 /* --host-page-size ID=SIZE onto the snapshot's blocks. */
@@ -1471,11 +1517,22 @@ static int run(struct bridge *b)
     if (b->record_ws_path && br_ws_record_init(&b->ws_rec, &b->snap, &b->err) < 0)
         return -1;
     if (b->describe_only) {
-        describe(&b->snap, stdout);
+        describe(&b->snap, &b->ws, b->ws_path != NULL, stdout);
         return 0;
     }
     if (b->resume.active && br_resume_init(&b->resume, b->snap.nblocks, &b->err) < 0)
         return -1;
+    if (b->ready_fd >= 0) {
+        /* The caller may now tell the destination to listen: everything
+         * before the connect is done.  A caller that went away is not an
+         * error here; the connect decides. */
+        ssize_t w;
+        do
+            w = write(b->ready_fd, "R", 1);
+        while (w < 0 && errno == EINTR);
+        close(b->ready_fd);
+        b->ready_fd = -1;
+    }
     if (b->resume.active)
         inject_hang(b, "resume-connect");
     if (connect_to(b) < 0 || (!b->resume.active && send_preamble(b) < 0))
@@ -1506,6 +1563,7 @@ static int parse_options(struct bridge *b, int argc, char **argv, int *json,
         {"io-timeout", required_argument, NULL, 'i'},
         {"shut-timeout", required_argument, NULL, 'S'},
         {"connect-timeout", required_argument, NULL, 'c'},
+        {"ready-fd", required_argument, NULL, 'R'},
         {"max-bandwidth", required_argument, NULL, 'b'},
         {"describe", no_argument, NULL, 'd'},
         {"sndbuf", required_argument, NULL, 'B'},
@@ -1514,6 +1572,7 @@ static int parse_options(struct bridge *b, int argc, char **argv, int *json,
         {"ws", required_argument, NULL, 'w'}, {"record-ws", required_argument, NULL, 'W'},
         {"ws-mode", required_argument, NULL, 'm'},
         {"eager-delay", required_argument, NULL, 'e'},
+        {"eager-holdoff-us", required_argument, NULL, 'O'},
         {"preempt", no_argument, NULL, 'P'},
         {"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
     /* Called as bridge_main(argc - 1, argv + 1) ("serve" in argv[0]); also
@@ -1542,6 +1601,10 @@ static int parse_options(struct bridge *b, int argc, char **argv, int *json,
         case 's': *stats_file = optarg; break;
         case 'w': b->ws_path = optarg; break;
         case 'e': ok = mr_parse_double(optarg, 0, 3600, &b->eager_delay) == 0; break;
+        case 'O':
+            ok = mr_parse_u64(optarg, &n) == 0 && n <= 100000;
+            b->holdoff_s = (double)n / 1e6;
+            break;
         case 'W': b->record_ws_path = optarg; break;
         case 'm':
             ok = strcmp(optarg, "before-run") == 0 || strcmp(optarg, "after-run") == 0;
@@ -1567,6 +1630,10 @@ static int parse_options(struct bridge *b, int argc, char **argv, int *json,
         case 'i': ok = mr_parse_double(optarg, 1e-3, 1e6, &b->io_timeout) == 0; break;
         case 'S': ok = mr_parse_double(optarg, 1e-3, 1e6, &b->shut_timeout) == 0; break;
         case 'c': ok = mr_parse_double(optarg, 0, 1e6, &b->connect_timeout) == 0; break;
+        case 'R':
+            ok = mr_parse_u64(optarg, &n) == 0 && n >= 3 && n <= INT32_MAX;
+            b->ready_fd = (int)n;
+            break;
         case 'b':
             ok = mr_parse_double(optarg, 0, 1e9, &b->max_bandwidth) == 0;
             b->max_bandwidth *= 1 << 20;
@@ -1662,7 +1729,11 @@ int bridge_main(int argc, char **argv)
         return 1;
     }
     clock_gettime(CLOCK_MONOTONIC, &b->t_start);
+    struct timespec wall;
+    clock_gettime(CLOCK_REALTIME, &wall);
+    b->wall_start = (double)wall.tv_sec + (double)wall.tv_nsec / 1e9;
     b->sock = -1;
+    b->ready_fd = -1;
     b->snap.fd = -1;
     b->io_timeout = 60;
     b->shut_timeout = 30;

@@ -9,7 +9,7 @@
  *                   [--max-bandwidth MIB_S] [--sndbuf BYTES]
  *                   [--host-page-size ID=SIZE]... [--resume]
  *                   [--record-ws WSFILE] [--ws WSFILE [--ws-mode before-run|after-run]]
- *                   [--eager-delay S]
+ *                   [--eager-delay S] [--eager-holdoff-us N] [--ready-fd N]
  *   fastsnap-loader serve FILE [--offset N] --describe   (parse only, JSON)
  *
  * --zero-pages: clear-bit (zero) pages are sent only when requested by
@@ -39,6 +39,13 @@
  * connecting (also with --describe).  --eager-delay S serves only requests
  * for S seconds after RUN (SIGUSR1 ends the wait early), so a recording run
  * sees every page the guest touches instead of racing the eager stream.
+ * --ready-fd N (an inherited descriptor, >= 3) gets one byte "R" and is
+ * closed once the file is parsed, just before connecting: a caller that
+ * starts the loader first issues `migrate-incoming` then, so the loader's
+ * start-up is not on the restore's clock.
+ * --eager-holdoff-us N (0..100000, default 0): after each page request no
+ * eager page goes out for N us (requests are served meanwhile), leaving the
+ * cores to the request's path; stats eager_holdoff_total_s.
  * --to: the destination's incoming URI (`migrate-incoming unix:PATH` /
  * `tcp:HOST:PORT`; HOST an IPv4 address, [IPv6] or a name; strict syntax in
  * bridge_net.c, exit 2 naming the problem) or an inherited connected fd.

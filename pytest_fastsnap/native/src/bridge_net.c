@@ -17,6 +17,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/inotify.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <time.h>
@@ -160,23 +161,82 @@ static void pause_10ms(void)
     nanosleep(&ts, NULL);
 }
 
+/* Block until something is created in the socket's directory (inotify),
+ * at most *wait_s*; without inotify, a 10 ms pause.  The caller retries. */
+static void wait_for_entry(int ino, double wait_s)
+{
+    if (ino < 0) {
+        pause_10ms();
+        return;
+    }
+    struct pollfd p = {.fd = ino, .events = POLLIN};
+    int ms = (int)(wait_s * 1000.0) + 1;
+    if (poll(&p, 1, ms > 100 ? 100 : ms) > 0) {
+        char buf[4096] __attribute__((aligned(__alignof__(struct inotify_event))));
+        while (read(ino, buf, sizeof buf) > 0)
+            ;       /* drained; what was created does not matter: retry */
+    }
+}
+
+/* A loader started before the destination listens (the strategy starts it
+ * first, so its start-up is not on the restore's clock) connects within
+ * microseconds of QEMU's bind(): an inotify watch on the directory wakes it,
+ * and between bind() and listen() (ECONNREFUSED) it retries every 100 us. */
 static int connect_unix(const struct br_net_addr *a, double timeout, mr_error *err)
 {
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
     memcpy(sa.sun_path, a->path, strlen(a->path) + 1);
+    char dir[sizeof sa.sun_path];
+    memcpy(dir, a->path, strlen(a->path) + 1);
+    char *slash = strrchr(dir, '/');
+    if (slash == dir)
+        slash[1] = 0;
+    else if (slash)
+        *slash = 0;
+    else
+        memcpy(dir, ".", 2);
+    int ino = -1;
     double deadline = mono() + timeout;
+    int rc = -1;
     for (;;) {
         int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        if (s < 0)
-            return mr_error_set(err, E_CONNECT, "socket: %s", strerror(errno));
-        if (connect(s, (struct sockaddr *)&sa, sizeof sa) == 0)
-            return s;
+        if (s < 0) {
+            mr_error_set(err, E_CONNECT, "socket: %s", strerror(errno));
+            break;
+        }
+        if (connect(s, (struct sockaddr *)&sa, sizeof sa) == 0) {
+            rc = s;
+            break;
+        }
         int e = errno;
         close(s);
-        if ((e != ENOENT && e != ECONNREFUSED) || mono() > deadline)
-            return mr_error_set(err, E_CONNECT, "connect %s: %s", a->path, strerror(e));
-        pause_10ms();
+        double left = deadline - mono();
+        if ((e != ENOENT && e != ECONNREFUSED) || left < 0) {
+            mr_error_set(err, E_CONNECT, "connect %s: %s", a->path, strerror(e));
+            break;
+        }
+        if (e == ENOENT && ino == -1) {
+            /* Watch first, then retry once before waiting: a socket created
+             * between the failed connect and the watch is not missed. */
+            ino = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+            if (ino >= 0 && inotify_add_watch(ino, dir, IN_CREATE | IN_MOVED_TO) < 0) {
+                close(ino);
+                ino = -1;
+            }
+            if (ino < 0)
+                ino = -2;       /* no watch possible (e.g. no directory yet): poll */
+            continue;
+        }
+        if (e == ENOENT) {
+            wait_for_entry(ino, left);
+        } else {
+            struct timespec ts = {0, 100 * 1000};
+            nanosleep(&ts, NULL);
+        }
     }
+    if (ino >= 0)
+        close(ino);
+    return rc;
 }
 
 /* connect() bounded by *deadline* (a filtered host would otherwise hold a

@@ -1,0 +1,108 @@
+"""Request latency as the guest sees it, with and without postcopy-preempt.
+
+The issue #11 goal measurement: a guest restored through ``loader-bridge``
+starts a random-touch workload right after RUN, while the eager stream runs
+at full speed; the tiny guest times the first read of every page it touches
+(:mod:`pytest_fastsnap.guests.touch_latency`), so a read that waited for a
+requested page shows the whole round trip the vCPU felt: the fault, QEMU's
+page request, the loader, the socket (behind eager pages, or on the preempt
+channel), QEMU placing the page and waking the vCPU.
+
+    runs = guest_latency_runs(snap, device_args, binary, workdir, log,
+                              Workload("rand", 10), repeat=3)
+    runs["preempt"]["p99_us"], runs["no-preempt"]["p99_over_p50"]
+
+Each mode runs *repeat* times, interleaved; figures are medians over runs of
+each run's guest-side p50/p99 (and of its own p99/p50).  The loader's eager
+throughput is reported beside them, so a change that lowers the tail by
+slowing the eager stream shows.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pytest_fastsnap.restore.workload import Workload
+
+MODES: tuple[tuple[str, bool], ...] = (("no-preempt", False), ("preempt", True))
+
+# one restore with a workload: bench._one's signature, injected to avoid a cycle
+OneRestore = Callable[..., dict[str, Any]]
+
+
+def _med(values: Sequence[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over restores of the guest-side figures, plus the loader's."""
+    lats = [(r.get("workload") or {}).get("latency") or {} for r in runs]
+    loaders = [r.get("loader") or {} for r in runs]
+    return {
+        "p50_us": _med([x.get("p50_us") for x in lats]),
+        "p90_us": _med([x.get("p90_us") for x in lats]),
+        "p99_us": _med([x.get("p99_us") for x in lats]),
+        "max_us": _med([x.get("max_us") for x in lats]),
+        "p99_over_p50": _med([x.get("p99_over_p50") for x in lats]),
+        "faulted": _med([x.get("faulted") for x in lats]),
+        "done_s": _med([(r.get("workload") or {}).get("done_s") for r in runs]),
+        "eager_mib_s": _med([x.get("eager_throughput_mib_s") for x in loaders]),
+        "loaded_s": _med([r.get("time_to_loaded_s") for r in runs]),
+        "holdoff_s": _med([x.get("eager_holdoff_total_s") for x in loaders]),
+        "loader_p50_us": _med([(x.get("latency_us") or {}).get("p50") for x in loaders]),
+        "loader_p99_us": _med([(x.get("latency_us") or {}).get("p99") for x in loaders]),
+        "requests": _med([x.get("requests") for x in loaders]),
+        "runs": list(runs),
+    }
+
+
+def guest_latency_runs(one: OneRestore, snap: Path, device_args: Sequence[str], binary: str,
+                       workdir: Path, log: Callable[[str], None], workload: Workload,
+                       repeat: int, loader_args: Sequence[str] = ()) -> dict[str, Any]:
+    """*workload* right after RUN of a loader-bridge restore, with and without
+    preempt, *repeat* times each (interleaved); medians per mode."""
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in MODES}
+    for r in range(repeat):
+        for name, preempt in MODES:
+            kw: dict[str, Any] = {"preempt": preempt}
+            if loader_args:
+                kw["loader_args"] = list(loader_args)
+            res = one("loader-bridge", snap, device_args, binary, workdir, workload=workload,
+                      **kw)
+            runs[name].append(res)
+            lat = res["workload"].get("latency") or {}
+            eager = (res.get("loader") or {}).get("eager_throughput_mib_s")
+            log(f"  [{r + 1}/{repeat}] guest latency {workload.name}, {name}: "
+                f"{lat.get('faulted', 0)} faulted, p50 {lat.get('p50_us', 0)}us "
+                f"p99 {lat.get('p99_us', 0)}us max {lat.get('max_us', 0)}us, "
+                f"done {res['workload']['done_s']:.3f}s"
+                + (f", eager {eager:.0f} MiB/s" if eager else ""))
+    return {"workload": workload.key, "loader_args": list(loader_args),
+            **{name: summarize(these) for name, these in runs.items()}}
+
+
+def format_rows(results: Sequence[dict[str, Any]]) -> list[tuple[str, ...]]:
+    """Table rows (header first) for the bench report; [] without such runs."""
+    rows: list[tuple[str, ...]] = [("size", "workload", "channel", "faulted", "guest p50 us",
+                                    "guest p99 us", "p99/p50", "max us", "loader p99 us",
+                                    "eager MiB/s", "done s")]
+    for res in results:
+        gl = res.get("guest_latency")
+        if not gl:
+            continue
+        for name, _ in MODES:
+            st = gl[name]
+            rows.append((f"{res['size_bytes'] >> 20} MiB", gl["workload"], name,
+                         _f(st["faulted"], ".0f"), _f(st["p50_us"], ".0f"),
+                         _f(st["p99_us"], ".0f"), _f(st["p99_over_p50"], ".2f"),
+                         _f(st["max_us"], ".0f"), _f(st["loader_p99_us"], ".0f"),
+                         _f(st["eager_mib_s"], ".0f"), _f(st["done_s"], ".3f")))
+    return rows if len(rows) > 1 else []
+
+
+def _f(v: float | None, spec: str) -> str:
+    return format(v, spec) if v is not None else "-"
