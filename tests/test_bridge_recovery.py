@@ -11,14 +11,16 @@ clear error and nothing left behind.  Seed: ``FASTSNAP_RECOVERY_SEED``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from pytest_fastsnap.restore import RestoredGuest, RestoreNotRecovered, restore
 from pytest_fastsnap.verdict import Verdict
 
 KILLS = int(os.environ.get("FASTSNAP_RECOVERY_KILLS", "20"))
+PREEMPT_KILLS = int(os.environ.get("FASTSNAP_RECOVERY_PREEMPT_KILLS", "10"))
 PHASES = ("package", "eager", "requests")
 BANDWIDTH = "8"     # MiB/s: the eager stream of ~18 MiB of data takes ~2 s
 
@@ -107,17 +110,20 @@ def tracked() -> Iterator[list[Tracked]]:
 
 
 def bridge(ts: TinySnapshot, vm_factory: VmFactory, tracked: list[Tracked], *,
-           paused: bool, attempts: int = 3, bandwidth: str = BANDWIDTH) -> RestoredGuest:
+           paused: bool, attempts: int = 3, bandwidth: str = BANDWIDTH,
+           preempt: bool = False) -> RestoredGuest:
     g = restore("loader-bridge", ts.snap.path, ts.snap.device_args, vm_factory,
                 offset=ts.snap.offset, paused=paused, wait=False, recover_attempts=attempts,
-                loader_args=("--max-bandwidth", bandwidth))
+                loader_args=("--max-bandwidth", bandwidth), preempt=preempt)
     tracked.append(Tracked(g))
     return g
 
 
+@pytest.mark.parametrize("preempt", [False, True], ids=["one-channel", "preempt"])
 def test_loader_killed_at_random_points_recovers(
         vm_factory: VmFactory, guest_factory: GuestFactory, snapshot_factory: SnapshotFactory,
-        tracked: list[Tracked], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tracked: list[Tracked], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        preempt: bool) -> None:
     """KILLS restores (20 by default), each SIGKILLs its loader once at a seeded
     random point (`package`: the loader stops half-way through the package
     (FASTSNAP_LOADER_INJECT=serve-hang-in-package, one loader) and is killed
@@ -128,20 +134,36 @@ def test_loader_killed_at_random_points_recovers(
     (run *while* the kill happens in the `requests` phase, so page requests
     are outstanding).  Prints the seed and, per kill, the phase, delay, how
     it was recovered and the time from the kill to RESUME_ACK (resume) or to
-    the new destination's postcopy start (restart)."""
+    the new destination's postcopy start (restart).
+
+    With `preempt` (FASTSNAP_RECOVERY_PREEMPT_KILLS restores, 10 by default)
+    the destination has postcopy-preempt on: each resumed loader reopens the
+    preempt channel before POSTCOPY_RESUME and answers the re-sent requests
+    there (its `preempt` stats are present; in the `requests` phase it
+    answered requests on that channel: there the first loader holds the
+    guest's first request (FASTSNAP_LOADER_INJECT=serve-hang-in-preempt), as
+    its return-path thread would otherwise answer them all before the kill)."""
     seed = int(os.environ.get("FASTSNAP_RECOVERY_SEED", str(time.time_ns() % (1 << 32))))
     print(f"\nFASTSNAP_RECOVERY_SEED={seed}")
     rng = random.Random(seed)
-    flag = tmp_path / "hang-in-package"
-    monkeypatch.setenv("FASTSNAP_LOADER_INJECT", f"serve-hang-in-package:{flag}")
+    flag = tmp_path / "hang"
     ts = tiny_snapshot(guest_factory, snapshot_factory)
     rows = []
-    for i in range(KILLS):
+    kills = PREEMPT_KILLS if preempt else KILLS
+    for i in range(kills):
         phase = rng.choice(PHASES)
         paused = phase != "requests"
-        if phase == "package":
+        # With preempt the return-path thread answers requests at once, so a
+        # guest could finish its check before the kill: its first request on
+        # the preempt channel is held there instead (the `preempt` hang point)
+        # and stays outstanding until the kill.
+        hold = phase == "package" or (preempt and phase == "requests")
+        monkeypatch.setenv("FASTSNAP_LOADER_INJECT",
+                           f"serve-hang-in-{'preempt' if phase == 'requests' else 'package'}:"
+                           f"{flag}")
+        if hold:
             flag.touch()
-        g = bridge(ts, vm_factory, tracked, paused=paused)
+        g = bridge(ts, vm_factory, tracked, paused=paused, preempt=preempt)
         checked: list[Verdict] = []
         checker = None
         if phase == "package":
@@ -158,6 +180,11 @@ def test_loader_killed_at_random_points_recovers(
             checker = threading.Thread(target=lambda a=agent, out=checked: out.append(
                 a.self_check(timeout=240)), daemon=True)
             checker.start()
+        if hold and phase == "requests":
+            deadline = time.monotonic() + 30
+            while flag.exists():    # the guest's first request is held
+                assert time.monotonic() < deadline, "no request on the preempt channel"
+                time.sleep(0.001)
         time.sleep(delay)
         t_kill = time.time()
         rc = g.kill_loader()
@@ -180,6 +207,11 @@ def test_loader_killed_at_random_points_recovers(
                 assert stats["pages_present"] > 0, stats
                 if phase == "requests":     # the checking guest's faults reached it
                     assert stats["requests_served"] > 0, stats
+                if preempt:     # the resumed loader had its preempt channel again
+                    assert stats["preempt"] is not None and \
+                        stats["time_preempt_resumed_s"] > 0, stats
+                    if phase == "requests":
+                        assert stats["preempt"]["requests_served"] > 0, stats
             else:
                 assert phase == "package", f"kill {i} ({phase}) restarted: {a.cause}"
                 assert g.time_to_running is not None
@@ -208,10 +240,10 @@ def test_loader_killed_at_random_points_recovers(
         t = sorted(r[4] for r in killed if r[3] == kind)
         return (f"{len(t)}: min {t[0]:.3f} median {t[len(t) // 2]:.3f} max {t[-1]:.3f}"
                 if t else "0")
-    print(f"kills: {len(killed)} of {len(rows)} landed, {len(killed)} recovered; "
+    print(f"preempt={preempt} kills: {len(killed)} of {len(rows)} landed, {len(killed)} recovered; "
           f"resume (kill -> RESUME_ACK s) {spread('resume')}; "
           f"restart (kill -> new destination in postcopy s) {spread('restart')}")
-    assert len(killed) >= KILLS * 3 // 4, "too many kills landed after the loader finished"
+    assert len(killed) >= kills * 3 // 4, "too many kills landed after the loader finished"
 
 
 @pytest.mark.parametrize("how", ["attempts-exhausted", "snapshot-removed"])
@@ -270,21 +302,24 @@ def _loaders_of(snapshot: Path) -> list[tuple[int, str]]:
     return found
 
 
-@pytest.mark.parametrize("point, kind", [("package", "restart"), ("eager", "resume")])
+@pytest.mark.parametrize("point, kind, preempt", [("package", "restart", False),
+                                                  ("eager", "resume", False),
+                                                  ("eager", "resume", True)])
 def test_fastsnap_restore_recovers_a_killed_loader(
         guest_factory: GuestFactory, snapshot_factory: SnapshotFactory, tmp_path: Path,
-        point: str, kind: str) -> None:
+        point: str, kind: str, preempt: bool) -> None:
     """`fastsnap restore` (default --recover-attempts 3): its loader, stopped in
     the package or half-way through the eager stream and SIGKILLed there, is
     recovered (a fresh start before RUN, QEMU's postcopy recovery after); the
-    command says so, finishes with exit 0 and leaves no loader behind."""
+    command says so, finishes with exit 0 and leaves no loader behind; also
+    `fastsnap restore --preempt` (its resumed loader has `--preempt`)."""
     ts = tiny_snapshot(guest_factory, snapshot_factory)
     flag = tmp_path / "hang"
     flag.touch()
     env = {**os.environ, "FASTSNAP_LOADER_INJECT": f"serve-hang-in-{point}:{flag}"}
     cli = subprocess.Popen([sys.executable, "-m", "pytest_fastsnap.cli", "restore",
-                            str(ts.snap.path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, env=env)
+                            str(ts.snap.path), *(["--preempt"] if preempt else [])],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 120
         while flag.exists():
@@ -292,7 +327,7 @@ def test_fastsnap_restore_recovers_a_killed_loader(
             assert time.monotonic() < deadline, "the loader never reached the hang point"
             time.sleep(0.005)
         (pid, cmd), = _loaders_of(ts.snap.path)
-        assert "--resume" not in cmd
+        assert "--resume" not in cmd and ("--preempt" in cmd) == preempt
         os.kill(pid, signal.SIGKILL)
         out, err = cli.communicate(timeout=240)
     finally:
@@ -303,18 +338,23 @@ def test_fastsnap_restore_recovers_a_killed_loader(
     assert cli.returncode == 0, err
     assert f"recovery 1: {kind} after loader exited with -9" in out, out
     assert "fully loaded after" in out
+    # The last loader's stats (the resumed one's) have its preempt channel.
+    assert ("pages on the preempt channel" in out) == preempt, out
     assert not _loaders_of(ts.snap.path)
 
 
-@pytest.mark.parametrize("point", ["eager", "requests"])
+@pytest.mark.parametrize("point, preempt", [("eager", False), ("requests", False),
+                                            ("requests", True)])
 def test_asan_loader_resumes(vm_factory: VmFactory, guest_factory: GuestFactory,
                              snapshot_factory: SnapshotFactory, tracked: list[Tracked],
                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                             point: str) -> None:
+                             point: str, preempt: bool) -> None:
     """The ASan+UBSan loader (first and resumed) under a real recovery: stopped
     half-way through the eager stream and killed there, with the guest idle
     (`eager`) or checking its memory meanwhile (`requests`); the resumed
-    loader exits 0 (a sanitizer report would exit 98/99), memory is exact."""
+    loader exits 0 (a sanitizer report would exit 98/99), memory is exact.
+    With `preempt` the resumed loader reopens the preempt channel and answers
+    the re-sent requests there."""
     from pytest_fastsnap.native.loader import ASAN_ENV, loader_path
 
     monkeypatch.setenv("FASTSNAP_LOADER", str(loader_path("asan")))
@@ -322,9 +362,14 @@ def test_asan_loader_resumes(vm_factory: VmFactory, guest_factory: GuestFactory,
         monkeypatch.setenv(key, value)
     flag = tmp_path / "hang"
     flag.touch()
-    monkeypatch.setenv("FASTSNAP_LOADER_INJECT", f"serve-hang-in-eager:{flag}")
+    # With preempt the return-path thread answers requests while the main
+    # thread hangs in the eager stream: hang that thread instead (before its
+    # first answer), under a slow eager stream, so requests stay outstanding.
+    monkeypatch.setenv("FASTSNAP_LOADER_INJECT",
+                       f"serve-hang-in-{'preempt' if preempt else 'eager'}:{flag}")
     ts = tiny_snapshot(guest_factory, snapshot_factory)
-    g = bridge(ts, vm_factory, tracked, paused=point == "eager", bandwidth="0")
+    g = bridge(ts, vm_factory, tracked, paused=point == "eager",
+               bandwidth="2" if preempt else "0", preempt=preempt)
     g.wait_running()
     checked: list[Verdict] = []
     checker = None
@@ -335,7 +380,7 @@ def test_asan_loader_resumes(vm_factory: VmFactory, guest_factory: GuestFactory,
         checker.start()
     deadline = time.monotonic() + 60
     while flag.exists():
-        assert time.monotonic() < deadline, "the loader never reached the eager stream's middle"
+        assert time.monotonic() < deadline, "the loader never reached its hang point"
         time.sleep(0.002)
     time.sleep(0.2)     # let the checking guest fault on pages that are not there
     assert g.loader is not None and "/asan-" in str(g.loader.args[0])
@@ -350,8 +395,12 @@ def test_asan_loader_resumes(vm_factory: VmFactory, guest_factory: GuestFactory,
         assert checked and checked[0], checked
         assert stats["requests_served"] > 0, stats
         # The vCPU waited on a page since the loader hung: QEMU re-sent that
-        # request after RESUME_ACK and it left before any eager page.
-        assert stats["resume_requests_first"] >= 1, stats
+        # request after RESUME_ACK and it left before any eager page (with
+        # preempt: on the reopened preempt channel, from the return path).
+        if preempt:
+            assert stats["preempt"]["requests_served"] >= 1, stats
+        else:
+            assert stats["resume_requests_first"] >= 1, stats
     else:
         assert g.vm.memory_digests([(0, ts.mem)]) == ts.want
         g.vm.qmp("cont")
@@ -382,3 +431,139 @@ def test_connection_dropped_by_the_destination_recovers(
     g.vm.qmp("cont")
     g.vm.wait_status("running")
     assert g.self_check()
+
+
+@pytest.mark.parametrize("point, preempt", [("resume-connect", False), ("resume-connect", True),
+                                            ("resume-preempt", True), ("resume-ack", True)])
+def test_resumed_loader_lost_before_it_connects(
+        vm_factory: VmFactory, guest_factory: GuestFactory,
+        snapshot_factory: SnapshotFactory, tracked: list[Tracked], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, point: str, preempt: bool) -> None:
+    """The first resumed loader is SIGKILLed before it connects
+    (`resume-connect`: the destination has a `migrate-recover` listener and
+    nobody on it) or, with preempt, after its main connection and the
+    RECV_BITMAPs but before the preempt channel (`resume-preempt`), or with
+    both channels up but before POSTCOPY_RESUME (`resume-ack`: the
+    destination has counted a preempt channel that its resume never
+    consumed).  The destination is `postcopy-paused` (nobody connected on
+    the migrate-recover listener) or `postcopy-recover` (checked with
+    query-migrate while the loader hangs), and goes back to paused when the
+    loader dies; the restore resumes again with a second `migrate-recover`,
+    and RAM equals the source's; nothing is left."""
+    flag = tmp_path / "hang"
+    monkeypatch.setenv("FASTSNAP_LOADER_INJECT", f"serve-hang-in-{point}:{flag}")
+    ts = tiny_snapshot(guest_factory, snapshot_factory)
+    g = bridge(ts, vm_factory, tracked, paused=True, bandwidth="2", preempt=preempt)
+    g.wait_running()
+    time.sleep(0.2)
+    first = g.loader
+    flag.touch()
+    assert g.kill_loader() not in (0, None)
+    deadline = time.monotonic() + 30
+    # The resumed loader took the flag (it hangs at `point`); it may do so
+    # before the watcher thread has stored it in g.loader.
+    while flag.exists() or g.loader is first:
+        assert time.monotonic() < deadline, "no resumed loader reached " + point
+        time.sleep(0.002)
+    status = g.vm.qmp("query-migrate").get("status")
+    print(f"destination while the resumed loader hangs at {point}: {status}")
+    assert status in ("postcopy-paused", "postcopy-recover"), status
+    assert g.kill_loader() == -9
+    g.wait_loaded(timeout=240)
+    assert g.recovery is not None
+    kinds = [(a.kind, a.error) for a in g.recovery.attempts]
+    assert kinds == [("resume", ""), ("resume", "")], kinds
+    stats = g.recovery.attempts[1].loader_stats()
+    assert stats["ok"] and stats["double_sends"] == 0 and stats["pages_present"] > 0, stats
+    assert (stats["preempt"] is not None) == preempt, stats
+    assert g.vm.memory_digests([(0, ts.mem)]) == ts.want
+    g.vm.qmp("cont")
+    g.vm.wait_status("running")
+    assert g.self_check()
+
+
+class HoldingRelay:
+    """A TCP relay between the loader and the destination that, when the
+    loader's side ends, keeps the destination's side open: what a network
+    partition looks like to the destination (no FIN, no RST)."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.lsock.getsockname()[1]
+        self.socks: list[socket.socket] = []
+        self.threads: list[threading.Thread] = []
+        self._spawn(self._accept)
+
+    def _spawn(self, target: Callable[..., None], *args: object) -> None:
+        t = threading.Thread(target=target, args=args, daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                loader_side, _ = self.lsock.accept()
+                dest_side = socket.create_connection(self.upstream)
+                self.socks += [loader_side, dest_side]
+                self._spawn(self._pump, loader_side, dest_side, False)
+                self._spawn(self._pump, dest_side, loader_side, True)
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket, pass_eof: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+            if pass_eof:        # the destination's end reaches the loader
+                dst.shutdown(socket.SHUT_WR)
+
+    def via(self, uri: str) -> str:
+        return f"tcp:127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        for s in [self.lsock, *self.socks]:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+        for t in self.threads:
+            t.join(timeout=10)
+
+
+def test_destination_left_postcopy_active_is_paused_and_resumed(
+        vm_factory: VmFactory, guest_factory: GuestFactory,
+        snapshot_factory: SnapshotFactory, tracked: list[Tracked]) -> None:
+    """The loader (over TCP, through a relay) is SIGKILLed and its connection
+    stays open on the destination's side (a partition): the destination stays
+    postcopy-active and would never pause by itself.  Recovery tells it to
+    (QMP migrate-pause after PAUSE_AFTER s), then resumes it on a new socket;
+    RAM equals the source's; nothing is left."""
+    ts = tiny_snapshot(guest_factory, snapshot_factory)
+    relays: list[HoldingRelay] = []
+
+    def via(uri: str) -> str:
+        host, port = uri.removeprefix("tcp:").rsplit(":", 1)
+        relays.append(HoldingRelay((host, int(port))))
+        return relays[-1].via(uri)
+
+    try:
+        g = restore("loader-bridge", ts.snap.path, ts.snap.device_args, vm_factory,
+                    offset=ts.snap.offset, paused=True, wait=False, recover_attempts=1,
+                    loader_args=("--max-bandwidth", BANDWIDTH), transport="tcp", loader_via=via)
+        tracked.append(Tracked(g))
+        g.wait_running()
+        time.sleep(0.3)
+        assert g.kill_loader() == -9
+        time.sleep(0.5)     # the destination has not noticed: its connection is open
+        assert g.vm.qmp("query-migrate").get("status") == "postcopy-active"
+        g.wait_loaded(timeout=240)
+        assert g.recovery is not None
+        (a,) = g.recovery.attempts
+        assert a.kind == "resume" and "migrate-pause" in a.cause, a
+        assert a.loader_stats()["pages_present"] > 0
+        assert g.vm.memory_digests([(0, ts.mem)]) == ts.want
+        g.vm.qmp("cont")
+        g.vm.wait_status("running")
+        assert g.self_check()
+    finally:
+        for r in relays:
+            r.close()

@@ -278,3 +278,178 @@ def test_silent_destination_times_out(snap: Path, variant: str) -> None:
     rc, err, _, _ = serve_resume(snap, variant, answer, extra=("--resume", "--io-timeout", "0.5"))
     assert rc == 1, err
     assert "E_TIMEOUT: no RECV_BITMAP for every block from the destination within" in err, err
+
+
+# ---- --resume --preempt: the destination's preempt channel again ------------------
+
+RP_PONG, CMD_PING = 2, 2
+PREEMPT_PING = struct.pack(">BHHI", 8, CMD_PING, 4, 2)
+
+
+def preempt_records(stream: bytes) -> list[tuple[str, int, bool, bool]]:
+    """(block, page, has_data, named) of each bare ram record on a preempt
+    channel (``named``: the record carries its block id, no CONTINUE)."""
+    out, pos, block = [], 0, ""
+    while pos < len(stream):
+        (v,) = struct.unpack_from(">Q", stream, pos)
+        pos += 8
+        flags, named = v & 0xFFF, not v & 0x20
+        if named:
+            n = stream[pos]
+            block = stream[pos + 1:pos + 1 + n].decode()
+            pos += 1 + n
+        assert flags & 0x0A, f"record flags {flags:#x}"
+        out.append((block, (v & ~0xFFF) // PS, bool(flags & 0x08), named))
+        pos += PS if flags & 0x08 else 1
+    return out
+
+
+class PreemptDestination:
+    """A unix listener playing a paused postcopy-preempt destination for one
+    ``serve --resume --preempt``: main connection, bitmaps, then the preempt
+    connection, PING/PONG, POSTCOPY_RESUME, RESUME_ACK, a re-sent request."""
+
+    def __init__(self, path: Path) -> None:
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(4)
+        self.listener.settimeout(20)
+        self.main: socket.socket | None = None
+        self.pre: socket.socket | None = None
+        self.received, self.pre_received = bytearray(), bytearray()
+        self.cond = threading.Condition()
+        self.early_preempt = False
+        self.closed: set[int] = set()   # ids of the buffers whose connection ended
+        self.threads: list[threading.Thread] = []
+
+    def _drain(self, s: socket.socket, into: bytearray) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := s.recv(1 << 20):
+                with self.cond:
+                    into.extend(chunk)
+                    self.cond.notify_all()
+        with self.cond:
+            self.closed.add(id(into))
+            self.cond.notify_all()
+
+    def _accept(self, into: bytearray) -> socket.socket:
+        s, _ = self.listener.accept()
+        t = threading.Thread(target=self._drain, args=(s, into), daemon=True)
+        t.start()
+        self.threads.append(t)
+        return s
+
+    def wait(self, into: bytearray, needle: bytes) -> bool:
+        with self.cond:
+            self.cond.wait_for(lambda: needle in into or id(into) in self.closed, timeout=30)
+            return needle in into
+
+    def play(self, present: set[int], request_page: int, *, drop_preempt: bool = False,
+             pong: bool = True) -> None:
+        self.main = self._accept(self.received)
+        assert self.wait(self.received, b"\x07pc.bios")
+        self.listener.settimeout(0.3)       # no second connection before the bitmaps
+        with contextlib.suppress(TimeoutError, OSError):
+            self.listener.accept()[0].close()
+            self.early_preempt = True
+        self.listener.settimeout(20)
+        self.main.sendall(bitmap("pc.ram", RAM_PAGES, present)
+                          + bitmap("pc.bios", BIOS_PAGES, set()))
+        self.pre = self._accept(self.pre_received)
+        if drop_preempt:    # a destination without postcopy-preempt: "...; ignoring"
+            self.pre.shutdown(socket.SHUT_RDWR)
+        assert self.wait(self.received, PREEMPT_PING)
+        if not pong:
+            return
+        self.main.sendall(rp(RP_PONG, struct.pack(">I", 2)))
+        if not self.wait(self.received, struct.pack(">BHH", 8, CMD_POSTCOPY_RESUME, 0)):
+            return
+        self.main.sendall(rp(RP_RESUME_ACK, struct.pack(">I", 1))
+                          + request("pc.ram", 10) + request("pc.ram", request_page))
+        assert self.wait(self.received, b"\x03")   # END of the ram section, then EOF
+        with self.cond:
+            self.cond.wait_for(lambda: self.received.endswith(b"\x00"), timeout=30)
+        self.main.sendall(rp(RP_SHUT, struct.pack(">I", 0)))
+
+    def close(self) -> None:
+        for s in (self.main, self.pre, self.listener):
+            if s is not None:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+        for t in self.threads:
+            t.join(timeout=10)
+
+
+def serve_resume_preempt(snapshot: Path, tmp_path: Path, variant: str, **play: object
+                         ) -> tuple[int, str, dict[str, object], PreemptDestination]:
+    dest = PreemptDestination(tmp_path / "recover.sock")
+    player = threading.Thread(target=dest.play, kwargs=play, daemon=True)
+    player.start()
+    try:
+        env = {**os.environ, **(ASAN_ENV if variant == "asan" else {})}
+        res = subprocess.run([str(loader_path(variant)), "serve", str(snapshot), "--to",
+                              f"unix:{tmp_path / 'recover.sock'}", "--json", "--resume",
+                              "--preempt", "--io-timeout", "2", "--shut-timeout", "20"],
+                             capture_output=True, text=True, timeout=120, env=env, check=False)
+        player.join(timeout=30)
+    finally:
+        dest.close()
+    stats: dict[str, object] = json.loads(res.stdout) if res.stdout.strip() else {}
+    return res.returncode, res.stderr, stats, dest
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_resume_reopens_the_preempt_channel(snap: Path, tmp_path: Path, variant: str) -> None:
+    """`serve --resume --preempt`: the main connection first, RECV_BITMAPs
+    answered before any second connection; then the preempt connection and
+    its PING before POSTCOPY_RESUME (QEMU's resume handler waits for the
+    channel); the request re-sent after RESUME_ACK is answered on the preempt
+    channel, whose first record names its block; a requested page the
+    destination has goes nowhere; across both channels each missing page
+    goes once and no present page at all."""
+    present = set(range(0, 64)) | {99}
+    page = next(p for p in range(120, RAM_PAGES, 3) if p not in present)
+    rc, err, stats, dest = serve_resume_preempt(snap, tmp_path, variant, present=present,
+                                                request_page=page)
+    assert rc == 0, err
+    assert not dest.early_preempt, "the preempt connection came before the bitmaps"
+    main = bytes(dest.received)
+    assert main.index(PREEMPT_PING) < main.index(struct.pack(">BHH", 8, CMD_POSTCOPY_RESUME, 0))
+    pre = preempt_records(bytes(dest.pre_received))
+    assert pre and pre[0][:3] == ("pc.ram", page, page in RAM_DATA) and pre[0][3], pre[:2]
+    on_main = [(b, p) for b, p, _ in parse_pages(main)]
+    sent = on_main + [(b, p) for b, p, _, _ in pre]
+    assert len(sent) == len(set(sent)), "a page was sent twice"
+    assert not {("pc.ram", p) for p in present} & set(sent)
+    want = ({("pc.ram", p) for p in RAM_DATA} | {("pc.bios", p) for p in BIOS_DATA}) \
+        - {("pc.ram", p) for p in present}
+    data = {(b, p) for b, p, d in parse_pages(main) if d} | {(b, p) for b, p, d, _ in pre if d}
+    assert data == want
+    assert stats["ok"] and stats["double_sends"] == 0, stats
+    pre_stats = stats["preempt"]
+    assert isinstance(pre_stats, dict) and pre_stats["requests_served"] == 1, pre_stats
+    assert pre_stats["requests_duplicate"] == 1, pre_stats   # the present page 10
+    assert isinstance(stats["time_preempt_resumed_s"], float) and \
+        0 < stats["time_preempt_resumed_s"] <= stats["time_resume_ack_s"], stats
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("case, name, words", [
+    ("drop-preempt", "E_CONNECT", "postcopy-preempt capability on"),
+    ("no-pong", "E_TIMEOUT", "no PONG from the destination"),
+])
+def test_hostile_preempt_resume_is_one_clear_error(snap: Path, tmp_path: Path, variant: str,
+                                                   case: str, name: str, words: str) -> None:
+    """A resumed destination that drops the new preempt connection (it has no
+    postcopy-preempt), or never answers the PING after it: one E_* line,
+    exit 1, and POSTCOPY_RESUME is never sent."""
+    rc, err, stats, dest = serve_resume_preempt(
+        snap, tmp_path, variant, present=set(), request_page=1,
+        drop_preempt=case == "drop-preempt", pong=case != "no-pong")
+    assert rc == 1, (rc, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"fastsnap-loader serve: {name}: "), err
+    assert words in lines[0], err
+    assert struct.pack(">BHH", 8, CMD_POSTCOPY_RESUME, 0) not in bytes(dest.received)
+    assert stats["error_name"] == name, stats

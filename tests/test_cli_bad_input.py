@@ -72,7 +72,7 @@ CASES: list[tuple[str, int]] = [
     ("restore {snapshot} --recover-attempts 3x", USAGE),
     ("restore {snapshot} --recover-attempts 101", USAGE),
     ("restore {snapshot} --strategy qemu-precopy --recover-attempts 2", USAGE),
-    ("restore {snapshot} --preempt --recover-attempts 2", USAGE),
+    ("restore {snapshot} --preempt --recover-attempts 101", USAGE),
     ("restore {snapshot} --preempt --record-ws {out}", USAGE),
     ("restore {snapshot} --to tcp:1.2.3:80", USAGE),
     ("restore {snapshot} --to tcp:[::1]:99999", USAGE),
@@ -113,7 +113,7 @@ CASES: list[tuple[str, int]] = [
     ("serve {random} --resume", USAGE),
     ("serve {random} --to unix:/nonexistent/s --preempt --record-ws {out}", USAGE),
     ("serve {random} --to unix:/nonexistent/s --ws-mode before-run", USAGE),
-    ("serve {random} --to unix:/nonexistent/s --resume --preempt", USAGE),
+    ("serve {random} --to fd:3 --resume --preempt", USAGE),
     ("serve {random} --to tcp:::1:80", USAGE),
     ("serve {random} --to fd:3 --preempt", USAGE),
     # build steps

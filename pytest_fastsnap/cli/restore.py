@@ -40,7 +40,7 @@ def restore_cli(snapshot: Path, qemu_binary: str | None = None, *,
     manifest, an unusable QEMU binary, an unsupported strategy), 1 for a
     failed restore; errors are one line on stderr.  With *keep_running* the
     guest stays up until Ctrl-C (or until it exits).  *recover_attempts*
-    (loader-bridge only; default 3, 0 = off; not with *preempt*) bounds how
+    (loader-bridge only; default 3, 0 = off; with *preempt* too) bounds how
     often a lost loader is recovered; each recovery is printed.  *ws* /
     *record_ws* / *ws_mode*: working-set prefetch of the loader bridge (see
     :func:`pytest_fastsnap.restore.strategies.restore`).  *to* (bridge):
@@ -55,9 +55,6 @@ def restore_cli(snapshot: Path, qemu_binary: str | None = None, *,
         if recover_attempts is not None and strategy != "loader-bridge":
             raise UsageError(f"--recover-attempts applies to --strategy loader-bridge only, "
                              f"not {strategy}")
-        if recover_attempts and preempt:
-            raise UsageError("--recover-attempts does not apply with --preempt: recovering a "
-                             "destination with a preempt channel is not supported yet")
         if eager_delay is not None and strategy != "loader-bridge":
             raise UsageError(f"--eager-delay applies to --strategy loader-bridge only, "
                              f"not {strategy}")

@@ -10,6 +10,16 @@ destination did next decides:
   --resume`` on it, which learns the pages the destination has from
   RECV_BITMAP, resumes (POSTCOPY_RESUME / RESUME_ACK), serves the requests
   the destination re-sends first and streams the rest, each page once.
+  With ``preempt`` the resumed loader has ``--preempt`` too: it reopens the
+  postcopy-preempt channel before POSTCOPY_RESUME (the destination waits
+  for it) and answers the re-sent requests there.  A resumed loader lost
+  before it connects leaves the destination ``postcopy-paused`` (QEMU's
+  destination never reports ``postcopy-recover-setup``, a source state), so
+  the next attempt's ``migrate-recover`` replaces the unused listener.
+  A destination still ``postcopy-active`` PAUSE_AFTER s after its loader is
+  gone kept a connection that never ended on its side (a network partition,
+  a relay holding it): QMP ``migrate-pause`` shuts it, the destination
+  pauses, and it is resumed like the rest (the attempt's cause says so).
 * gone or failed before the guest ever ran, after the loader itself was
   lost (killed, crashed, an error of its own; the loader died before RUN:
   QEMU 10.0 fails such an incoming migration and exits): **restart**.  If
@@ -48,6 +58,10 @@ if TYPE_CHECKING:
 
 DEFAULT_RECOVER_ATTEMPTS = 3
 SETTLE_TIMEOUT = 15.0       # s for a destination to pause, fail or exit after a loss
+# s a destination may stay postcopy-active after its loader is gone before it
+# is told to pause (QMP migrate-pause): a connection that never ends on its
+# side (a network partition, a relay that keeps it open) never pauses it.
+PAUSE_AFTER = 1.0
 POLL = 0.005
 # Run-time loader errors about its input, not a lost loader or connection.
 INPUT_ERRORS = ("E_FILE_SHORT",)
@@ -103,6 +117,7 @@ class BridgeRecovery:
         self.restart_cause: str | None = None
         self.finished = False
         self.not_a_loss: str | None = None
+        self.paused_by_us = False       # the last loss needed a migrate-pause
         self._spawn_resume = spawn_resume   # (to, tag) -> spawns the --resume loader
         self._relaunch = relaunch           # new destination + loader from scratch
         self._error_type = error_type
@@ -146,6 +161,9 @@ class BridgeRecovery:
             outcome = self._settle()
             if self._stop.is_set():
                 return
+            if self.paused_by_us:
+                cause += f"; destination still postcopy-active {PAUSE_AFTER:.0f} s later: " \
+                    "migrate-pause"
             if outcome == "completed":     # the loader died after its last page
                 self.finished = True
                 return
@@ -179,10 +197,14 @@ class BridgeRecovery:
 
     def _settle(self) -> str:
         """What the destination does without its source: 'postcopy-paused',
-        'completed', 'failed', 'exited', or 'still <status>'."""
+        'completed', 'failed', 'exited', or 'still <status>'.  A destination
+        still postcopy-active PAUSE_AFTER s after the loss has a connection
+        that did not end on its side: QMP migrate-pause shuts it, once."""
         vm = self.guest.vm
-        deadline = time.monotonic() + SETTLE_TIMEOUT
+        start = time.monotonic()
+        deadline = start + SETTLE_TIMEOUT
         status = "?"
+        self.paused_by_us = False
         while time.monotonic() < deadline and not self._stop.is_set():
             if not vm.is_running():
                 return f"exited ({vm.exitcode})"
@@ -195,6 +217,11 @@ class BridgeRecovery:
                 return status
             if status in ("none", "setup"):     # nobody connected: it will wait forever
                 return f"still {status!r} (no source connected)"
+            if status == "postcopy-active" and not self.paused_by_us \
+                    and time.monotonic() - start > PAUSE_AFTER:
+                self.paused_by_us = True
+                with contextlib.suppress(Exception):    # judged by the state it leads to
+                    vm.qmp("migrate-pause", timeout=5)
             self._stop.wait(POLL)
         return f"still {status!r} after {SETTLE_TIMEOUT:.0f}s"
 

@@ -20,9 +20,8 @@ Strategies:
   connection, the restore recovers by itself up to ``recover_attempts`` times
   (:mod:`pytest_fastsnap.restore.recovery`: QEMU's postcopy recovery, or a
   fresh start when the guest had not run yet); ``guest.recovery.attempts``
-  says what happened.  Recovery is off with ``preempt`` (a recovered
-  destination expects its preempt channel again, which the loader does not
-  reopen yet).
+  says what happened; with ``preempt`` the resumed loader reopens the
+  preempt channel too.
 
 Postcopy strategies (``qemu-fast``, ``loader-bridge``) turn on QEMU's
 ``postcopy-blocktime`` capability on the destination:
@@ -494,7 +493,7 @@ def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str]
     ws_args = _ws_args(strategy, ws, record_ws, ws_mode)
     # A --resume loader gets neither: the working set went (or was recorded)
     # before the loss, and a recording cut by a recovery is not written.
-    resume_args = list(loader_args)
+    resume_args = [*loader_args, *(["--preempt"] if preempt else [])]
     loader_args = [*loader_args, *ws_args]
     if strategy == "loader-bridge":
         _loader_accepts(strategy, path, offset, ws_args[:2] if ws is not None else [])
@@ -507,7 +506,7 @@ def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str]
         own(guest)
     start_args = [*loader_args, *(["--preempt"] if preempt else [])]
     prefix = tuple(loader_prefix)
-    if strategy == "loader-bridge" and recover_attempts and not preempt:
+    if strategy == "loader-bridge" and recover_attempts:
         factory = _as_factory(vm_factory)
 
         def relaunch() -> None:

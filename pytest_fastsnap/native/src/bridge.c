@@ -140,6 +140,7 @@ struct bridge {
     mr_error rp_error;          /* why the return path closed, if it named an E_* */
     struct br_resume resume;    /* --resume: recovery handshake state (rp_lock) */
     double t_bitmaps, t_resume_ack;
+    double t_preempt_resumed;   /* --resume --preempt: the new preempt channel is up */
     double wall_resume_ack;     /* CLOCK_REALTIME at RESUME_ACK, for kill -> ACK */
     double wall_start;          /* CLOCK_REALTIME at t_start: puts the loader's
                                  * times on the caller's clock */
@@ -157,6 +158,9 @@ struct bridge {
 
     mr_error err;               /* first, root-cause failure */
 };
+
+static int preempt_connect(struct bridge *b, uint32_t pongs);
+static int inject_due(const char *point);
 
 static double now_s(const struct bridge *b)
 {
@@ -270,6 +274,9 @@ static int preempt_serve(struct bridge *b, uint32_t block, uint64_t start, uint3
         b->t_first_request = t;
     atomic_store_explicit(&b->last_req_ns, (uint64_t)(t * 1e9), memory_order_relaxed);
     pthread_mutex_unlock(&b->rp_lock);
+    if (inject_due("preempt"))      /* test knob: requests stay outstanding */
+        for (;;)
+            pause();
     if (br_preempt_serve(atomic_load(&b->pre), block, start, len, t) >= 0)
         return 0;
     rp_close(b, "preempt channel failed");   /* check_rp reports the channel's error */
@@ -858,15 +865,26 @@ static int send_setup(struct bridge *b)
 /* Debug knob for recovery tests: FASTSNAP_LOADER_INJECT=serve-hang-in-POINT:FLAG
  * makes the loader that removes FLAG (one loader only, also across restarts)
  * stop at POINT (`package`: half the package is on the wire, so the
- * destination is still reading it; `eager`: half the eager pages are), so a
- * test's SIGKILL lands there. */
-static void inject_hang(struct bridge *b, const char *point)
+ * destination is still reading it; `eager`: half the eager pages are;
+ * `preempt`: the return-path thread, before it answers its first request on
+ * the preempt channel, so requests stay outstanding; --resume only:
+ * `resume-connect` before connecting, `resume-preempt` after the bitmaps,
+ * before the preempt connection, `resume-ack` with both channels up, before
+ * POSTCOPY_RESUME), so a test's SIGKILL lands there.  inject_due() only
+ * checks (any thread); inject_hang() also flushes what the main thread has
+ * built, then stops. */
+static int inject_due(const char *point)
 {
     static const char key[] = "serve-hang-in-";
     const char *v = getenv("FASTSNAP_LOADER_INJECT");
     size_t n = strlen(point);
-    if (!v || strncmp(v, key, sizeof key - 1) != 0 || strncmp(v + sizeof key - 1, point, n) != 0 ||
-        v[sizeof key - 1 + n] != ':' || unlink(v + sizeof key + n) != 0)
+    return v && strncmp(v, key, sizeof key - 1) == 0 && strncmp(v + sizeof key - 1, point, n) == 0
+        && v[sizeof key - 1 + n] == ':' && unlink(v + sizeof key + n) == 0;
+}
+
+static void inject_hang(struct bridge *b, const char *point)
+{
+    if (!inject_due(point))
         return;
     if (b->in_section && section_end(b) < 0)
         return;
@@ -1156,6 +1174,17 @@ static int resume_handshake(struct bridge *b)
     if (flush(b) < 0 || wait_resume(b, 0) < 0)
         return -1;
     b->t_bitmaps = now_s(b);
+    /* --preempt: the destination has taken the main connection (it answered
+     * on it), so the next one is its new preempt channel; it must be there
+     * before POSTCOPY_RESUME, whose handler waits for it (see
+     * bridge_resume.h).  PING/PONG 1 checks it was not dropped. */
+    if (b->preempt) {
+        inject_hang(b, "resume-preempt");
+        if (preempt_connect(b, 1) < 0)
+            return -1;
+        b->t_preempt_resumed = now_s(b);
+        inject_hang(b, "resume-ack");
+    }
     pthread_mutex_lock(&b->rp_lock);
     b->resume.resume_sent = 1;
     pthread_mutex_unlock(&b->rp_lock);
@@ -1293,14 +1322,22 @@ static int wait_pongs(struct bridge *b, uint32_t n)
  * connection is refused here rather than found when a page is lost on it. */
 static int preempt_open(struct bridge *b)
 {
-    if (wait_pongs(b, 1) < 0)
-        return -1;
+    return wait_pongs(b, 1) < 0 ? -1 : preempt_connect(b, 2);
+}
+
+/* The second connection, then a PING whose PONG (the `pongs`-th) shows the
+ * destination has (almost always) accepted or dropped it by then.  A new
+ * br_preempt starts with no previous block, so its first record names its
+ * block (a resumed destination's preempt thread may still hold the old
+ * channel's last block). */
+static int preempt_connect(struct bridge *b, uint32_t pongs)
+{
     int fd = br_net_connect(&b->addr, b->connect_timeout, &b->err);
     if (fd < 0)
         return -1;
     uint8_t p[4], peek;
     put_be32(p, PING_PREEMPT);
-    if (emit_cmd(b, CMD_PING, p, 4) < 0 || flush(b) < 0 || wait_pongs(b, 2) < 0) {
+    if (emit_cmd(b, CMD_PING, p, 4) < 0 || flush(b) < 0 || wait_pongs(b, pongs) < 0) {
         close(fd);
         return -1;
     }
@@ -1369,10 +1406,11 @@ static void write_stats(struct bridge *b, FILE *f, int rc)
     fprintf(f, "\"resume\": %s, \"pages_present\": %llu, \"pages_present_zero\": %llu, "
             "\"time_bitmaps_s\": %.6f, \"time_resume_ack_s\": %.6f, "
             "\"resume_ack_unix_s\": %.6f, \"resume_requests_first\": %llu, "
-            "\"start_unix_s\": %.6f, ",
+            "\"start_unix_s\": %.6f, \"time_preempt_resumed_s\": %.6f, ",
             b->resume.active ? "true" : "false", (unsigned long long)b->resume.pages_present,
             (unsigned long long)b->resume.pages_present_zero, b->t_bitmaps, b->t_resume_ack,
-            b->wall_resume_ack, (unsigned long long)b->resume_requests_first, b->wall_start);
+            b->wall_resume_ack, (unsigned long long)b->resume_requests_first, b->wall_start,
+            b->t_preempt_resumed);
     const char *ws_mode = !b->ws_path ? "none" : b->ws_before_run ? "before-run" : "after-run";
     fprintf(f, "\"ws_mode\": \"%s\", \"ws_loaded\": %llu, \"pages_ws\": %llu, "
             "\"ws_recorded\": %llu, \"eager_hold_end_s\": %.6f, ", ws_mode,
@@ -1494,6 +1532,8 @@ static int run(struct bridge *b)
         close(b->ready_fd);
         b->ready_fd = -1;
     }
+    if (b->resume.active)
+        inject_hang(b, "resume-connect");
     if (connect_to(b) < 0 || (!b->resume.active && send_preamble(b) < 0))
         return -1;
     if (pthread_create(&b->rp_thread, NULL, rp_main, b) != 0)
@@ -1618,9 +1658,6 @@ static int parse_options(struct bridge *b, int argc, char **argv, int *json,
                     "answered on the preempt channel are not recorded");
     if (b->ws_mode_set && !b->ws_path)
         return fail(b, E_USAGE, "--ws-mode needs --ws WSFILE");
-    if (b->preempt && b->resume.active)
-        return fail(b, E_USAGE, "--resume with --preempt is not supported: a recovered "
-                    "destination also expects its preempt channel again");
     b->path = argv[optind];
     if ((b->ws_path && !*b->ws_path) || (b->record_ws_path && !*b->record_ws_path))
         return fail(b, E_USAGE, "--ws and --record-ws need a file name");

@@ -26,7 +26,9 @@
  * --resume: the destination is paused in postcopy after losing its source
  * and listens on --to (QMP migrate-recover); instead of the stream header
  * and package, ask for its received-page bitmaps, resume, and send every
- * page it still lacks, each once (bridge_resume.h).
+ * page it still lacks, each once (bridge_resume.h).  With --preempt too,
+ * the preempt channel is reopened after the bitmaps and before
+ * POSTCOPY_RESUME (the sequence: bridge_resume.c).
  * --record-ws writes, after a completed migration, the pages the destination
  * requested in the order it first asked for them; --ws sends a file so
  * written first on a later restore of the same snapshot: `before-run`

@@ -2,7 +2,68 @@
  * --resume`, see bridge_resume.h): the RECV_BITMAP command payload, reading
  * and checking the destination's received-page bitmaps (hostile input),
  * claiming the pages the destination already has, and the RESUME_ACK.
- * bridge.c sends the commands and waits; this file only parses and marks. */
+ * bridge.c sends the commands and waits; this file only parses and marks.
+ *
+ * The recovery sequence with and without the postcopy-preempt channel, as
+ * QEMU 10.0/10.2 destinations run it (migration/savevm.c
+ * postcopy_pause_incoming, loadvm_postcopy_handle_resume; migration.c
+ * qmp_migrate_recover, migration_ioc_process_incoming,
+ * postcopy_try_recover; postcopy-ram.c postcopy_preempt_new_channel,
+ * postcopy_preempt_thread; the source side it mirrors: migration.c
+ * postcopy_do_resume), checked against 10.0.2 and 10.2.2 by
+ * tests/test_bridge_recovery.py:
+ *
+ *  0. Loss.  The destination closes the main channel, its return path and
+ *     the preempt channel (the preempt thread, its read failed, waits on
+ *     postcopy_pause_sem_fast_load), drops every partly assembled host page
+ *     of every channel, and goes to `postcopy-paused`.  A page counts as
+ *     received only once placed (receivedmap), so a page that was in flight
+ *     on the old preempt (or main) channel and not placed is simply missing
+ *     from the bitmaps below and is sent again, once.
+ *  1. `migrate-recover URI` (only in postcopy-paused): the old listener is
+ *     released, a new one made; the state stays `postcopy-paused` until a
+ *     connection comes (`postcopy-recover-setup` is a *source* state, 9.1+;
+ *     a destination never reports it).  So a resumed loader lost before it
+ *     connects leaves the destination paused, and another migrate-recover is
+ *     accepted.
+ *  2. The first connection is the main channel (10.0: by order, the main
+ *     file is unset; 10.1+: by peeking, where a paused destination takes a
+ *     stream without the QEVM magic as main): return path re-opened, state
+ *     `postcopy-recover`, only the main load thread woken.
+ *  3. source -> CMD_RECV_BITMAP per block; dest -> RP RECV_BITMAP (format
+ *     in bridge_resume.h).  The answers prove the main channel was taken.
+ *  4. --preempt: now the second connection.  With the main channel set, a
+ *     destination with postcopy-preempt takes any further connection as the
+ *     new preempt channel (postcopy_preempt_new_channel, posting
+ *     postcopy_qemufile_dst_done); QEMU's own source opens it exactly here
+ *     (after resume_prepare, before the RESUME handshake).  Then PING 2 and
+ *     its PONG, as at the first start (a destination without the capability
+ *     drops the connection: E_CONNECT).
+ *  5. source -> CMD_POSTCOPY_RESUME.  The destination: state
+ *     `postcopy-active`, RESUME_ACK, then it re-sends every page request
+ *     still pending (REQ_PAGES_ID first: its last block was reset) on the
+ *     return path, wakes its fault thread, and, with preempt, *waits* for
+ *     the new preempt channel before waking the preempt thread.  A RESUME
+ *     sent before the preempt connection would leave the load thread
+ *     blocked on that semaphore with no read to fail: `postcopy-active`
+ *     with no source, never paused again (seen on 10.0.2 with the order
+ *     reversed and that loader killed: `postcopy-active` for good,
+ *     migrate-pause no help, migrate-recover refused: "can only be run
+ *     when postcopy is paused").  Hence 4 before 5, always.
+ *  6. Re-sent requests are answered first: without preempt by the main
+ *     thread before any eager page; with preempt by the return-path thread
+ *     directly on the new channel, as bare ram records whose first record
+ *     names its block (the destination's per-channel last block is not
+ *     reset by the pause, so a CONTINUE there would be read against the old
+ *     channel's block).  Nothing else goes on that channel (no EOS).  The
+ *     eager stream of the rest follows on the main channel; END, EOF, SHUT.
+ *
+ * Edge left to QEMU: a loader lost between 4 and 5 leaves one unconsumed
+ * post of postcopy_qemufile_dst_done, so the next resume's wait returns at
+ * once; the loader's PING/PONG after the preempt connect gives the main
+ * loop time to accept it first (10.2.2 asserts the channel is there).
+ * tests/test_bridge_recovery.py kills a resumed loader at 1 (before it
+ * connects), between 3 and 4, and between 4 and 5: each is resumed again. */
 #define _GNU_SOURCE
 #include "bridge_resume.h"
 
