@@ -408,6 +408,19 @@ def test_asan_loader_resumes(vm_factory: VmFactory, guest_factory: GuestFactory,
         assert g.self_check()
 
 
+def _resumed_once_and_whole(g: RestoredGuest, ts: TinySnapshot, cause: str) -> None:
+    """One recovery, a resume whose cause names *cause*, that found pages the
+    destination had; RAM equal to the source's and the self-check passing."""
+    assert g.recovery is not None
+    (a,) = g.recovery.attempts
+    assert a.kind == "resume" and cause in a.cause, a
+    assert a.loader_stats()["pages_present"] > 0
+    assert g.vm.memory_digests([(0, ts.mem)]) == ts.want
+    g.vm.qmp("cont")
+    g.vm.wait_status("running")
+    assert g.self_check()
+
+
 def test_connection_dropped_by_the_destination_recovers(
         vm_factory: VmFactory, guest_factory: GuestFactory,
         snapshot_factory: SnapshotFactory, tracked: list[Tracked]) -> None:
@@ -423,14 +436,7 @@ def test_connection_dropped_by_the_destination_recovers(
     g.vm.qmp("migrate-pause")
     g.wait_loaded(timeout=240)
     assert first.poll() == 1
-    assert g.recovery is not None
-    (a,) = g.recovery.attempts
-    assert a.kind == "resume" and "E_DEST_GONE" in a.cause, a
-    assert a.loader_stats()["pages_present"] > 0
-    assert g.vm.memory_digests([(0, ts.mem)]) == ts.want
-    g.vm.qmp("cont")
-    g.vm.wait_status("running")
-    assert g.self_check()
+    _resumed_once_and_whole(g, ts, "E_DEST_GONE")
 
 
 @pytest.mark.parametrize("point, preempt", [("resume-connect", False), ("resume-connect", True),
@@ -556,14 +562,7 @@ def test_destination_left_postcopy_active_is_paused_and_resumed(
         time.sleep(0.5)     # the destination has not noticed: its connection is open
         assert g.vm.qmp("query-migrate").get("status") == "postcopy-active"
         g.wait_loaded(timeout=240)
-        assert g.recovery is not None
-        (a,) = g.recovery.attempts
-        assert a.kind == "resume" and "migrate-pause" in a.cause, a
-        assert a.loader_stats()["pages_present"] > 0
-        assert g.vm.memory_digests([(0, ts.mem)]) == ts.want
-        g.vm.qmp("cont")
-        g.vm.wait_status("running")
-        assert g.self_check()
+        _resumed_once_and_whole(g, ts, "migrate-pause")
     finally:
         for r in relays:
             r.close()
