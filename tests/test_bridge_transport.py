@@ -249,7 +249,8 @@ def test_tcp_between_namespaces(source: Any, vm_factory: VmFactory, veth: netns.
                 assert relay.errors == [], relay.errors
                 assert relay.peers and relay.peers[0][0] == veth.addr_b, relay.peers
                 assert net_ns_of_socket(relay.socks[1]) == net_ns_of(veth.ns_a)
-                assert relay.forwarded_up >= stats["pages_data"] * 4096
+                assert relay.wait_forwarded_up(stats["pages_data"] * 4096) \
+                    >= stats["pages_data"] * 4096
             if delay_ms:
                 assert len(path.relays) == 2 or delay_mech == "netem", "no delay on the path"
                 # A restore costs at least a few round trips.

@@ -96,7 +96,7 @@ def test_round_trip_is_at_least_the_delay(echo_server: socket.socket, to_upstrea
             rtts.append(time.monotonic() - t)
             assert got == bytes([i]) * 8
         c.shutdown(socket.SHUT_WR)
-        assert relay.forwarded_up == 40
+        assert relay.wait_forwarded_up(40) == 40
     server.join(5)
     print(f"relay 20 ms (to_upstream {to_upstream}): echo round trips "
           + ", ".join(f"{r * 1000:.1f}" for r in rtts) + " ms")

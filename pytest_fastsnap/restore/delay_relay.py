@@ -134,6 +134,15 @@ class DelayRelay:
         """Bytes delivered to upstream so far (every connection)."""
         return sum(p.forwarded for p in self.pipes[0::2])
 
+    def wait_forwarded_up(self, at_least: int, timeout: float = 5.0) -> int:
+        """:attr:`forwarded_up` once it reaches *at_least*, or after *timeout*
+        s.  A pipe counts its bytes just after sending them, so the answer to
+        them can reach the other end first."""
+        deadline = time.monotonic() + timeout
+        while (n := self.forwarded_up) < at_least and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return n
+
     def _connect_upstream(self) -> socket.socket:
         host, port = self.upstream
         up = self._new_socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
