@@ -48,8 +48,10 @@ from pytest_fastsnap.qemu.machine import QemuMachine
 from pytest_fastsnap.qemu.migration import save_snapshot
 from pytest_fastsnap.qemu.probe import probe
 from pytest_fastsnap.restore.ceiling import postcopy_ceiling
+from pytest_fastsnap.restore.guest_latency import fmt_or_dash as _fmt
 from pytest_fastsnap.restore.guest_latency import format_rows as guest_latency_rows
 from pytest_fastsnap.restore.guest_latency import guest_latency_runs
+from pytest_fastsnap.restore.guest_latency import median_present as _med
 from pytest_fastsnap.restore.strategies import (
     STRATEGIES,
     RestoredGuest,
@@ -208,11 +210,6 @@ def make_snapshot(size: int, *, binary: str, workdir: Path, machine: str,
     log(f"{size >> 20} MiB: tiny guest filled {data_bytes / size:.0%} in {fill_s:.1f}s, "
         f"saved in {saved.save_seconds:.1f}s ({snap.stat().st_size >> 20} MiB file)")
     return snap, device_args, ranges, saved.save_seconds
-
-
-def _med(values: Sequence[float | None]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return statistics.median(vals) if vals else None
 
 
 def _blocktime_ms(run: dict[str, Any]) -> float | None:
@@ -378,10 +375,6 @@ def _guest_figures(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
-
-
-def _fmt(v: float | None, spec: str = ".3f") -> str:
-    return format(v, spec) if v is not None else "-"
 
 
 def _grid(rows: list[tuple[str, ...]]) -> list[str]:

@@ -33,7 +33,8 @@ MODES: tuple[tuple[str, bool], ...] = (("no-preempt", False), ("preempt", True))
 OneRestore = Callable[..., dict[str, Any]]
 
 
-def _med(values: Sequence[float | None]) -> float | None:
+def median_present(values: Sequence[float | None]) -> float | None:
+    """Median of the values that are not None; None if there are none."""
     vals = [v for v in values if v is not None]
     return statistics.median(vals) if vals else None
 
@@ -43,19 +44,19 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     lats = [(r.get("workload") or {}).get("latency") or {} for r in runs]
     loaders = [r.get("loader") or {} for r in runs]
     return {
-        "p50_us": _med([x.get("p50_us") for x in lats]),
-        "p90_us": _med([x.get("p90_us") for x in lats]),
-        "p99_us": _med([x.get("p99_us") for x in lats]),
-        "max_us": _med([x.get("max_us") for x in lats]),
-        "p99_over_p50": _med([x.get("p99_over_p50") for x in lats]),
-        "faulted": _med([x.get("faulted") for x in lats]),
-        "done_s": _med([(r.get("workload") or {}).get("done_s") for r in runs]),
-        "eager_mib_s": _med([x.get("eager_throughput_mib_s") for x in loaders]),
-        "loaded_s": _med([r.get("time_to_loaded_s") for r in runs]),
-        "holdoff_s": _med([x.get("eager_holdoff_total_s") for x in loaders]),
-        "loader_p50_us": _med([(x.get("latency_us") or {}).get("p50") for x in loaders]),
-        "loader_p99_us": _med([(x.get("latency_us") or {}).get("p99") for x in loaders]),
-        "requests": _med([x.get("requests") for x in loaders]),
+        "p50_us": median_present([x.get("p50_us") for x in lats]),
+        "p90_us": median_present([x.get("p90_us") for x in lats]),
+        "p99_us": median_present([x.get("p99_us") for x in lats]),
+        "max_us": median_present([x.get("max_us") for x in lats]),
+        "p99_over_p50": median_present([x.get("p99_over_p50") for x in lats]),
+        "faulted": median_present([x.get("faulted") for x in lats]),
+        "done_s": median_present([(r.get("workload") or {}).get("done_s") for r in runs]),
+        "eager_mib_s": median_present([x.get("eager_throughput_mib_s") for x in loaders]),
+        "loaded_s": median_present([r.get("time_to_loaded_s") for r in runs]),
+        "holdoff_s": median_present([x.get("eager_holdoff_total_s") for x in loaders]),
+        "loader_p50_us": median_present([(x.get("latency_us") or {}).get("p50") for x in loaders]),
+        "loader_p99_us": median_present([(x.get("latency_us") or {}).get("p99") for x in loaders]),
+        "requests": median_present([x.get("requests") for x in loaders]),
         "runs": list(runs),
     }
 
@@ -97,12 +98,13 @@ def format_rows(results: Sequence[dict[str, Any]]) -> list[tuple[str, ...]]:
         for name, _ in MODES:
             st = gl[name]
             rows.append((f"{res['size_bytes'] >> 20} MiB", gl["workload"], name,
-                         _f(st["faulted"], ".0f"), _f(st["p50_us"], ".0f"),
-                         _f(st["p99_us"], ".0f"), _f(st["p99_over_p50"], ".2f"),
-                         _f(st["max_us"], ".0f"), _f(st["loader_p99_us"], ".0f"),
-                         _f(st["eager_mib_s"], ".0f"), _f(st["done_s"], ".3f")))
+                         fmt_or_dash(st["faulted"], ".0f"), fmt_or_dash(st["p50_us"], ".0f"),
+                         fmt_or_dash(st["p99_us"], ".0f"), fmt_or_dash(st["p99_over_p50"], ".2f"),
+                         fmt_or_dash(st["max_us"], ".0f"), fmt_or_dash(st["loader_p99_us"], ".0f"),
+                         fmt_or_dash(st["eager_mib_s"], ".0f"), fmt_or_dash(st["done_s"], ".3f")))
     return rows if len(rows) > 1 else []
 
 
-def _f(v: float | None, spec: str) -> str:
+def fmt_or_dash(v: float | None, spec: str = ".3f") -> str:
+    """*v* formatted with *spec*, or "-" for a missing figure."""
     return format(v, spec) if v is not None else "-"
