@@ -78,10 +78,10 @@ def run(size: int, variants: list[tuple[str, list[str]]], workload: Workload, re
         for r in range(repeat):
             for name, args in variants:
                 loader_args, hold = _split_hold(args)
-                for mode, preempt in MODES:
+                for mode, mode_kw in MODES:
                     res = _one("loader-bridge", snap, device_args, binary, work,
-                               workload=workload, preempt=preempt, loader_args=loader_args,
-                               eager_hold=hold)
+                               workload=workload, loader_args=loader_args,
+                               eager_hold=hold, **mode_kw)
                     runs.setdefault((name, mode), []).append(res)
                     lat = res["workload"].get("latency") or {}
                     eager = (res.get("loader") or {}).get("eager_throughput_mib_s")

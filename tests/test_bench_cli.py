@@ -166,7 +166,12 @@ def test_bench_reports_what_the_guest_feels(tmp_path: Path) -> None:
     assert rand["guest_p99_us"] >= rand["guest_p50_us"], rand
     glat = result["guest_latency"]
     assert glat["workload"] == "rand:10"
-    for mode in ("no-preempt", "preempt"):
+    pinned = len(os.sched_getaffinity(0)) >= 2
+    assert glat["modes"] == ["no-preempt", "preempt", *(["preempt+pin"] if pinned else [])]
+    if pinned:      # every thread of the request path and the eager stream was found
+        pin = glat["preempt+pin"]["runs"][0]["pin"]
+        assert pin["missing"] == [] and not pin["errors"], pin
+    for mode in glat["modes"]:
         st = glat[mode]
         assert st["eager_mib_s"] > 0, st
         if st["faulted"]:

@@ -71,7 +71,12 @@ def _one_workload(text: str) -> Any:
 def run(args: argparse.Namespace) -> int:
     from pytest_fastsnap.qemu.machine import QemuError
     from pytest_fastsnap.qemu.migration import MigrationFailed
-    from pytest_fastsnap.restore.bench import DEFAULT_RESULTS, matplotlib_missing, run_bench
+    from pytest_fastsnap.restore.bench import (
+        DEFAULT_RESULTS,
+        DEFAULT_STRATEGIES,
+        matplotlib_missing,
+        run_bench,
+    )
     from pytest_fastsnap.restore.strategies import RestoreFailed
 
     results_dir = output_dir(args.results_dir or DEFAULT_RESULTS, "--results-dir")
@@ -80,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     if no_plot and not args.no_plot:
         print(f"fastsnap bench: {no_plot}", file=sys.stderr, flush=True)
     try:
-        run_bench(args.sizes, binary=binary, repeat=args.repeat, strategies=args.strategies,
+        run_bench(args.sizes, binary=binary, repeat=args.repeat,
+                  strategies=args.strategies or DEFAULT_STRATEGIES,
                   probes=args.probes, results_dir=results_dir,
                   draw=not (args.no_plot or no_plot), workloads=args.workloads,
                   ceiling=not args.no_ceiling, ws=not args.no_ws,
@@ -95,11 +101,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="guest RAM sizes, comma-separated (default 256M,1G,4G; > 18M each)")
     p.add_argument("--repeat", type=int_arg(minimum=1), default=3,
                    help="restores per strategy and size; medians are reported (default 3)")
-    p.add_argument("--strategies", type=_strategies,
-                   default="qemu-precopy,loader-bridge,loader-bridge+preempt",
+    p.add_argument("--strategies", type=_strategies, default=None,
                    help="comma-separated: qemu-precopy, qemu-fast, loader-bridge, "
-                   "loader-bridge+preempt (the bridge with the postcopy-preempt channel) "
-                   "(default qemu-precopy,loader-bridge,loader-bridge+preempt)")
+                   "loader-bridge+preempt (the bridge with the postcopy-preempt channel), "
+                   "loader-bridge+preempt+pin (and the request path on other CPUs than the "
+                   "eager stream; needs 2 CPUs) (default qemu-precopy,loader-bridge,"
+                   "loader-bridge+preempt and, with 2 or more CPUs, loader-bridge+preempt+pin)")
     p.add_argument("--probes", type=int_arg(minimum=0), default=200,
                    help="demand reads in the latency run (0: no latency run; default 200)")
     p.add_argument("--qemu-binary", default=os.environ.get("QEMU_BINARY", "qemu-system-x86_64"),
@@ -118,8 +125,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip the working-set prefetch comparison (loader-bridge)")
     p.add_argument("--guest-latency", type=_one_workload, default=None, metavar="ORDER:PERCENT",
                    help="also measure request latency as the guest sees it: loader-bridge "
-                   "with and without preempt, this workload (e.g. rand:1) started right "
-                   "after RUN while the eager stream runs, --repeat times each")
+                   "without preempt, with it, and with it and --pin auto (2+ CPUs), this "
+                   "workload (e.g. rand:1) started right after RUN while the eager stream "
+                   "runs, --repeat times each")
 
 
 DESCRIPTION = """\

@@ -32,7 +32,7 @@ def restore_cli(snapshot: Path, qemu_binary: str | None = None, *,
                 recover_attempts: int | None = None, out: TextIO = sys.stdout,
                 ws: Path | None = None, record_ws: Path | None = None,
                 ws_mode: str = "after-run", to: str = "unix", preempt: bool = False,
-                eager_delay: float | None = None) -> int:
+                eager_delay: float | None = None, pin: str | None = None) -> int:
     """Restore *snapshot* on the system QEMU with the arguments recorded in
     ``<snapshot>.json``; print time to running and time to fully loaded.
 
@@ -49,7 +49,9 @@ def restore_cli(snapshot: Path, qemu_binary: str | None = None, *,
     *eager_delay* (bridge): for that many seconds after the guest starts the
     loader serves only page requests (what a ``record_ws`` run then records
     is what the guest touched, not what the eager stream happened to send
-    first), then streams the rest.
+    first), then streams the rest.  *pin* (bridge): ``auto`` or
+    ``REQUESTS/EAGER`` CPU lists, the request path and vCPUs apart from the
+    eager stream (:mod:`pytest_fastsnap.restore.pinning`).
     """
     try:
         if recover_attempts is not None and strategy != "loader-bridge":
@@ -72,6 +74,14 @@ def restore_cli(snapshot: Path, qemu_binary: str | None = None, *,
         bridge_kw: dict[str, Any] = {"ws": ws, "record_ws": record_ws, "ws_mode": ws_mode}
         if strategy == "loader-bridge":
             bridge_kw.update(transport=to, preempt=preempt)
+        if pin is not None:
+            if strategy != "loader-bridge":
+                raise UsageError(f"--pin applies to --strategy loader-bridge only, not {strategy}")
+            from pytest_fastsnap.restore.pinning import parse_pin
+            try:
+                bridge_kw["pin"] = parse_pin(pin)
+            except ValueError as err:
+                raise UsageError(f"--{err}") from None
         if eager_delay is not None:
             bridge_kw["loader_args"] = ("--eager-delay", f"{eager_delay:.6f}")
         return _restore(snapshot, qemu_binary, strategy, keep_running, out, bridge_kw,
@@ -169,6 +179,12 @@ def _restore(snapshot: Path, qemu_binary: str | None, strategy: str, keep_runnin
                 if record_ws_path := bridge_kw.get("record_ws"):
                     print(f"loader: recorded a working set of {stats.get('ws_recorded', 0)} "
                           f"pages to {record_ws_path}", file=out, flush=True)
+            if guest.pinner is not None:
+                pin = guest.pinner.report()
+                print(f"pin {pin['spec']}: {len(pin['threads'])} threads pinned"
+                      + (f"; not found: {', '.join(pin['missing'])}" if pin["missing"] else "")
+                      + (f"; failed: {'; '.join(pin['errors'])}" if pin["errors"] else ""),
+                      file=out, flush=True)
             if keep_running:
                 print(f"guest running (QEMU pid {guest.vm.pid}, log {guest.vm.log_path}); "
                       "Ctrl-C stops it", file=out, flush=True)
@@ -190,7 +206,8 @@ def run(args: argparse.Namespace) -> int:
                        strategy=args.strategy, keep_running=args.keep_running,
                        recover_attempts=args.recover_attempts,
                        ws=args.ws, record_ws=args.record_ws, ws_mode=args.ws_mode,
-                       to=args.to, preempt=args.preempt, eager_delay=args.eager_delay)
+                       to=args.to, preempt=args.preempt, eager_delay=args.eager_delay,
+                       pin=args.pin)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -211,6 +228,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--preempt", action="store_true",
                    help="loader-bridge: postcopy-preempt on, requested pages on a second "
                    "connection")
+    p.add_argument("--pin", default=None, metavar="auto|REQUESTS/EAGER",
+                   help="loader-bridge: run the vCPUs and the page-request path (QEMU's fault "
+                   "and preempt threads, the loader's request thread) on the REQUESTS CPUs and "
+                   "the eager stream (the loader's sender, QEMU's listen thread) on the EAGER "
+                   "CPUs, e.g. 0/1 or 0-2/3; auto: the last CPU for the eager stream")
     p.add_argument("--keep-running", action="store_true",
                    help="leave the guest running until Ctrl-C")
     p.add_argument("--recover-attempts", type=int_arg(minimum=0, maximum=100), default=None,

@@ -80,7 +80,9 @@ class QemuMachine:
         qmp_ours, qmp_theirs = socket.socketpair()
         con_ours, con_theirs = socket.socketpair()
         self.args = [
-            self.binary, "-name", self.name,
+            # debug-threads: QEMU names its threads (vCPUs, mig/dst/*), which
+            # restore(pin=...) places by name and a reader of top -H wants
+            self.binary, "-name", f"{self.name},debug-threads=on",
             "-chardev", f"socket,id=mon,fd={qmp_theirs.fileno()}",
             "-mon", "chardev=mon,mode=control",
             "-chardev", f"socket,id=console,fd={con_theirs.fileno()}",

@@ -9,6 +9,8 @@ mapped-ram, then restore it with each strategy ``repeat`` times and report
 - the bridge's eager throughput against a plain sequential read of the
   same page region (warm page cache, 1 MiB reads);
 - ``loader-bridge+preempt``: the bridge with the postcopy-preempt channel;
+  ``loader-bridge+preempt+pin``: and its request path and the vCPUs on other
+  CPUs than its eager stream (``restore(pin="auto")``, :mod:`.pinning`);
 - page-request latency p50/p99 from the bridge's own histogram, in a
   separate bridge run where the QEMU main thread reads random not-yet-sent
   pages (HMP ``xp``) while the eager stream is going (an idle firmware
@@ -17,7 +19,7 @@ mapped-ram, then restore it with each strategy ``repeat`` times and report
   times the first read of each page it touches (faulted reads, their
   p50/p99 and p99/p50);
 - with *guest_latency* (``--guest-latency rand:1``), the goal measurement of
-  issue #11: loader-bridge with and without preempt, the workload started
+  issue #11: loader-bridge without preempt, with it and with it pinned, the workload started
   right after RUN while the eager stream runs (:mod:`.guest_latency`).
 
     fastsnap bench --sizes 256M,1G,4G --repeat 3
@@ -68,8 +70,14 @@ BRIDGE = "loader-bridge"
 # The bridge with QEMU's postcopy-preempt channel: requested pages do not
 # queue behind the eager stream (restore(..., preempt=True)).
 BRIDGE_PREEMPT = "loader-bridge+preempt"
-BENCH_STRATEGIES = (*STRATEGIES, BRIDGE_PREEMPT)
-DEFAULT_STRATEGIES = ("qemu-precopy", BRIDGE, BRIDGE_PREEMPT)
+# ... and with the request path and vCPUs on other CPUs than the eager stream
+# (restore(..., pin="auto"); needs two CPUs: see .pinning)
+BRIDGE_PREEMPT_PIN = "loader-bridge+preempt+pin"
+_VARIANTS: dict[str, dict[str, Any]] = {BRIDGE_PREEMPT: {"preempt": True},
+                                        BRIDGE_PREEMPT_PIN: {"preempt": True, "pin": "auto"}}
+BENCH_STRATEGIES = (*STRATEGIES, *_VARIANTS)
+DEFAULT_STRATEGIES = ("qemu-precopy", BRIDGE, BRIDGE_PREEMPT,
+                      *((BRIDGE_PREEMPT_PIN,) if len(os.sched_getaffinity(0)) >= 2 else ()))
 DEFAULT_RESULTS = Path("fastsnap-bench-results")  # relative: under the current directory
 
 
@@ -127,7 +135,7 @@ def bench_strategy(name: str) -> tuple[str, dict[str, Any]]:
     """A bench strategy name as (restore strategy, its restore() options)."""
     if name not in BENCH_STRATEGIES:
         raise ValueError(f"unknown bench strategy {name!r}; one of {', '.join(BENCH_STRATEGIES)}")
-    return (BRIDGE, {"preempt": True}) if name == BRIDGE_PREEMPT else (name, {})
+    return (BRIDGE, dict(_VARIANTS[name])) if name in _VARIANTS else (name, {})
 
 
 def _one(strategy: str, snap: Path, device_args: Sequence[str], binary: str, workdir: Path,

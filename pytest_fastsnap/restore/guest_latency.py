@@ -20,6 +20,7 @@ slowing the eager stream shows.
 
 from __future__ import annotations
 
+import os
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,7 +28,12 @@ from typing import Any
 
 from pytest_fastsnap.restore.workload import Workload
 
-MODES: tuple[tuple[str, bool], ...] = (("no-preempt", False), ("preempt", True))
+# (name, restore() options); preempt+pin: the request path and vCPUs on other
+# CPUs than the eager stream (.pinning), where the host has two or more
+MODES: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("no-preempt", {}), ("preempt", {"preempt": True}),
+    *((("preempt+pin", {"preempt": True, "pin": "auto"}),)
+      if len(os.sched_getaffinity(0)) >= 2 else ()))
 
 # one restore with a workload: bench._one's signature, injected to avoid a cycle
 OneRestore = Callable[..., dict[str, Any]]
@@ -64,12 +70,12 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def guest_latency_runs(one: OneRestore, snap: Path, device_args: Sequence[str], binary: str,
                        workdir: Path, log: Callable[[str], None], workload: Workload,
                        repeat: int, loader_args: Sequence[str] = ()) -> dict[str, Any]:
-    """*workload* right after RUN of a loader-bridge restore, with and without
-    preempt, *repeat* times each (interleaved); medians per mode."""
+    """*workload* right after RUN of a loader-bridge restore in each of
+    :data:`MODES`, *repeat* times each (interleaved); medians per mode."""
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in MODES}
     for r in range(repeat):
-        for name, preempt in MODES:
-            kw: dict[str, Any] = {"preempt": preempt}
+        for name, mode_kw in MODES:
+            kw: dict[str, Any] = dict(mode_kw)
             if loader_args:
                 kw["loader_args"] = list(loader_args)
             res = one("loader-bridge", snap, device_args, binary, workdir, workload=workload,
@@ -83,6 +89,7 @@ def guest_latency_runs(one: OneRestore, snap: Path, device_args: Sequence[str], 
                 f"done {res['workload']['done_s']:.3f}s"
                 + (f", eager {eager:.0f} MiB/s" if eager else ""))
     return {"workload": workload.key, "loader_args": list(loader_args),
+            "modes": [name for name, _ in MODES],
             **{name: summarize(these) for name, these in runs.items()}}
 
 
@@ -95,7 +102,7 @@ def format_rows(results: Sequence[dict[str, Any]]) -> list[tuple[str, ...]]:
         gl = res.get("guest_latency")
         if not gl:
             continue
-        for name, _ in MODES:
+        for name in gl.get("modes", [m for m, _ in MODES]):
             st = gl[name]
             rows.append((f"{res['size_bytes'] >> 20} MiB", gl["workload"], name,
                          fmt_or_dash(st["faulted"], ".0f"), fmt_or_dash(st["p50_us"], ".0f"),

@@ -56,6 +56,7 @@ from pytest_fastsnap.qemu import process
 from pytest_fastsnap.qemu.machine import QemuMachine, QMPCommandError
 from pytest_fastsnap.qemu.migration import file_uri, set_capabilities
 from pytest_fastsnap.restore.manifest import manifest_path, read_manifest
+from pytest_fastsnap.restore.pinning import CpuSplit, ThreadPinner, parse_pin
 from pytest_fastsnap.restore.recovery import (
     DEFAULT_RECOVER_ATTEMPTS,
     BridgeRecovery,
@@ -175,6 +176,7 @@ class RestoredGuest:
     # migrate-incoming (once the fd transport had connected, a 10.2.2
     # destination did not answer HMP within 60 s)
     host_page_args: list[str] = field(default_factory=list)
+    pinner: ThreadPinner | None = None  # restore(pin=...): see .pinning
 
     # -- waiting ----------------------------------------------------------------
 
@@ -283,6 +285,8 @@ class RestoredGuest:
         ev = self._wait_for(lambda: self._event("MIGRATION", {"completed"}),
                             "migration completed", timeout)
         self.time_to_loaded = max(0.0, _event_time(ev) - self.t0_wall)
+        if self.pinner is not None:
+            self.pinner.stop()      # the threads it places are gone with the restore
         return self.time_to_loaded
 
     def _read_loader_stats(self) -> None:
@@ -330,7 +334,8 @@ class RestoredGuest:
                 "loader_spawned_at_s": self.loader_spawned_at if self.loader else None,
                 "loader_started_at_s": self.loader_started_at if self.loader else None,
                 "loader": self.loader_stats or None,
-                "blocktime": self.blocktime_info}
+                "blocktime": self.blocktime_info,
+                **({"pin": self.pinner.report()} if self.pinner is not None else {})}
 
     def __repr__(self) -> str:
         loader = f" loader pid {self.loader.pid}" if self.loader is not None else ""
@@ -373,6 +378,8 @@ class RestoredGuest:
         ``quit``, so it is SIGKILLed."""
         if self.recovery is not None:
             self.recovery.stop()
+        if self.pinner is not None:
+            self.pinner.stop()
         self.kill_loader()
         in_postcopy = False
         if not kill and self.vm.is_running():
@@ -437,7 +444,8 @@ def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str]
             ws: str | Path | None = None, record_ws: str | Path | None = None,
             ws_mode: str = "after-run", preempt: bool = False,
             loader_prefix: Sequence[str] = (),
-            loader_via: Callable[[str], str] | None = None) -> RestoredGuest:
+            loader_via: Callable[[str], str] | None = None,
+            pin: str | CpuSplit | None = None) -> RestoredGuest:
     """Restore *snapshot_path* with *strategy* into a new destination QEMU.
 
     *vm_factory* is the ``vm_factory`` fixture or a :class:`DestinationFactory`.
@@ -465,6 +473,13 @@ def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str]
     recovered (:mod:`pytest_fastsnap.restore.recovery`); a guest that cannot
     be recovered raises :class:`RestoreNotRecovered` from the waiting call.
 
+    *pin* (bridge only): ``auto``, ``REQUESTS/EAGER`` CPU lists (``0/1``) or
+    a :class:`~.pinning.CpuSplit`: the vCPUs, QEMU's fault and preempt
+    threads and the loader's request thread run on the first set, the
+    loader's eager stream and QEMU's listen thread on the second, while the
+    restore loads (:mod:`.pinning`; ``summary()["pin"]`` says what was
+    pinned and which threads were not found).
+
     Working-set prefetch (bridge only): *record_ws* makes the loader write
     the pages the destination requested, in order, to that file once the
     restore completes; *ws* sends a file so recorded first on this restore,
@@ -487,6 +502,9 @@ def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str]
             offset = read_manifest(path).offset
         except ValueError:
             offset = 0
+    split = parse_pin(pin) if isinstance(pin, str) else pin
+    if split is not None and strategy != "loader-bridge":
+        raise ValueError(f"pin is a loader-bridge option, not {strategy}'s")
     if preempt and record_ws is not None:
         raise ValueError("record_ws with preempt is not supported: requests answered on the "
                          "preempt channel are not recorded")
@@ -506,6 +524,8 @@ def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str]
         own(guest)
     start_args = [*loader_args, *(["--preempt"] if preempt else [])]
     prefix = tuple(loader_prefix)
+    if split is not None:
+        guest.pinner = ThreadPinner(split, lambda: _pin_pids(guest), preempt=preempt).start()
     if strategy == "loader-bridge" and recover_attempts:
         factory = _as_factory(vm_factory)
 
@@ -530,6 +550,13 @@ def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str]
                 err.args = (f"{err.args[0] if err.args else err}\nhint: {hint}",)
         raise
     return guest
+
+
+def _pin_pids(guest: RestoredGuest) -> list[int | None]:
+    """The destination, then the current loader (a recovery replaces both)."""
+    loader = guest.loader
+    live = loader is not None and loader.poll() is None
+    return [getattr(guest.vm, "pid", None), loader.pid if live and loader else None]
 
 
 def _ws_args(strategy: str, ws: str | Path | None, record_ws: str | Path | None,

@@ -288,6 +288,9 @@ static void *rp_main(void *arg)
     struct bridge *b = arg;
     long cur_block = -1;
     uint8_t hdr[4], payload[512];
+    /* Named so a host can place it apart from the eager stream (the main
+     * thread): fastsnap restore --pin, top -H. */
+    pthread_setname_np(pthread_self(), "fsl-requests");
     for (;;) {
         int r = br_recv_all(b->sock, hdr, 4);
         if (r <= 0) {

@@ -1,0 +1,204 @@
+"""Keep a bridge restore's request path off the CPUs its eager stream uses.
+
+A requested page crosses four threads before the vCPU runs again: QEMU's
+fault thread (reads the userfault, sends the request), the loader's request
+thread (``fsl-requests``), QEMU's preempt thread (places the page) and the
+vCPU.  The eager stream keeps two more busy all the time: the loader's main
+thread (sending) and QEMU's listen thread (placing every page with its own
+``UFFDIO_COPY``).  Shared by all six, a small host's CPUs make each hop of a
+request wait behind eager work: that is where the guest-visible tail comes
+from (benchmarks/README.md, "Guest-visible latency").  ``pin`` splits the
+CPUs: the vCPUs and the request path on one set, the eager pair on another,
+as ``vcpupin``/``emulatorpin`` split a libvirt guest's threads.
+
+    split = parse_pin("auto")          # all CPUs but the last / the last one
+    split = parse_pin("0-2/3")         # REQUESTS/EAGER, CPU lists
+    pinner = ThreadPinner(split, lambda: [qemu_pid, loader_pid], preempt=True)
+    pinner.start(); ...; pinner.stop(); pinner.report()
+
+QEMU's threads are told apart by name, so the destination must run with
+``-name NAME,debug-threads=on`` (:class:`~pytest_fastsnap.qemu.machine.QemuMachine`
+does); :meth:`ThreadPinner.report` lists the threads it pinned and the
+roles it never found.  Threads are pinned as they appear (a poll, 1 ms), so a
+thread's first instants may run anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+# QEMU 10.x names (seen on 10.0.2 and 10.2.2), then older ones (debug-threads=on)
+_VCPU = re.compile(r"^CPU \d+/(TCG|KVM|HVF|WHPX)$")
+_REQUEST_THREADS = {"mig/dst/fault": "fault", "postcopy/fault": "fault",
+                    "fault-default": "fault",
+                    "mig/dst/preempt": "preempt", "fault-fast": "preempt"}
+_EAGER_THREADS = {"mig/dst/listen": "listen", "postcopy/listen": "listen"}
+LOADER_REQUEST_THREAD = "fsl-requests"      # bridge.c names it so
+
+
+@dataclass(frozen=True)
+class CpuSplit:
+    """CPUs for the request path (and vCPUs) and for the eager stream."""
+
+    requests: frozenset[int]
+    eager: frozenset[int]
+
+    @property
+    def spec(self) -> str:
+        return f"{_cpu_list(self.requests)}/{_cpu_list(self.eager)}"
+
+
+def _cpu_list(cpus: Iterable[int]) -> str:
+    return ",".join(str(c) for c in sorted(cpus))
+
+
+def _parse_cpus(text: str, what: str) -> frozenset[int]:
+    cpus: set[int] = set()
+    for item in text.split(","):
+        lo, sep, hi = item.strip().partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ValueError(f"pin: {what} CPU list {text!r}: want numbers and ranges "
+                             "like 0,2-3")
+        first, last = int(lo), int(hi) if sep else int(lo)
+        if last < first:
+            raise ValueError(f"pin: {what} CPU list {text!r}: range {item.strip()!r} "
+                             "runs backwards")
+        cpus.update(range(first, last + 1))
+    return frozenset(cpus)
+
+
+def parse_pin(text: str, available: Iterable[int] | None = None) -> CpuSplit:
+    """``auto`` (the last usable CPU for the eager stream, the others for the
+    request path and vCPUs) or ``REQUESTS/EAGER`` CPU lists (``0/1``,
+    ``0-2/3``); ValueError naming what is wrong: not two non-empty disjoint
+    sets of CPUs this process may use (*available*, default its affinity)."""
+    usable = frozenset(available if available is not None else os.sched_getaffinity(0))
+    if text == "auto":
+        if len(usable) < 2:
+            raise ValueError(f"pin auto needs at least 2 CPUs; this process may use "
+                             f"{len(usable)} ({_cpu_list(usable)})")
+        last = max(usable)
+        return CpuSplit(usable - {last}, frozenset({last}))
+    req_text, sep, eager_text = text.partition("/")
+    if not sep:
+        raise ValueError(f"pin {text!r}: want auto or REQUESTS/EAGER CPU lists, e.g. 0/1")
+    split = CpuSplit(_parse_cpus(req_text, "requests"), _parse_cpus(eager_text, "eager"))
+    if split.requests & split.eager:
+        raise ValueError(f"pin {text!r}: CPU {_cpu_list(split.requests & split.eager)} is "
+                         "in both sets; the point is to keep them apart")
+    outside = (split.requests | split.eager) - usable
+    if outside:
+        raise ValueError(f"pin {text!r}: CPU {_cpu_list(outside)} is not one this process "
+                         f"may use ({_cpu_list(usable)})")
+    return split
+
+
+def thread_role(comm: str, *, loader_main: bool = False) -> str | None:
+    """``requests``, ``eager`` or None (left alone) for a thread named *comm*;
+    *loader_main*: the loader's main thread (it sends the eager stream)."""
+    if loader_main:
+        return "eager"
+    if comm == LOADER_REQUEST_THREAD or comm in _REQUEST_THREADS or _VCPU.match(comm):
+        return "requests"
+    if comm in _EAGER_THREADS:
+        return "eager"
+    return None
+
+
+def _read_comm(pid: int, tid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/task/{tid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+class ThreadPinner:
+    """Pins the threads of the processes *pids()* returns (the destination
+    QEMU first, then the loader, which may be replaced by a recovery) to
+    *split* by role, polling every *interval* s until :meth:`stop`."""
+
+    def __init__(self, split: CpuSplit, pids: Callable[[], list[int | None]],
+                 *, preempt: bool, interval: float = 0.001) -> None:
+        self.split = split
+        self._pids = pids
+        self._preempt = preempt
+        self._interval = interval
+        self._done: set[tuple[int, int]] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.pinned: dict[str, list[int]] = {}      # "pid/tid comm" -> CPUs
+        self.errors: list[str] = []
+
+    def start(self) -> ThreadPinner:
+        self.poll()             # what exists already (the vCPUs, the loader) at once
+        self._thread = threading.Thread(target=self._run, name="fastsnap-pin", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.poll()
+
+    def poll(self) -> None:
+        """Pin every not yet pinned thread with a role (one pass)."""
+        for i, pid in enumerate(self._pids()):
+            if pid is None:
+                continue
+            try:
+                tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+            except OSError:
+                continue        # gone (a killed loader): its successor comes next
+            main = _read_comm(pid, pid)
+            for tid in tids:
+                if (pid, tid) in self._done:
+                    continue
+                comm = _read_comm(pid, tid)
+                if comm is None:
+                    continue
+                is_loader = i > 0
+                role = thread_role(comm, loader_main=is_loader and tid == pid)
+                if role is None:
+                    # a new thread keeps its creator's name until it names
+                    # itself: look again next time; named ones stay unpinned
+                    if tid == pid or comm != main:
+                        self._done.add((pid, tid))
+                    continue
+                cpus = self.split.requests if role == "requests" else self.split.eager
+                try:
+                    os.sched_setaffinity(tid, cpus)
+                except OSError as err:
+                    if len(self.errors) < 10:
+                        self.errors.append(f"{pid}/{tid} {comm}: {err.strerror}")
+                    continue
+                self._done.add((pid, tid))
+                name = "loader main" if is_loader and tid == pid else comm
+                self.pinned[f"{pid}/{tid} {name}"] = sorted(cpus)
+
+    def missing(self) -> list[str]:
+        """The roles no pinned thread had: a QEMU without debug-threads shows
+        here (vCPU, fault, listen, preempt), as does a loader that never ran."""
+        names = [key.split(" ", 1)[1] for key in self.pinned]
+        want = {"vCPU": any(_VCPU.match(n) for n in names),
+                "fault": any(_REQUEST_THREADS.get(n) == "fault" for n in names),
+                "listen": any(n in _EAGER_THREADS for n in names),
+                "loader main": "loader main" in names,
+                "loader requests": LOADER_REQUEST_THREAD in names}
+        if self._preempt:
+            want["preempt"] = any(_REQUEST_THREADS.get(n) == "preempt" for n in names)
+        return [role for role, found in want.items() if not found]
+
+    def report(self) -> dict[str, Any]:
+        return {"spec": self.split.spec, "threads": dict(self.pinned),
+                "missing": self.missing(), "errors": list(self.errors)}

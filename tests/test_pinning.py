@@ -1,0 +1,216 @@
+"""restore(pin=...): the request path and the vCPUs on one set of CPUs, the
+eager stream on another (pytest_fastsnap.restore.pinning).
+
+Proven with real QEMU, a real loader and the kernel's own view of each
+thread's affinity (/proc/PID/task/TID/status): while a preempt restore
+loads, every vCPU, QEMU's fault and preempt threads and the loader's
+request thread may run only on the request CPUs, QEMU's listen thread and
+the loader's main (eager) thread only on the eager CPUs, and QEMU's other
+threads keep their affinity; a loader started by a recovery is pinned too;
+the guest's memory checks out.  Bad specs are refused naming the problem.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from pytest_fastsnap.fixtures import GuestFactory, SnapshotFactory, VmFactory
+from pytest_fastsnap.qemu.migration import SavedSnapshot
+from pytest_fastsnap.restore import restore
+from pytest_fastsnap.restore.pinning import (
+    LOADER_REQUEST_THREAD,
+    CpuSplit,
+    ThreadPinner,
+    parse_pin,
+    thread_role,
+)
+from pytest_fastsnap.restore.strategies import RestoredGuest
+
+TWO_CPUS = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2,
+                              reason="pinning needs 2 CPUs; this process may use "
+                              f"{len(os.sched_getaffinity(0))}")
+
+
+# -- specs and roles (no QEMU) ----------------------------------------------------
+
+@pytest.mark.parametrize("text, available, requests, eager", [
+    ("auto", {0, 1}, {0}, {1}),
+    ("auto", {2, 5, 7}, {2, 5}, {7}),
+    ("0/1", {0, 1}, {0}, {1}),
+    ("0-2,5/3-4", range(8), {0, 1, 2, 5}, {3, 4}),
+])
+def test_pin_spec_parses(text: str, available: set[int], requests: set[int],
+                         eager: set[int]) -> None:
+    split = parse_pin(text, available)
+    assert split == CpuSplit(frozenset(requests), frozenset(eager))
+    assert parse_pin(split.spec, available) == split
+
+
+@pytest.mark.parametrize("text, available, why", [
+    ("auto", {3}, "pin auto needs at least 2 CPUs; this process may use 1 \\(3\\)"),
+    ("0", {0, 1}, "want auto or REQUESTS/EAGER"),
+    ("0/0", {0, 1}, "CPU 0 is in both sets"),
+    ("0-1/1", {0, 1}, "CPU 1 is in both sets"),
+    ("0/2", {0, 1}, "CPU 2 is not one this process may use \\(0,1\\)"),
+    ("x/1", {0, 1}, "requests CPU list 'x'"),
+    ("0/", {0, 1}, "eager CPU list ''"),
+    ("1-0/2", {0, 1, 2}, "range '1-0' runs backwards"),
+])
+def test_bad_pin_spec_is_refused_naming_the_problem(text: str, available: set[int],
+                                                    why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        parse_pin(text, available)
+
+
+@pytest.mark.parametrize("comm, role", [
+    ("CPU 0/TCG", "requests"), ("CPU 3/KVM", "requests"), ("mig/dst/fault", "requests"),
+    ("mig/dst/preempt", "requests"), (LOADER_REQUEST_THREAD, "requests"),
+    ("mig/dst/listen", "eager"), ("postcopy/listen", "eager"),
+    ("qemu-system-x86", None), ("IO mon_iothread", None), ("call_rcu", None),
+    ("CPU 0/TCGX", None),
+])
+def test_thread_roles(comm: str, role: str | None) -> None:
+    assert thread_role(comm) == role
+
+
+def test_loader_main_thread_is_the_eager_one() -> None:
+    assert thread_role("fastsnap-loader", loader_main=True) == "eager"
+
+
+def test_a_pinner_that_found_nothing_says_what_is_missing() -> None:
+    """A destination without thread names (no debug-threads) is not silently
+    taken as pinned: every role it never found is listed."""
+    pinner = ThreadPinner(parse_pin("auto", {0, 1}), lambda: [os.getpid(), None],
+                          preempt=True)
+    pinner.poll()
+    assert pinner.pinned == {}
+    assert pinner.missing() == ["vCPU", "fault", "listen", "loader main", "loader requests",
+                                "preempt"]
+
+
+# -- real restores -------------------------------------------------------------------
+
+def _allowed(pid: int, tid: int) -> set[int]:
+    status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+    line = next(x for x in status.splitlines() if x.startswith("Cpus_allowed_list:"))
+    cpus: set[int] = set()
+    for item in line.split(":", 1)[1].strip().split(","):
+        lo, _, hi = item.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def _threads(pid: int) -> dict[int, str]:
+    out = {}
+    for t in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            out[int(t)] = Path(f"/proc/{pid}/task/{t}/comm").read_text().strip()
+    return out
+
+
+def _wait_all_pinned(guest: RestoredGuest, loader_pid: int, timeout: float = 30.0) -> None:
+    assert guest.pinner is not None
+    deadline = time.monotonic() + timeout
+    while True:
+        report = guest.pinner.report()
+        loader_done = {f"{loader_pid}/{loader_pid} loader main"} <= set(report["threads"]) \
+            and any(k.startswith(f"{loader_pid}/") and k.endswith(LOADER_REQUEST_THREAD)
+                    for k in report["threads"])
+        if not report["missing"] and loader_done:
+            return
+        assert time.monotonic() < deadline, report
+        time.sleep(0.01)
+
+
+def _misplaced(guest: RestoredGuest, split: CpuSplit, loader_pid: int) -> list[str]:
+    """What the kernel says is not where it belongs, over every thread of the
+    destination and the loader ([] when all is placed)."""
+    qemu_pid = guest.vm.pid
+    assert qemu_pid is not None
+    unpinned = os.sched_getaffinity(0)      # what QEMU inherited from us
+    bad, seen = [], set()
+    for tid, comm in _threads(qemu_pid).items():
+        role = thread_role(comm) if tid != qemu_pid else None
+        want = {"requests": split.requests, "eager": split.eager}.get(role or "", unpinned)
+        if _allowed(qemu_pid, tid) != set(want):
+            bad.append(f"QEMU {comm!r} ({role}): {_allowed(qemu_pid, tid)}")
+        seen.add(comm)
+    if not ({"mig/dst/fault", "mig/dst/listen", "mig/dst/preempt"} <= seen
+            or {"postcopy/fault", "postcopy/listen"} <= seen) \
+            or not any(c.startswith("CPU 0/") for c in seen):
+        bad.append(f"QEMU threads missing: {sorted(seen)}")
+    loader = _threads(loader_pid)
+    if _allowed(loader_pid, loader_pid) != set(split.eager):
+        bad.append(f"loader main: {_allowed(loader_pid, loader_pid)}")
+    requests = [t for t, c in loader.items() if c == LOADER_REQUEST_THREAD]
+    if len(requests) != 1 or _allowed(loader_pid, requests[0]) != set(split.requests):
+        bad.append(f"loader request thread: {loader}")
+    return bad
+
+
+def _assert_placed(guest: RestoredGuest, split: CpuSplit, loader_pid: int) -> None:
+    deadline = time.monotonic() + 5     # a thread made a moment ago: the next poll
+    while (bad := _misplaced(guest, split, loader_pid)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not bad, bad
+
+
+@pytest.fixture
+def small_snapshot(guest_factory: GuestFactory, snapshot_factory: SnapshotFactory
+                   ) -> SavedSnapshot:
+    guest = guest_factory("tiny", mem="64M", size=16 << 20, zero_ratio=0.0, machine="q35")
+    snap = snapshot_factory(guest.vm)
+    guest.vm.shutdown()
+    return snap
+
+
+@pytest.mark.fastsnap
+@TWO_CPUS
+def test_preempt_restore_places_each_thread_by_role(small_snapshot: SavedSnapshot,
+                                                    vm_factory: VmFactory) -> None:
+    """A slowed preempt restore with pin=auto: once the threads exist, each
+    runs where its role says (the kernel's affinity, read back), the guest's
+    touch is served on the request CPUs, the loader's stats agree, and the
+    memory checks out.  Then a recovery's new loader is pinned the same way."""
+    split = parse_pin("auto")
+    guest = restore("loader-bridge", small_snapshot.path, small_snapshot.device_args,
+                    vm_factory, preempt=True, pin="auto", timeout=120,
+                    loader_args=("--max-bandwidth", "2"))
+    try:
+        assert guest.loader is not None
+        first = guest.loader.pid
+        assert guest.agent.touch(10, "rand")        # requests on the preempt channel
+        _wait_all_pinned(guest, first)
+        _assert_placed(guest, split, first)
+
+        guest.kill_loader()                          # a recovery starts another loader
+        deadline = time.monotonic() + 60
+        while guest.loader is None or guest.loader.pid == first or \
+                guest.loader.poll() is not None:
+            assert guest.recovery is not None
+            guest.recovery.handle()                  # raises if recovery gave up
+            assert time.monotonic() < deadline, "no recovery loader within 60 s"
+            time.sleep(0.01)
+        second = guest.loader.pid
+        _wait_all_pinned(guest, second)
+        _assert_placed(guest, split, second)
+
+        guest.wait_loaded(timeout=300)
+        summary = guest.summary()
+        assert summary["pin"]["spec"] == split.spec and not summary["pin"]["errors"], summary
+        assert guest.self_check()
+    finally:
+        guest.close()
+
+
+@pytest.mark.fastsnap
+def test_pin_is_refused_for_other_strategies(small_snapshot: SavedSnapshot,
+                                             vm_factory: VmFactory) -> None:
+    with pytest.raises(ValueError, match="pin is a loader-bridge option, not qemu-precopy's"):
+        restore("qemu-precopy", small_snapshot.path, small_snapshot.device_args, vm_factory,
+                pin="auto")
