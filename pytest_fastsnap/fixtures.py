@@ -213,6 +213,13 @@ class Guest:
         """The guest's own verdict on its memory: falsy on failure, naming the page."""
         return self.agent.self_check(timeout)
 
+    def saved(self, snapshot_factory: SnapshotFactory, **save_kw: Any) -> SavedSnapshot:
+        """Save this guest (stopped) with *snapshot_factory* and shut it down:
+        a snapshot to restore, with no source left running beside it."""
+        snap = snapshot_factory(self.vm, **save_kw)
+        self.vm.shutdown()
+        return snap
+
 
 class GuestFactory:
     """Boots the project's test guests (images built once, shared by workers)."""

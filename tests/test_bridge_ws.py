@@ -48,9 +48,7 @@ def tiny_snapshot(guest_factory: GuestFactory, snapshot_factory: SnapshotFactory
                   ) -> tuple[SavedSnapshot, TinyParams]:
     guest = guest_factory("tiny", mem="64M", size=40 << 20, zero_ratio=0.1, machine="q35")
     assert guest.params is not None
-    snap = snapshot_factory(guest.vm)
-    guest.vm.shutdown()
-    return snap, guest.params
+    return guest.saved(snapshot_factory), guest.params
 
 
 def test_recorded_working_set_replays_before_and_after_run(

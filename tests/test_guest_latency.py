@@ -124,9 +124,7 @@ def tiny_snapshot(guest_factory: GuestFactory, snapshot_factory: SnapshotFactory
                   ) -> tuple[SavedSnapshot, TinyParams]:
     guest = guest_factory("tiny", mem="64M", size=16 << 20, zero_ratio=0.0, machine="q35")
     assert guest.params is not None
-    snap = snapshot_factory(guest.vm)
-    guest.vm.shutdown()
-    return snap, guest.params
+    return guest.saved(snapshot_factory), guest.params
 
 
 def _held(snap: SavedSnapshot, vm_factory: VmFactory, **kw: object) -> RestoredGuest:

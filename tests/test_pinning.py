@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,7 @@ TWO_CPUS = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2,
 @pytest.mark.parametrize("text, available, requests, eager", [
     ("auto", {0, 1}, {0}, {1}),
     ("auto", {2, 5, 7}, {2, 5}, {7}),
+    ("auto", range(8), range(6), {6, 7}),       # the eager pair: two threads, two CPUs
     ("0/1", {0, 1}, {0}, {1}),
     ("0-2,5/3-4", range(8), {0, 1, 2, 5}, {3, 4}),
 ])
@@ -127,25 +130,29 @@ def _wait_all_pinned(guest: RestoredGuest, loader_pid: int, timeout: float = 30.
         time.sleep(0.01)
 
 
-def _misplaced(guest: RestoredGuest, split: CpuSplit, loader_pid: int) -> list[str]:
+def _misplaced(guest: RestoredGuest, split: CpuSplit, loader_pid: int,
+               eager_ok: list[frozenset[int]]) -> list[str]:
     """What the kernel says is not where it belongs, over every thread of the
-    destination and the loader ([] when all is placed)."""
+    destination and the loader ([] when all is placed); the eager pair may be
+    on any of *eager_ok*."""
     qemu_pid = guest.vm.pid
     assert qemu_pid is not None
     unpinned = os.sched_getaffinity(0)      # what QEMU inherited from us
     bad, seen = [], set()
     for tid, comm in _threads(qemu_pid).items():
         role = thread_role(comm) if tid != qemu_pid else None
-        want = {"requests": split.requests, "eager": split.eager}.get(role or "", unpinned)
-        if _allowed(qemu_pid, tid) != set(want):
-            bad.append(f"QEMU {comm!r} ({role}): {_allowed(qemu_pid, tid)}")
+        allowed = _allowed(qemu_pid, tid)
+        ok = [split.requests] if role == "requests" else eager_ok if role == "eager" \
+            else [unpinned]
+        if allowed not in [set(x) for x in ok]:
+            bad.append(f"QEMU {comm!r} ({role}): {allowed}")
         seen.add(comm)
     if not ({"mig/dst/fault", "mig/dst/listen", "mig/dst/preempt"} <= seen
             or {"postcopy/fault", "postcopy/listen"} <= seen) \
             or not any(c.startswith("CPU 0/") for c in seen):
         bad.append(f"QEMU threads missing: {sorted(seen)}")
     loader = _threads(loader_pid)
-    if _allowed(loader_pid, loader_pid) != set(split.eager):
+    if _allowed(loader_pid, loader_pid) not in [set(x) for x in eager_ok]:
         bad.append(f"loader main: {_allowed(loader_pid, loader_pid)}")
     requests = [t for t, c in loader.items() if c == LOADER_REQUEST_THREAD]
     if len(requests) != 1 or _allowed(loader_pid, requests[0]) != set(split.requests):
@@ -153,31 +160,53 @@ def _misplaced(guest: RestoredGuest, split: CpuSplit, loader_pid: int) -> list[s
     return bad
 
 
-def _assert_placed(guest: RestoredGuest, split: CpuSplit, loader_pid: int) -> None:
+def _assert_placed(guest: RestoredGuest, split: CpuSplit, loader_pid: int,
+                   *eager_ok: frozenset[int]) -> None:
     deadline = time.monotonic() + 5     # a thread made a moment ago: the next poll
-    while (bad := _misplaced(guest, split, loader_pid)) and time.monotonic() < deadline:
+    while (bad := _misplaced(guest, split, loader_pid, list(eager_ok))) \
+            and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not bad, bad
+
+
+def _narrowed_during(guest: RestoredGuest, split: CpuSplit, work: Callable[[], object]
+                     ) -> tuple[object, int]:
+    """Run *work* in a thread and count the samples (every 0.5 ms) in which
+    QEMU's listen thread was narrowed to the eager CPUs."""
+    pid = guest.vm.pid
+    assert pid is not None
+    listen = next(t for t, c in _threads(pid).items() if c in ("mig/dst/listen",
+                                                              "postcopy/listen"))
+    out: list[object] = []
+    th = threading.Thread(target=lambda: out.append(work()))
+    th.start()
+    narrow = 0
+    while th.is_alive():
+        narrow += _allowed(pid, listen) == set(split.eager)
+        time.sleep(0.0005)
+    th.join()
+    return out[0], narrow
 
 
 @pytest.fixture
 def small_snapshot(guest_factory: GuestFactory, snapshot_factory: SnapshotFactory
                    ) -> SavedSnapshot:
-    guest = guest_factory("tiny", mem="64M", size=16 << 20, zero_ratio=0.0, machine="q35")
-    snap = snapshot_factory(guest.vm)
-    guest.vm.shutdown()
-    return snap
+    return guest_factory("tiny", mem="64M", size=16 << 20, zero_ratio=0.0,
+                         machine="q35").saved(snapshot_factory)
 
 
 @pytest.mark.fastsnap
 @TWO_CPUS
 def test_preempt_restore_places_each_thread_by_role(small_snapshot: SavedSnapshot,
                                                     vm_factory: VmFactory) -> None:
-    """A slowed preempt restore with pin=auto: once the threads exist, each
-    runs where its role says (the kernel's affinity, read back), the guest's
-    touch is served on the request CPUs, the loader's stats agree, and the
-    memory checks out.  Then a recovery's new loader is pinned the same way."""
+    """A slowed preempt restore with pin=auto, read back from the kernel:
+    every thread runs where its role says; while the guest is idle the eager
+    pair may use every CPU of the split, while it faults (a touch of all its
+    pages, the eager stream too slow to have sent them) the eager pair is
+    narrowed to its own CPUs, and widened again after; a recovery's new
+    loader is pinned the same way; the memory checks out."""
     split = parse_pin("auto")
+    wide = split.requests | split.eager
     guest = restore("loader-bridge", small_snapshot.path, small_snapshot.device_args,
                     vm_factory, preempt=True, pin="auto", timeout=120,
                     loader_args=("--max-bandwidth", "2"))
@@ -186,7 +215,12 @@ def test_preempt_restore_places_each_thread_by_role(small_snapshot: SavedSnapsho
         first = guest.loader.pid
         assert guest.agent.touch(10, "rand")        # requests on the preempt channel
         _wait_all_pinned(guest, first)
-        _assert_placed(guest, split, first)
+        _assert_placed(guest, split, first, wide)   # the guest is idle now
+
+        verdict, narrow = _narrowed_during(guest, split, lambda: guest.agent.touch(1000, "rand"))
+        assert verdict, getattr(verdict, "reason", verdict)
+        assert narrow > 0, "the eager pair was never narrowed while the guest faulted"
+        _assert_placed(guest, split, first, wide)   # and widened once it stopped
 
         guest.kill_loader()                          # a recovery starts another loader
         deadline = time.monotonic() + 60
@@ -198,11 +232,12 @@ def test_preempt_restore_places_each_thread_by_role(small_snapshot: SavedSnapsho
             time.sleep(0.01)
         second = guest.loader.pid
         _wait_all_pinned(guest, second)
-        _assert_placed(guest, split, second)
+        _assert_placed(guest, split, second, split.eager, wide)
 
         guest.wait_loaded(timeout=300)
-        summary = guest.summary()
-        assert summary["pin"]["spec"] == split.spec and not summary["pin"]["errors"], summary
+        pin = guest.summary()["pin"]
+        assert pin["spec"] == split.spec and not pin["errors"], pin
+        assert pin["narrowed"] >= 1 and pin["wide_s"] > 0, pin
         assert guest.self_check()
     finally:
         guest.close()

@@ -9,9 +9,12 @@ thread (sending) and QEMU's listen thread (placing every page with its own
 request wait behind eager work: that is where the guest-visible tail comes
 from (benchmarks/README.md, "Guest-visible latency").  ``pin`` splits the
 CPUs: the vCPUs and the request path on one set, the eager pair on another,
-as ``vcpupin``/``emulatorpin`` split a libvirt guest's threads.
+as ``vcpupin``/``emulatorpin`` split a libvirt guest's threads.  While the
+guest does not fault (none for :data:`WIDEN_AFTER_S`), the eager pair may use
+the request CPUs too, and is narrowed back at the next fault: kept narrow, an
+idle guest's restore would lose a quarter of its eager throughput here.
 
-    split = parse_pin("auto")          # all CPUs but the last / the last one
+    split = parse_pin("auto")          # the last CPU (2 of 4+) for the eager pair
     split = parse_pin("0-2/3")         # REQUESTS/EAGER, CPU lists
     pinner = ThreadPinner(split, lambda: [qemu_pid, loader_pid], preempt=True)
     pinner.start(); ...; pinner.stop(); pinner.report()
@@ -28,6 +31,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +43,11 @@ _REQUEST_THREADS = {"mig/dst/fault": "fault", "postcopy/fault": "fault",
                     "mig/dst/preempt": "preempt", "fault-fast": "preempt"}
 _EAGER_THREADS = {"mig/dst/listen": "listen", "postcopy/listen": "listen"}
 LOADER_REQUEST_THREAD = "fsl-requests"      # bridge.c names it so
+# s without a fault after which the eager pair may use the request CPUs too
+# (narrowed back at the next fault): an idle guest's restore keeps its eager
+# throughput (1 GiB, 4 runs: 1,310 MiB/s against 1,052 always narrow and
+# 1,370 unpinned), a faulting guest keeps its tail (benchmarks/README.md)
+WIDEN_AFTER_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -73,8 +82,8 @@ def _parse_cpus(text: str, what: str) -> frozenset[int]:
 
 
 def parse_pin(text: str, available: Iterable[int] | None = None) -> CpuSplit:
-    """``auto`` (the last usable CPU for the eager stream, the others for the
-    request path and vCPUs) or ``REQUESTS/EAGER`` CPU lists (``0/1``,
+    """``auto`` (the last usable CPU for the eager stream, the last two from 4
+    CPUs on, the others for the request path and vCPUs) or ``REQUESTS/EAGER`` CPU lists (``0/1``,
     ``0-2/3``); ValueError naming what is wrong: not two non-empty disjoint
     sets of CPUs this process may use (*available*, default its affinity)."""
     usable = frozenset(available if available is not None else os.sched_getaffinity(0))
@@ -82,8 +91,8 @@ def parse_pin(text: str, available: Iterable[int] | None = None) -> CpuSplit:
         if len(usable) < 2:
             raise ValueError(f"pin auto needs at least 2 CPUs; this process may use "
                              f"{len(usable)} ({_cpu_list(usable)})")
-        last = max(usable)
-        return CpuSplit(usable - {last}, frozenset({last}))
+        eager = frozenset(sorted(usable)[-2 if len(usable) >= 4 else -1:])
+        return CpuSplit(usable - eager, eager)
     req_text, sep, eager_text = text.partition("/")
     if not sep:
         raise ValueError(f"pin {text!r}: want auto or REQUESTS/EAGER CPU lists, e.g. 0/1")
@@ -124,11 +133,23 @@ class ThreadPinner:
     *split* by role, polling every *interval* s until :meth:`stop`."""
 
     def __init__(self, split: CpuSplit, pids: Callable[[], list[int | None]],
-                 *, preempt: bool, interval: float = 0.001) -> None:
+                 *, preempt: bool, interval: float = 0.001,
+                 widen_after: float | None = WIDEN_AFTER_S) -> None:
         self.split = split
         self._pids = pids
         self._preempt = preempt
         self._interval = interval
+        # widen_after: the eager pair may use every CPU of the split once QEMU's
+        # fault thread has been idle that long, and is narrowed back at the
+        # next fault (None: always narrow)
+        self._widen_after = widen_after
+        self._eager_tids: set[tuple[int, int]] = set()
+        self._fault_tids: set[tuple[int, int]] = set()
+        self._faults = -1
+        self._last_fault = time.monotonic()
+        self._wide_since: float | None = None
+        self.wide_s = 0.0
+        self.narrowed = 0
         self._done: set[tuple[int, int]] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -175,7 +196,7 @@ class ThreadPinner:
                     if tid == pid or comm != main:
                         self._done.add((pid, tid))
                     continue
-                cpus = self.split.requests if role == "requests" else self.split.eager
+                cpus = self.split.requests if role == "requests" else self._eager_cpus()
                 try:
                     os.sched_setaffinity(tid, cpus)
                 except OSError as err:
@@ -185,6 +206,47 @@ class ThreadPinner:
                 self._done.add((pid, tid))
                 name = "loader main" if is_loader and tid == pid else comm
                 self.pinned[f"{pid}/{tid} {name}"] = sorted(cpus)
+                if role == "eager":
+                    self._eager_tids.add((pid, tid))
+                elif _REQUEST_THREADS.get(comm) == "fault":
+                    self._fault_tids.add((pid, tid))
+        if self._widen_after is not None:
+            self._adapt()
+
+    def _eager_cpus(self) -> frozenset[int]:
+        return self.split.eager | self.split.requests if self._wide_since is not None \
+            else self.split.eager
+
+    def _adapt(self) -> None:
+        """Narrow the eager pair at a fault, widen it after a quiet spell: a
+        guest that is not faulting leaves the request CPUs to the eager stream."""
+        now = time.monotonic()
+        faults = 0
+        for pid, tid in list(self._fault_tids):
+            try:      # schedstat's third field: times the thread was run
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    faults += int(f.read().split()[2])
+            except (OSError, IndexError, ValueError):
+                self._fault_tids.discard((pid, tid))
+        if faults != self._faults:
+            self._faults, self._last_fault = faults, now
+            if self._wide_since is not None:
+                self.wide_s += now - self._wide_since
+                self._wide_since = None
+                self.narrowed += 1
+                self._place_eager()
+        elif self._wide_since is None and self._widen_after is not None \
+                and now - self._last_fault >= self._widen_after:
+            self._wide_since = now
+            self._place_eager()
+
+    def _place_eager(self) -> None:
+        cpus = self._eager_cpus()
+        for pid, tid in list(self._eager_tids):
+            try:
+                os.sched_setaffinity(tid, cpus)
+            except OSError:
+                self._eager_tids.discard((pid, tid))    # gone
 
     def missing(self) -> list[str]:
         """The roles no pinned thread had: a QEMU without debug-threads shows
@@ -200,5 +262,9 @@ class ThreadPinner:
         return [role for role, found in want.items() if not found]
 
     def report(self) -> dict[str, Any]:
+        wide = self.wide_s + (time.monotonic() - self._wide_since
+                              if self._wide_since is not None else 0.0)
         return {"spec": self.split.spec, "threads": dict(self.pinned),
-                "missing": self.missing(), "errors": list(self.errors)}
+                "missing": self.missing(), "errors": list(self.errors),
+                "widen_after_s": self._widen_after, "wide_s": wide,
+                "narrowed": self.narrowed}
