@@ -28,6 +28,7 @@ thread's first instants may run anywhere.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
@@ -44,10 +45,11 @@ _REQUEST_THREADS = {"mig/dst/fault": "fault", "postcopy/fault": "fault",
 _EAGER_THREADS = {"mig/dst/listen": "listen", "postcopy/listen": "listen"}
 LOADER_REQUEST_THREAD = "fsl-requests"      # bridge.c names it so
 # s without a fault after which the eager pair may use the request CPUs too
-# (narrowed back at the next fault): an idle guest's restore keeps its eager
-# throughput (1 GiB, 4 runs: 1,310 MiB/s against 1,052 always narrow and
-# 1,370 unpinned), a faulting guest keeps its tail (benchmarks/README.md)
-WIDEN_AFTER_S = 0.005
+# (narrowed back at the next fault): the restore keeps its eager throughput
+# and a faulting guest its tail (1 GiB, rand:1 right after RUN, 5 runs each:
+# 1,217 MiB/s and p99/p50 1.88 against 912 MiB/s and 1.74 always narrow;
+# benchmarks/README.md, "Pinning")
+WIDEN_AFTER_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,9 @@ class ThreadPinner:
         self._thread = None
 
     def _run(self) -> None:
+        # this thread's own polls stay off the request CPUs too
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, self.split.eager)
         while not self._stop.wait(self._interval):
             self.poll()
 
