@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from pytest_fastsnap.restore.pinning import pinnable
+
 FASTSNAP = [sys.executable, "-m", "pytest_fastsnap.cli"]
 
 
@@ -166,7 +168,7 @@ def test_bench_reports_what_the_guest_feels(tmp_path: Path) -> None:
     assert rand["guest_p99_us"] >= rand["guest_p50_us"], rand
     glat = result["guest_latency"]
     assert glat["workload"] == "rand:10"
-    pinned = len(os.sched_getaffinity(0)) >= 2
+    pinned = pinnable()
     assert glat["modes"] == ["no-preempt", "preempt", *(["preempt+pin"] if pinned else [])]
     if pinned:      # every thread of the request path and the eager stream was found
         pin = glat["preempt+pin"]["runs"][0]["pin"]

@@ -222,8 +222,11 @@ def test_eager_holdoff_pauses_the_stream_and_keeps_memory_intact(
     arrives, the guest's memory checks out, and the stats echo the option.
     Release and ASan+UBSan builds."""
     snap, params = tiny_snapshot
+    # 8 MiB/s: the stream cannot have sent everything before the touch starts
+    # (on a busy host it had, once: nothing faulted, nothing to hold off for)
     guest = restore("loader-bridge", snap.path, snap.device_args, vm_factory, timeout=120,
-                    preempt=preempt, loader_args=["--eager-holdoff-us", "2000"])
+                    preempt=preempt,
+                    loader_args=["--eager-holdoff-us", "2000", "--max-bandwidth", "8"])
     try:
         lat = _latency(guest.agent.touch(100, "rand"))
         guest.wait_loaded(timeout=300)

@@ -235,6 +235,11 @@ def test_preempt_restore_places_each_thread_by_role(small_snapshot: SavedSnapsho
         _assert_placed(guest, split, second, split.eager, wide)
 
         guest.wait_loaded(timeout=300)
+        pid = guest.vm.pid
+        assert pid is not None
+        vcpus = [t for t, c in _threads(pid).items() if c.startswith("CPU ")]
+        assert vcpus and all(_allowed(pid, t) == os.sched_getaffinity(0) for t in vcpus), \
+            "a loaded guest's vCPUs keep the split"
         pin = guest.summary()["pin"]
         assert pin["spec"] == split.spec and not pin["errors"], pin
         assert pin["narrowed"] >= 1 and pin["wide_s"] > 0, pin

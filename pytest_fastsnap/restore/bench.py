@@ -54,6 +54,7 @@ from pytest_fastsnap.restore.guest_latency import fmt_or_dash as _fmt
 from pytest_fastsnap.restore.guest_latency import format_rows as guest_latency_rows
 from pytest_fastsnap.restore.guest_latency import guest_latency_runs
 from pytest_fastsnap.restore.guest_latency import median_present as _med
+from pytest_fastsnap.restore.pinning import pinnable
 from pytest_fastsnap.restore.strategies import (
     STRATEGIES,
     RestoredGuest,
@@ -77,7 +78,7 @@ _VARIANTS: dict[str, dict[str, Any]] = {BRIDGE_PREEMPT: {"preempt": True},
                                         BRIDGE_PREEMPT_PIN: {"preempt": True, "pin": "auto"}}
 BENCH_STRATEGIES = (*STRATEGIES, *_VARIANTS)
 DEFAULT_STRATEGIES = ("qemu-precopy", BRIDGE, BRIDGE_PREEMPT,
-                      *((BRIDGE_PREEMPT_PIN,) if len(os.sched_getaffinity(0)) >= 2 else ()))
+                      *((BRIDGE_PREEMPT_PIN,) if pinnable() else ()))
 DEFAULT_RESULTS = Path("fastsnap-bench-results")  # relative: under the current directory
 
 

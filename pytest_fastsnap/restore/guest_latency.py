@@ -20,20 +20,19 @@ slowing the eager stream shows.
 
 from __future__ import annotations
 
-import os
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pytest_fastsnap.restore.pinning import pinnable
 from pytest_fastsnap.restore.workload import Workload
 
 # (name, restore() options); preempt+pin: the request path and vCPUs on other
 # CPUs than the eager stream (.pinning), where the host has two or more
 MODES: tuple[tuple[str, dict[str, Any]], ...] = (
     ("no-preempt", {}), ("preempt", {"preempt": True}),
-    *((("preempt+pin", {"preempt": True, "pin": "auto"}),)
-      if len(os.sched_getaffinity(0)) >= 2 else ()))
+    *((("preempt+pin", {"preempt": True, "pin": "auto"}),) if pinnable() else ()))
 
 # one restore with a workload: bench._one's signature, injected to avoid a cycle
 OneRestore = Callable[..., dict[str, Any]]

@@ -83,6 +83,11 @@ def _parse_cpus(text: str, what: str) -> frozenset[int]:
     return frozenset(cpus)
 
 
+def pinnable() -> bool:
+    """Whether ``pin="auto"`` can split this process's CPUs (2 or more)."""
+    return len(os.sched_getaffinity(0)) >= 2
+
+
 def parse_pin(text: str, available: Iterable[int] | None = None) -> CpuSplit:
     """``auto`` (the last usable CPU for the eager stream, the last two from 4
     CPUs on, the others for the request path and vCPUs) or ``REQUESTS/EAGER`` CPU lists (``0/1``,
@@ -146,6 +151,7 @@ class ThreadPinner:
         # next fault (None: always narrow)
         self._widen_after = widen_after
         self._eager_tids: set[tuple[int, int]] = set()
+        self._before: dict[int, set[int]] = {}      # tid -> its affinity before
         self._fault_tids: set[tuple[int, int]] = set()
         self._faults = -1
         self._last_fault = time.monotonic()
@@ -169,6 +175,15 @@ class ThreadPinner:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
         self._thread = None
+
+    def release(self) -> None:
+        """Stop, and give every pinned thread still there (the vCPUs of a
+        loaded guest) back the affinity it had: the split is for the restore."""
+        self.stop()
+        for tid, cpus in self._before.items():
+            with contextlib.suppress(OSError):      # gone with the restore
+                os.sched_setaffinity(tid, cpus)
+        self._before.clear()
 
     def _run(self) -> None:
         # this thread's own polls stay off the request CPUs too
@@ -203,12 +218,14 @@ class ThreadPinner:
                     continue
                 cpus = self.split.requests if role == "requests" else self._eager_cpus()
                 try:
+                    before = os.sched_getaffinity(tid)
                     os.sched_setaffinity(tid, cpus)
                 except OSError as err:
                     if len(self.errors) < 10:
                         self.errors.append(f"{pid}/{tid} {comm}: {err.strerror}")
                     continue
                 self._done.add((pid, tid))
+                self._before[tid] = before
                 name = "loader main" if is_loader and tid == pid else comm
                 self.pinned[f"{pid}/{tid} {name}"] = sorted(cpus)
                 if role == "eager":

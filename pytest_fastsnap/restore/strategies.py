@@ -286,7 +286,7 @@ class RestoredGuest:
                             "migration completed", timeout)
         self.time_to_loaded = max(0.0, _event_time(ev) - self.t0_wall)
         if self.pinner is not None:
-            self.pinner.stop()      # the threads it places are gone with the restore
+            self.pinner.release()   # the loaded guest's vCPUs run anywhere again
         return self.time_to_loaded
 
     def _read_loader_stats(self) -> None:
