@@ -151,7 +151,7 @@ class ThreadPinner:
         # next fault (None: always narrow)
         self._widen_after = widen_after
         self._eager_tids: set[tuple[int, int]] = set()
-        self._before: dict[int, set[int]] = {}      # tid -> its affinity before
+        self._before: dict[tuple[int, int], set[int]] = {}  # its affinity before
         self._fault_tids: set[tuple[int, int]] = set()
         self._faults = -1
         self._last_fault = time.monotonic()
@@ -180,8 +180,10 @@ class ThreadPinner:
         """Stop, and give every pinned thread still there (the vCPUs of a
         loaded guest) back the affinity it had: the split is for the restore."""
         self.stop()
-        for tid, cpus in self._before.items():
-            with contextlib.suppress(OSError):      # gone with the restore
+        for (pid, tid), cpus in self._before.items():
+            if not os.path.exists(f"/proc/{pid}/task/{tid}"):
+                continue        # gone with the restore (its number may be reused)
+            with contextlib.suppress(OSError):
                 os.sched_setaffinity(tid, cpus)
         self._before.clear()
 
@@ -225,7 +227,7 @@ class ThreadPinner:
                         self.errors.append(f"{pid}/{tid} {comm}: {err.strerror}")
                     continue
                 self._done.add((pid, tid))
-                self._before[tid] = before
+                self._before[(pid, tid)] = before
                 name = "loader main" if is_loader and tid == pid else comm
                 self.pinned[f"{pid}/{tid} {name}"] = sorted(cpus)
                 if role == "eager":
