@@ -13,7 +13,9 @@ the guest's memory checks out.  Bad specs are refused naming the problem.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -254,3 +256,19 @@ def test_pin_is_refused_for_other_strategies(small_snapshot: SavedSnapshot,
     with pytest.raises(ValueError, match="pin is a loader-bridge option, not qemu-precopy's"):
         restore("qemu-precopy", small_snapshot.path, small_snapshot.device_args, vm_factory,
                 pin="auto")
+
+
+@pytest.mark.fastsnap
+@TWO_CPUS
+def test_cli_restore_pin_says_what_it_pinned(small_snapshot: SavedSnapshot) -> None:
+    """`fastsnap restore SNAP --preempt --pin auto` restores and prints the
+    split and how many threads it placed, with no role missing."""
+    from pytest_fastsnap.cli.restore import restore_cli
+
+    out = io.StringIO()
+    rc = restore_cli(small_snapshot.path, preempt=True, pin="auto", out=out)
+    text = out.getvalue()
+    assert rc == 0, text
+    found = re.search(r"^pin (\S+): (\d+) threads pinned$", text, re.MULTILINE)
+    assert found, text
+    assert found.group(1) == parse_pin("auto").spec and int(found.group(2)) >= 6, text
