@@ -16,6 +16,9 @@ import contextlib
 import io
 import os
 import re
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -272,3 +275,27 @@ def test_cli_restore_pin_says_what_it_pinned(small_snapshot: SavedSnapshot) -> N
     found = re.search(r"^pin (\S+): (\d+) threads pinned$", text, re.MULTILINE)
     assert found, text
     assert found.group(1) == parse_pin("auto").spec and int(found.group(2)) >= 6, text
+
+
+def test_one_cpu_refuses_pin_naming_the_cpu_count(tmp_path: Path) -> None:
+    """On one CPU (taskset), `bench --strategies ...+pin` and `restore --pin
+    auto` stop with one error line and exit 2, before anything starts."""
+    if not shutil.which("taskset"):
+        pytest.skip("taskset (util-linux) is not installed")
+    snap = tmp_path / "none.img"
+    snap.write_bytes(b"")
+    cli = ["taskset", "-c", "0", sys.executable, "-m", "pytest_fastsnap.cli"]
+    for args in (["bench", "--sizes", "24M", "--strategies", "loader-bridge+preempt+pin"],
+                 ["restore", str(snap), "--pin", "auto"]):
+        res = subprocess.run([*cli, *args], capture_output=True, text=True, timeout=60,
+                             cwd=tmp_path, check=False)
+        assert res.returncode == 2, (args, res.stdout, res.stderr)
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and "pin auto needs at least 2 CPUs; this process may use 1" \
+            in lines[0], (args, res.stderr)
+    assert [p.name for p in tmp_path.iterdir()] == ["none.img"]     # nothing left behind
+
+
+def test_pin_of_a_wrong_type_is_refused() -> None:
+    with pytest.raises(ValueError, match="pin must be 'auto', 'REQUESTS/EAGER' or a CpuSplit"):
+        restore("loader-bridge", "/nonexistent", [], None, pin=1)  # type: ignore[arg-type]

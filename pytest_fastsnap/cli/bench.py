@@ -45,6 +45,13 @@ def _strategies(text: str) -> list[str]:
     bad = [s for s in names if s not in BENCH_STRATEGIES]
     if bad or not names:
         raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(BENCH_STRATEGIES)}")
+    from pytest_fastsnap.restore.pinning import parse_pin
+
+    if any(n.endswith("+pin") for n in names):
+        try:
+            parse_pin("auto")
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
     return names
 
 

@@ -502,6 +502,8 @@ def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str]
             offset = read_manifest(path).offset
         except ValueError:
             offset = 0
+    if pin is not None and not isinstance(pin, (str, CpuSplit)):
+        raise ValueError(f"pin must be 'auto', 'REQUESTS/EAGER' or a CpuSplit, not {pin!r}")
     split = parse_pin(pin) if isinstance(pin, str) else pin
     if split is not None and strategy != "loader-bridge":
         raise ValueError(f"pin is a loader-bridge option, not {strategy}'s")
