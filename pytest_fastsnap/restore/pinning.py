@@ -159,6 +159,7 @@ class ThreadPinner:
         self.wide_s = 0.0
         self.narrowed = 0
         self._done: set[tuple[int, int]] = set()
+        self._main_comm: dict[int, str] = {}        # pid -> its main thread's name
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.pinned: dict[str, list[int]] = {}      # "pid/tid comm" -> CPUs
@@ -203,7 +204,8 @@ class ThreadPinner:
                 tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
             except OSError:
                 continue        # gone (a killed loader): its successor comes next
-            main = _read_comm(pid, pid)
+            main = self._main_comm.get(pid) or self._main_comm.setdefault(
+                pid, _read_comm(pid, pid) or "")
             for tid in tids:
                 if (pid, tid) in self._done:
                     continue
@@ -259,8 +261,7 @@ class ThreadPinner:
                 self._wide_since = None
                 self.narrowed += 1
                 self._place_eager()
-        elif self._wide_since is None and self._widen_after is not None \
-                and now - self._last_fault >= self._widen_after:
+        elif self._wide_since is None and now - self._last_fault >= (self._widen_after or 0.0):
             self._wide_since = now
             self._place_eager()
 
