@@ -288,11 +288,13 @@ static void *rp_main(void *arg)
     struct bridge *b = arg;
     long cur_block = -1;
     uint8_t hdr[4], payload[512];
+    struct br_rbuf rb;
+    br_rbuf_init(&rb, b->sock);
     /* Named so a host can place it apart from the eager stream (the main
      * thread): fastsnap restore --pin, top -H. */
     pthread_setname_np(pthread_self(), "fsl-requests");
     for (;;) {
-        int r = br_recv_all(b->sock, hdr, 4);
+        int r = br_rbuf_read(&rb, hdr, 4);
         if (r <= 0) {
             rp_close(b, "return path closed by the destination%s%s",
                      r < 0 ? ": " : "", r < 0 ? strerror(errno) : "");
@@ -303,7 +305,7 @@ static void *rp_main(void *arg)
             rp_close(b, "return-path message type %u with length %u (> 512)", type, len);
             return NULL;
         }
-        if (br_recv_all(b->sock, payload, len) <= 0) {
+        if (br_rbuf_read(&rb, payload, len) <= 0) {
             rp_close(b, "return path closed inside a message (type %u)", type);
             return NULL;
         }
@@ -371,7 +373,7 @@ static void *rp_main(void *arg)
         case BR_RP_RECV_BITMAP: {
             struct br_bitmap_got got;
             mr_error e = {0};
-            if (br_resume_read_bitmap(&b->resume, &b->snap, b->sock, payload, len, &got, &e) < 0) {
+            if (br_resume_read_bitmap(&b->resume, &b->snap, &rb, payload, len, &got, &e) < 0) {
                 rp_fail(b, &e);
                 return NULL;
             }

@@ -343,3 +343,31 @@ int br_recv_all(int fd, uint8_t *buf, size_t n)
     }
     return 1;
 }
+
+void br_rbuf_init(struct br_rbuf *rb, int fd)
+{
+    rb->fd = fd;
+    rb->head = rb->tail = 0;
+}
+
+int br_rbuf_read(struct br_rbuf *rb, uint8_t *dst, size_t n)
+{
+    for (;;) {
+        size_t have = rb->tail - rb->head, take = have < n ? have : n;
+        memcpy(dst, rb->buf + rb->head, take);
+        rb->head += take;
+        dst += take;
+        n -= take;
+        if (n == 0)
+            return 1;
+        rb->head = rb->tail = 0;
+        if (n >= sizeof rb->buf)        /* a large read (a bitmap) goes straight */
+            return br_recv_all(rb->fd, dst, n);
+        ssize_t r = recv(rb->fd, rb->buf, sizeof rb->buf, 0);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            return r == 0 ? 0 : -1;
+        rb->tail = (size_t)r;
+    }
+}

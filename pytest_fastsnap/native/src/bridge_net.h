@@ -42,4 +42,19 @@ int br_net_can_reconnect(const struct br_net_addr *a);
  * closed first, -1 error (errno). */
 int br_recv_all(int fd, uint8_t *buf, size_t n);
 
+/* A buffered reader for the return path: one recv() usually brings a whole
+ * message (header and payload) or several, where reading them exactly took
+ * two recv() calls each; a page request's path is that much shorter. */
+struct br_rbuf {
+    int fd;
+    size_t head, tail;
+    uint8_t buf[4096];
+};
+
+void br_rbuf_init(struct br_rbuf *rb, int fd);
+
+/* Like br_recv_all, from the buffer first: 1 all read, 0 the peer closed
+ * first, -1 error (errno). */
+int br_rbuf_read(struct br_rbuf *rb, uint8_t *dst, size_t n);
+
 #endif

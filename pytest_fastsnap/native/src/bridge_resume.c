@@ -111,7 +111,7 @@ static int cut_short(mr_error *err, const char *id, const char *where, int r)
                         r < 0 ? strerror(errno) : "");
 }
 
-int br_resume_read_bitmap(struct br_resume *r, struct br_snap *snap, int fd,
+int br_resume_read_bitmap(struct br_resume *r, struct br_snap *snap, struct br_rbuf *rb,
                           const uint8_t *payload, uint16_t len, struct br_bitmap_got *got,
                           mr_error *err)
 {
@@ -136,7 +136,7 @@ int br_resume_read_bitmap(struct br_resume *r, struct br_snap *snap, int fd,
         return mr_error_set(err, E_DEST_PROTOCOL, "second RECV_BITMAP for block %s", id);
     struct br_block *blk = &snap->blocks[bi];
     uint8_t w[8];
-    int rc = br_recv_all(fd, w, 8);
+    int rc = br_rbuf_read(rb, w, 8);
     if (rc <= 0)
         return cut_short(err, id, "before its size", rc);
     uint64_t size = be64(w), want = (blk->npages + 7) / 8;
@@ -149,7 +149,7 @@ int br_resume_read_bitmap(struct br_resume *r, struct br_snap *snap, int fd,
     uint64_t present = 0, present_zero = 0;
     for (uint64_t off = 0; off < size;) {
         size_t n = size - off > sizeof buf ? sizeof buf : (size_t)(size - off);
-        rc = br_recv_all(fd, buf, n);
+        rc = br_rbuf_read(rb, buf, n);
         if (rc <= 0)
             return cut_short(err, id, "inside the bitmap", rc);
         for (size_t i = 0; i < n; i++) {
@@ -165,7 +165,7 @@ int br_resume_read_bitmap(struct br_resume *r, struct br_snap *snap, int fd,
         }
         off += n;
     }
-    rc = br_recv_all(fd, w, 8);
+    rc = br_rbuf_read(rb, w, 8);
     if (rc <= 0)
         return cut_short(err, id, "before its end mark", rc);
     if (be64(w) != BR_RECV_BITMAP_END)

@@ -27,6 +27,8 @@
 #include "bridge_snap.h"
 #include "mr_errors.h"
 
+struct br_rbuf;     /* bridge_net.h */
+
 #define BR_CMD_POSTCOPY_RESUME 9
 #define BR_CMD_RECV_BITMAP 10
 #define BR_RP_RECV_BITMAP 5
@@ -57,12 +59,12 @@ struct br_bitmap_got {
     uint64_t present, present_zero;
 };
 
-/* Return-path thread, without the lock the waiter holds (it blocks on fd):
- * a RECV_BITMAP frame's payload (len bytes, already read) arrived on fd;
- * reads the rest of the message from fd and claims every page it marks
+/* Return-path thread, without the lock the waiter holds (it blocks on rb):
+ * a RECV_BITMAP frame's payload (len bytes, already read) arrived on rb;
+ * reads the rest of the message from rb and claims every page it marks
  * received.  0, or -1 with err set (E_DEST_PROTOCOL; E_DEST_GONE if the
  * connection ends inside it).  Only this thread writes r->got. */
-int br_resume_read_bitmap(struct br_resume *r, struct br_snap *snap, int fd,
+int br_resume_read_bitmap(struct br_resume *r, struct br_snap *snap, struct br_rbuf *rb,
                           const uint8_t *payload, uint16_t len, struct br_bitmap_got *got,
                           mr_error *err);
 void br_resume_commit(struct br_resume *r, const struct br_bitmap_got *got);
