@@ -101,6 +101,94 @@ def test_a_pinner_that_found_nothing_says_what_is_missing() -> None:
                                 "preempt"]
 
 
+# a stand-in process: threads named as QEMU's (or the loader's) are; a line
+# "NAME" on stdin starts one more, each answers "ok" once named
+_NAMED_THREADS = r"""
+import ctypes, sys, threading
+libc = ctypes.CDLL(None)
+def named(name):
+    libc.prctl(15, name.encode(), 0, 0, 0)      # PR_SET_NAME
+    print("ok", flush=True)
+    threading.Event().wait()
+for line in sys.stdin:
+    threading.Thread(target=named, args=(line.strip(),), daemon=True).start()
+"""
+
+
+@contextlib.contextmanager
+def _named_process(*names: str):
+    proc = subprocess.Popen([sys.executable, "-c", _NAMED_THREADS], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    stdin, stdout = proc.stdin, proc.stdout
+
+    def start(name: str) -> None:
+        stdin.write(name + "\n")
+        stdin.flush()
+        assert stdout.readline() == "ok\n"
+    try:
+        for name in names:
+            start(name)
+        yield proc, start
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@TWO_CPUS
+def test_a_placed_pinner_lists_threads_rarely_but_still_finds_new_ones(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once every role is placed, the 1 ms poll lists the processes' threads
+    only every RESCAN_S (listing them every poll took ~9 % of the eager CPU),
+    yet a thread started later is still pinned, and a replaced process (a
+    recovery's loader) is listed at once, not at the next timed listing."""
+    from pytest_fastsnap.restore import pinning
+    split = parse_pin("auto")
+    with _named_process("CPU 0/TCG", "mig/dst/fault", "mig/dst/listen") as (qemu, more), \
+            _named_process(LOADER_REQUEST_THREAD) as (loader, _), \
+            _named_process(LOADER_REQUEST_THREAD) as (loader2, _):
+        pids: list[int | None] = [qemu.pid, loader.pid]
+        listings: list[str] = []
+        real_listdir = os.listdir
+
+        def counting_listdir(path: str) -> list[str]:
+            listings.append(path)
+            return real_listdir(path)
+        monkeypatch.setattr(pinning.os, "listdir", counting_listdir)
+        pinner = ThreadPinner(split, lambda: list(pids), preempt=False).start()
+        try:
+            deadline = time.monotonic() + 5
+            while pinner.missing() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert pinner.missing() == [], pinner.report()
+            listings.clear()
+            time.sleep(0.3)
+            # 0.3 s of 1 ms polls: at most ~15 listings of each process every
+            # 20 ms, where listing at every poll makes hundreds
+            assert 0 < len(listings) <= 2 * (0.3 / pinning.RESCAN_S + 2), len(listings)
+            more("mig/dst/preempt")
+            _wait_for(lambda: any(k.endswith("mig/dst/preempt") for k in pinner.pinned),
+                      pinner)
+            # a recovery replaces the loader: found though the next timed
+            # listing is far off
+            monkeypatch.setattr(pinning, "RESCAN_S", 3600.0)
+            time.sleep(0.1)                 # a timed listing sets the next one an hour off
+            pids[1] = loader2.pid
+            _wait_for(lambda: f"{loader2.pid}/{loader2.pid} loader main" in pinner.pinned,
+                      pinner)
+        finally:
+            pinner.release()
+        preempt = next(t for t, c in _threads(qemu.pid).items() if c == "mig/dst/preempt")
+        assert _allowed(qemu.pid, preempt) == os.sched_getaffinity(0)   # given back
+
+
+def _wait_for(cond: Callable[[], bool], pinner: ThreadPinner) -> None:
+    deadline = time.monotonic() + 5
+    while not cond():
+        assert time.monotonic() < deadline, pinner.report()
+        time.sleep(0.001)
+
+
 # -- real restores -------------------------------------------------------------------
 
 def _allowed(pid: int, tid: int) -> set[int]:

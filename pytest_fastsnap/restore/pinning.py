@@ -23,7 +23,10 @@ QEMU's threads are told apart by name, so the destination must run with
 ``-name NAME,debug-threads=on`` (:class:`~pytest_fastsnap.qemu.machine.QemuMachine`
 does); :meth:`ThreadPinner.report` lists the threads it pinned and the
 roles it never found.  Threads are pinned as they appear (a poll, 1 ms), so a
-thread's first instants may run anywhere.
+thread's first instants may run anywhere.  Once every role is placed, the
+poll only reads the fault thread's run count (one ``pread``) and lists the
+threads again every :data:`RESCAN_S` or when a process is replaced: listing
+them every 1 ms took ~9 % of the eager CPU (perf, 1 GiB, rand:10).
 """
 
 from __future__ import annotations
@@ -50,6 +53,9 @@ LOADER_REQUEST_THREAD = "fsl-requests"      # bridge.c names it so
 # 1,217 MiB/s and p99/p50 1.88 against 912 MiB/s and 1.74 always narrow;
 # benchmarks/README.md, "Pinning")
 WIDEN_AFTER_S = 0.05
+# s between thread listings once every role is placed (sooner when the
+# destination or the loader is replaced: a recovery)
+RESCAN_S = 0.02
 
 
 @dataclass(frozen=True)
@@ -152,7 +158,10 @@ class ThreadPinner:
         self._widen_after = widen_after
         self._eager_tids: set[tuple[int, int]] = set()
         self._before: dict[tuple[int, int], set[int]] = {}  # its affinity before
-        self._fault_tids: set[tuple[int, int]] = set()
+        self._fault_fds: dict[tuple[int, int], int] = {}   # their schedstat, open
+        self._scanned: list[int | None] | None = None      # pids at the last listing
+        self._next_scan = 0.0
+        self._complete = False                              # every role placed
         self._faults = -1
         self._last_fault = time.monotonic()
         self._wide_since: float | None = None
@@ -181,6 +190,7 @@ class ThreadPinner:
         """Stop, and give every pinned thread still there (the vCPUs of a
         loaded guest) back the affinity it had: the split is for the restore."""
         self.stop()
+        self._close_fault_fds()
         for (pid, tid), cpus in self._before.items():
             if not os.path.exists(f"/proc/{pid}/task/{tid}"):
                 continue        # gone with the restore (its number may be reused)
@@ -188,16 +198,36 @@ class ThreadPinner:
                 os.sched_setaffinity(tid, cpus)
         self._before.clear()
 
+    def _close_fault_fds(self) -> None:
+        for fd in self._fault_fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fault_fds.clear()
+
     def _run(self) -> None:
         # this thread's own polls stay off the request CPUs too
         with contextlib.suppress(OSError):
             os.sched_setaffinity(0, self.split.eager)
         while not self._stop.wait(self._interval):
             self.poll()
+        self._close_fault_fds()
 
     def poll(self) -> None:
-        """Pin every not yet pinned thread with a role (one pass)."""
-        for i, pid in enumerate(self._pids()):
+        """Pin every not yet pinned thread with a role (a listing of the
+        threads while a role is missing, every RESCAN_S and when a process
+        is replaced), then narrow or widen the eager pair."""
+        pids = self._pids()
+        now = time.monotonic()
+        if pids != self._scanned or now >= self._next_scan or not self._complete:
+            self._scan(pids)
+            self._scanned = list(pids)
+            self._next_scan = now + RESCAN_S
+            self._complete = not self.missing()
+        if self._widen_after is not None:
+            self._adapt()
+
+    def _scan(self, pids: list[int | None]) -> None:
+        for i, pid in enumerate(pids):
             if pid is None:
                 continue
             try:
@@ -235,9 +265,9 @@ class ThreadPinner:
                 if role == "eager":
                     self._eager_tids.add((pid, tid))
                 elif _REQUEST_THREADS.get(comm) == "fault":
-                    self._fault_tids.add((pid, tid))
-        if self._widen_after is not None:
-            self._adapt()
+                    with contextlib.suppress(OSError):
+                        self._fault_fds[(pid, tid)] = os.open(
+                            f"/proc/{pid}/task/{tid}/schedstat", os.O_RDONLY | os.O_CLOEXEC)
 
     def _eager_cpus(self) -> frozenset[int]:
         return self.split.eager | self.split.requests if self._wide_since is not None \
@@ -248,12 +278,13 @@ class ThreadPinner:
         guest that is not faulting leaves the request CPUs to the eager stream."""
         now = time.monotonic()
         faults = 0
-        for pid, tid in list(self._fault_tids):
+        for key, fd in list(self._fault_fds.items()):
             try:      # schedstat's third field: times the thread was run
-                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                    faults += int(f.read().split()[2])
+                faults += int(os.pread(fd, 128, 0).split()[2])
             except (OSError, IndexError, ValueError):
-                self._fault_tids.discard((pid, tid))
+                del self._fault_fds[key]    # gone with its process
+                with contextlib.suppress(OSError):
+                    os.close(fd)
         if faults != self._faults:
             self._faults, self._last_fault = faults, now
             if self._wide_since is not None:
