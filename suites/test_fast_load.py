@@ -30,12 +30,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from filelock import FileLock
 
 from pytest_fastsnap.fixtures import GuestFactory, SnapshotFactory, VmFactory
 from pytest_fastsnap.guests.pattern import page_is_zero
 from pytest_fastsnap.guests.tiny import TinyGuest, TinyParams, tiny_args, tiny_kernel
-from pytest_fastsnap.qemu.probe import default_cache_dir
+from pytest_fastsnap.native.hugepages import HugePagesUnavailable, reserved_hugepages
 from pytest_fastsnap.restore.attempt import attempt_restore
 from pytest_fastsnap.restore.strategies import RestoredGuest, RestoreFailed, restore
 from pytest_fastsnap.restore.table import STRATEGY_TABLE, strategy_params
@@ -244,38 +243,19 @@ HUGE_NEEDED = 2 * HUGE_MEM_MIB * 1024 // HUGE_KIB
 HUGE_TINY = TinyParams(seed=0x2B16, start=0x400000, size=0x1400000)
 
 
-def _free_huge_pages() -> tuple[int, str]:
-    """Free 2 MiB huge pages, and what to do when there are too few."""
-    base = Path(f"/sys/kernel/mm/hugepages/hugepages-{HUGE_KIB}kB")
-    try:
-        free = int((base / "free_hugepages").read_text())
-    except OSError:
-        return 0, f"no {HUGE_KIB // 1024} MiB huge page support ({base} missing)"
-    return free, (f"no free {HUGE_KIB // 1024} MiB huge pages ({free} free, {HUGE_NEEDED} "
-                  "needed): echo 64 > /proc/sys/vm/nr_hugepages")
-
-
 @pytest.fixture
 def huge_pages() -> Iterator[None]:
-    """Enough free 2 MiB huge pages for a source and a destination, held by one
-    test at a time (xdist workers share the host's pool).  As root, the missing
-    pages are reserved for the test and released after it."""
-    with FileLock(str(default_cache_dir() / "hugepages.lock")):
-        free, why = _free_huge_pages()
-        knob = Path(f"/sys/kernel/mm/hugepages/hugepages-{HUGE_KIB}kB/nr_hugepages")
-        reserved = None
-        if free < HUGE_NEEDED and os.geteuid() == 0 and knob.exists():
-            # As root, reserve what is missing for this test and give it back after.
-            reserved = int(knob.read_text())
-            knob.write_text(str(reserved + HUGE_NEEDED - free))
-            free, why = _free_huge_pages()
-        try:
-            if free < HUGE_NEEDED:
-                pytest.skip(why)
+    """Enough 2 MiB huge pages for a source and a destination: as root,
+    reserved for the test and released after it (xdist workers' reservations
+    add up); otherwise the pool must have them free."""
+    if not Path(f"/sys/kernel/mm/hugepages/hugepages-{HUGE_KIB}kB").exists():
+        pytest.skip(f"no {HUGE_KIB // 1024} MiB huge page support "
+                    f"(/sys/kernel/mm/hugepages/hugepages-{HUGE_KIB}kB missing)")
+    try:
+        with reserved_hugepages(HUGE_NEEDED):
             yield
-        finally:
-            if reserved is not None:
-                knob.write_text(str(reserved))
+    except HugePagesUnavailable as e:
+        pytest.skip(f"{e}: echo {HUGE_NEEDED} > /proc/sys/vm/nr_hugepages")
 
 
 def _huge_backend() -> list[str]:

@@ -7,12 +7,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from pytest_fastsnap.native.hugepages import HugePagesUnavailable, reserved_hugepages
+from pytest_fastsnap.native.hugepages import (
+    NR_HUGEPAGES,
+    HugePagesUnavailable,
+    free_hugepages,
+    reserved_hugepages,
+)
 from pytest_fastsnap.native.loader import run_loader
 from pytest_fastsnap.snapshot.writer import write_snapshot
 
@@ -62,3 +68,30 @@ def test_hugepages_unavailable_is_named(tmp_path: Path) -> None:
     res = run_loader(["load", str(snap), "--mode", "lazy", "--hugepages"], timeout=60)
     assert res.returncode == 2, res.stderr
     assert "E_UNSUPPORTED" in res.stderr and "nr_hugepages" in res.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="resizing /proc/sys/vm/nr_hugepages needs root")
+def test_overlapping_reservations_each_keep_their_pages_and_give_back_all() -> None:
+    """Two reservations that overlap (two xdist workers) each hold their own
+    pages while inside, whichever ends first, and the pool is back to its
+    size once both ended: one that took another's free pages for its own, or
+    wrote back the size it first saw, fails here."""
+    size = int(NR_HUGEPAGES.read_text())
+    needed = free_hugepages() + 1      # more than the pool has free: both must add
+    first, second = reserved_hugepages(needed), reserved_hugepages(needed)
+    try:
+        first.__enter__()
+    except HugePagesUnavailable as e:
+        pytest.skip(str(e))
+    try:
+        second.__enter__()
+    except HugePagesUnavailable as e:
+        first.__exit__(None, None, None)
+        pytest.skip(str(e))
+    try:
+        assert free_hugepages() >= 2 * needed
+        first.__exit__(None, None, None)
+        assert free_hugepages() >= needed, "the second lost its pages when the first ended"
+    finally:
+        second.__exit__(None, None, None)
+    assert int(NR_HUGEPAGES.read_text()) == size
