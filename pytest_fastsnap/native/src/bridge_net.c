@@ -14,6 +14,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
@@ -178,6 +179,30 @@ static void wait_for_entry(int ino, double wait_s)
     }
 }
 
+static void *close_fd_main(void *arg)
+{
+    close((int)(intptr_t)arg);
+    return NULL;
+}
+
+/* Closing an inotify instance waits for an SRCU grace period (fsnotify's
+ * mark reaper): 5-15 ms here, with the destination waiting for its first
+ * byte (perf sched: the loader in D state right after connect() returned).
+ * A detached thread closes it instead; without a thread, close() here. */
+static void close_off_path(int fd)
+{
+    pthread_attr_t at;
+    pthread_t t;
+    int ok = pthread_attr_init(&at) == 0;
+    if (ok) {
+        ok = pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED) == 0 &&
+             pthread_create(&t, &at, close_fd_main, (void *)(intptr_t)fd) == 0;
+        pthread_attr_destroy(&at);
+    }
+    if (!ok)
+        close(fd);
+}
+
 /* A loader started before the destination listens (the strategy starts it
  * first, so its start-up is not on the restore's clock) connects within
  * microseconds of QEMU's bind(): an inotify watch on the directory wakes it,
@@ -235,7 +260,7 @@ static int connect_unix(const struct br_net_addr *a, double timeout, mr_error *e
         }
     }
     if (ino >= 0)
-        close(ino);
+        close_off_path(ino);
     return rc;
 }
 
