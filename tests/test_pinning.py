@@ -31,6 +31,7 @@ from pytest_fastsnap.qemu.migration import SavedSnapshot
 from pytest_fastsnap.restore import restore
 from pytest_fastsnap.restore.pinning import (
     LOADER_REQUEST_THREAD,
+    WIDEN_AFTER_S,
     CpuSplit,
     ThreadPinner,
     parse_pin,
@@ -337,6 +338,34 @@ def test_preempt_restore_places_each_thread_by_role(small_snapshot: SavedSnapsho
         assert pin["spec"] == split.spec and not pin["errors"], pin
         assert pin["narrowed"] >= 1 and pin["wide_s"] > 0, pin
         assert guest.self_check()
+    finally:
+        guest.close()
+
+
+@pytest.mark.fastsnap
+@TWO_CPUS
+def test_eager_pair_stays_narrow_until_the_guest_runs(small_snapshot: SavedSnapshot,
+                                                      vm_factory: VmFactory) -> None:
+    """Restored paused, the guest does not fault for many times WIDEN_AFTER_S,
+    yet the eager pair stays on its own CPUs: the guest has not run, so its
+    first faults are still to come.  Once it runs and goes idle, the pair is
+    widened.  (Widened before RUN, it shared the request CPUs with the first
+    faults until the next poll narrowed it.)"""
+    split = parse_pin("auto")
+    guest = restore("loader-bridge", small_snapshot.path, small_snapshot.device_args,
+                    vm_factory, preempt=True, pin="auto", paused=True, timeout=120,
+                    loader_args=("--max-bandwidth", "2"))
+    try:
+        assert guest.loader is not None and guest.pinner is not None
+        loader = guest.loader.pid
+        _wait_all_pinned(guest, loader)
+        time.sleep(10 * WIDEN_AFTER_S)
+        assert not _misplaced(guest, split, loader, [split.eager])
+        assert guest.pinner.report()["wide_s"] == 0, guest.pinner.report()
+        guest.vm.qmp("cont")
+        assert guest.agent.touch(10, "rand")
+        _assert_placed(guest, split, loader, split.requests | split.eager)  # idle: widened
+        assert guest.pinner.report()["wide_s"] > 0
     finally:
         guest.close()
 

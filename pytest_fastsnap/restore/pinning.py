@@ -12,7 +12,10 @@ CPUs: the vCPUs and the request path on one set, the eager pair on another,
 as ``vcpupin``/``emulatorpin`` split a libvirt guest's threads.  While the
 guest does not fault (none for :data:`WIDEN_AFTER_S`), the eager pair may use
 the request CPUs too, and is narrowed back at the next fault: kept narrow, an
-idle guest's restore would lose a quarter of its eager throughput here.
+idle guest's restore would lose a quarter of its eager throughput here.  The
+quiet spell counts only once the guest runs (*running*, for a restore its
+``RESUME`` event): before that its first faults are still to come, and a
+pair widened then shared the request CPUs with them until the next poll.
 
     split = parse_pin("auto")          # the last CPU (2 of 4+) for the eager pair
     split = parse_pin("0-2/3")         # REQUESTS/EAGER, CPU lists
@@ -132,6 +135,15 @@ def thread_role(comm: str, *, loader_main: bool = False) -> str | None:
     return None
 
 
+def _open_schedstat(pid: int, tid: int) -> int:
+    return os.open(f"/proc/{pid}/task/{tid}/schedstat", os.O_RDONLY | os.O_CLOEXEC)
+
+
+def _run_count(fd: int) -> int:
+    """schedstat's third field: how many times the thread was run."""
+    return int(os.pread(fd, 128, 0).split()[2])
+
+
 def _read_comm(pid: int, tid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/task/{tid}/comm") as f:
@@ -147,7 +159,8 @@ class ThreadPinner:
 
     def __init__(self, split: CpuSplit, pids: Callable[[], list[int | None]],
                  *, preempt: bool, interval: float = 0.001,
-                 widen_after: float | None = WIDEN_AFTER_S) -> None:
+                 widen_after: float | None = WIDEN_AFTER_S,
+                 running: Callable[[], bool] | None = None) -> None:
         self.split = split
         self._pids = pids
         self._preempt = preempt
@@ -159,6 +172,8 @@ class ThreadPinner:
         self._eager_tids: set[tuple[int, int]] = set()
         self._before: dict[tuple[int, int], set[int]] = {}  # its affinity before
         self._fault_fds: dict[tuple[int, int], int] = {}   # their schedstat, open
+        self._running = running
+        self._guest_ran = running is None
         self._scanned: list[int | None] | None = None      # pids at the last listing
         self._next_scan = 0.0
         self._complete = False                              # every role placed
@@ -266,8 +281,7 @@ class ThreadPinner:
                     self._eager_tids.add((pid, tid))
                 elif _REQUEST_THREADS.get(comm) == "fault":
                     with contextlib.suppress(OSError):
-                        self._fault_fds[(pid, tid)] = os.open(
-                            f"/proc/{pid}/task/{tid}/schedstat", os.O_RDONLY | os.O_CLOEXEC)
+                        self._fault_fds[(pid, tid)] = _open_schedstat(pid, tid)
 
     def _eager_cpus(self) -> frozenset[int]:
         return self.split.eager | self.split.requests if self._wide_since is not None \
@@ -279,12 +293,19 @@ class ThreadPinner:
         now = time.monotonic()
         faults = 0
         for key, fd in list(self._fault_fds.items()):
-            try:      # schedstat's third field: times the thread was run
-                faults += int(os.pread(fd, 128, 0).split()[2])
+            try:
+                faults += _run_count(fd)
             except (OSError, IndexError, ValueError):
                 del self._fault_fds[key]    # gone with its process
                 with contextlib.suppress(OSError):
                     os.close(fd)
+        if not self._guest_ran:
+            # Narrow until the guest runs: widened before RUN (no faults yet),
+            # the eager pair shared the request CPUs during the guest's first
+            # faults, until the next poll narrowed it (p99 at 4 GiB).
+            self._guest_ran = self._has_run()
+            self._faults, self._last_fault = faults, now
+            return
         if faults != self._faults:
             self._faults, self._last_fault = faults, now
             if self._wide_since is not None:
@@ -295,6 +316,14 @@ class ThreadPinner:
         elif self._wide_since is None and now - self._last_fault >= (self._widen_after or 0.0):
             self._wide_since = now
             self._place_eager()
+
+    def _has_run(self) -> bool:
+        if self._running is None:
+            return True
+        try:
+            return bool(self._running())
+        except Exception:   # a destination gone or being replaced: ask again next poll
+            return False
 
     def _place_eager(self) -> None:
         cpus = self._eager_cpus()

@@ -527,7 +527,9 @@ def restore(strategy: str, snapshot_path: str | Path, device_args: Sequence[str]
     start_args = [*loader_args, *(["--preempt"] if preempt else [])]
     prefix = tuple(loader_prefix)
     if split is not None:
-        guest.pinner = ThreadPinner(split, lambda: _pin_pids(guest), preempt=preempt).start()
+        guest.pinner = ThreadPinner(split, lambda: _pin_pids(guest), preempt=preempt,
+                                    running=lambda: guest._event("RESUME") is not None
+                                    ).start()
     if strategy == "loader-bridge" and recover_attempts:
         factory = _as_factory(vm_factory)
 
