@@ -134,6 +134,8 @@ def _named_process(*names: str):
     finally:
         proc.kill()
         proc.wait()
+        stdin.close()
+        stdout.close()
 
 
 @TWO_CPUS
