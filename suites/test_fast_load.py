@@ -34,7 +34,7 @@ import pytest
 from pytest_fastsnap.fixtures import GuestFactory, SnapshotFactory, VmFactory
 from pytest_fastsnap.guests.pattern import page_is_zero
 from pytest_fastsnap.guests.tiny import TinyGuest, TinyParams, tiny_args, tiny_kernel
-from pytest_fastsnap.native.hugepages import HugePagesUnavailable, reserved_hugepages
+from pytest_fastsnap.native.hugepages import hugepages_or_skip
 from pytest_fastsnap.restore.attempt import attempt_restore
 from pytest_fastsnap.restore.strategies import RestoredGuest, RestoreFailed, restore
 from pytest_fastsnap.restore.table import STRATEGY_TABLE, strategy_params
@@ -248,14 +248,8 @@ def huge_pages() -> Iterator[None]:
     """Enough 2 MiB huge pages for a source and a destination: as root,
     reserved for the test and released after it (xdist workers' reservations
     add up); otherwise the pool must have them free."""
-    if not Path(f"/sys/kernel/mm/hugepages/hugepages-{HUGE_KIB}kB").exists():
-        pytest.skip(f"no {HUGE_KIB // 1024} MiB huge page support "
-                    f"(/sys/kernel/mm/hugepages/hugepages-{HUGE_KIB}kB missing)")
-    try:
-        with reserved_hugepages(HUGE_NEEDED):
-            yield
-    except HugePagesUnavailable as e:
-        pytest.skip(f"{e}: echo {HUGE_NEEDED} > /proc/sys/vm/nr_hugepages")
+    with hugepages_or_skip(HUGE_NEEDED):
+        yield
 
 
 def _huge_backend() -> list[str]:

@@ -13,7 +13,7 @@ import pytest
 
 from pytest_fastsnap.fixtures import SnapshotFactory, VmFactory
 from pytest_fastsnap.guests.fill import fill_guest_ram
-from pytest_fastsnap.native.hugepages import HugePagesUnavailable, reserved_hugepages
+from pytest_fastsnap.native.hugepages import hugepages_or_skip
 from pytest_fastsnap.restore import RestoredGuest, restore
 
 MEM_MIB = 64
@@ -22,11 +22,8 @@ HUGE = 2 << 20
 
 @pytest.fixture
 def hugepages() -> Iterator[None]:
-    try:
-        with reserved_hugepages(2 * MEM_MIB // 2 + 4):     # source + destination
-            yield
-    except HugePagesUnavailable as e:
-        pytest.skip(str(e))
+    with hugepages_or_skip(2 * MEM_MIB // 2 + 4):     # source + destination
+        yield
 
 
 def hugetlb_args(mem_mib: int) -> list[str]:

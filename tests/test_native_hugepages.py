@@ -17,6 +17,7 @@ from pytest_fastsnap.native.hugepages import (
     NR_HUGEPAGES,
     HugePagesUnavailable,
     free_hugepages,
+    hugepages_or_skip,
     reserved_hugepages,
 )
 from pytest_fastsnap.native.loader import run_loader
@@ -27,11 +28,8 @@ NEEDED = 8      # 2 MiB pages: 3 + 1 for the blocks below, twice for slack
 
 @pytest.fixture
 def hugepages() -> Iterator[None]:
-    try:
-        with reserved_hugepages(NEEDED):
-            yield
-    except HugePagesUnavailable as e:
-        pytest.skip(str(e))
+    with hugepages_or_skip(NEEDED):
+        yield
 
 
 @pytest.mark.parametrize("build", ["release", "asan"])

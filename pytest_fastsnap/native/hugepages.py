@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
+HUGE_2M = Path("/sys/kernel/mm/hugepages/hugepages-2048kB")
 
 
 class HugePagesUnavailable(RuntimeError):
@@ -56,6 +57,8 @@ def reserved_hugepages(needed: int) -> Iterator[None]:
     As root the pool grows by *needed* and shrinks by as much after; otherwise
     the pool must already have that many free (shared with whoever else uses
     it)."""
+    if not HUGE_2M.exists():
+        raise HugePagesUnavailable(f"no 2 MiB huge page support ({HUGE_2M} missing)")
     if os.geteuid() != 0 or not os.access(NR_HUGEPAGES, os.W_OK):
         free = free_hugepages()
         if free >= needed:
@@ -73,3 +76,16 @@ def reserved_hugepages(needed: int) -> Iterator[None]:
         yield
     finally:
         _resize(-added)
+
+
+@contextlib.contextmanager
+def hugepages_or_skip(needed: int) -> Iterator[None]:
+    """For a test: :func:`reserved_hugepages`, or a pytest skip naming what
+    is missing and how to provide it."""
+    import pytest
+
+    try:
+        with reserved_hugepages(needed):
+            yield
+    except HugePagesUnavailable as e:
+        pytest.skip(f"{e}: as root, echo {needed} > {NR_HUGEPAGES}")

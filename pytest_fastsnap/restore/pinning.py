@@ -318,8 +318,7 @@ class ThreadPinner:
             self._place_eager()
 
     def _has_run(self) -> bool:
-        if self._running is None:
-            return True
+        assert self._running is not None    # else _guest_ran started True
         try:
             return bool(self._running())
         except Exception:   # a destination gone or being replaced: ask again next poll
