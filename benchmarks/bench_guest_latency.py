@@ -95,14 +95,16 @@ def run(size: int, variants: list[tuple[str, list[str]]], workload: Workload, re
     summary = {f"{name} {mode}": summarize(these) for (name, mode), these in runs.items()}
     base_eager = {mode: summary[f"{variants[0][0]} {mode}"]["eager_mib_s"] for mode, _ in MODES}
     rows = [("variant", "channel", "faulted", "guest p50 us", "guest p99 us", "p99/p50",
-             "loader p99 us", "eager MiB/s", "eager vs first", "loaded s", "held off s")]
+             "loader p99 us", "read p99", "send p99", "eager MiB/s", "eager vs first",
+             "loaded s", "held off s")]
     for name, _ in variants:
         for mode, _ in MODES:
             st = summary[f"{name} {mode}"]
             b = base_eager[mode]
             rows.append((name, mode, _f(st["faulted"], ".0f"), _f(st["p50_us"], ".0f"),
                          _f(st["p99_us"], ".0f"), _f(st["p99_over_p50"], ".2f"),
-                         _f(st["loader_p99_us"], ".0f"), _f(st["eager_mib_s"], ".0f"),
+                         _f(st["loader_p99_us"], ".0f"), _f(st["loader_read_p99_us"], ".0f"),
+                         _f(st["loader_send_p99_us"], ".0f"), _f(st["eager_mib_s"], ".0f"),
                          f"{st['eager_mib_s'] / b:.2f}x" if st["eager_mib_s"] and b else "-",
                          _f(st["loaded_s"], ".3f"), _f(st["holdoff_s"], ".3f")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

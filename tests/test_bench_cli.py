@@ -179,6 +179,12 @@ def test_bench_reports_what_the_guest_feels(tmp_path: Path) -> None:
         if st["faulted"]:
             assert st["p99_us"] >= st["p50_us"] > 10, (mode, st)
             assert st["p99_over_p50"] == pytest.approx(st["p99_us"] / st["p50_us"]), st
+        # the preempt modes split the loader's serving time into pread and send
+        served = [(r["loader"]["preempt"] or {}).get("requests_served", 0) for r in st["runs"]]
+        if mode != "no-preempt" and all(served):
+            assert st["loader_read_p99_us"] > 0 and st["loader_send_p99_us"] > 0, st
+        if mode == "no-preempt":
+            assert st["loader_read_p99_us"] is None, st
     assert "guest-visible request latency" in res.stdout and " preempt " in res.stdout
     ceiling = result["ceiling"]
     assert ceiling["postcopy_bytes"] > 0 and ceiling["postcopy_mib_s"] > 0, ceiling

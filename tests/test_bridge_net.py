@@ -261,6 +261,11 @@ def test_preempt_channel_framing(snap: Path, variant: str, host: str) -> None:
         assert isinstance(pre_stats, dict)
         assert pre_stats["pages_on_request"] == 3, stats
         assert pre_stats["requests_duplicate"] == 1, stats
+        # the serving time split: one pread() and one send() sample per served
+        # request (none for the duplicate), each part of the request's latency
+        for part in ("read_us", "send_us"):
+            assert pre_stats[part]["count"] == 3, (part, stats)
+            assert 0 < pre_stats[part]["max"] <= stats["latency_us"]["max"], (part, stats)
         assert stats["double_sends"] == 0
         assert stats["pages_data"] == stats["file_pages_set"] == 1024 - 205
         pre.settimeout(5)

@@ -61,9 +61,18 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "holdoff_s": median_present([x.get("eager_holdoff_total_s") for x in loaders]),
         "loader_p50_us": median_present([(x.get("latency_us") or {}).get("p50") for x in loaders]),
         "loader_p99_us": median_present([(x.get("latency_us") or {}).get("p99") for x in loaders]),
+        # the loader's p99 split: the request's pread() (page-cache pages the
+        # host made slow show here) and its send() on the preempt channel
+        "loader_read_p99_us": median_present([_preempt_p99(x, "read_us") for x in loaders]),
+        "loader_send_p99_us": median_present([_preempt_p99(x, "send_us") for x in loaders]),
         "requests": median_present([x.get("requests") for x in loaders]),
         "runs": list(runs),
     }
+
+
+def _preempt_p99(loader: dict[str, Any], part: str) -> float | None:
+    """p99 of one part of the loader's preempt-channel serving time, if any."""
+    return ((loader.get("preempt") or {}).get(part) or {}).get("p99")
 
 
 def guest_latency_runs(one: OneRestore, snap: Path, device_args: Sequence[str], binary: str,
@@ -96,7 +105,7 @@ def format_rows(results: Sequence[dict[str, Any]]) -> list[tuple[str, ...]]:
     """Table rows (header first) for the bench report; [] without such runs."""
     rows: list[tuple[str, ...]] = [("size", "workload", "channel", "faulted", "guest p50 us",
                                     "guest p99 us", "p99/p50", "max us", "loader p99 us",
-                                    "eager MiB/s", "done s")]
+                                    "read p99", "send p99", "eager MiB/s", "done s")]
     for res in results:
         gl = res.get("guest_latency")
         if not gl:
@@ -107,6 +116,8 @@ def format_rows(results: Sequence[dict[str, Any]]) -> list[tuple[str, ...]]:
                          fmt_or_dash(st["faulted"], ".0f"), fmt_or_dash(st["p50_us"], ".0f"),
                          fmt_or_dash(st["p99_us"], ".0f"), fmt_or_dash(st["p99_over_p50"], ".2f"),
                          fmt_or_dash(st["max_us"], ".0f"), fmt_or_dash(st["loader_p99_us"], ".0f"),
+                         fmt_or_dash(st.get("loader_read_p99_us"), ".0f"),
+                         fmt_or_dash(st.get("loader_send_p99_us"), ".0f"),
                          fmt_or_dash(st["eager_mib_s"], ".0f"), fmt_or_dash(st["done_s"], ".3f")))
     return rows if len(rows) > 1 else []
 

@@ -155,6 +155,7 @@ struct bridge {
     uint64_t requests, requests_served, requests_duplicate;
     uint64_t double_sends;
     mr_samples lat;             /* request read -> page sent */
+    mr_samples pre_read, pre_send;  /* preempt: the parts of lat in pread() and send() */
 
     mr_error err;               /* first, root-cause failure */
 };
@@ -1426,14 +1427,18 @@ static void write_stats(struct bridge *b, FILE *f, int rc)
     fputs("\"transport\": ", f);
     mr_json_string(f, b->addr.kind == BR_NET_TCP ? "tcp" : b->addr.kind == BR_NET_FD ? "fd"
                    : "unix");
-    if (atomic_load(&b->pre))
+    if (atomic_load(&b->pre)) {
         fprintf(f, ", \"preempt\": {\"requests_served\": %llu, \"requests_duplicate\": %llu, "
-                "\"pages_on_request\": %llu, \"bytes_sent\": %llu}, ",
+                "\"pages_on_request\": %llu, \"bytes_sent\": %llu, \"read_us\": ",
                 (unsigned long long)b->prec.requests_served,
                 (unsigned long long)b->prec.requests_duplicate,
                 (unsigned long long)b->prec.pages_on_request,
                 (unsigned long long)b->prec.bytes_sent);
-    else
+        mr_samples_json(f, &b->pre_read);
+        fputs(", \"send_us\": ", f);
+        mr_samples_json(f, &b->pre_send);
+        fputs("}, ", f);
+    } else
         fputs(", \"preempt\": null, ", f);
     fputs("\"latency_us\": ", f);
     mr_samples_json(f, &b->lat);
@@ -1697,6 +1702,8 @@ static void bridge_free(struct bridge *b)
     free(b->out);
     free(b->stage);
     mr_samples_free(&b->lat);
+    mr_samples_free(&b->pre_read);
+    mr_samples_free(&b->pre_send);
     br_ws_free(&b->ws);
     br_ws_free(&b->ws_rec);
     free(b->q);
@@ -1713,7 +1720,7 @@ static void bridge_free(struct bridge *b)
 static void preempt_merge(struct bridge *b)
 {
     struct br_preempt_counts *c = &b->prec;
-    br_preempt_take(atomic_load(&b->pre), c, &b->lat);
+    br_preempt_take(atomic_load(&b->pre), c, &b->lat, &b->pre_read, &b->pre_send);
     b->requests_served += c->requests_served;
     b->requests_duplicate += c->requests_duplicate;
     b->pages_on_request += c->pages_on_request;

@@ -31,6 +31,7 @@ struct br_preempt {
     long last_block;
     struct br_preempt_counts c;
     mr_samples lat;
+    mr_samples read_lat, send_lat;  /* per served request: its pread()s, its send() */
     mr_error err;               /* written once, before failed is set */
     atomic_int failed;          /* read without the lock: never waits for a send */
     atomic_int eof;             /* the main stream's EOF is going out */
@@ -182,6 +183,7 @@ int br_preempt_serve(struct br_preempt *p, uint32_t bi, uint64_t start, uint32_t
     uint64_t tps = p->snap->tps, hp = blk->host_pages;
     uint64_t first = start / tps, n = ((uint64_t)len + tps - 1) / tps;
     int sent = 0;
+    double t_read = 0;
     pthread_mutex_lock(&p->lock);
     if (atomic_load_explicit(&p->failed, memory_order_relaxed))
         goto failed;
@@ -202,16 +204,21 @@ int br_preempt_serve(struct br_preempt *p, uint32_t bi, uint64_t start, uint32_t
             continue;
         for (uint64_t q = u + 1; q < u + hp && q < blk->npages; q++)
             mr_core_claim(blk->core, q);
+        double t0 = since(p);
         for (uint64_t q = u; q < u + hp && q < blk->npages; q++)
             if (put_page(p, bi, q) < 0)
                 goto failed;
+        t_read += since(p) - t0;
         sent = 1;
     }
     if (sent) {
+        double t_flush = since(p);
         if (flush(p) < 0)
             goto failed;
-        double d = since(p) - t_req;
+        double t_done = since(p), d = t_done - t_req;
         mr_samples_add(&p->lat, d > 0 ? (uint64_t)(d * 1e9) : 0);
+        mr_samples_add(&p->read_lat, (uint64_t)(t_read * 1e9));
+        mr_samples_add(&p->send_lat, (uint64_t)((t_done - t_flush) * 1e9));
         p->c.requests_served++;
     } else {
         p->c.requests_duplicate++;
@@ -240,11 +247,14 @@ const mr_error *br_preempt_error(struct br_preempt *p)
     return atomic_load_explicit(&p->failed, memory_order_acquire) ? &p->err : NULL;
 }
 
-void br_preempt_take(struct br_preempt *p, struct br_preempt_counts *c, mr_samples *lat)
+void br_preempt_take(struct br_preempt *p, struct br_preempt_counts *c, mr_samples *lat,
+                     mr_samples *read_lat, mr_samples *send_lat)
 {
     pthread_mutex_lock(&p->lock);
     *c = p->c;
     mr_samples_merge(lat, &p->lat);
+    mr_samples_merge(read_lat, &p->read_lat);
+    mr_samples_merge(send_lat, &p->send_lat);
     pthread_mutex_unlock(&p->lock);
 }
 
@@ -254,6 +264,8 @@ void br_preempt_free(struct br_preempt *p)
         return;
     close(p->sock);
     mr_samples_free(&p->lat);
+    mr_samples_free(&p->read_lat);
+    mr_samples_free(&p->send_lat);
     free(p->out);
     pthread_mutex_destroy(&p->lock);
     free(p);

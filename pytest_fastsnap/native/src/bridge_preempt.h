@@ -56,8 +56,10 @@ struct br_preempt_counts {
     uint64_t requests_served, requests_duplicate, pages_on_request, pages_data, pages_zero;
     uint64_t bytes_sent, file_bytes_read, double_sends;
 };
-/* Copies the counters and moves the latency samples into *lat. */
-void br_preempt_take(struct br_preempt *p, struct br_preempt_counts *c, mr_samples *lat);
+/* Copies the counters and moves the latency samples into *lat (request read
+ * -> page sent), *read_lat (the request's pread()s) and *send_lat (its send()). */
+void br_preempt_take(struct br_preempt *p, struct br_preempt_counts *c, mr_samples *lat,
+                     mr_samples *read_lat, mr_samples *send_lat);
 
 /* Shut the channel down (from any thread): a send blocked in the return-path
  * thread returns at once, so the bridge can join it when it stops. */
