@@ -136,6 +136,9 @@ def test_bench_reports_what_the_guest_feels(tmp_path: Path) -> None:
     report = json.loads(next((tmp_path / "fastsnap-bench-results").glob("*.json")).read_text())
     result = report["results"][0]
     assert len(report["load_average"]) == 3
+    # the host-memory settings that change restore figures, in the header and JSON
+    assert report["host_memory"]["thp"] in {"always", "madvise", "never", None}, report
+    assert "host memory: THP " in res.stdout
     bridge = result["strategies"]["loader-bridge"]
     assert bridge["blocktime_ms"] is not None and bridge["blocktime_ms"] >= 0
     assert bridge["runs"][0]["blocktime"]["vcpu_ms"], bridge["runs"][0]["blocktime"]

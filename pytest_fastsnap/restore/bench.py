@@ -54,6 +54,8 @@ from pytest_fastsnap.restore.guest_latency import fmt_or_dash as _fmt
 from pytest_fastsnap.restore.guest_latency import format_rows as guest_latency_rows
 from pytest_fastsnap.restore.guest_latency import guest_latency_runs
 from pytest_fastsnap.restore.guest_latency import median_present as _med
+from pytest_fastsnap.restore.host_memory import describe as describe_memory
+from pytest_fastsnap.restore.host_memory import memory_state, memory_state_delta
 from pytest_fastsnap.restore.pinning import pinnable
 from pytest_fastsnap.restore.strategies import (
     STRATEGIES,
@@ -578,8 +580,10 @@ def run_bench(sizes: Sequence[int] = (256 * MiB, 1 << 30, 4 << 30), *,
     own_workdir = workdir is None
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fsbench-", dir="/var/tmp"))
     results = []
+    mem_before = memory_state()
     try:
         log(f"loader: {loader_binary()}; QEMU: {binary}; machine {machine}; accel tcg")
+        log(describe_memory(mem_before))
         for size in sizes:
             results.append(bench_size(size, binary=binary, workdir=work, repeat=repeat,
                                       strategies=strategies, probes=probes, log=log,
@@ -592,6 +596,7 @@ def run_bench(sizes: Sequence[int] = (256 * MiB, 1 << 30, 4 << 30), *,
     stamp = time.strftime("%Y%m%d-%H%M%S")
     report = {"binary": binary, "machine": machine, "accel": "tcg", "repeat": repeat,
               "host_cpus": os.cpu_count(), "load_average": os.getloadavg(),
+              "host_memory": memory_state_delta(mem_before, memory_state()),
               "results": results, "table": format_table(results)}
     json_path = results_dir / f"bench-restore-{stamp}.json"
     json_path.write_text(json.dumps(report, indent=2) + "\n")
@@ -601,5 +606,6 @@ def run_bench(sizes: Sequence[int] = (256 * MiB, 1 << 30, 4 << 30), *,
         plot(results, png_path)
         report["png_path"] = str(png_path)
     log("\n" + report["table"])
+    log("\n" + describe_memory(report["host_memory"]))
     log(f"\nwrote {json_path}" + (f"\n      {report['png_path']}" if draw else ""))
     return report
