@@ -186,6 +186,7 @@ def test_bench_reports_what_the_guest_feels(tmp_path: Path) -> None:
         served = [(r["loader"]["preempt"] or {}).get("requests_served", 0) for r in st["runs"]]
         if mode != "no-preempt" and all(served):
             assert st["loader_read_p99_us"] > 0 and st["loader_send_p99_us"] > 0, st
+            assert f", {mode}: " in res.stdout and "loader read/send p99 " in res.stdout
         if mode == "no-preempt":
             assert st["loader_read_p99_us"] is None, st
     assert "guest-visible request latency" in res.stdout and " preempt " in res.stdout

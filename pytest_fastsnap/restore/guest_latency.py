@@ -90,12 +90,16 @@ def guest_latency_runs(one: OneRestore, snap: Path, device_args: Sequence[str], 
                       **kw)
             runs[name].append(res)
             lat = res["workload"].get("latency") or {}
-            eager = (res.get("loader") or {}).get("eager_throughput_mib_s")
+            loader = res.get("loader") or {}
+            eager = loader.get("eager_throughput_mib_s")
+            read, send = _preempt_p99(loader, "read_us"), _preempt_p99(loader, "send_us")
             log(f"  [{r + 1}/{repeat}] guest latency {workload.name}, {name}: "
                 f"{lat.get('faulted', 0)} faulted, p50 {lat.get('p50_us', 0)}us "
                 f"p99 {lat.get('p99_us', 0)}us max {lat.get('max_us', 0)}us, "
                 f"done {res['workload']['done_s']:.3f}s"
-                + (f", eager {eager:.0f} MiB/s" if eager else ""))
+                + (f", eager {eager:.0f} MiB/s" if eager else "")
+                + (f", loader read/send p99 {read:.0f}/{send:.0f}us"
+                   if read is not None and send is not None else ""))
     return {"workload": workload.key, "loader_args": list(loader_args),
             "modes": [name for name, _ in MODES],
             **{name: summarize(these) for name, these in runs.items()}}

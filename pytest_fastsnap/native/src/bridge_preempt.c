@@ -31,7 +31,9 @@ struct br_preempt {
     long last_block;
     struct br_preempt_counts c;
     mr_samples lat;
-    mr_samples read_lat, send_lat;  /* per served request: its pread()s, its send() */
+    /* per served request: the pages' pread()s (for a host page larger than
+     * PRE_CAP, with the sends that make room), then the final send() */
+    mr_samples read_lat, send_lat;
     mr_error err;               /* written once, before failed is set */
     atomic_int failed;          /* read without the lock: never waits for a send */
     atomic_int eof;             /* the main stream's EOF is going out */
