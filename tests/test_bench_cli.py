@@ -139,6 +139,8 @@ def test_bench_reports_what_the_guest_feels(tmp_path: Path) -> None:
     # the host-memory settings that change restore figures, in the header and JSON
     assert report["host_memory"]["thp"] in {"always", "madvise", "never", None}, report
     assert "host memory: THP " in res.stdout
+    # one loader for the whole run, named in the header and the JSON
+    assert f"loader: {report['loader']}; QEMU: " in res.stdout, res.stdout[:500]
     bridge = result["strategies"]["loader-bridge"]
     assert bridge["blocktime_ms"] is not None and bridge["blocktime_ms"] >= 0
     assert bridge["runs"][0]["blocktime"]["vcpu_ms"], bridge["runs"][0]["blocktime"]

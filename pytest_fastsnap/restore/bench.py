@@ -64,6 +64,7 @@ from pytest_fastsnap.restore.strategies import (
     loader_binary,
     machine_factory,
     restore,
+    use_loader,
 )
 from pytest_fastsnap.restore.workload import Workload, run_workload
 from pytest_fastsnap.snapshot.format import parse
@@ -581,20 +582,23 @@ def run_bench(sizes: Sequence[int] = (256 * MiB, 1 << 30, 4 << 30), *,
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fsbench-", dir="/var/tmp"))
     results = []
     mem_before = memory_state()
+    loader = loader_binary()      # one binary for the whole run (use_loader)
     try:
-        log(f"loader: {loader_binary()}; QEMU: {binary}; machine {machine}; accel tcg")
-        log(describe_memory(mem_before))
-        for size in sizes:
-            results.append(bench_size(size, binary=binary, workdir=work, repeat=repeat,
-                                      strategies=strategies, probes=probes, log=log,
-                                      machine=machine, workloads=workloads,
-                                      ceiling=ceiling, ws=ws, guest_latency=guest_latency,
-                                      guest_latency_loader_args=guest_latency_loader_args))
+        with use_loader(loader):
+            log(f"loader: {loader}; QEMU: {binary}; machine {machine}; accel tcg")
+            log(describe_memory(mem_before))
+            for size in sizes:
+                results.append(bench_size(
+                    size, binary=binary, workdir=work, repeat=repeat, strategies=strategies,
+                    probes=probes, log=log, machine=machine, workloads=workloads,
+                    ceiling=ceiling, ws=ws, guest_latency=guest_latency,
+                    guest_latency_loader_args=guest_latency_loader_args))
     finally:
         if own_workdir:
             shutil.rmtree(work, ignore_errors=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    report = {"binary": binary, "machine": machine, "accel": "tcg", "repeat": repeat,
+    report = {"binary": binary, "loader": str(loader), "machine": machine, "accel": "tcg",
+              "repeat": repeat,
               "host_cpus": os.cpu_count(), "load_average": os.getloadavg(),
               "host_memory": memory_state_delta(mem_before, memory_state()),
               "results": results, "table": format_table(results)}

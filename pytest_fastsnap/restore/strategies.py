@@ -37,6 +37,7 @@ do not include our polling.  ``time_to_running`` for a destination restored
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import os
 import re
@@ -46,7 +47,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -138,11 +139,33 @@ def _as_factory(vm_factory: Any) -> DestinationFactory:
     return factory
 
 
+# the loader every restore in this context uses (use_loader), else None
+_LOADER: contextvars.ContextVar[Path | None] = contextvars.ContextVar("fastsnap_loader",
+                                                                     default=None)
+
+
 def loader_binary() -> Path:
-    """The native loader (``$FASTSNAP_LOADER`` if set, else the cached build)."""
+    """The native loader: the one :func:`use_loader` fixed, else
+    ``$FASTSNAP_LOADER`` if set, else the cached build of the current
+    sources (rebuilt when they change)."""
+    fixed = _LOADER.get()
+    if fixed is not None:
+        return fixed
     from pytest_fastsnap.native.loader import loader_path
 
     return loader_path()
+
+
+@contextlib.contextmanager
+def use_loader(path: Path) -> Iterator[Path]:
+    """Every restore in this block (this thread) runs *path*: a benchmark
+    resolves the loader once, so an edit of its sources during a long run
+    neither rebuilds it midway nor mixes two binaries in one report."""
+    token = _LOADER.set(path)
+    try:
+        yield path
+    finally:
+        _LOADER.reset(token)
 
 
 def _event_time(event: dict[str, Any]) -> float:
