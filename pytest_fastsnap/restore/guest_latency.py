@@ -61,8 +61,8 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "holdoff_s": median_present([x.get("eager_holdoff_total_s") for x in loaders]),
         "loader_p50_us": median_present([(x.get("latency_us") or {}).get("p50") for x in loaders]),
         "loader_p99_us": median_present([(x.get("latency_us") or {}).get("p99") for x in loaders]),
-        # the loader's p99 split: the request's pread() (page-cache pages the
-        # host made slow show here) and its send() on the preempt channel
+        # the loader's p99 split: the request's pread() (where the slow 4 GiB
+        # restores show, benchmarks/README.md) and its send() on the preempt channel
         "loader_read_p99_us": median_present([_preempt_p99(x, "read_us") for x in loaders]),
         "loader_send_p99_us": median_present([_preempt_p99(x, "send_us") for x in loaders]),
         "requests": median_present([x.get("requests") for x in loaders]),
