@@ -566,3 +566,34 @@ def test_destination_left_postcopy_active_is_paused_and_resumed(
     finally:
         for r in relays:
             r.close()
+
+
+def test_resumed_loader_is_the_one_use_loader_fixed(
+        vm_factory: VmFactory, guest_factory: GuestFactory, snapshot_factory: SnapshotFactory,
+        tracked: list[Tracked], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """use_loader() fixes the binary for every restore in its block, and a
+    recovery spawns its resumed loader from its own thread: that loader runs
+    the fixed binary too (here the ASan build, where the default is release),
+    so a bench that recovers a restore still runs one binary throughout."""
+    from pytest_fastsnap.native.loader import ASAN_ENV, loader_path
+    from pytest_fastsnap.restore.strategies import use_loader
+
+    for key, value in ASAN_ENV.items():
+        monkeypatch.setenv(key, value)
+    flag = tmp_path / "hang"
+    flag.touch()
+    monkeypatch.setenv("FASTSNAP_LOADER_INJECT", f"serve-hang-in-eager:{flag}")
+    ts = tiny_snapshot(guest_factory, snapshot_factory)
+    asan = loader_path("asan")
+    with use_loader(asan):
+        g = bridge(ts, vm_factory, tracked, paused=True)
+        deadline = time.monotonic() + 60
+        while flag.exists():
+            assert time.monotonic() < deadline, "the loader never reached its hang point"
+            time.sleep(0.002)
+    assert g.loader is not None and g.loader.args[0] == str(asan), g.loader.args
+    assert g.kill_loader() == -9
+    g.wait_loaded(timeout=240)
+    assert g.recovery is not None and [a.kind for a in g.recovery.attempts] == ["resume"]
+    assert g.loader.args[0] == str(asan), g.loader.args     # the resumed one too
+    assert g.vm.memory_digests([(0, ts.mem)]) == ts.want

@@ -42,6 +42,7 @@ are killed, the socket directory removed, and the waiting call raises one
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import shutil
 import threading
@@ -130,7 +131,11 @@ class BridgeRecovery:
         """Start following the guest's current loader."""
         self.finished = False
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="fastsnap-recovery", daemon=True)
+        # in the caller's context: a loader fixed by use_loader() stays the
+        # one the resumed and relaunched loaders run
+        ctx = contextvars.copy_context()
+        self._thread = threading.Thread(target=ctx.run, args=(self._run,),
+                                        name="fastsnap-recovery", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
