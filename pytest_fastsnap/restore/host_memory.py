@@ -57,11 +57,10 @@ def memory_state(page_reporting: Path = PAGE_REPORTING, thp: Path = THP) -> dict
     """The host's THP mode and free page reporting state; a missing file
     (no such module, an older kernel) reads as None."""
     order = _int(_read(page_reporting / "page_reporting_order"))
-    present = page_reporting.is_dir()
     return {
         "thp": _selected(_read(thp / "enabled")),
         "thp_defrag": _selected(_read(thp / "defrag")),
-        "page_reporting": present and order is not None and order < NO_REPORTING_ORDER,
+        "page_reporting": order is not None and order < NO_REPORTING_ORDER,
         "page_reporting_order": order,
         "reported_kib": _int(_read(page_reporting / "reported_kib")),
     }
