@@ -10,6 +10,7 @@ name that is renamed into place, so a crash never leaves half a binary.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import shutil
@@ -58,14 +59,19 @@ def _cache_root() -> Path:
     return cache_dir("native")
 
 
+@functools.lru_cache(maxsize=8)
+def _compiler_version(cc: str) -> str:
+    """``cc --version``, once per process: every restore looks its loader up."""
+    return subprocess.run([cc, "--version"], capture_output=True, text=True,
+                          check=False).stdout
+
+
 def build_key(variant: str, cc: str) -> str:
     digest = hashlib.sha256()
     for path in sorted(SOURCE_DIR.glob("*.[ch]")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     digest.update(" ".join((*COMMON_FLAGS, *VARIANT_FLAGS[variant])).encode())
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True,
-                             check=False).stdout
-    digest.update(version.encode())
+    digest.update(_compiler_version(cc).encode())
     return digest.hexdigest()[:20]
 
 
