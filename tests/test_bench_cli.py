@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from pytest_fastsnap.restore.ceiling import CEILING_WORKLOAD
 from pytest_fastsnap.restore.host_memory import describe as describe_memory
 from pytest_fastsnap.restore.pinning import pinnable
 
@@ -155,7 +156,11 @@ def test_bench_reports_what_the_guest_feels(tmp_path: Path) -> None:
         assert f"64 MiB: qemu-fast skipped: {result['skipped']['qemu-fast']}" in res.stdout
     for key in ("rand:10", "seq:1"):
         per = result["workloads"][key]
-        for strategy in ("qemu-precopy", "loader-bridge", "loader-bridge+preempt"):
+        # the ceiling ran each workload too, QEMU as the postcopy source
+        assert per[CEILING_WORKLOAD]["runs"][0]["preempt"] is True, per[CEILING_WORKLOAD]
+        assert f"workload {key}%: {CEILING_WORKLOAD} " in res.stdout
+        for strategy in ("qemu-precopy", "loader-bridge", "loader-bridge+preempt",
+                         CEILING_WORKLOAD):
             run = per[strategy]["runs"][0]
             assert per[strategy]["done_s"] > 0, (key, strategy)
             assert run["workload"]["line"].startswith("TOUCH OK"), run["workload"]
@@ -175,7 +180,8 @@ def test_bench_reports_what_the_guest_feels(tmp_path: Path) -> None:
     glat = result["guest_latency"]
     assert glat["workload"] == "rand:10"
     pinned = pinnable()
-    assert glat["modes"] == ["no-preempt", "preempt", *(["preempt+pin"] if pinned else [])]
+    assert glat["modes"] == ["no-preempt", "preempt", *(["preempt+pin"] if pinned else []),
+                             CEILING_WORKLOAD]
     if pinned:      # every thread of the request path and the eager stream was found
         pin = glat["preempt+pin"]["runs"][0]["pin"]
         assert pin["missing"] == [] and not pin["errors"], pin
@@ -185,6 +191,10 @@ def test_bench_reports_what_the_guest_feels(tmp_path: Path) -> None:
         if st["faulted"]:
             assert st["p99_us"] >= st["p50_us"] > 10, (mode, st)
             assert st["p99_over_p50"] == pytest.approx(st["p99_us"] / st["p50_us"]), st
+        assert st["done_s"] > 0, (mode, st)
+        if mode == CEILING_WORKLOAD:    # no loader: QEMU was the source
+            assert st["loader_p99_us"] is None and st["runs"][0]["preempt"], st
+            continue
         # the preempt modes split the loader's serving time into pread and send
         served = [(r["loader"]["preempt"] or {}).get("requests_served", 0) for r in st["runs"]]
         if mode != "no-preempt" and all(served):
@@ -193,6 +203,7 @@ def test_bench_reports_what_the_guest_feels(tmp_path: Path) -> None:
         if mode == "no-preempt":
             assert st["loader_read_p99_us"] is None, st
     assert "guest-visible request latency" in res.stdout and " preempt " in res.stdout
+    assert f"guest latency rand 10%, {CEILING_WORKLOAD}: " in res.stdout
     ceiling = result["ceiling"]
     assert ceiling["postcopy_bytes"] > 0 and ceiling["postcopy_mib_s"] > 0, ceiling
     assert len(ceiling["runs"]) == 1 and ceiling["runs"][0]["blocktime"]["vcpu_ms"], ceiling

@@ -49,7 +49,7 @@ from pytest_fastsnap.guests.tiny import TinyGuest, TinyParams, tiny_args, tiny_k
 from pytest_fastsnap.qemu.machine import QemuMachine
 from pytest_fastsnap.qemu.migration import save_snapshot
 from pytest_fastsnap.qemu.probe import probe
-from pytest_fastsnap.restore.ceiling import postcopy_ceiling
+from pytest_fastsnap.restore.ceiling import CEILING_WORKLOAD, postcopy_ceiling
 from pytest_fastsnap.restore.guest_latency import fmt_or_dash as _fmt
 from pytest_fastsnap.restore.guest_latency import format_rows as guest_latency_rows
 from pytest_fastsnap.restore.guest_latency import guest_latency_runs
@@ -276,6 +276,13 @@ def bench_size(size: int, *, binary: str, workdir: Path, repeat: int,
                 log(f"  [{r + 1}/{repeat}] workload {wl.name}, {strategy}: done "
                     f"{res['workload']['done_s']:.3f}s"
                     + (f", blocktime {bt:.0f} ms" if bt is not None else ""))
+            if ceiling:     # the same workload with QEMU as the postcopy source
+                res = postcopy_ceiling(snap, device_args, binary, workdir, workload=wl,
+                                       preempt=True)
+                work.setdefault(wl.key, {}).setdefault(CEILING_WORKLOAD, []).append(res)
+                log(f"  [{r + 1}/{repeat}] workload {wl.name}, {CEILING_WORKLOAD}: done "
+                    f"{res['workload']['done_s']:.3f}s, blocktime "
+                    f"{_blocktime_ms(res) or 0:.0f} ms")
     ceil = None
     if ceiling:
         ceil_runs = []
@@ -295,7 +302,8 @@ def bench_size(size: int, *, binary: str, workdir: Path, repeat: int,
     if guest_latency is not None and "loader-bridge" in strategies \
             and "loader-bridge" not in skipped:
         glat = guest_latency_runs(_one, snap, device_args, binary, workdir, log,
-                                  guest_latency, repeat, guest_latency_loader_args)
+                                  guest_latency, repeat, guest_latency_loader_args,
+                                  ceiling=ceiling)
     demand = None
     if probes and "loader-bridge" in strategies and "loader-bridge" not in skipped:
         demand = _one("loader-bridge", snap, device_args, binary, workdir, probes=probes,
@@ -435,11 +443,15 @@ def format_table(results: list[dict[str, Any]]) -> str:
     if len(work) > 1:
         lines += ["", "workload: migrate-incoming -> the guest's TOUCH OK (pages read and "
                   "checked); faulted: first reads slower than 10 us in the guest's own "
-                  "timing, p50/p99 of those", *_grid(work)]
+                  "timing, p50/p99 of those; " f"{CEILING_WORKLOAD}: the ceiling's "
+                  "QEMU-to-QEMU postcopy with preempt, from the destination's RESUME",
+                  *_grid(work)]
     glat = guest_latency_rows(results)
     if glat:
         lines += ["", "guest-visible request latency (loader-bridge, workload started right "
-                  "after RUN while the eager stream runs; medians over --repeat)", *_grid(glat)]
+                  "after RUN while the eager stream runs; " f"{CEILING_WORKLOAD}: QEMU as the "
+                  "postcopy source, from the destination's RESUME; medians over --repeat)",
+                  *_grid(glat)]
     ws = [("size", "workload", "prefetch", "done s", "vs none", "blocktime ms")]
     for res in results:
         w = res.get("working_set")

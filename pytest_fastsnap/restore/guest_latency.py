@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pytest_fastsnap.restore.ceiling import CEILING_WORKLOAD, postcopy_ceiling
 from pytest_fastsnap.restore.pinning import pinnable
 from pytest_fastsnap.restore.workload import Workload
 
@@ -56,7 +57,9 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "p99_over_p50": median_present([x.get("p99_over_p50") for x in lats]),
         "faulted": median_present([x.get("faulted") for x in lats]),
         "done_s": median_present([(r.get("workload") or {}).get("done_s") for r in runs]),
-        "eager_mib_s": median_present([x.get("eager_throughput_mib_s") for x in loaders]),
+        # the loader's eager stream; a ceiling run's postcopy page rate
+        "eager_mib_s": median_present([x.get("eager_throughput_mib_s") or r.get("postcopy_mib_s")
+                                       for x, r in zip(loaders, runs, strict=True)]),
         "loaded_s": median_present([r.get("time_to_loaded_s") for r in runs]),
         "holdoff_s": median_present([x.get("eager_holdoff_total_s") for x in loaders]),
         "loader_p50_us": median_present([(x.get("latency_us") or {}).get("p50") for x in loaders]),
@@ -77,10 +80,15 @@ def _preempt_p99(loader: dict[str, Any], part: str) -> float | None:
 
 def guest_latency_runs(one: OneRestore, snap: Path, device_args: Sequence[str], binary: str,
                        workdir: Path, log: Callable[[str], None], workload: Workload,
-                       repeat: int, loader_args: Sequence[str] = ()) -> dict[str, Any]:
+                       repeat: int, loader_args: Sequence[str] = (),
+                       ceiling: bool = False) -> dict[str, Any]:
     """*workload* right after RUN of a loader-bridge restore in each of
-    :data:`MODES`, *repeat* times each (interleaved); medians per mode."""
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in MODES}
+    :data:`MODES`, *repeat* times each (interleaved); medians per mode.
+    *ceiling*: also the same workload right after the destination's RESUME
+    in a QEMU-to-QEMU postcopy migration with preempt (``CEILING_WORKLOAD``):
+    what the guest feels with QEMU itself as the source."""
+    modes = [name for name, _ in MODES] + ([CEILING_WORKLOAD] if ceiling else [])
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in modes}
     for r in range(repeat):
         for name, mode_kw in MODES:
             kw: dict[str, Any] = dict(mode_kw)
@@ -89,20 +97,29 @@ def guest_latency_runs(one: OneRestore, snap: Path, device_args: Sequence[str], 
             res = one("loader-bridge", snap, device_args, binary, workdir, workload=workload,
                       **kw)
             runs[name].append(res)
-            lat = res["workload"].get("latency") or {}
-            loader = res.get("loader") or {}
-            eager = loader.get("eager_throughput_mib_s")
-            read, send = _preempt_p99(loader, "read_us"), _preempt_p99(loader, "send_us")
-            log(f"  [{r + 1}/{repeat}] guest latency {workload.name}, {name}: "
-                f"{lat.get('faulted', 0)} faulted, p50 {lat.get('p50_us', 0)}us "
-                f"p99 {lat.get('p99_us', 0)}us max {lat.get('max_us', 0)}us, "
-                f"done {res['workload']['done_s']:.3f}s"
-                + (f", eager {eager:.0f} MiB/s" if eager else "")
-                + (f", loader read/send p99 {read:.0f}/{send:.0f}us"
-                   if read is not None and send is not None else ""))
-    return {"workload": workload.key, "loader_args": list(loader_args),
-            "modes": [name for name, _ in MODES],
+            _log_run(log, r, repeat, workload, name, res)
+        if ceiling:
+            res = postcopy_ceiling(snap, device_args, binary, workdir, workload=workload,
+                                   preempt=True)
+            runs[CEILING_WORKLOAD].append(res)
+            _log_run(log, r, repeat, workload, CEILING_WORKLOAD, res)
+    return {"workload": workload.key, "loader_args": list(loader_args), "modes": modes,
             **{name: summarize(these) for name, these in runs.items()}}
+
+
+def _log_run(log: Callable[[str], None], r: int, repeat: int, workload: Workload, name: str,
+             res: dict[str, Any]) -> None:
+    lat = res["workload"].get("latency") or {}
+    loader = res.get("loader") or {}
+    eager = loader.get("eager_throughput_mib_s")
+    read, send = _preempt_p99(loader, "read_us"), _preempt_p99(loader, "send_us")
+    log(f"  [{r + 1}/{repeat}] guest latency {workload.name}, {name}: "
+        f"{lat.get('faulted', 0)} faulted, p50 {lat.get('p50_us', 0)}us "
+        f"p99 {lat.get('p99_us', 0)}us max {lat.get('max_us', 0)}us, "
+        f"done {res['workload']['done_s']:.3f}s"
+        + (f", eager {eager:.0f} MiB/s" if eager else "")
+        + (f", loader read/send p99 {read:.0f}/{send:.0f}us"
+           if read is not None and send is not None else ""))
 
 
 def format_rows(results: Sequence[dict[str, Any]]) -> list[tuple[str, ...]]:

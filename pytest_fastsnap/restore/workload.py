@@ -64,15 +64,22 @@ def run_workload(guest: RestoredGuest, workload: Workload,
     (``TouchLatency.as_dict()``: faulted reads, their p50/p90/p99/max in us,
     ``p99_over_p50``; None from a guest that does not report it).
     Raises RestoreFailed when the guest's check of a touched page fails."""
+    return touch_workload(guest.agent, workload, guest.t0_wall, guest.strategy, timeout)
+
+
+def touch_workload(agent: Any, workload: Workload, t0_wall: float, what: str,
+                   timeout: float = 900.0) -> dict[str, Any]:
+    """*workload* through a running tiny guest's *agent*, ``done_s`` counted
+    from *t0_wall* (``time.time()``); figures as :func:`run_workload`'s.
+    RestoreFailed (naming *what*) for another guest or a failed page check."""
     from pytest_fastsnap.guests.tiny import TinyGuest
 
-    agent = guest.agent
     if not isinstance(agent, TinyGuest):
-        raise RestoreFailed(f"{guest.strategy}: the workload needs the tiny guest")
+        raise RestoreFailed(f"{what}: the workload needs the tiny guest")
     verdict = agent.touch(workload.permille, workload.order, timeout=timeout)
-    done = time.time() - guest.t0_wall
+    done = time.time() - t0_wall
     if not verdict:
-        raise RestoreFailed(f"{guest.strategy}: workload {workload.name}: {verdict.reason}")
+        raise RestoreFailed(f"{what}: workload {workload.name}: {verdict.reason}")
     latency = verdict.details.get("latency")
     return {"workload": workload.key, "done_s": done, "pages": verdict.details["pages"],
             "line": verdict.details["line"],
