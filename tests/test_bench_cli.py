@@ -159,6 +159,12 @@ def test_bench_reports_what_the_guest_feels(tmp_path: Path) -> None:
         # the ceiling ran each workload too, QEMU as the postcopy source
         assert per[CEILING_WORKLOAD]["runs"][0]["preempt"] is True, per[CEILING_WORKLOAD]
         assert f"workload {key}%: {CEILING_WORKLOAD} " in res.stdout
+        # each bridge workload is set against QEMU as the postcopy source
+        q = per[CEILING_WORKLOAD]["done_s"]
+        a = per["loader-bridge"]["done_s"]
+        assert (f"workload {key}%: loader-bridge {a:.3f}s vs qemu-precopy "
+                in res.stdout), res.stdout[-3000:]
+        assert f"; vs QEMU as the postcopy source {q:.3f}s = {a / q:.2f}x" in res.stdout
         for strategy in ("qemu-precopy", "loader-bridge", "loader-bridge+preempt",
                          CEILING_WORKLOAD):
             run = per[strategy]["runs"][0]

@@ -477,11 +477,14 @@ def format_table(results: list[dict[str, Any]]) -> str:
                              f"{_ratio(eager, ceil['postcopy_mib_s'])} of the ceiling")
         for key, per in res.get("workloads", {}).items():
             b = (per.get("qemu-precopy") or {}).get("done_s")
+            q = (per.get(CEILING_WORKLOAD) or {}).get("done_s")
             for name, st in per.items():
                 a = st.get("done_s")
                 if name != "qemu-precopy" and a and b:
                     lines.append(f"{res['size_bytes'] >> 20} MiB: workload {key}%: {name} "
-                                 f"{a:.3f}s vs qemu-precopy {b:.3f}s = {a / b:.2f}x")
+                                 f"{a:.3f}s vs qemu-precopy {b:.3f}s = {a / b:.2f}x"
+                                 + (f"; vs QEMU as the postcopy source {q:.3f}s = {a / q:.2f}x"
+                                    if q and name != CEILING_WORKLOAD else ""))
     return "\n".join(lines)
 
 
@@ -514,7 +517,10 @@ def _panels(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups = [(r, w) for r in results for w in r.get("workloads", {})]
     labels = [f"{r['size_bytes'] >> 20} MiB\n{w}%" for r, w in groups]
     work_strategies = sorted({s for r, w in groups for s in r["workloads"][w]})
-    panels.append({"title": "workload done (from migrate-incoming)", "log": True, "unit": "s",
+    title = "workload done (from migrate-incoming" + (
+        f"; {CEILING_WORKLOAD}: from the destination's RESUME)"
+        if CEILING_WORKLOAD in work_strategies else ")")
+    panels.append({"title": title, "log": True, "unit": "s",
                    "groups": labels,
                    "series": {s: [(r["workloads"][w].get(s) or {}).get("done_s")
                                   for r, w in groups] for s in work_strategies}})
