@@ -214,6 +214,10 @@ def test_bench_reports_what_the_guest_feels(tmp_path: Path) -> None:
     assert ceiling["postcopy_bytes"] > 0 and ceiling["postcopy_mib_s"] > 0, ceiling
     assert len(ceiling["runs"]) == 1 and ceiling["runs"][0]["blocktime"]["vcpu_ms"], ceiling
     assert "of the ceiling" in res.stdout
+    # the ceiling ran in the round of the strategies it is compared with
+    eager = result["strategies"]["loader-bridge"]["runs"][0]["loader"]["eager_throughput_mib_s"]
+    per_round = f"{eager / ceiling['runs'][0]['postcopy_mib_s']:.2f}x"
+    assert f"of the ceiling (round by round: {per_round})" in res.stdout, res.stdout[-3000:]
     ws = result["working_set"]
     assert ws["ws_pages"] > 0
     for mode in ("none", "before-run", "after-run"):

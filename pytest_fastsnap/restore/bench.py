@@ -241,6 +241,7 @@ def bench_size(size: int, *, binary: str, workdir: Path, repeat: int,
     pages_offset, length = _pc_ram_region(snap)
     seq = [sequential_read_mib_s(snap, pages_offset, length) for _ in range(max(1, repeat))]
     runs: dict[str, list[dict[str, Any]]] = {}
+    ceil_runs: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
 
     def one(strategy: str, **kw: Any) -> dict[str, Any] | None:
@@ -264,6 +265,12 @@ def bench_size(size: int, *, binary: str, workdir: Path, repeat: int,
             log(f"  [{r + 1}/{repeat}] {strategy}: running {res['time_to_running_s']:.3f}s, "
                 f"loaded {res['time_to_loaded_s']:.3f}s"
                 + (f", blocktime {bt:.0f} ms" if bt is not None else ""))
+        if ceiling:     # in the same round, so the host's drift hits it as it hits them
+            c = postcopy_ceiling(snap, device_args, binary, workdir)
+            ceil_runs.append(c)
+            log(f"  [{r + 1}/{repeat}] ceiling: QEMU-to-QEMU postcopy "
+                f"{c['postcopy_mib_s']:.0f} MiB/s ({c['postcopy_bytes'] >> 20} MiB in "
+                f"{c['postcopy_s']:.2f}s)")
     work: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for r in range(repeat):
         for wl in workloads:
@@ -285,13 +292,6 @@ def bench_size(size: int, *, binary: str, workdir: Path, repeat: int,
                     f"{_blocktime_ms(res) or 0:.0f} ms")
     ceil = None
     if ceiling:
-        ceil_runs = []
-        for r in range(repeat):
-            c = postcopy_ceiling(snap, device_args, binary, workdir)
-            ceil_runs.append(c)
-            log(f"  [{r + 1}/{repeat}] ceiling: QEMU-to-QEMU postcopy "
-                f"{c['postcopy_mib_s']:.0f} MiB/s ({c['postcopy_bytes'] >> 20} MiB in "
-                f"{c['postcopy_s']:.2f}s)")
         ceil = {"postcopy_mib_s": _med([c["postcopy_mib_s"] for c in ceil_runs]),
                 "postcopy_bytes": ceil_runs[0]["postcopy_bytes"], "runs": ceil_runs}
     ws_runs = None
@@ -393,6 +393,16 @@ def _guest_figures(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "guest_p99_over_p50": _med([x.get("p99_over_p50") for x in lats])}
 
 
+def _round_ratios(runs: Sequence[dict[str, Any]], ceil_runs: Sequence[dict[str, Any]]
+                  ) -> list[str]:
+    """Each round's eager throughput over the ceiling measured in that round
+    (bench_size runs the ceiling after each round of strategies)."""
+    if len(runs) != len(ceil_runs):     # a strategy skipped mid-way: no pairing
+        return []
+    return [_ratio((r.get("loader") or {}).get("eager_throughput_mib_s"), c.get("postcopy_mib_s"))
+            for r, c in zip(runs, ceil_runs, strict=True)]
+
+
 def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
 
@@ -471,10 +481,12 @@ def format_table(results: list[dict[str, Any]]) -> str:
         for name, st in res["strategies"].items():
             eager = st.get("eager_throughput_mib_s")
             if ceil and ceil.get("postcopy_mib_s") and eager:
+                rounds = _round_ratios(st["runs"], ceil["runs"])
                 lines.append(f"{res['size_bytes'] >> 20} MiB: ceiling (QEMU-to-QEMU postcopy) "
                              f"{ceil['postcopy_mib_s']:.0f} MiB/s; {name} eager "
                              f"{eager:.0f} MiB/s = "
-                             f"{_ratio(eager, ceil['postcopy_mib_s'])} of the ceiling")
+                             f"{_ratio(eager, ceil['postcopy_mib_s'])} of the ceiling"
+                             + (f" (round by round: {', '.join(rounds)})" if rounds else ""))
         for key, per in res.get("workloads", {}).items():
             b = (per.get("qemu-precopy") or {}).get("done_s")
             q = (per.get(CEILING_WORKLOAD) or {}).get("done_s")
