@@ -67,6 +67,18 @@ static int parse_size(const char *s, size_t *out)
     return 0;
 }
 
+/* the whole string as a number; callers check the range (and wholeness) */
+static int parse_number(const char *s, double *out)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || end == s || *end)
+        return -1;
+    *out = v;
+    return 0;
+}
+
 static int usage(const char *why)
 {
     fprintf(stderr, "host_stalls: %s\nusage: host_stalls --sizes SIZE[,SIZE...] "
@@ -80,7 +92,7 @@ int main(int argc, char **argv)
     size_t sizes[MAX_SIZES];
     int nsizes = 0;
     long reads = 2000000, rounds = 3;
-    double thresh = 20.0;
+    double thresh = 20.0, num;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!v)
@@ -88,6 +100,10 @@ int main(int argc, char **argv)
         i++;
         if (!strcmp(a, "--sizes")) {
             char *copy = strdup(v), *save = NULL;
+            if (!copy) {
+                fprintf(stderr, "host_stalls: out of memory\n");
+                return 1;
+            }
             for (char *t = strtok_r(copy, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
                 if (nsizes == MAX_SIZES || parse_size(t, &sizes[nsizes]) < 0) {
                     free(copy);
@@ -97,16 +113,16 @@ int main(int argc, char **argv)
             }
             free(copy);
         } else if (!strcmp(a, "--reads")) {
-            reads = strtol(v, NULL, 10);
-            if (reads < 100 || reads > 100000000)
+            if (parse_number(v, &num) < 0 || num < 100 || num > 100000000
+                || num != (double)(long)num)
                 return usage("--reads wants 100..100000000");
+            reads = (long)num;
         } else if (!strcmp(a, "--rounds")) {
-            rounds = strtol(v, NULL, 10);
-            if (rounds < 1 || rounds > 1000)
+            if (parse_number(v, &num) < 0 || num < 1 || num > 1000 || num != (double)(long)num)
                 return usage("--rounds wants 1..1000");
+            rounds = (long)num;
         } else if (!strcmp(a, "--threshold-us")) {
-            thresh = strtod(v, NULL);
-            if (!(thresh > 0 && thresh < 1e6))
+            if (parse_number(v, &thresh) < 0 || !(thresh > 0 && thresh < 1e6))
                 return usage("--threshold-us wants a positive number of microseconds");
         } else {
             return usage("unknown option");

@@ -54,8 +54,11 @@ def test_rounds_are_interleaved_and_percentiles_ordered(host_stalls: Path) -> No
     (["--sizes", "1X"], "bad --sizes"),
     (["--sizes", "4K"], "bad --sizes"),
     (["--sizes", "1G", "--reads", "5"], "--reads wants 100..100000000"),
+    (["--sizes", "1G", "--reads", "1000x"], "--reads wants 100..100000000"),
+    (["--sizes", "1G", "--rounds", "2.5"], "--rounds wants 1..1000"),
     (["--sizes", "1G", "--rounds", "0"], "--rounds wants 1..1000"),
     (["--sizes", "1G", "--threshold-us", "-1"], "--threshold-us wants a positive"),
+    (["--sizes", "1G", "--threshold-us", "20us"], "--threshold-us wants a positive"),
     (["--sizes", "1G", "--bogus", "1"], "unknown option"),
     (["--sizes"], "every option takes a value"),
 ])
