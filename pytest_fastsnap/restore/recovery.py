@@ -45,6 +45,7 @@ import contextlib
 import contextvars
 import json
 import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -267,6 +268,10 @@ class BridgeRecovery:
         """For the thread waiting on the guest: raise if recovery gave up,
         restart from scratch if that is what is needed; True while a recovery
         is (or may be) underway, so the waiter keeps waiting."""
+        # Read before the outcome: the watcher sets error or restart_cause,
+        # then ends, so a watcher seen alive here has set neither yet or we
+        # see it below; read last, a watcher that ended in between lost both.
+        active = self.active
         if self.error is not None:
             raise self.error
         if self.restart_cause is not None:
@@ -275,7 +280,25 @@ class BridgeRecovery:
         loader = self.guest.loader
         lost = (loader is not None and loader.poll() not in (None, 0)) or \
             not self.guest.vm.is_running()
-        return lost and self.active
+        return lost and active
+
+    def owns_failure(self, grace: float) -> bool:
+        """The destination failed or died: is that a loss this watcher acts
+        on?  True if it already decided (handle() acts next), or if it still
+        follows a loader that exits non-zero within *grace* s: the loader's
+        exit can lag the destination's report (a killed loader closes its
+        sockets before it is reaped, and ``Popen.poll()`` answers None while
+        the watcher's own poll holds the reaping lock)."""
+        active = self.active    # first, as in handle()
+        if self.error is not None or self.restart_cause is not None:
+            return True
+        loader = self.guest.loader
+        if not active or loader is None:
+            return False
+        try:
+            return loader.wait(grace) != 0
+        except subprocess.TimeoutExpired:
+            return False
 
     def _restart(self) -> None:
         cause, self.restart_cause = self.restart_cause or "", None

@@ -174,7 +174,7 @@ def _event_time(event: dict[str, Any]) -> float:
 
 
 # s a waiter gives a loader to be reaped after the destination reported a
-# failure, before it reports that failure itself (RestoredGuest._loss_pending)
+# failure, before it reports that failure itself (BridgeRecovery.owns_failure)
 LOSS_GRACE_S = 2.0
 
 
@@ -256,7 +256,8 @@ class RestoredGuest:
                 time.sleep(0.005)
                 continue
             failed = self._event("MIGRATION", {"failed", "cancelled"})
-            if (failed is not None or not self.vm.is_running()) and self._loss_pending():
+            if (failed is not None or not self.vm.is_running()) and self.recovery is not None \
+                    and self.recovery.owns_failure(LOSS_GRACE_S):
                 continue    # the recovery watcher has a lost loader to act on
             if failed is not None:
                 raise self._failure(f"migration {failed['data']['status']} while waiting "
@@ -268,20 +269,6 @@ class RestoredGuest:
             if time.monotonic() > deadline:
                 raise self._failure(f"no {what} within {timeout:.0f}s", RestoreTimeout)
             time.sleep(0.002)
-
-    def _loss_pending(self, grace: float = LOSS_GRACE_S) -> bool:
-        """The destination failed or died while a recovery watcher follows
-        the loader: is that the loader's loss, which the watcher acts on?
-        The loader's exit can lag the destination's report (a killed loader
-        closes its sockets before it is reaped, and ``Popen.poll()`` answers
-        None while the watcher's own poll holds the reaping lock), so wait
-        up to *grace* s for it.  True if it exited non-zero."""
-        if self.recovery is None or self.loader is None or not self.recovery.active:
-            return False
-        try:
-            return self.loader.wait(grace) != 0
-        except subprocess.TimeoutExpired:
-            return False
 
     def wait_running(self, timeout: float = 60.0) -> float:
         """Wait until the guest runs (or, restored paused, could be continued);
