@@ -197,5 +197,7 @@ int main(int argc, char **argv)
     free(lat);
     free(share);
     free(p99);
+    for (int s = 0; s < nsizes; s++)
+        munmap(regions[s], sizes[s]);
     return 0;
 }

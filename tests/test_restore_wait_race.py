@@ -1,9 +1,10 @@
 """The waiter of a restore with loader recovery must leave a loader's loss
-to the recovery watcher, whichever of the two threads sees it first (CI
-2026-12-01: `fastsnap restore` with its loader SIGKILLed in the package
-failed 1 in ~20 times with "migration failed" / "loader failed while
-waiting for the guest running" instead of restarting: the waiter read the
-watcher's decision, then found the watcher gone, having decided in between).
+to the recovery watcher, whichever of the two threads sees it first
+(2026-12-01: `fastsnap restore` with its loader SIGKILLed in the package
+failed once in CI and in 1 of ~16 local runs with "migration failed" /
+"loader failed while waiting for the guest running" instead of restarting:
+the waiter read the watcher's decision, then found the watcher gone, having
+decided in between).
 
 A stubbed destination, the real BridgeRecovery and real loader processes;
 the waiter's poll of a dead loader waits for the watcher to end, which
